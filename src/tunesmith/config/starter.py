@@ -1,0 +1,48 @@
+"""``tunesmith init``: a starter YAML written from the config models themselves, so each key's comment is the
+field's docstring (documented once, never out of date)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from ..errors import UserError
+
+
+def starter_text() -> str:
+    from . import Config
+
+    lines = ["# tunesmith config. Every key is optional; the defaults are the seed's recipe.",
+             "# Validate with `tunesmith validate FILE`; override any key with --set section.key=value.", ""]
+    _emit(Config(), lines, indent=0)
+    return "\n".join(lines) + "\n"
+
+
+def write_starter(path: Path, force: bool = False) -> None:
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists", hint="pass --force to overwrite it, or choose another path")
+    path.write_text(starter_text(), encoding="utf-8")
+
+
+def _emit(model: BaseModel, lines: list[str], indent: int) -> None:
+    pad = " " * indent
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        for doc_line in textwrap.wrap(" ".join((field.description or "").split()), 100 - indent):
+            lines.append(f"{pad}# {doc_line}")
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            _emit(value, lines, indent + 2)
+        else:
+            lines.append(f"{pad}{name}: {_scalar(value)}")
+        if indent == 0:
+            lines.append("")
+
+
+def _scalar(value: Any) -> str:
+    dumped = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return dumped.removesuffix("\n...").removesuffix("...").strip()

@@ -1,0 +1,164 @@
+"""``train:`` — full fine-tuning, LoRA and QLoRA from one section; defaults are the seed's SFT recipe."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from .base import Section
+
+SEED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The seed's LoRA targets: all seven linear projections of a Llama-style block."""
+
+# The seed's "LoRA hyperparameter guide". A preset fills only the fields the user did not set.
+PRESETS: dict[str, dict[str, Any]] = {
+    "conservative": {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1e-4},
+    "recommended": {"lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                    "learning_rate": 2e-4},
+    "aggressive": {"lora": {"r": 64, "alpha": 128, "target_modules": list(SEED_TARGETS)}, "learning_rate": 3e-4},
+}
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=4096)
+    """LoRA rank: higher = more capacity and more trainable parameters."""
+
+    alpha: float = Field(32, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / r; the seed uses 2 × r)."""
+
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases to train (PEFT's ``bias``)."""
+
+    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: list(SEED_TARGETS))
+    """Module names to adapt, or ``all-linear`` (every linear layer but the output head)."""
+
+    use_rslora: bool = False
+    """Rank-stabilised scaling (alpha / sqrt(r)); useful at high rank."""
+
+
+class QuantSection(Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type for the frozen base (QLoRA uses NF4)."""
+
+    double_quant: bool = True
+    """Quantize the quantization constants too (~0.4 bit/param saved)."""
+
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Matmul dtype for the 4-bit layers. ``auto``: bf16 where the hardware has it, else fp32."""
+
+
+class TrainConfig(Section):
+    method: Literal["full", "lora", "qlora"] = "lora"
+    """What to train: every weight (``full``), low-rank adapters on a frozen base (``lora``), or adapters on a
+    4-bit NF4 base (``qlora``)."""
+
+    preset: Literal["conservative", "recommended", "aggressive"] | None = None
+    """The seed's LoRA guide: sets r, alpha, targets and learning rate unless those are given explicitly."""
+
+    dataset: str | None = None
+    """A prepared folder (``tunesmith data prepare``: its train.jsonl / eval.jsonl) or one chat JSONL file.
+    ``tunesmith run`` fills this from the data stage."""
+
+    lora: LoraSection = LoraSection()
+    """Adapter settings (``lora`` and ``qlora``)."""
+
+    quant: QuantSection = QuantSection()
+    """4-bit base settings (``qlora`` only)."""
+
+    num_train_epochs: float = Field(3, gt=0)
+    """Passes over the training split."""
+
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides epochs)."""
+
+    per_device_train_batch_size: int = Field(4, ge=1)
+    """Sequences per micro-batch (without packing), or the packed token budget's multiplier
+    (with packing: per_device_train_batch_size × max_length tokens per micro-batch)."""
+
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    """Micro-batches per optimizer step. The seed's 4 × 4 = 16 sequences per step."""
+
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Decay after warm-up."""
+
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Fraction of all optimizer steps spent warming up linearly from 0 (the seed's 3%)."""
+
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
+
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this; None disables clipping."""
+
+    optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
+    """Optimizer. ``adamw_8bit`` (bitsandbytes) keeps 8-bit states with fp32 maths."""
+
+    max_length: int = Field(2048, ge=8)
+    """Longest tokenised example, in tokens."""
+
+    overlong: Literal["drop", "truncate", "error"] = "drop"
+    """What to do with examples longer than max_length. Truncating can cut an answer before its end-of-turn
+    token (the model then learns not to stop), so the default drops them — and counts them in run.json."""
+
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute precision. ``auto``: bf16 autocast where the hardware has it, else fp32."""
+
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """Recompute activations in backward to save memory. ``auto``: on for qlora, off otherwise."""
+
+    packing: Literal["auto", "on", "off"] = "auto"
+    """Padding-free packing: concatenate examples into one row with per-example position ids, so no token
+    attends across examples and no compute is spent on padding. ``auto``: on for CUDA, off on the CPU."""
+
+    logging_steps: int = Field(10, ge=1)
+    """Log loss, learning rate and throughput every N optimizer steps."""
+
+    save_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    """When to write a resumable checkpoint (a final model is always saved)."""
+
+    save_steps: int = Field(500, ge=1)
+    """Checkpoint every N optimizer steps when save_strategy is ``steps``."""
+
+    save_total_limit: int | None = Field(2, ge=1)
+    """Keep only the newest N checkpoints."""
+
+    eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    """When to compute loss and token accuracy on the eval split (if there is one)."""
+
+    eval_steps: int = Field(100, ge=1)
+    """Evaluate every N optimizer steps when eval_strategy is ``steps``."""
+
+    seed: int = 42
+    """Seeds weights of new adapters, data order and dropout."""
+
+    deterministic: bool = False
+    """Use deterministic kernels, so a resumed run reproduces the uninterrupted one bit for bit (CPU)."""
+
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    """Experiment trackers. Empty: nothing leaves the machine."""
+
+    on_config_change: Literal["refuse", "warn"] = "refuse"
+    """On ``--resume``, what to do if the config or data differ from the checkpoint's."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("preset"):
+            return data
+        preset = PRESETS.get(data["preset"])
+        if preset is None:  # let the Literal check produce the message
+            return data
+        out = dict(data)
+        out.setdefault("learning_rate", preset["learning_rate"])
+        lora = dict(out.get("lora") or {})
+        for key, value in preset["lora"].items():
+            lora.setdefault(key, value)
+        out["lora"] = lora
+        return out

@@ -1,0 +1,46 @@
+"""The two kinds of failure tunesmith reports, and how the CLI turns them into exit codes.
+
+A library function raises; it never prints and never calls ``sys.exit``. The CLI catches these at the boundary
+and prints one message (no traceback unless ``--debug``):
+
+- ``UserError``  (exit 2): bad input or config — the message names the file, line, field and the fix.
+- ``RunError``   (exit 1): a runtime failure that is not the user's typo (NaN loss, out of memory, disk full).
+"""
+
+from __future__ import annotations
+
+
+class TunesmithError(Exception):
+    """Base class: a failure with a message meant for a person, and an optional hint saying what to do."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  fix: {self.hint}"
+
+
+class UserError(TunesmithError):
+    """Bad input: a config key, a data line, a path. Exit code 2."""
+
+    exit_code = 2
+
+
+class RunError(TunesmithError):
+    """A failure during a run that is not bad input (NaN loss, out of memory, disk full). Exit code 1."""
+
+    exit_code = 1
+
+
+def where(path: object, line: int | None = None, field: str | None = None) -> str:
+    """``file:line: field`` prefix used by every message that points into a user's file."""
+    out = str(path)
+    if line is not None:
+        out += f":{line}"
+    if field:
+        out += f": {field}"
+    return out

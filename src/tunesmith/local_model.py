@@ -1,0 +1,128 @@
+"""Small Llama-architecture models built on this machine, for the demo and the tests (no hub, ever).
+
+The tokenizer is a SentencePiece-style BPE (Metaspace pre-tokenizer, byte fallback) trained in a second on a
+given corpus: that is the family llama.cpp's GGUF converter recognises, so the demo model exports to GGUF.
+Weights are random (seeded): the model starts untrained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""ChatML: each turn ends with ``<|im_end|>``, which is also the end-of-sequence token for generation."""
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass(frozen=True)
+class LocalModelShape:
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 512
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
+    """Train a byte-fallback BPE tokenizer on ``corpus`` and wrap it with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    # No dummy-prefix space: a segment tokenised after a control token must not gain a leading space.
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + byte_tokens,
+                                  show_progress=False, initial_alphabet=[])
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
+                                   pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHATML_TEMPLATE
+    fast.add_bos_token = False
+    return fast
+
+
+def build_model(out_dir: str | Path, corpus: Iterable[str], shape: LocalModelShape | None = None, seed: int = 0,
+                vocab_size: int | None = None) -> Path:
+    """Write a randomly initialised Llama model + trained tokenizer as an ordinary HF folder (safetensors)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    shape = shape or LocalModelShape()
+    out = Path(out_dir)
+    tok = build_tokenizer(corpus, vocab_size or shape.vocab_size)
+    cfg = LlamaConfig(
+        hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads, vocab_size=len(tok),
+        max_position_embeddings=shape.max_position_embeddings, tie_word_embeddings=shape.tie_word_embeddings,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        rms_norm_eps=1e-5, rope_theta=10000.0,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, do_sample=False)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "tunesmith_local_model.json").write_text(json.dumps({"seed": seed, **shape.__dict__}, indent=2))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+TINY_CORPUS = (
+    "You are a helpful assistant. Answer the question in one short sentence.",
+    "What is the capital of France? The capital of France is Paris.",
+    "SELECT name, city FROM customers WHERE city = 'Paris' ORDER BY name LIMIT 10;",
+    "SELECT customer_id, SUM(amount) AS revenue FROM orders GROUP BY customer_id ORDER BY revenue DESC;",
+    'Return JSON: {"name": "Alice", "age": 31, "tags": ["a", "b"]}',
+    "How many orders did each customer place in 2024? Count them and sort by the count.",
+    "The quick brown fox jumps over the lazy dog 0123456789 times.",
+)
+"""A few lines of English, SQL and JSON: enough for a tokenizer that splits test data sensibly."""
+
+NAMED_MODELS: dict[str, tuple[LocalModelShape, tuple[str, ...], int]] = {
+    "tiny": (LocalModelShape(), TINY_CORPUS, 512),
+}
+"""``local:NAME`` models: (shape, tokenizer corpus, vocabulary size)."""
+
+
+def models_home() -> Path:
+    """Where built local models are cached: $TUNESMITH_HOME/models (default ~/.cache/tunesmith/models)."""
+    home = os.environ.get("TUNESMITH_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "tunesmith")
+    return Path(home) / "models"
+
+
+def ensure_named_model(name: str) -> Path:
+    """Build ``local:NAME`` once (deterministic, seeded) and return its folder."""
+    from .errors import UserError
+
+    if name not in NAMED_MODELS:
+        raise UserError(f"model.name_or_path: unknown local model local:{name}",
+                        hint=f"known: {', '.join('local:' + n for n in NAMED_MODELS)}")
+    shape, corpus, vocab = NAMED_MODELS[name]
+    out = models_home() / name
+    if not (out / "config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        build_model(out, list(corpus) * 20, shape=shape, vocab_size=vocab)
+    return out
