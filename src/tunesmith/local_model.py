@@ -36,8 +36,11 @@ class LocalModelShape:
     tie_word_embeddings: bool = False
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
-    """Train a byte-fallback BPE tokenizer on ``corpus`` and wrap it with a ChatML chat template."""
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, split_digits: bool = False):
+    """Train a byte-fallback BPE tokenizer on ``corpus`` and wrap it with a ChatML chat template.
+
+    ``split_digits``: every digit and punctuation mark is its own token (as in Llama 2's tokenizer), so a number
+    never seen in training is still made of known tokens, and ``40?`` and ``40;`` share the ``4`` and ``0``."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -45,6 +48,9 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
     # No dummy-prefix space: a segment tokenised after a control token must not gain a leading space.
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            tok.pre_tokenizer, pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation("isolated")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + byte_tokens,
