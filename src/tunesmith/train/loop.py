@@ -82,7 +82,7 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
                         hint="check the data with `tunesmith data prepare`, or raise train.max_length")
 
     precision = resolve_precision(tcfg.precision, tcfg.method, device)
-    packed = tcfg.packing == "on" or (tcfg.packing == "auto" and device.type == "cuda")
+    packed = device.type == "cuda" if tcfg.packing == "auto" else bool(tcfg.packing)
     model = build_model(config.model, tcfg, device, precision, attention_implementation(device.type, packed),
                         model_path)
     trainable, total = count_parameters(model)
