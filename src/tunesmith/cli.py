@@ -123,6 +123,57 @@ class _TrainProgress:
             self.bar.console.print(f"[yellow]warning:[/yellow] {event['message']}")
 
 
+@app.command("run")
+def run_pipeline(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None, as_json: JsonOpt = False) -> None:
+    """The whole pipeline: data → baseline eval → train → eval → merge → export → report. Re-running skips finished
+    stages whose inputs did not change, and continues an interrupted run where it stopped."""
+    from .config import load_config
+    from .pipeline import run
+
+    cfg = load_config(config, set_ or [])
+    with _RunProgress(enabled=not as_json) as progress:
+        result = run(cfg, out_dir=out, on_event=progress.on_event)
+    emit(result, as_json, _render_run)
+
+
+def _render_run(result: Any) -> None:
+    from rich.table import Table
+
+    table = Table("stage", "status", "seconds", "summary", title=f"tunesmith run → {result.out_dir}")
+    for s in result.stages:
+        table.add_row(s.name, s.status, f"{s.seconds:.1f}", s.summary)
+    console.print(table)
+    console.print(f"total {result.seconds:.1f} s; report: {result.report_html}")
+
+
+class _RunProgress(_TrainProgress):
+    """Stage start/finish lines, and the training progress bar while the train stage runs."""
+
+    def __enter__(self) -> _RunProgress:
+        return self
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        kind = event["event"]
+        if kind == "stage_start":
+            console.print(f"[bold]{event['stage']}[/bold]" + (" (resuming)" if event.get("resume") else "") + " …")
+        elif kind == "stage_done":
+            if self.bar is not None:
+                super().__exit__(None, None, None)
+                self.bar = None
+            console.print(f"  {event['name']}: {event['status']} ({event['seconds']:.1f} s) {event['summary']}")
+        elif kind == "start":
+            super().__enter__()
+            super().on_event(event)
+        else:
+            super().on_event(event)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            super().__exit__(*exc)
+
+
 @data_app.command("inspect")
 def data_inspect(config: ConfigArg, set_: SetOpt = None,
                  index: Annotated[int, typer.Option(help="Which example (0-based) of the training data.")] = 0,

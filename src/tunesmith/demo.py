@@ -46,9 +46,10 @@ LAST = ["Smith", "Meyer", "Garcia", "Rossi", "Novak", "Silva", "Berg", "Costa", 
 CATEGORIES = ["books", "games", "garden", "kitchen", "music", "sports", "toys", "tools"]
 ADJECTIVES = ["red", "blue", "green", "silver", "golden", "tiny", "giant", "classic", "smart", "quiet", "rapid",
               "solar", "wooden", "steel", "lucky", "royal", "bright", "dark", "fresh", "happy"]
-NOUNS = {"books": ["novel", "atlas", "diary"], "games": ["puzzle", "chess", "cards"], "garden": ["hose", "rake", "pot"],
-         "kitchen": ["kettle", "pan", "knife"], "music": ["guitar", "drum", "flute"],
-         "sports": ["ball", "racket", "helmet"], "toys": ["robot", "kite", "train"], "tools": ["hammer", "drill", "saw"]}
+NOUNS = {"books": ["novel", "atlas", "diary"], "games": ["puzzle", "chess", "cards"],
+         "garden": ["hose", "rake", "pot"], "kitchen": ["kettle", "pan", "knife"], "music": ["guitar", "drum", "flute"],
+         "sports": ["ball", "racket", "helmet"], "toys": ["robot", "kite", "train"],
+         "tools": ["hammer", "drill", "saw"]}
 STATUSES = ["pending", "shipped", "delivered", "cancelled"]
 YEARS = list(range(2016, 2025))
 
@@ -142,7 +143,7 @@ def _world(seed: int) -> _World:
     cities = CITIES[:]
     rng.shuffle(cities)
     eval_cities, train_cities = cities[:12], cities[12:]
-    names = sorted({f"{f} {l}" for f in FIRST for l in LAST})
+    names = sorted({f"{first} {last}" for first in FIRST for last in LAST})
     rng.shuffle(names)
     names = names[:600]
     customers = [(i + 1, n, rng.choice(cities), rng.choice(YEARS)) for i, n in enumerate(names)]
@@ -258,7 +259,8 @@ INTENTS: tuple[_Intent, ...] = (
             ("Tell me how many orders were placed during {year}.", "Give me the number of orders from {year}."),
             "SELECT COUNT(*) FROM orders WHERE year = {year};"),
     _Intent("orders_of_customer",
-            ("List the orders of {customer}.", "Which orders did {customer} place?", "Show the orders placed by {customer}."),
+            ("List the orders of {customer}.", "Which orders did {customer} place?",
+             "Show the orders placed by {customer}."),
             ("Find all orders of {customer}.", "Give me the orders that {customer} placed."),
             "SELECT orders.id FROM orders JOIN customers ON orders.customer_id = customers.id "
             "WHERE customers.name = '{customer}';"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,14 +64,14 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, split_digits: 
 
 
 def build_model(out_dir: str | Path, corpus: Iterable[str], shape: LocalModelShape | None = None, seed: int = 0,
-                vocab_size: int | None = None) -> Path:
+                vocab_size: int | None = None, split_digits: bool = False) -> Path:
     """Write a randomly initialised Llama model + trained tokenizer as an ordinary HF folder (safetensors)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     shape = shape or LocalModelShape()
     out = Path(out_dir)
-    tok = build_tokenizer(corpus, vocab_size or shape.vocab_size)
+    tok = build_tokenizer(corpus, vocab_size or shape.vocab_size, split_digits=split_digits)
     cfg = LlamaConfig(
         hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
@@ -87,7 +87,8 @@ def build_model(out_dir: str | Path, corpus: Iterable[str], shape: LocalModelSha
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / "tunesmith_local_model.json").write_text(json.dumps({"seed": seed, **shape.__dict__}, indent=2))
+    recipe = {"seed": seed, **shape.__dict__, "split_digits": split_digits}
+    (tmp / "tunesmith_local_model.json").write_text(json.dumps(recipe, indent=2))
     if out.exists():
         import shutil
 
@@ -107,10 +108,33 @@ TINY_CORPUS = (
 )
 """A few lines of English, SQL and JSON: enough for a tokenizer that splits test data sensibly."""
 
-NAMED_MODELS: dict[str, tuple[LocalModelShape, tuple[str, ...], int]] = {
-    "tiny": (LocalModelShape(), TINY_CORPUS, 512),
+@dataclass(frozen=True)
+class NamedModel:
+    shape: LocalModelShape
+    corpus: Callable[[], Iterable[str]]
+    """Text the tokenizer is trained on (called once, when the model is built)."""
+    vocab_size: int
+    split_digits: bool = False
+
+
+def _demo_corpus() -> list[str]:
+    from .demo import tokenizer_corpus
+
+    return tokenizer_corpus()
+
+
+NAMED_MODELS: dict[str, NamedModel] = {
+    "tiny": NamedModel(LocalModelShape(), lambda: list(TINY_CORPUS) * 20, 512),
+    # The SQL demo's base: random weights (untrained), sized so that full fine-tuning on two CPU cores learns the
+    # task in a few minutes. Tied embeddings: a value copied from the question into the query (a city, a number
+    # never seen in training) is read and written through the same vectors. Digits and punctuation are single
+    # tokens, so an unseen number is made of known pieces.
+    "demo": NamedModel(LocalModelShape(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=4, vocab_size=1024,
+                                       max_position_embeddings=512, tie_word_embeddings=True),
+                       _demo_corpus, 1024, split_digits=True),
 }
-"""``local:NAME`` models: (shape, tokenizer corpus, vocabulary size)."""
+"""``local:NAME`` models tunesmith builds on this machine (seeded, so every machine builds the same one)."""
 
 
 def models_home() -> Path:
@@ -126,9 +150,18 @@ def ensure_named_model(name: str) -> Path:
     if name not in NAMED_MODELS:
         raise UserError(f"model.name_or_path: unknown local model local:{name}",
                         hint=f"known: {', '.join('local:' + n for n in NAMED_MODELS)}")
-    shape, corpus, vocab = NAMED_MODELS[name]
+    spec = NAMED_MODELS[name]
     out = models_home() / name
-    if not (out / "config.json").is_file():
+    wanted = {"seed": 0, **spec.shape.__dict__, "split_digits": spec.split_digits}
+    if not (out / "config.json").is_file() or _built_with(out) != wanted:
         out.parent.mkdir(parents=True, exist_ok=True)
-        build_model(out, list(corpus) * 20, shape=shape, vocab_size=vocab)
+        build_model(out, spec.corpus(), shape=spec.shape, vocab_size=spec.vocab_size, split_digits=spec.split_digits)
     return out
+
+
+def _built_with(folder: Path) -> dict | None:
+    """The recipe a cached local model was built from (a changed recipe rebuilds it)."""
+    try:
+        return json.loads((folder / "tunesmith_local_model.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from ..errors import UserError
 from .base import Section
 from .model import ModelConfig
+from .pipeline import PipelineConfig
 from .train import PRESETS, SEED_TARGETS, LoraSection, QuantSection, TrainConfig
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "Config",
     "LoraSection",
     "ModelConfig",
+    "PipelineConfig",
     "QuantSection",
     "Section",
     "TrainConfig",
@@ -43,6 +45,9 @@ class Config(Section):
 
     train: TrainConfig = TrainConfig()
     """Training method and hyper-parameters."""
+
+    pipeline: PipelineConfig = PipelineConfig()
+    """What ``tunesmith run`` does first (generated data) and which stages it skips."""
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

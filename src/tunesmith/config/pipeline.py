@@ -1,0 +1,26 @@
+"""``pipeline:`` — what ``tunesmith run`` does beyond the stage sections: data to generate first, stages to skip."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Section
+
+StageName = Literal["generate", "data", "baseline", "train", "eval", "merge", "export", "report"]
+"""The stages of ``tunesmith run``, in order."""
+
+
+class PipelineConfig(Section):
+    generate: str | None = None
+    """``module:function`` run first, called with one argument: the folder to write into (``generate_dir``). For
+    data that is made rather than given — the SQL demo builds its database and chat examples this way. None: the
+    data already exists."""
+
+    generate_dir: str = "data/generated"
+    """Where ``generate`` writes; the other sections' paths point into it (e.g. ``eval.dataset``)."""
+
+    skip: list[StageName] = Field(default_factory=list)
+    """Stages not to run, e.g. ``[baseline]`` to save time or ``[export]`` without llama.cpp installed. Stages with
+    nothing to do are passed over anyway (merge after full fine-tuning, export with no formats configured)."""

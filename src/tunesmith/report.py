@@ -1,0 +1,455 @@
+"""The run report: one self-contained HTML file (pictures inlined as base64 PNG, no external assets) and Markdown.
+
+It reads only what the stages wrote under the run folder (``<stage>/stage.json`` and the files they name), so it
+can be rebuilt at any time with ``write_report(run_dir)``. Sections: the data, the training curves (loss and
+learning rate from ``metrics.jsonl``), base vs tuned eval metrics with 95% intervals and the examples that flipped,
+the artefacts with their parity checks, and the resolved config with library versions.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .manifest import versions
+
+STAGE_FILE = "stage.json"
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    html: str
+    markdown: str
+    images: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    name: str
+    base: float | None
+    base_ci: tuple[float, float] | None
+    tuned: float | None
+    tuned_ci: tuple[float, float] | None
+
+
+@dataclass(frozen=True)
+class Flip:
+    prompt: str
+    expected: str
+    base: str
+    tuned: str
+    direction: str
+    """``fixed`` (base wrong, tuned right) or ``broken`` (base right, tuned wrong)."""
+
+
+@dataclass(frozen=True)
+class ReportData:
+    title: str
+    stages: list[dict[str, Any]]
+    data: dict[str, Any] | None
+    train: dict[str, Any] | None
+    curves: dict[str, list[tuple[float, float]]]
+    metrics: list[MetricRow]
+    num_eval: int | None
+    flips: list[Flip]
+    artefacts: list[dict[str, Any]]
+    config_yaml: str
+    versions: dict[str, str]
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> ReportResult:
+    """Collect the stages' outputs under ``run_dir`` and write ``report.html`` and ``report.md`` to ``out_dir``."""
+    run = Path(run_dir)
+    out = Path(out_dir) if out_dir else run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    data = collect(run)
+    images = _plots(data.curves)
+    html_path, md_path = out / "report.html", out / "report.md"
+    html_path.write_text(render_html(data, images), encoding="utf-8")
+    names = []
+    for name, png in images.items():
+        (out / f"{name}.png").write_bytes(png)
+        names.append(str(out / f"{name}.png"))
+    md_path.write_text(render_markdown(data, list(images)), encoding="utf-8")
+    return ReportResult(str(html_path), str(md_path), names)
+
+
+# --- collecting -----------------------------------------------------------------------------------------------------
+
+def collect(run: Path) -> ReportData:
+    records = {p.parent.name: _read_json(p) for p in sorted(run.glob(f"*/{STAGE_FILE}"))}
+    config = _read_json(run / "config.json") or {}
+    train = records.get("train")
+    curves = _curves(Path(train["outputs"]["metrics_file"])) if train else {}
+    base_eval, tuned_eval = _eval_view(records.get("baseline")), _eval_view(records.get("eval"))
+    metrics = _metric_rows(base_eval, tuned_eval)
+    flips = _flips(base_eval, tuned_eval)
+    num_eval = (tuned_eval or base_eval or {}).get("n")
+    stages = [{"name": n, "seconds": r.get("seconds"), "summary": r.get("summary", "")} for n, r in records.items()
+              if n != "report"]
+    title = f"tunesmith run — {config.get('model', {}).get('name_or_path', '?')}"
+    return ReportData(title, stages, _data_view(records), _train_view(train), curves, metrics, num_eval, flips,
+                      _artefacts(records), yaml.safe_dump(config, sort_keys=False), versions())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _curves(path: Path) -> dict[str, list[tuple[float, float]]]:
+    curves: dict[str, list[tuple[float, float]]] = {"loss": [], "learning_rate": [], "eval_loss": []}
+    if not path.is_file():
+        return curves
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by an interruption
+        step = rec.get("step")
+        if step is None:
+            continue
+        if rec.get("type", "train") == "train":
+            for key in ("loss", "learning_rate"):
+                if isinstance(rec.get(key), int | float):
+                    curves[key].append((step, float(rec[key])))
+        elif rec.get("type") == "eval" and isinstance(rec.get("eval_loss"), int | float):
+            curves["eval_loss"].append((step, float(rec["eval_loss"])))
+    return curves
+
+
+def _data_view(records: dict[str, Any]) -> dict[str, Any] | None:
+    rec = records.get("data") or records.get("generate")
+    if not rec:
+        return None
+    result = rec["outputs"].get("result")
+    return {"stage": rec["stage"], "summary": rec.get("summary", ""), "numbers": _flat_numbers(result)}
+
+
+def _train_view(rec: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not rec:
+        return None
+    result = rec["outputs"].get("result") or {}
+    keep = ("method", "steps", "epochs", "train_loss", "eval_loss", "eval_token_accuracy", "tokens_per_s",
+            "trainable_params", "total_params")
+    return {"summary": rec.get("summary", ""), "seconds": rec.get("seconds"),
+            "numbers": {k: result[k] for k in keep if result.get(k) is not None}}
+
+
+def _eval_view(rec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Scores and per-example correctness from an eval stage folder (``metrics.json`` + ``predictions.jsonl``)."""
+    if not rec:
+        return None
+    folder = Path(rec["outputs"]["eval_dir"])
+    metrics_doc = _read_json(folder / "metrics.json") or {}
+    model_metrics = _first_model(metrics_doc)
+    scores = {}
+    for name, value in (model_metrics.get("metrics") or model_metrics).items():
+        if isinstance(value, dict) and isinstance(value.get("mean", value.get("score")), int | float):
+            mean = value.get("mean", value.get("score"))
+            ci = value.get("ci") or ([value["ci_low"], value["ci_high"]] if "ci_low" in value else None)
+            scores[name] = (float(mean), tuple(ci) if ci else None)
+    examples = []
+    preds = folder / "predictions.jsonl"
+    if preds.is_file():
+        for line in preds.read_text(encoding="utf-8").splitlines():
+            try:
+                examples.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return {"scores": scores, "examples": examples, "n": model_metrics.get("n") or len(examples) or None}
+
+
+def _first_model(doc: dict[str, Any]) -> dict[str, Any]:
+    models = doc.get("models")
+    if isinstance(models, list) and models:
+        return models[0]
+    if isinstance(models, dict) and models:
+        return next(iter(models.values()))
+    return doc
+
+
+def _metric_rows(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> list[MetricRow]:
+    names = list(dict.fromkeys([*(base or {}).get("scores", {}), *(tuned or {}).get("scores", {})]))
+    rows = []
+    for name in names:
+        b = (base or {}).get("scores", {}).get(name)
+        t = (tuned or {}).get("scores", {}).get(name)
+        rows.append(MetricRow(name, b[0] if b else None, b[1] if b else None, t[0] if t else None, t[1] if t else None))
+    return rows
+
+
+def _correct(example: dict[str, Any]) -> bool | None:
+    scores = example.get("scores") or example.get("metrics") or {}
+    if "correct" in example:
+        return bool(example["correct"])
+    values = [v.get("score") if isinstance(v, dict) else v for v in scores.values()]
+    values = [v for v in values if isinstance(v, int | float | bool)]
+    return bool(values) and all(float(v) >= 1.0 for v in values) if values else None
+
+
+def _prompt_text(example: dict[str, Any]) -> str:
+    if isinstance(example.get("prompt"), str):
+        return example["prompt"]
+    messages = example.get("messages") or []
+    users = [m.get("content", "") for m in messages if m.get("role") == "user"]
+    return users[-1] if users else str(example.get("input", ""))
+
+
+def _flips(base: dict[str, Any] | None, tuned: dict[str, Any] | None, limit: int = 10) -> list[Flip]:
+    if not base or not tuned:
+        return []
+    out: list[Flip] = []
+    for b, t in zip(base["examples"], tuned["examples"], strict=False):
+        cb, ct = _correct(b), _correct(t)
+        if cb is None or ct is None or cb == ct:
+            continue
+        direction = "fixed" if ct else "broken"
+        if sum(f.direction == direction for f in out) >= limit:
+            continue
+        out.append(Flip(_prompt_text(t), str(t.get("expected", "")), str(b.get("prediction", "")),
+                        str(t.get("prediction", "")), direction))
+    return out
+
+
+def _artefacts(records: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    train = records.get("train")
+    if train:
+        out.append({"name": "trained " + ("model" if train["outputs"].get("result", {}).get("method") == "full"
+                                          else "adapter"),
+                    "path": train["outputs"].get("artefact_dir"), "check": "written by the train stage"})
+    for stage in ("merge", "export"):
+        rec = records.get(stage)
+        if not rec:
+            continue
+        result = rec["outputs"].get("result") or {}
+        for item in result.get("artefacts", [result]):
+            parity = item.get("parity")
+            out.append({"name": stage if stage == "merge" else item.get("format", stage),
+                        "path": item.get("out_dir") or item.get("path") or rec["outputs"].get("model_dir"),
+                        "check": _parity_text(parity)})
+    return out
+
+
+def _parity_text(parity: Any) -> str:
+    if not isinstance(parity, dict):
+        return "no parity check recorded"
+    bits = [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in parity.items()
+            if isinstance(v, int | float | bool | str)]
+    return ", ".join(bits)
+
+
+def _flat_numbers(value: Any, prefix: str = "", depth: int = 0) -> dict[str, Any]:
+    """Scalar fields of a stage result, dotted, for a compact table."""
+    out: dict[str, Any] = {}
+    if isinstance(value, dict) and depth < 3:
+        for k, v in value.items():
+            out.update(_flat_numbers(v, f"{prefix}{k}.", depth + 1))
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        out[prefix.rstrip(".")] = value
+    return out
+
+
+# --- pictures -------------------------------------------------------------------------------------------------------
+
+def _plots(curves: dict[str, list[tuple[float, float]]]) -> dict[str, bytes]:
+    if not curves.get("loss"):
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; the non-interactive backend writes PNG bytes
+    import matplotlib.pyplot as plt
+
+    images: dict[str, bytes] = {}
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110)
+    steps, losses = zip(*curves["loss"], strict=True)
+    ax.plot(steps, losses, label="train loss", color="#2563eb", linewidth=1.4)
+    if curves.get("eval_loss"):
+        es, el = zip(*curves["eval_loss"], strict=True)
+        ax.plot(es, el, "o-", label="eval loss", color="#dc2626")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per supervised token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    images["loss"] = _png(fig)
+    if curves.get("learning_rate"):
+        fig, ax = plt.subplots(figsize=(6.4, 2.6), dpi=110)
+        s, lr = zip(*curves["learning_rate"], strict=True)
+        ax.plot(s, lr, color="#059669")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("learning rate")
+        ax.grid(alpha=0.3)
+        images["learning_rate"] = _png(fig)
+    plt.close("all")
+    return images
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# --- rendering ------------------------------------------------------------------------------------------------------
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def _ci(ci: tuple[float, float] | None) -> str:
+    return "" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:980px;color:#111;
+padding:0 1rem}
+h1{font-size:1.6rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
+table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.3rem .6rem;text-align:left;
+vertical-align:top}th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+pre,code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}pre{background:#f7f7f7;padding:.8rem;
+overflow:auto}.fixed{color:#047857}.broken{color:#b91c1c}.big{font-size:1.25rem;font-weight:600}
+.bar{height:14px;background:#2563eb;display:inline-block;vertical-align:middle}.bar.base{background:#9ca3af}
+"""
+
+
+def render_html(d: ReportData, images: dict[str, bytes]) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(d.title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{e(d.title)}</h1>"]
+    headline = [r for r in d.metrics if r.base is not None and r.tuned is not None]
+    if headline:
+        r = headline[0]
+        parts.append(f"<p class='big' id='headline'>{e(r.name)}: base {_pct(r.base)} → tuned {_pct(r.tuned)}"
+                     f"{f' on {d.num_eval} held-out examples' if d.num_eval else ''}</p>")
+    parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>summary</th></tr>")
+    for s in d.stages:
+        parts.append(f"<tr><td>{e(s['name'])}</td><td class='num'>{_fmt(s['seconds'])}</td>"
+                     f"<td>{e(s['summary'])}</td></tr>")
+    parts.append("</table>")
+
+    parts.append("<h2>Data</h2>")
+    if d.data:
+        parts.append(f"<p>{e(d.data['summary'])}</p>" + _kv_table(d.data["numbers"]))
+    else:
+        parts.append("<p>No data stage ran.</p>")
+
+    parts.append("<h2>Training</h2>")
+    if d.train:
+        parts.append(f"<p>{e(d.train['summary'])}</p>" + _kv_table(d.train["numbers"]))
+        for name in ("loss", "learning_rate"):
+            if name in images:
+                b64 = base64.b64encode(images[name]).decode()
+                parts.append(f"<p><img alt='{name} curve' src='data:image/png;base64,{b64}'></p>")
+    else:
+        parts.append("<p>No train stage ran.</p>")
+
+    parts.append("<h2>Evaluation: base vs tuned</h2>")
+    if d.metrics:
+        parts.append("<table id='metrics'><tr><th>metric</th><th>base</th><th>95% CI</th><th>tuned</th>"
+                     "<th>95% CI</th><th></th></tr>")
+        for r in d.metrics:
+            bars = "".join(f"<span class='bar {cls}' style='width:{int(150 * v)}px' title='{cls}'></span><br>"
+                           for cls, v in (("base", r.base), ("tuned", r.tuned)) if v is not None)
+            parts.append(f"<tr><td>{e(r.name)}</td><td class='num'>{_pct(r.base)}</td><td>{_ci(r.base_ci)}</td>"
+                         f"<td class='num'>{_pct(r.tuned)}</td><td>{_ci(r.tuned_ci)}</td><td>{bars}</td></tr>")
+        parts.append("</table>")
+        if d.num_eval:
+            parts.append(f"<p>{d.num_eval} eval examples; intervals are bootstrap 95% confidence intervals.</p>")
+    else:
+        parts.append("<p>No eval stage ran.</p>")
+    if d.flips:
+        fixed = sum(f.direction == "fixed" for f in d.flips)
+        parts.append(f"<h3>Examples that flipped ({fixed} shown fixed, {len(d.flips) - fixed} shown broken)</h3>"
+                     "<table><tr><th></th><th>question</th><th>expected</th><th>base</th><th>tuned</th></tr>")
+        for f in d.flips:
+            mark = "✔ fixed" if f.direction == "fixed" else "✘ broken"
+            parts.append(f"<tr><td class='{f.direction}'>{mark}</td><td>{e(f.prompt)}</td><td><code>{e(f.expected)}"
+                         f"</code></td><td><code>{e(f.base[:300])}</code></td><td><code>{e(f.tuned[:300])}</code>"
+                         "</td></tr>")
+        parts.append("</table>")
+
+    parts.append("<h2>Artefacts</h2>")
+    if d.artefacts:
+        parts.append("<table><tr><th>artefact</th><th>path</th><th>check</th></tr>")
+        for a in d.artefacts:
+            parts.append(f"<tr><td>{e(str(a['name']))}</td><td><code>{e(str(a['path']))}</code></td>"
+                         f"<td>{e(a['check'])}</td></tr>")
+        parts.append("</table>")
+    else:
+        parts.append("<p>No artefacts.</p>")
+
+    parts.append("<h2>Resolved config</h2>" f"<pre>{e(d.config_yaml)}</pre>")
+    parts.append("<h2>Versions</h2>" + _kv_table(d.versions))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _kv_table(values: dict[str, Any]) -> str:
+    if not values:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td class='num'>{html.escape(_fmt(v))}</td></tr>"
+                   for k, v in values.items())
+    return f"<table>{rows}</table>"
+
+
+def render_markdown(d: ReportData, image_names: list[str]) -> str:
+    lines = [f"# {d.title}", ""]
+    headline = [r for r in d.metrics if r.base is not None and r.tuned is not None]
+    if headline:
+        r = headline[0]
+        lines += [f"**{r.name}: base {_pct(r.base)} → tuned {_pct(r.tuned)}**", ""]
+    lines += ["## Stages", "", "| stage | seconds | summary |", "|---|---:|---|"]
+    lines += [f"| {s['name']} | {_fmt(s['seconds'])} | {_md(s['summary'])} |" for s in d.stages]
+    lines += ["", "## Data", ""]
+    if d.data:
+        lines += [d.data["summary"], "", *_md_kv(d.data["numbers"])]
+    lines += ["", "## Training", ""]
+    if d.train:
+        lines += [d.train["summary"], "", *_md_kv(d.train["numbers"]), ""]
+        lines += [f"![{n}]({n}.png)" for n in image_names]
+    lines += ["", "## Evaluation: base vs tuned", "", "| metric | base | 95% CI | tuned | 95% CI |",
+              "|---|---:|---|---:|---|"]
+    lines += [f"| {r.name} | {_pct(r.base)} | {_ci(r.base_ci)} | {_pct(r.tuned)} | {_ci(r.tuned_ci)} |"
+              for r in d.metrics]
+    if d.flips:
+        lines += ["", "### Examples that flipped", "", "| | question | expected | base | tuned |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {f.direction} | {_md(f.prompt)} | `{_md(f.expected)}` | `{_md(f.base[:200])}` | "
+                  f"`{_md(f.tuned[:200])}` |" for f in d.flips]
+    lines += ["", "## Artefacts", "", "| artefact | path | check |", "|---|---|---|"]
+    lines += [f"| {a['name']} | `{a['path']}` | {_md(a['check'])} |" for a in d.artefacts]
+    lines += ["", "## Resolved config", "", "```yaml", d.config_yaml.rstrip(), "```", "", "## Versions", "",
+              *_md_kv(d.versions), ""]
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_kv(values: dict[str, Any]) -> list[str]:
+    if not values:
+        return []
+    return ["| | |", "|---|---:|", *[f"| {k} | {_fmt(v)} |" for k, v in values.items()]]
