@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from ..errors import UserError
 from .base import Section
+from .eval import EvalConfig, MetricConfig, metric_name
 from .model import ModelConfig
 from .train import PRESETS, SEED_TARGETS, LoraSection, QuantSection, TrainConfig
 
@@ -22,6 +23,8 @@ __all__ = [
     "PRESETS",
     "SEED_TARGETS",
     "Config",
+    "EvalConfig",
+    "MetricConfig",
     "LoraSection",
     "ModelConfig",
     "QuantSection",
@@ -29,6 +32,7 @@ __all__ = [
     "TrainConfig",
     "dump_config",
     "load_config",
+    "metric_name",
 ]
 
 
@@ -43,6 +47,9 @@ class Config(Section):
 
     train: TrainConfig = TrainConfig()
     """Training method and hyper-parameters."""
+
+    eval: EvalConfig = EvalConfig()
+    """Task-specific evaluation: eval set, metrics, generation."""
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
