@@ -296,7 +296,8 @@ def build_scorer(kind: str, options: dict[str, Any], field: str = "eval.metrics"
         except re.error as exc:
             raise UserError(f"{field}.pattern: not a valid regular expression: {exc}") from None
         group = options.get("group", 0)
-        if isinstance(group, int) and group > pattern.groups or isinstance(group, str) and group not in pattern.groupindex:
+        known = group <= pattern.groups if isinstance(group, int) else group in pattern.groupindex
+        if not known:
             raise UserError(f"{field}.group: the pattern has no group {group!r}")
         return partial(regex_match, pattern=pattern, group=group, ignore_case=options.get("ignore_case", True))
     if kind == "json_valid":

@@ -141,7 +141,8 @@ def markdown(dataset: str, examples: Sequence[EvalExample], runs: Sequence[Model
             lines += [f"### {title}: {len(idx)}", ""]
             for i in idx[:max_flips]:
                 ex = examples[i]
-                lines += [f"- line {ex.line}: **input** {_one_line(ex.input)}", f"  - expected: `{_one_line(ex.expected)}`",
+                lines += [f"- line {ex.line}: **input** {_one_line(ex.input)}",
+                          f"  - expected: `{_one_line(ex.expected)}`",
                           f"  - {comp['before']}: `{_one_line(_prediction(runs, comp['before'], i))}`",
                           f"  - {comp['after']}: `{_one_line(_prediction(runs, comp['after'], i))}`"]
             if len(idx) > max_flips:
