@@ -169,6 +169,8 @@ def test_a_predicted_sql_syntax_error_counts_as_wrong_without_aborting(shop_db):
                     database=str(shop_db))
     assert not verdict.correct and not verdict.error and "syntax error" in verdict.reason
     assert not score("sql_execution", "SELECT 1; SELECT 2", "SELECT 1", database=str(shop_db)).correct
+    empty = score("sql_execution", " ; ", "SELECT name FROM customers WHERE 0", database=str(shop_db))
+    assert not empty.correct and "empty query" in empty.reason
 
 
 def test_a_predicted_query_cannot_modify_the_database(shop_db):

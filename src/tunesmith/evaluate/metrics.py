@@ -198,6 +198,8 @@ def sql_execution_match(prediction: str, expected: str, database: Path, timeout_
 
 
 def _run_query(database: Path, sql: str, timeout_s: float, max_rows: int) -> tuple[list[tuple], str | None]:
+    if not sql.strip().strip(";").strip():
+        return [], "empty query"
     # read-only, writes refused, no ATTACH: a predicted `DROP TABLE` or `ATTACH 'x.db'` cannot change anything
     conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout_s)
     deadline = time.monotonic() + timeout_s

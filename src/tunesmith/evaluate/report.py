@@ -121,8 +121,7 @@ def bar_chart(path: Path, runs: Sequence[ModelRun], summaries: dict[str, dict[st
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score (95% CI)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # keeps the legend placed outside the axes
     plt.close(fig)
 
 
