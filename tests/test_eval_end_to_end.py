@@ -158,3 +158,37 @@ def test_a_missing_sqlite_file_stops_the_cli_with_one_clear_message(tiny_model_d
     assert proc.returncode == 2
     assert "eval.metrics[0].database: SQLite file nowhere/shop.sqlite does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _gguf_converter():
+    """llama.cpp's converter where `tunesmith setup-gguf` keeps it (or $TUNESMITH_GGUF_CONVERTER); None if absent."""
+    import os
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    if os.environ.get("TUNESMITH_GGUF_CONVERTER"):
+        return Path(os.environ["TUNESMITH_GGUF_CONVERTER"])
+    home = Path(os.environ.get("TUNESMITH_HOME") or Path.home() / ".cache" / "tunesmith")
+    path = home / f"llama.cpp-{llama_cpp.__version__}" / "convert_hf_to_gguf.py"
+    return path if path.is_file() else None
+
+
+@pytest.mark.gguf
+@pytest.mark.slow
+def test_a_gguf_export_scores_like_the_hf_model_it_came_from(tiny_model_dir, prepared, full_run, tmp_path):
+    import subprocess
+    import sys
+
+    converter = _gguf_converter()
+    if converter is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not set up (tunesmith setup-gguf)")
+    model_dir = json.loads(Path(full_run.run_dir, "run.json").read_text())["outputs"]["model"]
+    gguf = tmp_path / "tuned-f32.gguf"
+    subprocess.run([sys.executable, str(converter), model_dir, "--outfile", str(gguf), "--outtype", "f32"],
+                   check=True, capture_output=True, timeout=300)
+    cfg = _config(tiny_model_dir, prepared, "eval.metrics=[exact]")
+    report = evaluate(cfg, models=[model_dir, str(gguf)], out_dir=tmp_path / "eval")
+    hf, ggml = report.models
+    assert ggml.kind == "gguf" and ggml.loss is None
+    assert ggml.metrics["exact"].correct == hf.metrics["exact"].correct == len(PAIRS)
+    rows = [json.loads(line) for line in Path(report.files["predictions"]).read_text().splitlines()]
+    assert [r["prediction"] for r in rows if r["model"] == str(gguf)] == [a for _, a in PAIRS]

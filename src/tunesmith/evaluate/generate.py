@@ -99,10 +99,13 @@ def generate_vllm(model_path: str, adapter_path: str | None, tokenizer: Any, pro
 
 
 def generate_llama_cpp(gguf_path: str, tokenizer: Any | None, examples: Sequence[EvalExample],
-                       max_new_tokens: int, n_ctx: int = 4096, progress: Progress | None = None) -> list[str]:
-    """Greedy answers from a GGUF file through llama.cpp. With the HF tokenizer of the exported model (same
-    vocabulary), the prompt is the very token ids the HF model gets; otherwise the GGUF's own chat template
-    renders it."""
+                       max_new_tokens: int, n_ctx: int = 0, progress: Progress | None = None) -> list[str]:
+    """Greedy answers from a GGUF file through llama.cpp (``n_ctx`` 0: the model's trained context).
+
+    With the HF tokenizer of the exported model (same vocabulary), the prompt is the very token ids the HF model
+    gets. Otherwise the GGUF's own chat template renders the text and llama.cpp tokenises it whole — which can
+    split words differently from training (message contents are tokenised apart from the template there), and a
+    small model can answer differently for it; evaluate with the HF model's tokenizer when you have it."""
     try:
         from llama_cpp import Llama
     except ImportError:
