@@ -100,6 +100,11 @@ def _collect_lines(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...]
             key = (*prefix, str(key_node.value))
             out[key] = key_node.start_mark.line + 1
             _collect_lines(value_node, key, out)
+    elif isinstance(node, yaml.SequenceNode):  # list items (eval.metrics) get their own line numbers
+        for i, item in enumerate(node.value):
+            key = (*prefix, str(i))
+            out[key] = item.start_mark.line + 1
+            _collect_lines(item, key, out)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
