@@ -19,7 +19,7 @@ from .evalset import EvalExample, eval_file, load_eval_set
 from .generate import encode_prompts, generate_llama_cpp, generate_transformers, generate_vllm, vllm_available
 from .loss import answer_loss
 from .metrics import Scorer, build_scorer
-from .models import ModelSpec, load_for_eval, load_tokenizer_for, resolve_spec
+from .models import ModelSpec, adapter_rank, load_for_eval, load_spec_tokenizer, resolve_spec
 from .report import (
     MetricSummary,
     ModelRun,
@@ -151,25 +151,40 @@ def _generate(spec: ModelSpec, examples: list[EvalExample], backend: str, max_ne
     chosen = _backend(spec, backend)
     if chosen == "llama_cpp":
         if spec.gguf is None:
-            raise UserError(f"eval.backend llama_cpp: {spec.label} is not a .gguf file")
-        tokenizer = load_tokenizer_for(spec)
-        return generate_llama_cpp(spec.gguf, tokenizer, examples, max_new_tokens, progress=progress), None
+            raise UserError(f"eval.backend llama_cpp: {spec.label} is not a .gguf file",
+                            hint="use backend auto, or export the model to GGUF first")
+        answers = generate_llama_cpp(spec.gguf, load_spec_tokenizer(spec), examples, max_new_tokens,
+                                     progress=progress)
+        return answers, None
     if spec.gguf is not None:
         raise UserError(f"eval.backend {chosen}: {spec.label} is a GGUF file", hint="use backend auto or llama_cpp")
+    predictions = None
+    if chosen == "vllm":  # pragma: no cover - GPU machines with vLLM only
+        from ..models import resolve_model_path
+
+        tokenizer = load_spec_tokenizer(spec)
+        predictions = generate_vllm(resolve_model_path(spec.model), spec.adapter, tokenizer,
+                                    encode_prompts(tokenizer, examples), max_new_tokens,
+                                    max_lora_rank=_vllm_rank(adapter_rank(spec.adapter)) if spec.adapter else 16)
+        progress(len(examples), len(examples))
+        if not with_loss:
+            return predictions, None
     model, tokenizer = load_for_eval(spec)
     try:
-        prompts = encode_prompts(tokenizer, examples)
-        if chosen == "vllm":  # pragma: no cover - GPU only
-            base = str(model.base_model.model.config._name_or_path) if spec.adapter else spec.model.name_or_path
-            predictions = generate_vllm(base, spec.adapter, tokenizer, prompts, max_new_tokens)
-        else:
-            predictions = generate_transformers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+        if predictions is None:
+            predictions = generate_transformers(model, tokenizer, encode_prompts(tokenizer, examples),
+                                                max_new_tokens, batch_size, progress)
         loss = answer_loss(model, tokenizer, examples, batch_size) if with_loss else None
     finally:
         del model
         gc.collect()
         _empty_cuda_cache()
     return predictions, loss
+
+
+def _vllm_rank(r: int) -> int:
+    # vLLM accepts only a few max_lora_rank values (powers of two from 8): the smallest one that fits r
+    return max(8, 1 << (r - 1).bit_length())
 
 
 def _backend(spec: ModelSpec, choice: str) -> str:

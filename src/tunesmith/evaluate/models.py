@@ -92,14 +92,12 @@ def load_for_eval(spec: ModelSpec) -> tuple[Any, Any]:
     """(model in eval mode on the best device, tokenizer) for the transformers backend."""
     import torch
 
-    from ..models import load_model, load_tokenizer, resolve_model_path
+    from ..models import load_model, resolve_model_path
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    dtype = _dtype(spec.model.dtype, device)
-    path = resolve_model_path(spec.model)
-    has_own_tokenizer = spec.adapter and (Path(spec.adapter) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(spec.model, path=spec.adapter if has_own_tokenizer else path)
-    model = load_model(spec.model, dtype=dtype, path=path).to(device)
+    tokenizer = load_spec_tokenizer(spec)
+    model = load_model(spec.model, dtype=_dtype(spec.model.dtype, device), path=resolve_model_path(spec.model))
+    model = model.to(device)
     if spec.adapter:
         from peft import PeftModel
 
@@ -108,10 +106,20 @@ def load_for_eval(spec: ModelSpec) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def load_tokenizer_for(spec: ModelSpec) -> Any:
+def load_spec_tokenizer(spec: ModelSpec) -> Any:
+    """The tokenizer that renders prompts: an adapter's own (training saves it, chat template included), else the
+    model's. For a GGUF file, the config's model — whose vocabulary llama.cpp must share to take its token ids."""
     from ..models import load_tokenizer
 
+    if spec.adapter and (Path(spec.adapter) / "tokenizer_config.json").is_file():
+        return load_tokenizer(spec.model, path=spec.adapter)
     return load_tokenizer(spec.model)
+
+
+def adapter_rank(adapter: str) -> int:
+    """LoRA rank of an adapter folder (vLLM must be told the largest rank it will serve)."""
+    recorded = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    return int(recorded.get("r") or 8)
 
 
 def _dtype(choice: str, device: Any) -> Any:
