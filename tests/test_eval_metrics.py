@@ -192,6 +192,17 @@ def test_a_runaway_query_is_stopped_at_the_time_limit_and_counted_wrong(shop_db)
     assert not verdict.correct and "time limit" in verdict.reason
 
 
+def test_a_sql_script_can_stand_in_for_the_database_file(tmp_path):
+    script = tmp_path / "shop.sql"
+    script.write_text("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1), (2), (3);")
+    check = build_scorer("sql_execution", {"database": str(script)})
+    assert check("SELECT x FROM t WHERE x > 1", "SELECT x FROM t WHERE x >= 2").correct
+    assert not check("SELECT x FROM t", "SELECT x FROM t WHERE x >= 2").correct
+    script.write_text("CREATE TABLE t (x INTEGER); INSERT INTO nope VALUES (1);")
+    with pytest.raises(UserError, match=r"shop\.sql: the SQL script failed: no such table: nope"):
+        build_scorer("sql_execution", {"database": str(script)})
+
+
 def test_a_missing_sqlite_file_is_a_user_error_before_anything_runs(tmp_path):
     with pytest.raises(UserError, match=r"database: SQLite file .*missing\.sqlite does not exist"):
         build_scorer("sql_execution", {"database": str(tmp_path / "missing.sqlite")})
@@ -292,3 +303,17 @@ def test_eval_files_in_all_three_shapes_give_prompts_and_expected_answers(tmp_pa
                                     {"role": "user", "content": "Q: 2+2\nA:"}]
     assert json.loads(examples[2].expected) == {"a": 1, "b": 2}
     assert len(load_eval_set(path, limit=2)) == 2
+
+
+def test_the_sql_example_eval_set_runs_on_its_database():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "eval-sql"
+    check = build_scorer("sql_execution", {"database": str(root / "shop.sql")})
+    examples = load_eval_set(root / "eval.jsonl")
+    verdicts = [check(ex.expected, ex.expected) for ex in examples]
+    assert all(v.correct and not v.error for v in verdicts), [v.reason for v in verdicts]
+    # a plausible model answer that is textually different but right
+    top3 = check("select o.customer_id, sum(o.amount) as total from orders o group by 1 order by 2 desc limit 3",
+                 examples[0].expected)
+    assert top3.correct, top3.reason

@@ -76,7 +76,8 @@ class SqlExecutionMetric(Section):
     name: str | None = None
     """Label in reports (default: the type)."""
     database: str
-    """SQLite database file both queries run on (opened read-only: a predicted ``DROP TABLE`` cannot harm it)."""
+    """SQLite database file both queries run on (opened read-only: a predicted ``DROP TABLE`` cannot harm it),
+    or a ``.sql`` script (CREATE TABLE …; INSERT …) that builds a temporary one."""
     timeout_s: float = Field(5.0, gt=0)
     """Per-query time limit; a query running longer is stopped and counted wrong."""
     max_rows: int = Field(10_000, ge=1)

@@ -310,6 +310,8 @@ def build_scorer(kind: str, options: dict[str, Any], field: str = "eval.metrics"
         return partial(json_fields_match, fields=options.get("fields"))
     if kind == "sql_execution":
         database = Path(options["database"])
+        if database.suffix.lower() == ".sql":
+            database = _database_from_script(database, field)
         _check_database(database, field)
         return partial(sql_execution_match, database=database, timeout_s=options.get("timeout_s", 5.0),
                        max_rows=options.get("max_rows", 10_000))
@@ -334,6 +336,29 @@ def _schema_validator(path: Path, field: str) -> Any:
     except jsonschema.SchemaError as exc:
         raise UserError(f"{path}: not a valid JSON Schema: {exc.message}") from None
     return cls(schema)
+
+
+def _database_from_script(script: Path, field: str) -> Path:
+    """A throw-away SQLite file built from a ``.sql`` script (schema + rows), so an eval set can ship as text."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if not script.is_file():
+        raise UserError(f"{field}.database: SQL script {script} does not exist")
+    folder = Path(tempfile.mkdtemp(prefix="tunesmith-sql-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    target = folder / f"{script.stem}.sqlite"
+    conn = sqlite3.connect(target)
+    try:
+        conn.executescript(script.read_text(encoding="utf-8"))
+        conn.commit()
+    except (sqlite3.Error, UnicodeDecodeError) as exc:
+        raise UserError(f"{script}: the SQL script failed: {exc}",
+                        hint="the script must build the database from scratch (CREATE TABLE …; INSERT …)") from None
+    finally:
+        conn.close()
+    return target
 
 
 def _check_database(path: Path, field: str) -> None:
