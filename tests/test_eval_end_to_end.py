@@ -25,7 +25,8 @@ def _chat(q: str, a: str) -> dict:
 def prepared(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prepared")
     (folder / "train.jsonl").write_text("".join(json.dumps(_chat(q, a)) + "\n" for q, a in PAIRS * 8))
-    (folder / "eval.jsonl").write_text("".join(json.dumps(_chat(q, a)) + "\n" for q, a in PAIRS))
+    # a leading blank line: reports must name eval-file lines (2..5), not list positions
+    (folder / "eval.jsonl").write_text("\n" + "".join(json.dumps(_chat(q, a)) + "\n" for q, a in PAIRS))
     return folder
 
 
@@ -57,7 +58,7 @@ def test_the_tuned_model_beats_its_base_and_the_report_lists_both(tiny_model_dir
     assert tuned.metrics["exact"].correct == len(PAIRS)  # answers match exactly: generation stopped at end-of-turn
     assert tuned.loss["loss"] < base.loss["loss"] and tuned.loss["token_accuracy"] > base.loss["token_accuracy"]
     exact = next(c for c in report.comparisons if c["metric"] == "exact")
-    assert exact["delta"] > 0 and sorted(exact["fixed"]) == [1, 2, 3, 4] and exact["broken"] == []
+    assert exact["delta"] > 0 and sorted(exact["fixed"]) == [2, 3, 4, 5] and exact["broken"] == []
 
     rows = [json.loads(line) for line in Path(report.files["predictions"]).read_text().splitlines()]
     assert len(rows) == 2 * len(PAIRS) and {r["model"] for r in rows} == {"base", full_run.run_dir}
@@ -68,6 +69,9 @@ def test_the_tuned_model_beats_its_base_and_the_report_lists_both(tiny_model_dir
     assert saved["models"][1]["metrics"]["exact"]["ci_low"] is not None
     md = Path(report.files["report_md"]).read_text()
     assert "| exact |" in md and full_run.run_dir in md and "wrong → right: 4" in md
+    assert "- line 5: **input** What sound does a duck make?" in md
+    manifest = json.loads(Path(report.out_dir, "run.json").read_text())
+    assert manifest["stage"] == "eval" and manifest["outputs"]["metrics"] == report.files["metrics"]
     page = Path(report.files["report_html"]).read_text()
     assert "data:image/png;base64," in page and "quack" in page
     assert Path(report.files["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

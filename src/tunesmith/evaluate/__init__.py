@@ -15,24 +15,13 @@ from typing import Any
 
 from ..config import Config, MetricConfig, metric_name
 from ..errors import UserError
+from ..manifest import write_manifest
 from .evalset import EvalExample, eval_file, load_eval_set
 from .generate import encode_prompts, generate_llama_cpp, generate_transformers, generate_vllm, vllm_available
 from .loss import answer_loss
 from .metrics import Scorer, build_scorer
 from .models import ModelSpec, adapter_rank, load_for_eval, load_spec_tokenizer, resolve_spec
-from .report import (
-    MetricSummary,
-    ModelRun,
-    bar_chart,
-    flips,
-    html_page,
-    markdown,
-    metrics_payload,
-    paired_difference,
-    summarise,
-    write_metrics,
-    write_predictions,
-)
+from .report import MetricSummary, ModelRun, flips, paired_difference, summarise, write_report
 
 __all__ = ["EvalReport", "MetricSummary", "evaluate", "task_eval"]
 
@@ -97,20 +86,15 @@ def evaluate(config: Config, models: Sequence[str] | None = None, out_dir: str |
                  for r in runs}
     comparisons = _compare(runs, ecfg.bootstrap_samples, ecfg.seed)
 
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"predictions": out / "predictions.jsonl", "metrics": out / "metrics.json", "chart": out / "chart.png",
-             "report_md": out / "report.md", "report_html": out / "report.html"}
-    write_predictions(files["predictions"], examples, runs)
-    write_metrics(files["metrics"], metrics_payload(str(path), len(examples), runs, summaries,
-                                                    _with_lines(comparisons, examples)))
-    bar_chart(files["chart"], runs, summaries)
-    files["report_md"].write_text(markdown(str(path), examples, runs, summaries, comparisons, files["chart"].name,
-                                           ecfg.max_flips_shown), encoding="utf-8")
-    files["report_html"].write_text(html_page(str(path), examples, runs, summaries, comparisons, files["chart"],
-                                              ecfg.max_flips_shown), encoding="utf-8")
-    return EvalReport(str(out), str(path), len(examples),
-                      [ModelScores(r.label, r.kind, summaries[r.label], r.loss, round(r.seconds, 3)) for r in runs],
-                      _with_lines(comparisons, examples), {k: str(v) for k, v in files.items()})
+    comparisons = _with_lines(comparisons, examples)  # flips as eval-file line numbers from here on
+
+    files = write_report(out, str(path), examples, runs, summaries, comparisons, ecfg.max_flips_shown)
+    result = EvalReport(str(out), str(path), len(examples),
+                        [ModelScores(r.label, r.kind, summaries[r.label], r.loss, round(r.seconds, 3)) for r in runs],
+                        comparisons, {k: str(v) for k, v in files.items()})
+    write_manifest(out, {"stage": "eval", "config": config.model_dump(mode="json"),
+                         "models": [asdict(s) for s in specs], "outputs": result.files, "result": result.to_dict()})
+    return result
 
 
 def task_eval(model: Any, tokenizer: Any, records: Sequence[dict[str, Any] | EvalExample],
@@ -211,7 +195,7 @@ def _compare(runs: list[ModelRun], samples: int, seed: int) -> list[dict[str, An
 
 
 def _with_lines(comparisons: list[dict[str, Any]], examples: list[EvalExample]) -> list[dict[str, Any]]:
-    """Flip indices as eval-file line numbers (what a person can look up)."""
+    """Flip indices as eval-file line numbers (what a person can look up in the eval file)."""
     return [{**c, "fixed": [examples[i].line for i in c["fixed"]], "broken": [examples[i].line for i in c["broken"]]}
             for c in comparisons]
 

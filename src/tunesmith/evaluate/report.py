@@ -75,6 +75,23 @@ def flips(before: Sequence[Verdict], after: Sequence[Verdict]) -> dict[str, list
             "broken": [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a.correct and not b.correct]}
 
 
+def write_report(out: Path, dataset: str, examples: Sequence[EvalExample], runs: Sequence[ModelRun],
+                 summaries: dict[str, dict[str, MetricSummary]], comparisons: list[dict[str, Any]],
+                 max_flips: int) -> dict[str, Path]:
+    """Write every output file into ``out``; flips in ``comparisons`` are eval-file line numbers."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"predictions": out / "predictions.jsonl", "metrics": out / "metrics.json", "chart": out / "chart.png",
+             "report_md": out / "report.md", "report_html": out / "report.html"}
+    write_predictions(files["predictions"], examples, runs)
+    write_json_atomic(files["metrics"], metrics_payload(dataset, len(examples), runs, summaries, comparisons))
+    bar_chart(files["chart"], runs, summaries)
+    files["report_md"].write_text(markdown(dataset, examples, runs, summaries, comparisons, files["chart"].name,
+                                           max_flips), encoding="utf-8")
+    files["report_html"].write_text(html_page(dataset, examples, runs, summaries, comparisons, files["chart"],
+                                              max_flips), encoding="utf-8")
+    return files
+
+
 def write_predictions(path: Path, examples: Sequence[EvalExample], runs: Sequence[ModelRun]) -> None:
     """One line per (model, example): the prompt, the expected and predicted answers, each metric's verdict."""
     with open(path, "w", encoding="utf-8") as fh:
@@ -86,10 +103,6 @@ def write_predictions(path: Path, examples: Sequence[EvalExample], runs: Sequenc
                                            **({"error": True} if v[i].error else {})}
                                     for name, v in run.verdicts.items()}}
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def write_metrics(path: Path, data: dict[str, Any]) -> None:
-    write_json_atomic(path, data)
 
 
 def metrics_payload(dataset: str, n: int, runs: Sequence[ModelRun], summaries: dict[str, dict[str, MetricSummary]],
@@ -138,7 +151,8 @@ def markdown(dataset: str, examples: Sequence[EvalExample], runs: Sequence[Model
         for key, title in (("fixed", "wrong → right"), ("broken", "right → wrong")):
             idx = comp[key]
             lines += [f"### {title}: {len(idx)}", ""]
-            for i in idx[:max_flips]:
+            for line in idx[:max_flips]:
+                i = _index_of(examples, line)
                 ex = examples[i]
                 lines += [f"- line {ex.line}: **input** {_one_line(ex.input)}",
                           f"  - expected: `{_one_line(ex.expected)}`",
@@ -171,7 +185,8 @@ def html_page(dataset: str, examples: Sequence[EvalExample], runs: Sequence[Mode
         parts.append(f"<h2>{esc(comp['after'])} vs {esc(comp['before'])} on <code>{esc(comp['metric'])}</code></h2>")
         for key, title in (("fixed", "wrong → right"), ("broken", "right → wrong")):
             parts.append(f"<h3>{title}: {len(comp[key])}</h3>")
-            for i in comp[key][:max_flips]:
+            for line in comp[key][:max_flips]:
+                i = _index_of(examples, line)
                 ex = examples[i]
                 parts.append(f"<p>line {ex.line}</p><pre>{esc(ex.input)}</pre>"
                              f"<p>expected</p><pre>{esc(ex.expected)}</pre>"
@@ -226,6 +241,10 @@ def _md_table(rows: list[list[str]]) -> list[str]:
         return "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |"
 
     return [cells(rows[0]), "|" + "---|" * len(rows[0]), *[cells(r) for r in rows[1:]]]
+
+
+def _index_of(examples: Sequence[EvalExample], line: int) -> int:
+    return next(k for k, ex in enumerate(examples) if ex.line == line)
 
 
 def _prediction(runs: Sequence[ModelRun], label: str, i: int) -> str:
