@@ -42,22 +42,42 @@ def test_left_padded_batches_give_the_same_greedy_answers_as_one_prompt_at_a_tim
     assert any(a for a in alone)  # the model did produce text
 
 
-def test_generation_is_the_plain_greedy_continuation_of_the_training_prompt_tokens(tiny):
+def _hand_greedy(model, tokenizer, ids, n):
     import torch
 
-    model, tokenizer = tiny
-    ex = examples()[1]
-    ids = prompt_ids(tokenizer, ex.messages)
     stop = set(end_of_turn_ids(tokenizer))
     tokens = list(ids)
     with torch.no_grad():
-        for _ in range(10):  # hand-rolled greedy decoding, no cache, no padding
+        for _ in range(n):  # plain argmax decoding: no cache, no padding, no logits processors
             nxt = int(model(torch.tensor([tokens])).logits[0, -1].argmax())
             if nxt in stop:
                 break
             tokens.append(nxt)
-    expected = tokenizer.decode(tokens[len(ids):], skip_special_tokens=True).strip()
-    assert generate_transformers(model, tokenizer, [ids], max_new_tokens=10, batch_size=1) == [expected]
+    return tokenizer.decode(tokens[len(ids):], skip_special_tokens=True).strip()
+
+
+def test_generation_is_the_plain_greedy_continuation_of_the_training_prompt_tokens(tiny):
+    model, tokenizer = tiny
+    ids = prompt_ids(tokenizer, examples()[1].messages)
+    assert generate_transformers(model, tokenizer, [ids], max_new_tokens=10, batch_size=1) == [
+        _hand_greedy(model, tokenizer, ids, 10)]
+
+
+def test_a_checkpoint_generation_config_that_samples_and_penalises_repeats_does_not_leak_in(tiny):
+    from transformers import GenerationConfig
+
+    model, tokenizer = tiny
+    ids = prompt_ids(tokenizer, examples()[3].messages)
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(do_sample=True, temperature=1.5, top_k=0, repetition_penalty=5.0,
+                                               no_repeat_ngram_size=1, max_new_tokens=2)
+    try:
+        answers = {generate_transformers(model, tokenizer, [ids], max_new_tokens=24, batch_size=1)[0]
+                   for _ in range(3)}
+        assert model.generation_config.repetition_penalty == 5.0  # the model's own config is put back
+    finally:
+        model.generation_config = saved
+    assert answers == {_hand_greedy(model, tokenizer, ids, 24)}
 
 
 def test_answer_loss_is_the_mean_over_supervised_answer_tokens_only(tiny):

@@ -41,6 +41,11 @@ def generate_transformers(model: Any, tokenizer: Any, prompts: Sequence[Sequence
     answers: dict[int, str] = {}
     was_training = model.training
     model.eval()
+    # generate() fills every field left unset in the config it is given from model.generation_config — a
+    # checkpoint's repetition_penalty or no_repeat_ngram_size would leak into "greedy". Swap in ours meanwhile.
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved_config = owner.generation_config
+    owner.generation_config = gen_config
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
@@ -59,6 +64,7 @@ def generate_transformers(model: Any, tokenizer: Any, prompts: Sequence[Sequence
             if progress:
                 progress(min(start + batch_size, len(order)), len(order))
     finally:
+        owner.generation_config = saved_config
         model.train(was_training)
     return [answers[i] for i in range(len(prompts))]
 
