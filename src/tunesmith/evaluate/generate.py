@@ -92,7 +92,8 @@ def generate_vllm(model_path: str, adapter_path: str | None, tokenizer: Any, pro
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=model_path, enable_lora=adapter_path is not None, max_lora_rank=max_lora_rank, seed=0,
-              trust_remote_code=False, gpu_memory_utilization=0.5)
+              trust_remote_code=False, gpu_memory_utilization=0.5,
+              generation_config="vllm")  # as with transformers: the checkpoint's sampling defaults stay out
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=end_of_turn_ids(tokenizer),
                             skip_special_tokens=True)
     lora = None
