@@ -58,7 +58,7 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.de
     if method != "full":
         model = _add_lora(model, train_cfg)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
         if method == "qlora":
             # the seed's QLoRA gotcha: inputs of frozen 4-bit layers must carry grad for checkpointed blocks
             model.enable_input_require_grads()
@@ -81,7 +81,15 @@ def count_parameters(model: Any) -> tuple[int, int]:
 def _checkpointing(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.gradient_checkpointing == "auto":
         return cfg.method == "qlora" or device.type == "cuda"
-    return cfg.gradient_checkpointing == "on"
+    return bool(cfg.gradient_checkpointing)
+
+
+def _enable_checkpointing(model: Any) -> None:
+    # non-reentrant checkpointing: works with frozen inputs and with LoRA; transformers renamed the method in 5.2x
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _bnb_config(cfg: TrainConfig, precision: Precision) -> Any:
