@@ -135,13 +135,15 @@ def test_the_cli_writes_the_report_and_prints_one_json_object(tiny_model_dir, pr
     from tunesmith.cli import app
 
     config = tmp_path / "tunesmith.yaml"
-    config.write_text(f"model:\n  name_or_path: {tiny_model_dir}\neval:\n  dataset: {prepared}\n"
-                      "  max_new_tokens: 4\n  metrics: [exact, json_valid]\n")
+    # no eval.dataset: the prepared training folder's held-out eval.jsonl is used
+    config.write_text(f"model:\n  name_or_path: {tiny_model_dir}\ntrain:\n  dataset: {prepared}\n"
+                      "eval:\n  max_new_tokens: 4\n  metrics: [exact, json_valid]\n")
     result = CliRunner().invoke(app, ["eval", str(config), "--model", "base", "--out", str(tmp_path / "out"),
                                       "--set", "eval.limit=2", "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["examples"] == 2 and payload["models"][0]["label"] == "base"
+    assert payload["dataset"] == str(prepared / "eval.jsonl")
     assert set(payload["models"][0]["metrics"]) == {"exact", "json_valid"}
     assert (tmp_path / "out" / "report.html").is_file()
 

@@ -106,7 +106,8 @@ MetricConfig = Annotated[
 class EvalConfig(Section):
     dataset: str | None = None
     """The eval set: a prepared folder (its eval.jsonl), a chat JSONL whose last assistant turn is the expected
-    answer, or a JSONL of ``{"input": ..., "expected": ...}`` records (rendered with ``prompt_template``)."""
+    answer, or a JSONL of ``{"input": ..., "expected": ...}`` records (rendered with ``prompt_template``).
+    Unset: the eval.jsonl of the prepared folder in ``train.dataset``."""
 
     prompt_template: str = "{input}"
     """User message for ``{input, expected}`` records; ``{input}`` is replaced by the record's input."""

@@ -66,7 +66,7 @@ def evaluate(config: Config, models: Sequence[str] | None = None, out_dir: str |
     emit = on_event or (lambda _e: None)
 
     scorers = build_scorers(ecfg.metrics)
-    path = eval_file(ecfg.dataset)
+    path = eval_file(ecfg.dataset, config.train.dataset)
     examples = load_eval_set(path, ecfg.prompt_template, ecfg.system, ecfg.limit)
     specs = [resolve_spec(s, config.model) for s in (list(models) if models else ecfg.models)]
     _check_unique([s.label for s in specs])

@@ -39,8 +39,11 @@ class EvalExample:
         return [*self.messages, {"role": "assistant", "content": self.expected}]
 
 
-def eval_file(dataset: str | None) -> Path:
-    """The JSONL file behind ``eval.dataset`` (a prepared folder's eval.jsonl, or the file itself)."""
+def eval_file(dataset: str | None, train_dataset: str | None = None) -> Path:
+    """The JSONL file behind ``eval.dataset`` (a prepared folder's eval.jsonl, or the file itself). Unset, the
+    prepared folder of ``train.dataset`` lends its held-out eval.jsonl (never a training file)."""
+    if not dataset and train_dataset and (Path(train_dataset) / "eval.jsonl").is_file():
+        return Path(train_dataset) / "eval.jsonl"
     if not dataset:
         raise UserError("eval.dataset is not set",
                         hint="point it at a prepared folder (its eval.jsonl) or an eval JSONL file")
