@@ -33,9 +33,8 @@ def generate_transformers(model: Any, tokenizer: Any, prompts: Sequence[Sequence
 
     stop = end_of_turn_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    # a fresh greedy config: never inherit a checkpoint's sampling defaults (temperature, top_p, do_sample)
     gen_config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                                  pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
+                                  pad_token_id=pad, bos_token_id=tokenizer.bos_token_id, use_cache=True)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: dict[int, str] = {}
@@ -60,7 +59,7 @@ def generate_transformers(model: Any, tokenizer: Any, prompts: Sequence[Sequence
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      generation_config=gen_config)
             for row, i in enumerate(chunk):
-                answers[i] = _decode_answer(tokenizer, out[row, width:].tolist(), stop, pad)
+                answers[i] = _decode_answer(tokenizer, out[row, width:].tolist(), stop)
             if progress:
                 progress(min(start + batch_size, len(order)), len(order))
     finally:
@@ -69,7 +68,8 @@ def generate_transformers(model: Any, tokenizer: Any, prompts: Sequence[Sequence
     return [answers[i] for i in range(len(prompts))]
 
 
-def _decode_answer(tokenizer: Any, new_ids: list[int], stop: list[int], pad: int) -> str:
+def _decode_answer(tokenizer: Any, new_ids: list[int], stop: list[int]) -> str:
+    # everything from the first end-of-turn on is padding of a row that finished before the batch did
     cut = next((k for k, t in enumerate(new_ids) if t in stop), len(new_ids))
     return tokenizer.decode(new_ids[:cut], skip_special_tokens=True).strip()
 
