@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from ..errors import UserError
 from .base import Section
+from .eval import EvalConfig, MetricConfig, metric_name
 from .model import ModelConfig
 from .pipeline import PipelineConfig
 from .train import PRESETS, SEED_TARGETS, LoraSection, QuantSection, TrainConfig
@@ -23,7 +24,9 @@ __all__ = [
     "PRESETS",
     "SEED_TARGETS",
     "Config",
+    "EvalConfig",
     "LoraSection",
+    "MetricConfig",
     "ModelConfig",
     "PipelineConfig",
     "QuantSection",
@@ -31,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "dump_config",
     "load_config",
+    "metric_name",
 ]
 
 
@@ -45,6 +49,9 @@ class Config(Section):
 
     train: TrainConfig = TrainConfig()
     """Training method and hyper-parameters."""
+
+    eval: EvalConfig = EvalConfig()
+    """Task-specific evaluation: eval set, metrics, generation."""
 
     pipeline: PipelineConfig = PipelineConfig()
     """What ``tunesmith run`` does first (generated data) and which stages it skips."""
@@ -98,6 +105,11 @@ def _collect_lines(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...]
             key = (*prefix, str(key_node.value))
             out[key] = key_node.start_mark.line + 1
             _collect_lines(value_node, key, out)
+    elif isinstance(node, yaml.SequenceNode):  # list items (eval.metrics) get their own line numbers
+        for i, item in enumerate(node.value):
+            key = (*prefix, str(i))
+            out[key] = item.start_mark.line + 1
+            _collect_lines(item, key, out)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
