@@ -189,6 +189,8 @@ class _RunProgress(_TrainProgress):
         elif kind == "start":
             super().__enter__()
             super().on_event(event)
+        elif kind == "model":
+            console.print(f"  generating with {event['model']} on {event['examples']} examples …")
         else:
             super().on_event(event)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,14 +36,20 @@ CITIES = ["Paris", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Dublin", "Os
           "Naples", "Bergen", "Turin", "Malaga", "Leeds", "Bristol", "Boston", "Denver", "Austin", "Chicago",
           "Toronto", "Sydney", "Dallas", "Seattle", "Houston", "Phoenix", "Brighton", "Cardiff", "Glasgow", "Utrecht",
           "Antwerp", "Ghent", "Bologna", "Verona", "Nantes", "Lille", "Bremen", "Dresden", "Leipzig", "Gdansk",
-          "Tallinn", "Riga", "Vilnius", "Bilbao", "Valencia", "Granada", "Orlando", "Tampa", "Miami", "Atlanta"]
+          "Tallinn", "Riga", "Vilnius", "Bilbao", "Valencia", "Granada", "Orlando", "Tampa", "Miami", "Atlanta",
+          "Oxford", "York", "Belfast", "Cork", "Galway", "Aarhus", "Malmo", "Uppsala", "Tampere", "Turku", "Bergamo",
+          "Parma", "Genoa", "Nice", "Toulouse", "Bordeaux", "Marseille", "Cologne", "Bonn", "Mainz", "Basel", "Bern",
+          "Graz", "Linz", "Salzburg", "Brno", "Ostrava", "Poznan", "Lodz", "Debrecen", "Szeged", "Split", "Zagreb",
+          "Ljubljana", "Sofia", "Varna", "Cluj", "Iasi", "Boise", "Portland", "Detroit", "Memphis", "Omaha"]
 FIRST = ["Alice", "Bruno", "Chloe", "David", "Emma", "Felix", "Grace", "Hugo", "Irene", "Jonas", "Karin", "Liam",
          "Maya", "Nils", "Olga", "Pablo", "Rosa", "Simon", "Tara", "Victor", "Wendy", "Yusuf", "Zoe", "Marta",
          "Oscar", "Lena", "Ivan", "Nora", "Omar", "Elena", "Paula", "Tomas", "Sara", "Hannah", "Leon", "Julia",
-         "Mateo", "Anna", "Erik", "Clara"]
+         "Mateo", "Anna", "Erik", "Clara", "Boris", "Carla", "Diego", "Edith", "Fabio", "Greta", "Hanna",
+         "Igor", "Jana", "Kurt"]
 LAST = ["Smith", "Meyer", "Garcia", "Rossi", "Novak", "Silva", "Berg", "Costa", "Weber", "Moreau", "Kowalski",
         "Jensen", "Fischer", "Lopez", "Brown", "Muller", "Dubois", "Ricci", "Horvat", "Nagy", "Keller", "Moretti",
-        "Hansen", "Larsen", "Ortiz", "Petrov", "Varga", "Walsh", "Young", "Zeller"]
+        "Hansen", "Larsen", "Ortiz", "Petrov", "Varga", "Walsh", "Young", "Zeller", "Adler", "Bauer", "Conti",
+        "Duval", "Engel", "Ferrari", "Gomez", "Haas"]
 CATEGORIES = ["books", "games", "garden", "kitchen", "music", "sports", "toys", "tools"]
 ADJECTIVES = ["red", "blue", "green", "silver", "golden", "tiny", "giant", "classic", "smart", "quiet", "rapid",
               "solar", "wooden", "steel", "lucky", "royal", "bright", "dark", "fresh", "happy"]
@@ -71,7 +78,7 @@ class _Intent:
     sql: str
 
 
-def write_demo(out_dir: str | Path, num_train: int = 3000, num_eval: int = 200, seed: int = 0) -> DemoFiles:
+def write_demo(out_dir: str | Path, num_train: int = 5000, num_eval: int = 200, seed: int = 0) -> DemoFiles:
     """Build the database and the train / held-out eval chat files under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,21 +97,17 @@ def write_demo(out_dir: str | Path, num_train: int = 3000, num_eval: int = 200, 
     return DemoFiles(db_path, train_path, eval_path, len(train), len(evals))
 
 
-def tokenizer_corpus(seed: int = 0) -> list[str]:
-    """Text for the ``local:demo`` tokenizer: generic English, SQL, and training-split questions and queries.
-    Held-out values are NOT in it, so eval names and cities are split into pieces the model has seen."""
-    world = _world(seed)
-    conn = sqlite3.connect(":memory:")
-    _fill(conn, world)
+def tokenizer_corpus() -> list[str]:
+    """Text for the ``local:demo`` tokenizer: generic English, SQL, and the question and query templates with
+    their slots left empty. No values (cities, names, numbers) are in it, so every name is split into short
+    pieces — in training as in the held-out set — and the model learns to copy pieces, not to recall names."""
     lines = list(GENERIC_ENGLISH)
-    # The role names the chat template writes are frequent, so they become whole tokens.
-    for ex in _examples(conn, world, 1500, held_out=False, seed=seed + 1):
-        system, user, assistant = (m["content"] for m in ex["messages"])
-        lines += [system, user, assistant]
-    lines += ["system", "user", "assistant"] * 500
-    lines.append(SCHEMA)
-    conn.close()
-    return lines
+    for intent in INTENTS:
+        for text in (*intent.train_phrasings, intent.sql):
+            lines.append(re.sub(r"\{\w+\}", "", text))
+    lines += [SYSTEM_PROMPT, SCHEMA, "system", "user", "assistant", *CATEGORIES, *STATUSES]
+    # Frequencies matter to BPE: repeat so template words outrank the letter pairs of the English lines.
+    return lines * 20
 
 
 GENERIC_ENGLISH = (
@@ -142,10 +145,10 @@ def _world(seed: int) -> _World:
     rng = random.Random(seed)
     cities = CITIES[:]
     rng.shuffle(cities)
-    eval_cities, train_cities = cities[:12], cities[12:]
+    eval_cities, train_cities = cities[:15], cities[15:]
     names = sorted({f"{first} {last}" for first in FIRST for last in LAST})
     rng.shuffle(names)
-    names = names[:600]
+    names = names[:800]
     customers = [(i + 1, n, rng.choice(cities), rng.choice(YEARS)) for i, n in enumerate(names)]
     product_names = sorted({f"{a} {n}" for a in ADJECTIVES for ns in NOUNS.values() for n in ns})
     rng.shuffle(product_names)
@@ -158,7 +161,7 @@ def _world(seed: int) -> _World:
     cust_names = [c[1] for c in customers]
     prod_names = [p[1] for p in products]
     return _World(customers, products, orders, items, train_cities, eval_cities,
-                  cust_names[100:], cust_names[:100], prod_names[40:], prod_names[:40])
+                  cust_names[150:], cust_names[:150], prod_names[40:], prod_names[:40])
 
 
 def _write_database(path: Path, world: _World) -> None:
@@ -183,13 +186,23 @@ def _fill(conn: sqlite3.Connection, world: _World) -> None:
 
 # --- intents: phrasings (some held out) and the SQL they mean ---------------------------------------------------
 
-# Numeric thresholds: training uses multiples of 10, the eval set numbers ending in 5 — never seen in training.
+# Numbers: the eval set asks about thresholds and limits that never occur in training (price ≡ 3 mod 7; limits
+# 4, 7, 8, 14), while every digit still occurs in every position in training — an unseen number, not an unseen
+# digit.
 def _price(rng: random.Random, held_out: bool) -> int:
-    return rng.randrange(15, 400, 10) if held_out else rng.randrange(10, 400, 10)
+    while True:
+        n = rng.randint(10, 399)
+        if (n % 7 == 3) == held_out:
+            return n
+
+
+HELD_OUT_LIMITS = (4, 7, 8, 14)
 
 
 def _limit(rng: random.Random, held_out: bool) -> int:
-    return rng.choice([4, 6, 8]) if held_out else rng.choice([2, 3, 5, 10])
+    if held_out:
+        return rng.choice(HELD_OUT_LIMITS)
+    return rng.choice([n for n in range(2, 21) if n not in HELD_OUT_LIMITS])
 
 
 INTENTS: tuple[_Intent, ...] = (

@@ -264,8 +264,7 @@ def _data_adapt(ctx: _Context, outputs: dict[str, Any]) -> Config:
 
 def _evaluate(ctx: _Context, folder: Path, models: list[str]) -> dict[str, Any]:
     evaluate = _optional("tunesmith.evaluate", "eval")
-    cfg = _with(ctx.config, "eval", models=models)
-    result = evaluate.evaluate(cfg, out_dir=folder)
+    result = evaluate.evaluate(ctx.config, models=models, out_dir=folder, on_event=ctx.emit)
     summary = result.summary() if hasattr(result, "summary") else "evaluated"
     return {"eval_dir": str(folder), "result": _plain(result), "summary": summary}
 
@@ -295,12 +294,12 @@ def _merge(ctx: _Context, folder: Path, resume: bool) -> dict[str, Any]:
 
 
 def _export(ctx: _Context, folder: Path, resume: bool) -> dict[str, Any]:
-    export = _optional("tunesmith.export", "export")
+    gguf = _optional("tunesmith.export.gguf", "export")
     source = (ctx.records.get("merge", {}).get("outputs", {}).get("model_dir")
               or ctx.records["train"]["outputs"]["artefact_dir"])
-    result = export.export(ctx.config, source, out_dir=folder)
-    summary = result.summary() if hasattr(result, "summary") else "exported"
-    return {"export_dir": str(folder), "result": _plain(result), "summary": summary}
+    results = [gguf.to_gguf(source, folder, quant) for quant in ctx.config.pipeline.gguf]
+    return {"export_dir": str(folder), "result": {"artefacts": [r.to_dict() for r in results]},
+            "summary": "; ".join(r.summary() for r in results)}
 
 
 def _report(ctx: _Context, folder: Path, resume: bool) -> dict[str, Any]:
@@ -308,11 +307,6 @@ def _report(ctx: _Context, folder: Path, resume: bool) -> dict[str, Any]:
 
     result = write_report(ctx.out, folder)
     return {"html": result.html, "markdown": result.markdown, "summary": f"report: {result.html}"}
-
-
-def _export_formats(config: Config) -> list[Any]:
-    export_cfg = getattr(config, "export", None)
-    return list(getattr(export_cfg, "formats", None) or [])
 
 
 def _data_files(config: Config) -> list[str]:
@@ -360,8 +354,8 @@ STAGES: tuple[_Stage, ...] = (
     _Stage("merge", ("train",), lambda c: {}, lambda c: [],
            lambda c: "full fine-tuning: the run already holds a whole model" if c.train.method == "full" else None,
            _merge),
-    _Stage("export", ("train", "merge"), lambda c: {"export": _section(c, "export")}, lambda c: [],
-           lambda c: None if _export_formats(c) else "no export formats configured", _export),
+    _Stage("export", ("train", "merge"), lambda c: {"gguf": c.pipeline.gguf}, lambda c: [],
+           lambda c: None if c.pipeline.gguf else "no pipeline.gguf types configured", _export),
     _Stage("report", ("generate", "data", "baseline", "train", "eval", "merge", "export"), lambda c: {},
            lambda c: [], lambda c: None, _report),
 )

@@ -146,36 +146,28 @@ def _train_view(rec: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _eval_view(rec: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Scores and per-example correctness from an eval stage folder (``metrics.json`` + ``predictions.jsonl``)."""
+    """Scores and per-example verdicts of the (one) model an eval stage scored: its ``metrics.json`` and
+    ``predictions.jsonl``."""
     if not rec:
         return None
     folder = Path(rec["outputs"]["eval_dir"])
-    metrics_doc = _read_json(folder / "metrics.json") or {}
-    model_metrics = _first_model(metrics_doc)
+    doc = _read_json(folder / "metrics.json") or {}
+    models = doc.get("models") or [{}]
     scores = {}
-    for name, value in (model_metrics.get("metrics") or model_metrics).items():
-        if isinstance(value, dict) and isinstance(value.get("mean", value.get("score")), int | float):
-            mean = value.get("mean", value.get("score"))
-            ci = value.get("ci") or ([value["ci_low"], value["ci_high"]] if "ci_low" in value else None)
-            scores[name] = (float(mean), tuple(ci) if ci else None)
-    examples = []
+    for name, value in (models[0].get("metrics") or {}).items():
+        ci = (value["ci_low"], value["ci_high"]) if value.get("ci_low") is not None else None
+        scores[name] = (float(value["mean"]), ci)
+    examples: dict[int, dict[str, Any]] = {}
     preds = folder / "predictions.jsonl"
     if preds.is_file():
         for line in preds.read_text(encoding="utf-8").splitlines():
             try:
-                examples.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-    return {"scores": scores, "examples": examples, "n": model_metrics.get("n") or len(examples) or None}
-
-
-def _first_model(doc: dict[str, Any]) -> dict[str, Any]:
-    models = doc.get("models")
-    if isinstance(models, list) and models:
-        return models[0]
-    if isinstance(models, dict) and models:
-        return next(iter(models.values()))
-    return doc
+            examples[row["line"]] = row
+    return {"scores": scores, "examples": examples, "n": doc.get("examples") or len(examples) or None,
+            "label": models[0].get("label")}
 
 
 def _metric_rows(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> list[MetricRow]:
@@ -188,35 +180,25 @@ def _metric_rows(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> l
     return rows
 
 
-def _correct(example: dict[str, Any]) -> bool | None:
-    scores = example.get("scores") or example.get("metrics") or {}
-    if "correct" in example:
-        return bool(example["correct"])
-    values = [v.get("score") if isinstance(v, dict) else v for v in scores.values()]
-    values = [v for v in values if isinstance(v, int | float | bool)]
-    return bool(values) and all(float(v) >= 1.0 for v in values) if values else None
-
-
-def _prompt_text(example: dict[str, Any]) -> str:
-    if isinstance(example.get("prompt"), str):
-        return example["prompt"]
-    messages = example.get("messages") or []
-    users = [m.get("content", "") for m in messages if m.get("role") == "user"]
-    return users[-1] if users else str(example.get("input", ""))
+def _correct(row: dict[str, Any]) -> bool:
+    """Right by every metric."""
+    verdicts = row.get("verdicts") or {}
+    return bool(verdicts) and all(v.get("correct") for v in verdicts.values())
 
 
 def _flips(base: dict[str, Any] | None, tuned: dict[str, Any] | None, limit: int = 10) -> list[Flip]:
+    """Examples whose verdict changed between the base and the tuned model, matched by eval-file line."""
     if not base or not tuned:
         return []
     out: list[Flip] = []
-    for b, t in zip(base["examples"], tuned["examples"], strict=False):
-        cb, ct = _correct(b), _correct(t)
-        if cb is None or ct is None or cb == ct:
+    for line, t in sorted(tuned["examples"].items()):
+        b = base["examples"].get(line)
+        if b is None or _correct(b) == _correct(t):
             continue
-        direction = "fixed" if ct else "broken"
+        direction = "fixed" if _correct(t) else "broken"
         if sum(f.direction == direction for f in out) >= limit:
             continue
-        out.append(Flip(_prompt_text(t), str(t.get("expected", "")), str(b.get("prediction", "")),
+        out.append(Flip(str(t.get("input", "")), str(t.get("expected", "")), str(b.get("prediction", "")),
                         str(t.get("prediction", "")), direction))
     return out
 
@@ -225,28 +207,37 @@ def _artefacts(records: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     train = records.get("train")
     if train:
-        out.append({"name": "trained " + ("model" if train["outputs"].get("result", {}).get("method") == "full"
-                                          else "adapter"),
-                    "path": train["outputs"].get("artefact_dir"), "check": "written by the train stage"})
-    for stage in ("merge", "export"):
-        rec = records.get(stage)
-        if not rec:
-            continue
-        result = rec["outputs"].get("result") or {}
-        for item in result.get("artefacts", [result]):
-            parity = item.get("parity")
-            out.append({"name": stage if stage == "merge" else item.get("format", stage),
-                        "path": item.get("out_dir") or item.get("path") or rec["outputs"].get("model_dir"),
-                        "check": _parity_text(parity)})
+        full = (train["outputs"].get("result") or {}).get("method") == "full"
+        out.append({"name": "fine-tuned model (HF folder)" if full else "LoRA adapter (PEFT folder)",
+                    "path": train["outputs"].get("artefact_dir"),
+                    "check": "evaluated directly by the eval stage" if records.get("eval") else "—"})
+    merge = records.get("merge")
+    if merge:
+        parity = (merge["outputs"].get("result") or {}).get("parity") or {}
+        out.append({"name": "merged model (HF folder)", "path": merge["outputs"].get("model_dir"),
+                    "check": _merge_check(parity)})
+    export = records.get("export")
+    if export:
+        for item in (export["outputs"].get("result") or {}).get("artefacts", []):
+            out.append({"name": f"GGUF {item.get('quant', '')}", "path": item.get("path"),
+                        "check": _gguf_check(item.get("check"))})
     return out
 
 
-def _parity_text(parity: Any) -> str:
-    if not isinstance(parity, dict):
+def _merge_check(parity: dict[str, Any]) -> str:
+    if not parity:
         return "no parity check recorded"
-    bits = [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in parity.items()
-            if isinstance(v, int | float | bool | str)]
-    return ", ".join(bits)
+    verdict = "passed" if parity.get("passed") else "FAILED"
+    return (f"logits parity vs base + adapter {verdict}: max |Δlogit| {parity.get('max_abs_diff', float('nan')):.2e}"
+            f" ≤ {parity.get('tolerance', float('nan')):.2e}, top-1 agreement "
+            f"{100 * parity.get('top1_agreement', 0):.1f}%")
+
+
+def _gguf_check(check: dict[str, Any] | None) -> str:
+    if not check:
+        return "not checked"
+    return (f"llama.cpp vs HF greedy output: {check.get('identical')}/{check.get('num_prompts')} identical, "
+            f"agreement {100 * check.get('agreement', 0):.1f}%")
 
 
 def _flat_numbers(value: Any, prefix: str = "", depth: int = 0) -> dict[str, Any]:

@@ -21,6 +21,11 @@ class PipelineConfig(Section):
     generate_dir: str = "data/generated"
     """Where ``generate`` writes; the other sections' paths point into it (e.g. ``eval.dataset``)."""
 
+    gguf: list[str] = Field(default_factory=list)
+    """GGUF files to export at the end (llama.cpp / Ollama), by type: ``f16``, ``q8_0``, ``q4_k_m``…; each is
+    checked against the HF model's greedy output by llama.cpp itself. Empty: no export (needs the ``gguf``
+    extra: llama-cpp-python)."""
+
     skip: list[StageName] = Field(default_factory=list)
     """Stages not to run, e.g. ``[baseline]`` to save time or ``[export]`` without llama.cpp installed. Stages with
     nothing to do are passed over anyway (merge after full fine-tuning, export with no formats configured)."""

@@ -1,0 +1,92 @@
+"""The run report: built from a real (tiny) pipeline run, opened in headless Chromium, and it shows the numbers."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tunesmith.config import load_config
+from tunesmith.pipeline import read_stage, run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+EXAMPLES = [
+    {"messages": [{"role": "user", "content": f"Say the word number {i}."},
+                  {"role": "assistant", "content": f"word {i}"}]}
+    for i in range(30)
+]
+
+
+def make_data(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES[:24]))
+    (folder / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES[24:]))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("report")
+    gen = tmp / "gen"
+    path = tmp / "tunesmith.yaml"
+    path.write_text(f"""
+out_dir: {tmp / "run"}
+model: {{name_or_path: {tiny_model_dir}}}
+pipeline: {{generate: "tests.test_report:make_data", generate_dir: {gen}}}
+train: {{method: full, dataset: {gen}, max_steps: 6, per_device_train_batch_size: 4, gradient_accumulation_steps: 1,
+         learning_rate: 0.003, logging_steps: 1, eval_strategy: "no", save_strategy: "no"}}
+eval: {{dataset: {gen}/eval.jsonl, metrics: [exact, contains], max_new_tokens: 6, batch_size: 6,
+        bootstrap_samples: 200}}
+""")
+    cfg = load_config(path)
+    result = run(cfg)
+    return cfg, result
+
+
+def _scores(out_dir: str, stage: str) -> dict[str, float]:
+    doc = json.loads((Path(out_dir) / stage / "metrics.json").read_text())
+    return {name: m["mean"] for name, m in doc["models"][0]["metrics"].items()}
+
+
+def test_report_is_one_self_contained_html_file_with_inlined_curves(finished_run):
+    cfg, result = finished_run
+    page = Path(result.report_html).read_text()
+    assert not re.search(r"""(src|href)\s*=\s*['"](https?:|//|file:)""", page)  # no external assets
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    assert len(images) == 2  # loss and learning-rate curves
+    assert all(base64.b64decode(img).startswith(b"\x89PNG") for img in images)
+
+
+def test_markdown_report_has_the_same_eval_numbers(finished_run):
+    cfg, result = finished_run
+    text = Path(result.report_md).read_text()
+    base, tuned = _scores(cfg.out_dir, "baseline"), _scores(cfg.out_dir, "eval")
+    assert f"| exact | {100 * base['exact']:.1f}% |" in text
+    assert f"{100 * tuned['exact']:.1f}%" in text
+    steps = read_stage(cfg.out_dir, "train")["outputs"]["result"]["steps"]
+    assert f"| steps | {steps} |" in text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_report_renders_in_headless_chromium_and_shows_the_numbers(finished_run, tmp_path):
+    cfg, result = finished_run
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'ud'}"]
+    url = Path(result.report_html).resolve().as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    base, tuned = _scores(cfg.out_dir, "baseline"), _scores(cfg.out_dir, "eval")
+    table = dom[dom.index("id=\"metrics\""):]
+    for metric in ("exact", "contains"):
+        row = table[table.index(f"<td>{metric}</td>"):].split("</tr>")[0]
+        assert f"{100 * base[metric]:.1f}%" in row
+        assert f"{100 * tuned[metric]:.1f}%" in row
+    assert "Resolved config" in dom and "transformers" in dom  # config and versions sections rendered
+
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1000,1400", url], capture_output=True,
+                   timeout=120, check=True)
+    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 20_000  # a rendered page, not blank
