@@ -53,7 +53,7 @@ def _scores(out_dir: str, stage: str) -> dict[str, float]:
 
 
 def test_report_is_one_self_contained_html_file_with_inlined_curves(finished_run):
-    cfg, result = finished_run
+    _cfg, result = finished_run
     page = Path(result.report_html).read_text()
     assert not re.search(r"""(src|href)\s*=\s*['"](https?:|//|file:)""", page)  # no external assets
     images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
