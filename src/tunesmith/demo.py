@@ -78,7 +78,7 @@ class _Intent:
     sql: str
 
 
-def write_demo(out_dir: str | Path, num_train: int = 5000, num_eval: int = 200, seed: int = 0) -> DemoFiles:
+def write_demo(out_dir: str | Path, num_train: int = 6000, num_eval: int = 200, seed: int = 0) -> DemoFiles:
     """Build the database and the train / held-out eval chat files under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,23 +145,44 @@ def _world(seed: int) -> _World:
     rng = random.Random(seed)
     cities = CITIES[:]
     rng.shuffle(cities)
-    eval_cities, train_cities = cities[:15], cities[15:]
-    names = sorted({f"{first} {last}" for first in FIRST for last in LAST})
-    rng.shuffle(names)
-    names = names[:800]
-    customers = [(i + 1, n, rng.choice(cities), rng.choice(YEARS)) for i, n in enumerate(names)]
+    eval_cities, real_train_cities = cities[:15], cities[15:]
+    # Training also asks about hundreds of made-up towns and surnames: with that many distinct values a model
+    # cannot memorise them and must learn to copy the value from the question — which is what carries over to
+    # the held-out cities and customers. (They are real rows of the database, so every training query answers.)
+    towns = sorted({_made_up_name(rng) for _ in range(400)} - set(CITIES))
+    surnames = sorted({_made_up_name(rng) for _ in range(400)} - set(LAST) - set(towns))
+    real_names = sorted({f"{first} {last}" for first in FIRST for last in LAST})
+    rng.shuffle(real_names)
+    eval_customers = real_names[:150]
+    made_up = [f"{rng.choice(FIRST)} {last}" for last in surnames]
+    customer_names = list(dict.fromkeys(real_names[:700] + made_up))
+    all_cities = cities + towns
+    customers = [(i + 1, n, rng.choice(all_cities), rng.choice(YEARS)) for i, n in enumerate(customer_names)]
     product_names = sorted({f"{a} {n}" for a in ADJECTIVES for ns in NOUNS.values() for n in ns})
     rng.shuffle(product_names)
-    product_names = product_names[:200]
+    product_names = product_names[:300]
     category_of = {n: c for c, ns in NOUNS.items() for n in ns}
     products = [(i + 1, p, category_of[p.split()[1]], rng.randint(3, 400)) for i, p in enumerate(product_names)]
-    orders = [(i + 1, rng.randint(1, len(customers)), rng.choice(YEARS), rng.choice(STATUSES)) for i in range(3000)]
+    orders = [(i + 1, rng.randint(1, len(customers)), rng.choice(YEARS), rng.choice(STATUSES)) for i in range(5000)]
     items = [(o[0], rng.randint(1, len(products)), rng.randint(1, 5)) for o in orders for _ in range(rng.randint(1, 3))]
-    # Held-out customers and products: a name never asked about in training (it may still be a row in the database).
-    cust_names = [c[1] for c in customers]
-    prod_names = [p[1] for p in products]
-    return _World(customers, products, orders, items, train_cities, eval_cities,
-                  cust_names[150:], cust_names[:150], prod_names[40:], prod_names[:40])
+    # Held-out customers and products: never asked about in training (they are still rows of the database).
+    held_out = set(eval_customers)
+    train_customers = [n for n in customer_names if n not in held_out]
+    return _World(customers, products, orders, items, real_train_cities + towns, eval_cities,
+                  train_customers, eval_customers, product_names[40:], product_names[:40])
+
+
+_ONSETS = ("b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r", "s", "st", "t", "tr", "v",
+           "w", "z", "sh", "ch")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ou", "y")
+_CODAS = ("", "", "n", "r", "l", "s", "m", "k", "th", "nd")
+_SUFFIXES = ("", "", "", "ford", "ton", "burg", "by", "wick", "holm", "stad", "ville", "mouth")
+
+
+def _made_up_name(rng: random.Random) -> str:
+    syllables = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                        for _ in range(rng.randint(1, 2)))
+    return (syllables + rng.choice(_SUFFIXES)).capitalize()
 
 
 def _write_database(path: Path, world: _World) -> None:
@@ -202,7 +223,7 @@ HELD_OUT_LIMITS = (4, 7, 8, 14)
 def _limit(rng: random.Random, held_out: bool) -> int:
     if held_out:
         return rng.choice(HELD_OUT_LIMITS)
-    return rng.choice([n for n in range(2, 21) if n not in HELD_OUT_LIMITS])
+    return rng.choice([n for n in range(2, 31) if n not in HELD_OUT_LIMITS])
 
 
 INTENTS: tuple[_Intent, ...] = (
