@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .errors import RunError, TunesmithError, UserError
+from .errors import Interrupted, RunError, TunesmithError, UserError
 from .manifest import sha256_file, write_json_atomic
 
 STAGE_FILE = "stage.json"
@@ -143,6 +143,9 @@ def _run_stage(stage: _Stage, ctx: _Context, emit: Event) -> StageOutcome:
     started = time.perf_counter()
     try:
         outputs = stage.run(ctx, folder, resume)
+    except Interrupted as exc:
+        raise Interrupted(f"stage `{stage.name}` interrupted: {exc.message}",
+                          hint=_resume_hint(ctx, stage.name)) from exc
     except TunesmithError as exc:
         kind = type(exc)
         raise kind(f"stage `{stage.name}` failed: {exc.message}",

@@ -21,6 +21,8 @@ import yaml
 from .manifest import versions
 
 STAGE_FILE = "stage.json"
+STAGE_ORDER = ("generate", "data", "baseline", "train", "eval", "merge", "export", "report")
+"""The pipeline's stages in the order they run (the report lists them so)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class ReportData:
     metrics: list[MetricRow]
     num_eval: int | None
     flips: list[Flip]
+    flip_counts: dict[str, int]
+    """How many examples went wrong → right (``fixed``) and right → wrong (``broken``), all of them."""
     artefacts: list[dict[str, Any]]
     config_yaml: str
     versions: dict[str, str]
@@ -84,19 +88,21 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
 # --- collecting -----------------------------------------------------------------------------------------------------
 
 def collect(run: Path) -> ReportData:
-    records = {p.parent.name: _read_json(p) for p in sorted(run.glob(f"*/{STAGE_FILE}"))}
+    found = {p.parent.name: _read_json(p) for p in run.glob(f"*/{STAGE_FILE}")}
+    records = {name: found[name] for name in STAGE_ORDER if found.get(name)}
     config = _read_json(run / "config.json") or {}
     train = records.get("train")
     curves = _curves(Path(train["outputs"]["metrics_file"])) if train else {}
     base_eval, tuned_eval = _eval_view(records.get("baseline")), _eval_view(records.get("eval"))
     metrics = _metric_rows(base_eval, tuned_eval)
     flips = _flips(base_eval, tuned_eval)
+    flip_counts = _flip_counts(base_eval, tuned_eval)
     num_eval = (tuned_eval or base_eval or {}).get("n")
     stages = [{"name": n, "seconds": r.get("seconds"), "summary": r.get("summary", "")} for n, r in records.items()
               if n != "report"]
     title = f"tunesmith run — {config.get('model', {}).get('name_or_path', '?')}"
     return ReportData(title, stages, _data_view(records), _train_view(train), curves, metrics, num_eval, flips,
-                      _artefacts(records), yaml.safe_dump(config, sort_keys=False), versions())
+                      flip_counts, _artefacts(records), yaml.safe_dump(config, sort_keys=False), versions())
 
 
 def _read_json(path: Path) -> Any:
@@ -184,6 +190,16 @@ def _correct(row: dict[str, Any]) -> bool:
     """Right by every metric."""
     verdicts = row.get("verdicts") or {}
     return bool(verdicts) and all(v.get("correct") for v in verdicts.values())
+
+
+def _flip_counts(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> dict[str, int]:
+    counts = {"fixed": 0, "broken": 0}
+    if base and tuned:
+        for line, t in tuned["examples"].items():
+            b = base["examples"].get(line)
+            if b is not None and _correct(b) != _correct(t):
+                counts["fixed" if _correct(t) else "broken"] += 1
+    return counts
 
 
 def _flips(base: dict[str, Any] | None, tuned: dict[str, Any] | None, limit: int = 10) -> list[Flip]:
@@ -321,6 +337,7 @@ table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;paddin
 vertical-align:top}th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre,code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}pre{background:#f7f7f7;padding:.8rem;
 overflow:auto}.fixed{color:#047857}.broken{color:#b91c1c}.big{font-size:1.25rem;font-weight:600}
+td code{word-break:break-all;white-space:pre-wrap}
 .bar{height:14px;background:#2563eb;display:inline-block;vertical-align:middle}.bar.base{background:#9ca3af}
 """
 
@@ -336,7 +353,7 @@ def render_html(d: ReportData, images: dict[str, bytes]) -> str:
                      f"{f' on {d.num_eval} held-out examples' if d.num_eval else ''}</p>")
     parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>summary</th></tr>")
     for s in d.stages:
-        parts.append(f"<tr><td>{e(s['name'])}</td><td class='num'>{_fmt(s['seconds'])}</td>"
+        parts.append(f"<tr><td>{e(s['name'])}</td><td class='num'>{s['seconds']:.1f}</td>"
                      f"<td>{e(s['summary'])}</td></tr>")
     parts.append("</table>")
 
@@ -371,13 +388,13 @@ def render_html(d: ReportData, images: dict[str, bytes]) -> str:
     else:
         parts.append("<p>No eval stage ran.</p>")
     if d.flips:
-        fixed = sum(f.direction == "fixed" for f in d.flips)
-        parts.append(f"<h3>Examples that flipped ({fixed} shown fixed, {len(d.flips) - fixed} shown broken)</h3>"
+        parts.append(f"<h3>Examples that flipped: {d.flip_counts['fixed']} fixed (wrong → right), "
+                     f"{d.flip_counts['broken']} broken (right → wrong); the first of each shown</h3>"
                      "<table><tr><th></th><th>question</th><th>expected</th><th>base</th><th>tuned</th></tr>")
         for f in d.flips:
             mark = "✔ fixed" if f.direction == "fixed" else "✘ broken"
             parts.append(f"<tr><td class='{f.direction}'>{mark}</td><td>{e(f.prompt)}</td><td><code>{e(f.expected)}"
-                         f"</code></td><td><code>{e(f.base[:300])}</code></td><td><code>{e(f.tuned[:300])}</code>"
+                         f"</code></td><td><code>{e(_short(f.base))}</code></td><td><code>{e(_short(f.tuned))}</code>"
                          "</td></tr>")
         parts.append("</table>")
 
@@ -412,7 +429,7 @@ def render_markdown(d: ReportData, image_names: list[str]) -> str:
         r = headline[0]
         lines += [f"**{r.name}: base {_pct(r.base)} → tuned {_pct(r.tuned)}**", ""]
     lines += ["## Stages", "", "| stage | seconds | summary |", "|---|---:|---|"]
-    lines += [f"| {s['name']} | {_fmt(s['seconds'])} | {_md(s['summary'])} |" for s in d.stages]
+    lines += [f"| {s['name']} | {s['seconds']:.1f} | {_md(s['summary'])} |" for s in d.stages]
     lines += ["", "## Data", ""]
     if d.data:
         lines += [d.data["summary"], "", *_md_kv(d.data["numbers"])]
@@ -425,15 +442,20 @@ def render_markdown(d: ReportData, image_names: list[str]) -> str:
     lines += [f"| {r.name} | {_pct(r.base)} | {_ci(r.base_ci)} | {_pct(r.tuned)} | {_ci(r.tuned_ci)} |"
               for r in d.metrics]
     if d.flips:
-        lines += ["", "### Examples that flipped", "", "| | question | expected | base | tuned |",
+        lines += ["", f"### Examples that flipped: {d.flip_counts['fixed']} fixed, {d.flip_counts['broken']} broken",
+                  "", "| | question | expected | base | tuned |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {f.direction} | {_md(f.prompt)} | `{_md(f.expected)}` | `{_md(f.base[:200])}` | "
-                  f"`{_md(f.tuned[:200])}` |" for f in d.flips]
+        lines += [f"| {f.direction} | {_md(f.prompt)} | `{_md(f.expected)}` | `{_md(_short(f.base))}` | "
+                  f"`{_md(_short(f.tuned))}` |" for f in d.flips]
     lines += ["", "## Artefacts", "", "| artefact | path | check |", "|---|---|---|"]
     lines += [f"| {a['name']} | `{a['path']}` | {_md(a['check'])} |" for a in d.artefacts]
     lines += ["", "## Resolved config", "", "```yaml", d.config_yaml.rstrip(), "```", "", "## Versions", "",
               *_md_kv(d.versions), ""]
     return "\n".join(lines)
+
+
+def _short(text: str, n: int = 160) -> str:
+    return text if len(text) <= n else text[:n] + " …"
 
 
 def _md(text: str) -> str:
