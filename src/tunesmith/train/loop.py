@@ -114,13 +114,15 @@ METRICS = "metrics.jsonl"
 
 def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examples: list[TokenizedChat],
         tcfg: TrainConfig, out: Path, device: torch.device, precision: Precision, packed: bool,
-        resume: bool = False, fingerprint: str = "", emit: Event = lambda _e: None) -> dict[str, Any]:
-    """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand."""
+        resume: bool = False, fingerprint: str = "", emit: Event = lambda _e: None, fused_loss: bool | None = None,
+        loss_kernel: bool = True) -> dict[str, Any]:
+    """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand.
+    ``fused_loss`` / ``loss_kernel`` force the loss path (None: fused where the head allows; benchmarks ablate)."""
     rank, world = 0, 1
     per_step = tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_examples) / (per_step * world))
     total_steps = tcfg.max_steps or math.ceil(tcfg.num_train_epochs * steps_per_epoch)
-    fused = fused_head_supported(model) and world == 1
+    fused = fused_head_supported(model) and world == 1 if fused_loss is None else fused_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, tcfg, device)
@@ -154,7 +156,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
             step_loss = 0.0
             for batch in batches:
                 with _autocast(device, precision):
-                    loss, _ = loss_sum(model, batch.to(device), fused)
+                    loss, _ = loss_sum(model, batch.to(device), fused, loss_kernel)
                 if not torch.isfinite(loss):
                     raise _nan_error(step + 1, "loss", ckpt_root)
                 (loss / n_targets).backward()
