@@ -82,9 +82,12 @@ def set_checkpointing(model: Any, layers: int) -> None:
     """
     blocks = _decoder_layers(model)
     if layers <= 0:
-        model.gradient_checkpointing_disable()
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _enable_checkpointing(model)
     for i, block in enumerate(blocks):
         block.gradient_checkpointing = i < layers
 
@@ -111,7 +114,15 @@ def count_parameters(model: Any) -> tuple[int, int]:
 def _checkpointing(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.gradient_checkpointing == "auto":
         return cfg.method == "qlora" or device.type == "cuda"
-    return cfg.gradient_checkpointing == "on"
+    return bool(cfg.gradient_checkpointing)
+
+
+def _enable_checkpointing(model: Any) -> None:
+    # non-reentrant checkpointing: works with frozen inputs and with LoRA; transformers renamed the method in 5.2x
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _bnb_config(cfg: TrainConfig, precision: Precision) -> Any:
