@@ -94,7 +94,14 @@ def run_tunesmith(a: argparse.Namespace) -> None:
     from tunesmith.config import ModelConfig, TrainConfig
     from tunesmith.train import fit
     from tunesmith.train.kernels import attention_implementation
-    from tunesmith.train.model import Precision, build_model, decoder_layer_count, prepare_model, set_checkpointing
+    from tunesmith.train.model import (
+        Precision,
+        build_model,
+        compile_decoder_layers,
+        decoder_layer_count,
+        prepare_model,
+        set_checkpointing,
+    )
 
     device = torch.device("cuda", 0)
     cfg = LlamaConfig(**SHAPES[a.shape])
@@ -102,7 +109,7 @@ def run_tunesmith(a: argparse.Namespace) -> None:
     attn = attention_implementation("cuda", packing=True) or "sdpa"
     base = dict(method=a.method, per_device_train_batch_size=4, gradient_accumulation_steps=4, max_length=a.seq,
                 max_steps=a.steps + 2, logging_steps=1, save_strategy="no", eval_strategy="no",
-                learning_rate=a.lr, seed=0, gradient_checkpointing="on")
+                learning_rate=a.lr, seed=0, gradient_checkpointing="on", compile=False)
     tcfg = TrainConfig(**base)
     precision = Precision(torch.bfloat16, torch.bfloat16)
     t0 = time.perf_counter()
@@ -146,8 +153,7 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         bs = int(v.get("bs", 4))
         vcfg = TrainConfig(**{**base, "per_device_train_batch_size": bs, "gradient_accumulation_steps": 16 // bs})
         if v.get("compile") == "on":
-            for layer in base_model.model.layers:
-                layer.compile(dynamic=True)
+            compile_decoder_layers(model)
         marks: list[tuple[float, int, float]] = []
 
         def on_event(e: dict, marks: list = marks) -> None:
@@ -180,6 +186,10 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         except Exception as exc:  # one broken variant must not lose the others' numbers
             out.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
         print("RESULT " + json.dumps(out), flush=True)
+    # compiled models can leave worker threads that hold interpreter exit for minutes (seen on the H200): the
+    # numbers are printed, so leave now
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # --- the seed recipe, unchanged, as a subprocess -------------------------------------------------------------------

@@ -122,3 +122,22 @@ def test_varlen_attention_keeps_examples_independent_of_their_neighbours():
 
     # the second example's logits do not depend on what it was packed after
     assert torch.allclose(logits_of_second(a), logits_of_second(c), atol=1e-2, rtol=0)
+
+
+def test_padded_evaluation_batches_give_the_same_loss_under_varlen_attention_as_under_sdpa():
+    from tunesmith.chat import TokenizedChat
+    from tunesmith.train.batching import micro_batches
+    from tunesmith.train.kernels import attention_implementation
+    from tunesmith.train.loss import loss_sum
+
+    varlen_model = _tiny_lora_model(attention_implementation("cuda", packing=True)).eval()
+    sdpa_model = _tiny_lora_model("sdpa").eval()
+    sdpa_model.load_state_dict(varlen_model.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    seqs = [TokenizedChat(ids, list(ids)) for ids in
+            (torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (50, 9, 77))]
+    (batch,) = micro_batches(seqs, range(3), 3, 128, 0, packed=False)  # right-padded with an attention mask
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a, _ = loss_sum(varlen_model, batch.to(torch.device("cuda")), fused=False)
+        b, _ = loss_sum(sdpa_model, batch.to(torch.device("cuda")), fused=False)
+    assert abs(a.item() - b.item()) / b.item() < 1e-2

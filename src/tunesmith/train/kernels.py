@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -68,19 +68,20 @@ def _varlen_attn() -> Any:
 
 
 @cache
-def _varlen_options() -> tuple[dict[str, Any], bool]:
-    """Keyword arguments for a causal GQA call, for the signature this torch has: torch 2.9–2.11 take
-    ``is_causal=True``; later releases express causality as ``window_size=(-1, 0)`` and take ``enable_gqa``."""
+def _varlen_options() -> tuple[dict[str, Any], bool, bool]:
+    """(causal keyword, takes ``enable_gqa``, takes ``scale``) for the signature this torch has: torch 2.9–2.10
+    take ``is_causal=True``; 2.11 and later express causality as ``window_size=(-1, 0)``, later ones add GQA.
+    Read once at registration, outside any traced code."""
     params = inspect.signature(_varlen_attn()).parameters
     causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    return causal, "enable_gqa" in params
+    return causal, "enable_gqa" in params, "scale" in params
 
 
 def _cu_seq_lens(kwargs: dict[str, Any], batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """Sequence starts of the flattened row(s): given by the caller, else derived from restarting position ids."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
-        return cu.to(device=device, dtype=torch.int32), int(kwargs.get("max_length_q") or length)
+        return cu.to(device=device, dtype=torch.int32), kwargs.get("max_length_q") or length
     position_ids = kwargs.get("position_ids")
     if position_ids is None:  # one plain causal sequence per row
         starts = torch.arange(0, (batch + 1) * length, length, device=device, dtype=torch.int32)
@@ -93,23 +94,25 @@ def _cu_seq_lens(kwargs: dict[str, Any], batch: int, length: int, device: torch.
 
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                             **kwargs: Any) -> tuple[torch.Tensor, None]:
+                             **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """Causal attention inside each packed example; signature of transformers' attention functions.
 
     query [B, Hq, T, D], key/value [B, Hkv, T, D] → output [B, T, Hq, D]. Rows are flattened to one token stream with
     cumulative sequence starts, so examples are independent whatever row they share.
     """
-    if attention_mask is not None:
-        raise ValueError("tunesmith_varlen attention takes packed rows without an attention mask")
-    if dropout:
-        raise ValueError("tunesmith_varlen attention has no attention dropout")
+    if attention_mask is not None or dropout:
+        # padded rows with a mask (evaluation batches), or attention dropout: transformers' own SDPA path
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
+                                               dropout=dropout, **kwargs)
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     cu, max_len = _cu_seq_lens(kwargs, batch, length, query.device)
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
     v = value.transpose(1, 2).reshape(batch * length, kv_heads, dim)
-    causal, gqa = _varlen_options()
+    causal, gqa, takes_scale = _OPTIONS
     extra: dict[str, Any] = dict(causal)
     if kv_heads != heads:
         if gqa:
@@ -118,18 +121,24 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             k = k.repeat_interleave(heads // kv_heads, dim=1)
             v = v.repeat_interleave(heads // kv_heads, dim=1)
     if scaling is not None and abs(scaling - dim**-0.5) > 1e-12:
-        if "scale" in inspect.signature(_varlen_attn()).parameters:
+        if takes_scale:
             extra["scale"] = scaling
         else:  # a torch without ``scale`` applies 1/sqrt(dim): fold the model's own scale into the queries
             q = q * (scaling * dim**0.5)
-    out = _varlen_attn()(q, k, v, cu, cu, max_len, max_len, **extra)
+    out = _VARLEN(q, k, v, cu, cu, max_len, max_len, **extra)
     return out.view(batch, length, heads, dim), None
+
+
+_VARLEN: Any = None
+_OPTIONS: tuple[dict[str, Any], bool, bool] = ({}, False, False)
 
 
 @cache
 def _register_varlen_attention() -> None:
     from transformers import AttentionInterface
 
+    global _VARLEN, _OPTIONS
+    _VARLEN, _OPTIONS = _varlen_attn(), _varlen_options()
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
 
 
@@ -144,4 +153,8 @@ def _liger_flce() -> Any:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError:
         return None
+    if "chunk_mem_const" in inspect.signature(liger_fused_linear_cross_entropy).parameters:
+        # Liger's default chunk is tokens / ceil(V / d) rows (128 rows for 4K tokens of a 128K vocabulary): small
+        # matmuls. 4× that keeps the transient logits at ~4 × tokens × d bf16 (128 MB for 8K tokens at d 4096).
+        return partial(liger_fused_linear_cross_entropy, chunk_mem_const=4)
     return liger_fused_linear_cross_entropy

@@ -66,7 +66,17 @@ def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device) -> A
         if train_cfg.method == "qlora":
             # the seed's QLoRA gotcha: inputs of frozen 4-bit layers must carry grad for checkpointed blocks
             model.enable_input_require_grads()
+    if _compiling(train_cfg, device):
+        compile_decoder_layers(model)
     return model
+
+
+def compile_decoder_layers(model: Any) -> None:
+    """torch.compile each decoder layer (not the whole model: one small graph that all layers share, compiled once
+    with dynamic sequence length, so packed rows of any length reuse it). Checkpointing stays outside the compiled
+    region and re-runs the compiled layer in backward."""
+    for block in _decoder_layers(model):
+        block.compile(dynamic=True)
 
 
 def decoder_layer_count(model: Any) -> int:
@@ -115,6 +125,12 @@ def _checkpointing(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.gradient_checkpointing == "auto":
         return cfg.method == "qlora" or device.type == "cuda"
     return bool(cfg.gradient_checkpointing)
+
+
+def _compiling(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.compile == "auto":
+        return cfg.method == "lora" and device.type == "cuda"
+    return bool(cfg.compile)
 
 
 def _enable_checkpointing(model: Any) -> None:
