@@ -231,15 +231,14 @@ def run_tunesmith_proc(method: str, variants: list[str], shape: str, timeout: in
 # --- everything, and the report ------------------------------------------------------------------------------------
 
 LORA_VARIANTS = [
-    "name=fast",                                               # packing + varlen attention + Liger loss + ckpt all
-    "name=no-liger,loss=chunked",                              # fused loss in torch chunks instead of Liger
-    "name=plain-loss,loss=plain",                              # full logits (the model's own head)
-    "name=sdpa-blockmask,attn=sdpa",                           # packed rows, SDPA with a block-diagonal mask
-    "name=padded,packing=off",                                 # no packing: 4 padded sequences per micro-batch
-    "name=ckpt-28,ckpt=28",                                    # 4 of 32 layers keep their activations
-    "name=no-ckpt,ckpt=0",                                     # no recomputation (more memory)
+    "name=fast",                                # packing + varlen attention + Liger loss + all layers checkpointed
+    "name=chunked-loss,loss=chunked",           # the fused loss in PyTorch chunks instead of Liger
+    "name=plain-loss,loss=plain",               # the model's own head: full logits
+    "name=sdpa-blockmask,attn=sdpa",            # packed rows, SDPA with transformers' block-diagonal mask
+    "name=padded,packing=off",                  # no packing: 4 right-padded sequences per micro-batch
+    "name=fast+compile,compile=on",             # + torch.compile of each decoder layer (last: stays compiled)
 ]
-QLORA_VARIANTS = ["name=fast,bs=1", "name=fast-bs2,bs=2", "name=padded,packing=off,bs=1"]
+QLORA_VARIANTS = ["name=fast-bs2,bs=2", "name=fast-bs1,bs=1"]
 
 
 def run_all(a: argparse.Namespace) -> None:
@@ -287,7 +286,8 @@ def _summary(results: list[dict], a: argparse.Namespace) -> dict:
             env[pkg] = version(pkg.replace("_", "-"))
         except PackageNotFoundError:
             env[pkg] = None
-    cmd = "python bench/fast_engine.py all --seed-script <copy of ../shared/bench/seed_recipe.py> --out <dir>"
+    cmd = ("bench/stage_gpu.sh DIR; then on the GPU machine, in DIR: python3 bench/fast_engine.py all "
+           "--seed-script bench/seed_recipe.py --out OUT --part-timeout 200")
     return dict(command=cmd, environment=env, results=results)
 
 
