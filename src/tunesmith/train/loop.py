@@ -8,6 +8,7 @@ gradients on variable-length data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -124,15 +125,17 @@ METRICS = "metrics.jsonl"
 def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examples: list[TokenizedChat],
         tcfg: TrainConfig, out: Path, device: torch.device, precision: Precision, packed: bool,
         resume: bool = False, fingerprint: str = "", emit: Event = lambda _e: None,
-        procs: Processes | None = None, task_eval: Callable[[Any], dict[str, float]] | None = None
-        ) -> dict[str, Any]:
-    """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand."""
+        procs: Processes | None = None, task_eval: Callable[[Any], dict[str, float]] | None = None,
+        fused_loss: bool | None = None, loss_kernel: bool = True) -> dict[str, Any]:
+    """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand.
+    ``fused_loss`` / ``loss_kernel`` force the loss path (None: fused where the head allows; benchmarks ablate)."""
     procs = procs or Processes(0, 1, 0, device)
     rank, world = procs.rank, procs.world
     per_step = tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_examples) / (per_step * world))
     total_steps = tcfg.max_steps or math.ceil(tcfg.num_train_epochs * steps_per_epoch)
-    fused = fused_head_supported(model) and world == 1  # FSDP2 shards the head: use the model's own forward
+    # FSDP2 shards the head: use the model's own forward there
+    fused = (fused_head_supported(model) and world == 1) if fused_loss is None else fused_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, tcfg, device)
@@ -158,7 +161,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
     total_tokens, run_start = 0, time.perf_counter()
     last_loss: float | None = None
     eval_metrics: dict[str, float] = {}
-    with stop:
+    with stop, _adapter_inputs_in_compute_dtype(model, precision):
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             indices = step_groups(epoch_order(len(train_examples), tcfg.seed, epoch), per_step, rank, world)[in_epoch]
@@ -175,7 +178,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
             for i, batch in enumerate(batches):
                 set_gradient_sync(model, i == n_micro - 1)
                 with _autocast(device, precision):
-                    loss, _ = loss_sum(model, batch.to(device), fused)
+                    loss, _ = loss_sum(model, batch.to(device), fused, loss_kernel)
                 if not torch.isfinite(loss):
                     raise _nan_error(step + 1, "loss", ckpt_root)
                 weight = world / n_targets if i < real else 0.0  # FSDP2 averages gradients over processes
@@ -338,6 +341,18 @@ def _nan_error(step: int, what: str, ckpt_root: Path) -> RunError:
 
 def _due(strategy: str, every: int, step: int, end_of_epoch: bool) -> bool:
     return (strategy == "epoch" and end_of_epoch) or (strategy == "steps" and step % every == 0)
+
+
+def _adapter_inputs_in_compute_dtype(model: Any, precision: Precision) -> Any:
+    """Under autocast, stop PEFT copying each adapted layer's input to the fp32 adapter dtype: lora_A casts it
+    straight back to bf16 under autocast, so the copy changes no matmul but costs ~1 GB of memory traffic per
+    block per 8K-token pass (7 adapted layers × input read/write in fp32, forward and backward). PEFT's own switch,
+    scoped to the loop; adapter weights and optimizer states stay fp32."""
+    if precision.autocast is None or not hasattr(model, "peft_config"):
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
 
 
 def _autocast(device: torch.device, precision: Precision) -> Any:
