@@ -77,8 +77,50 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
     from .train import train as run_train
 
     cfg = load_config(config, set_ or [])
-    result = run_train(cfg, out_dir=out, resume=resume, progress=not as_json)
+    with _TrainProgress(enabled=not as_json) as progress:
+        result = run_train(cfg, out_dir=out, resume=resume, on_event=progress.on_event)
     emit(result, as_json, lambda r: console.print(f"[green]done[/green]: {r.summary()}"))
+
+
+class _TrainProgress:
+    """A rich progress bar fed by the training loop's events (the library itself never prints)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> _TrainProgress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}"), console=console, transient=False)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        kind = event["event"]
+        if kind == "start":
+            self.task = self.bar.add_task("train", total=event["total_steps"], completed=event["start_step"], info="")
+        elif kind == "step" and self.task is not None:
+            info = f"loss {event['loss']:.4f}  lr {event['learning_rate']:.2e}"
+            if "tokens_per_s" in event:
+                info += f"  {event['tokens_per_s']:,.0f} tok/s"
+            self.bar.update(self.task, completed=event["step"], info=info)
+        elif kind == "eval":
+            self.bar.console.print(f"step {event['step']}: eval loss {event['eval_loss']:.4f}, "
+                                   f"token accuracy {event['eval_token_accuracy']:.3f}")
+        elif kind in ("checkpoint", "resumed"):
+            self.bar.console.print(f"{kind} at step {event['step']}: {event['path']}")
+        elif kind == "warning":
+            self.bar.console.print(f"[yellow]warning:[/yellow] {event['message']}")
 
 
 @data_app.command("inspect")

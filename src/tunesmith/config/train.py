@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import Section
 
@@ -110,10 +110,10 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Compute precision. ``auto``: bf16 autocast where the hardware has it, else fp32."""
 
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """Recompute activations in backward to save memory. ``auto``: on for qlora, off otherwise."""
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    """Recompute activations in backward to save memory. ``auto``: on for qlora and on GPUs, off on the CPU."""
 
-    packing: Literal["auto", "on", "off"] = "auto"
+    packing: Literal["auto"] | bool = "auto"
     """Padding-free packing: concatenate examples into one row with per-example position ids, so no token
     attends across examples and no compute is spent on padding. ``auto``: on for CUDA, off on the CPU."""
 
@@ -146,6 +146,17 @@ class TrainConfig(Section):
 
     on_config_change: Literal["refuse", "warn"] = "refuse"
     """On ``--resume``, what to do if the config or data differ from the checkpoint's."""
+
+    @field_validator("save_strategy", "eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false
+        return "no" if value is False else value
+
+    @field_validator("gradient_checkpointing", "packing", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        return {"on": True, "off": False}.get(value, value) if isinstance(value, str) else value
 
     @model_validator(mode="before")
     @classmethod

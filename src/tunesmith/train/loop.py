@@ -1,0 +1,361 @@
+"""``train()``: one loop for full fine-tuning, LoRA and QLoRA.
+
+Reads top to bottom: seed → tokenizer and data → model → optimizer and schedule → (resume) → steps → save.
+Each optimizer step's loss is the sum of token losses over the step's supervised tokens divided by their count
+(across micro-batches and processes), so batch 8 × accumulation 1 and batch 1 × accumulation 8 give the same
+gradients on variable-length data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..chat import TokenizedChat
+from ..config import Config, TrainConfig, dump_config
+from ..errors import Interrupted, RunError, UserError
+from ..manifest import sha256_file, write_manifest
+from ..models import load_tokenizer, resolve_model_path
+from . import checkpoint
+from .batching import epoch_order, micro_batches, step_groups
+from .dataset import split_paths, tokenize_split
+from .kernels import attention_implementation
+from .loss import fused_head_supported, loss_sum
+from .model import Precision, build_model, count_parameters, resolve_precision
+
+Event = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: str
+    method: str
+    steps: int
+    epochs: float
+    train_loss: float | None
+    eval_loss: float | None
+    eval_token_accuracy: float | None
+    tokens_per_s: float
+    trainable_params: int
+    total_params: int
+    artefact: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        ev = f", eval loss {self.eval_loss:.4f}" if self.eval_loss is not None else ""
+        tl = f"{self.train_loss:.4f}" if self.train_loss is not None else "n/a"
+        return (f"{self.method}: {self.steps} steps, train loss {tl}{ev}, {self.tokens_per_s:,.0f} tokens/s; "
+                f"{self.trainable_params:,} of {self.total_params:,} parameters trained → {self.artefact}")
+
+
+def train(config: Config, out_dir: str | Path | None = None, resume: bool = False,
+          on_event: Event | None = None) -> TrainResult:
+    """Train as ``config.train`` says and write a run folder (adapter/ or model/, checkpoints/, metrics, run.json)."""
+    tcfg = config.train
+    out = Path(out_dir) if out_dir else Path(config.out_dir) / "train"
+    _seed_everything(tcfg.seed, tcfg.deterministic)
+    device = _device()
+    emit = on_event or (lambda _e: None)
+
+    model_path = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(config.model, path=model_path)
+    train_file, eval_file = split_paths(tcfg.dataset)
+    train_split = tokenize_split(train_file, tokenizer, tcfg.max_length, tcfg.overlong)
+    eval_split = tokenize_split(eval_file, tokenizer, tcfg.max_length, "truncate") if eval_file else None
+    if not train_split.examples:
+        raise UserError(f"{train_file}: no trainable examples (after dropping {train_split.dropped_overlong} over "
+                        f"max_length and {train_split.dropped_unsupervised} with no supervised tokens)",
+                        hint="check the data with `tunesmith data prepare`, or raise train.max_length")
+
+    precision = resolve_precision(tcfg.precision, tcfg.method, device)
+    packed = device.type == "cuda" if tcfg.packing == "auto" else bool(tcfg.packing)
+    model = build_model(config.model, tcfg, device, precision, attention_implementation(device.type, packed),
+                        model_path)
+    trainable, total = count_parameters(model)
+    fingerprint = _fingerprint(tcfg, config.model.name_or_path, [train_file, eval_file])
+
+    history = fit(model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                  train_split.examples, eval_split.examples if eval_split else [], tcfg, out, device, precision,
+                  packed, resume, fingerprint, emit)
+
+    artefact = _save_final(model, tokenizer, tcfg.method, out, precision)
+    data = {"train": {**train_split.stats, "file": str(train_file), "dropped_overlong": train_split.dropped_overlong,
+                      "truncated": train_split.truncated, "dropped_unsupervised": train_split.dropped_unsupervised},
+            "eval": {**eval_split.stats, "file": str(eval_file)} if eval_split else None}
+    result = TrainResult(str(out), tcfg.method, history["steps"], history["epochs"], history["train_loss"],
+                         history["eval_loss"], history["eval_token_accuracy"], history["tokens_per_s"],
+                         trainable, total, str(artefact), data)
+    write_manifest(out, {
+        "stage": "train", "config": config.model_dump(mode="json"), "config_yaml": dump_config(config),
+        "base_model": config.model.name_or_path, "base_model_path": model_path, "method": tcfg.method,
+        "precision": precision.name, "packing": packed, "device": device.type,
+        "outputs": {"adapter" if tcfg.method != "full" else "model": str(artefact), "metrics": str(out / METRICS)},
+        "fingerprint": fingerprint, "result": result.to_dict(),
+    })
+    return result
+
+
+METRICS = "metrics.jsonl"
+
+
+def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examples: list[TokenizedChat],
+        tcfg: TrainConfig, out: Path, device: torch.device, precision: Precision, packed: bool,
+        resume: bool = False, fingerprint: str = "", emit: Event = lambda _e: None) -> dict[str, Any]:
+    """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand."""
+    rank, world = 0, 1
+    per_step = tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_examples) / (per_step * world))
+    total_steps = tcfg.max_steps or math.ceil(tcfg.num_train_epochs * steps_per_epoch)
+    fused = fused_head_supported(model) and world == 1
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, tcfg, device)
+    scheduler = _scheduler(optimizer, tcfg, total_steps)
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out / "checkpoints"
+    step = 0
+    if resume:
+        step = _resume(ckpt_root, model, optimizer, scheduler, fingerprint, tcfg.on_config_change, emit)
+    elif checkpoint.latest(ckpt_root) is not None:
+        raise UserError(f"{out} already holds checkpoints of a run",
+                        hint="pass --resume to continue it, or choose another --out folder")
+    _truncate_metrics(out / METRICS, step)
+
+    stop = _SignalFlag()
+    emit({"event": "start", "total_steps": total_steps, "start_step": step, "steps_per_epoch": steps_per_epoch,
+          "examples": len(train_examples), "packed": packed, "fused_loss": fused, "precision": precision.name})
+    window_tokens, window_start = 0, time.perf_counter()
+    total_tokens, run_start = 0, time.perf_counter()
+    last_loss: float | None = None
+    eval_metrics: dict[str, float] = {}
+    with stop:
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            indices = step_groups(epoch_order(len(train_examples), tcfg.seed, epoch), per_step, rank, world)[in_epoch]
+            batches = micro_batches(train_examples, indices, tcfg.per_device_train_batch_size, tcfg.max_length,
+                                    pad_id, packed)
+            n_targets = sum(b.num_targets for b in batches)
+            model.train()
+            step_loss = 0.0
+            for batch in batches:
+                with _autocast(device, precision):
+                    loss, _ = loss_sum(model, batch.to(device), fused)
+                if not torch.isfinite(loss):
+                    raise _nan_error(step + 1, "loss", ckpt_root)
+                (loss / n_targets).backward()
+                step_loss += loss.item()
+            grad_norm = _clip(params, tcfg.max_grad_norm)
+            if not math.isfinite(grad_norm):
+                raise _nan_error(step + 1, "gradient norm", ckpt_root)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens = sum(b.num_tokens for b in batches)
+            window_tokens += tokens
+            total_tokens += tokens
+            last_loss = step_loss / n_targets
+            record = {"type": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss,
+                      "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "tokens": tokens, "supervised_tokens": n_targets}
+            if step % tcfg.logging_steps == 0 or step == total_steps:
+                _sync(device)
+                now = time.perf_counter()
+                record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+                window_tokens, window_start = 0, now
+            _append(out / METRICS, record)
+            emit({"event": "step", **record, "total_steps": total_steps})
+
+            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+            if eval_examples and _due(tcfg.eval_strategy, tcfg.eval_steps, step, end_of_epoch):
+                eval_metrics = evaluate_loss(model, eval_examples, pad_id, tcfg, device, precision)
+                _append(out / METRICS, {"type": "eval", "step": step, "epoch": record["epoch"], **eval_metrics})
+                emit({"event": "eval", "step": step, **eval_metrics})
+            if stop.raised or (step < total_steps and _due(tcfg.save_strategy, tcfg.save_steps, step, end_of_epoch)):
+                path = checkpoint.save(ckpt_root, step, model, optimizer, scheduler,
+                                       {"step": step, "fingerprint": fingerprint}, tcfg.save_total_limit)
+                emit({"event": "checkpoint", "step": step, "path": str(path)})
+            if stop.raised:
+                raise Interrupted(f"stopped by {stop.raised} after step {step}; checkpoint written",
+                                  hint="continue with the same command plus --resume")
+    _sync(device)
+    elapsed = time.perf_counter() - run_start
+    return {"steps": step, "epochs": round(step / steps_per_epoch, 4), "train_loss": last_loss,
+            "eval_loss": eval_metrics.get("eval_loss"), "eval_token_accuracy": eval_metrics.get("eval_token_accuracy"),
+            "tokens_per_s": total_tokens / max(elapsed, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate_loss(model: Any, examples: list[TokenizedChat], pad_id: int, tcfg: TrainConfig, device: torch.device,
+                  precision: Precision) -> dict[str, float]:
+    """Mean token loss, perplexity and next-token accuracy over the supervised tokens of ``examples``."""
+    model.eval()
+    total = correct = 0.0
+    count = 0
+    indices = list(range(len(examples)))
+    for batch in micro_batches(examples, indices, tcfg.per_device_train_batch_size, tcfg.max_length, pad_id, False):
+        with _autocast(device, precision):
+            loss, right = loss_sum(model, batch.to(device), fused=False)
+        total += loss.item()
+        correct += right.item()
+        count += batch.num_targets
+    mean = total / max(count, 1)
+    return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50)),
+            "eval_token_accuracy": correct / max(count, 1)}
+
+
+def _resume(root: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str, policy: str,
+            emit: Event) -> int:
+    ckpt = checkpoint.latest(root)
+    if ckpt is None:
+        raise UserError(f"--resume: no complete checkpoint in {root}",
+                        hint="run without --resume to start, or point --out at the interrupted run's folder")
+    if ckpt.state.get("fingerprint") != fingerprint:
+        message = f"--resume: the config or data differ from those of checkpoint {ckpt.path.name}"
+        if policy == "refuse":
+            raise UserError(message, hint="resume with the original config and data, or set "
+                                          "train.on_config_change: warn to continue anyway")
+        emit({"event": "warning", "message": message})
+    checkpoint.restore(ckpt, model, optimizer, scheduler)
+    emit({"event": "resumed", "step": ckpt.step, "path": str(ckpt.path)})
+    return ckpt.step
+
+
+def _save_final(model: Any, tokenizer: Any, method: str, out: Path, precision: Precision) -> Path:
+    target = out / ("model" if method == "full" else "adapter")
+    if method == "full":
+        if precision.autocast is not None:
+            model = model.to(precision.autocast)
+        model.save_pretrained(target, safe_serialization=True)
+    else:
+        model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optim == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("train.optim: adamw_8bit needs bitsandbytes", hint="pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device.type == "cuda")
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    return float(norm)
+
+
+def _nan_error(step: int, what: str, ckpt_root: Path) -> RunError:
+    last = checkpoint.latest(ckpt_root)
+    kept = f"the last good checkpoint is {last.path}" if last else "no checkpoint was written before it"
+    return RunError(f"the {what} became NaN/inf at step {step}; training stopped before applying it ({kept})",
+                    hint="lower train.learning_rate, keep train.max_grad_norm set, use precision bf16 rather than "
+                         "fp16, and check the data for empty or extreme examples")
+
+
+def _due(strategy: str, every: int, step: int, end_of_epoch: bool) -> bool:
+    return (strategy == "epoch" and end_of_epoch) or (strategy == "steps" and step % every == 0)
+
+
+def _autocast(device: torch.device, precision: Precision) -> Any:
+    if precision.autocast is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=precision.autocast)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _fingerprint(cfg: TrainConfig, model_name: str, files: list[Path | None]) -> str:
+    # what changes the optimisation; logging/saving cadence may change on resume
+    relevant = cfg.model_dump(mode="json", exclude={"logging_steps", "save_strategy", "save_steps",
+                                                     "save_total_limit", "on_config_change", "report_to"})
+    digest = hashlib.sha256(json.dumps([relevant, model_name], sort_keys=True).encode())
+    for f in files:
+        if f is not None:
+            digest.update(sha256_file(f).encode())
+    return digest.hexdigest()[:16]
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, forget metrics logged after the checkpoint (those steps are about to be redone)."""
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class _SignalFlag:
+    """Turns SIGTERM/SIGINT into a flag checked at the next step boundary (checkpoint, then exit)."""
+
+    def __init__(self) -> None:
+        self.raised: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalFlag:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.raised:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.raised = signal.Signals(signum).name
