@@ -81,40 +81,44 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 """name → config.json fields (+ ``hub_id`` and the published ``params``, which are not config fields)."""
 
-ALIASES: dict[str, str] = {
-    "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b", "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b",
-    "meta-llama/llama-3.2-1b-instruct": "llama-3.2-1b", "meta-llama/llama-3.2-3b-instruct": "llama-3.2-3b",
-    "mistralai/mistral-7b-instruct-v0.3": "mistral-7b-v0.3", "google/gemma-2-2b-it": "gemma-2-2b",
-    "google/gemma-2-9b-it": "gemma-2-9b", "microsoft/phi-3-mini-4k-instruct": "phi-3-mini",
-    **{f"qwen/qwen2.5-{s}-instruct": f"qwen2.5-{s}" for s in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b")},
+INSTRUCT_IDS: dict[str, str] = {
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B-Instruct", "llama-3.2-3b": "meta-llama/Llama-3.2-3B-Instruct",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-70b": "meta-llama/Llama-3.1-70B-Instruct",
+    **{f"qwen2.5-{s}": f"Qwen/Qwen2.5-{s.upper()}-Instruct" for s in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b")},
+    "qwen3-8b": "Qwen/Qwen3-8B", "mistral-7b-v0.3": "mistralai/Mistral-7B-Instruct-v0.3",
+    "gemma-2-2b": "google/gemma-2-2b-it", "gemma-2-9b": "google/gemma-2-9b-it",
+    "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
 }
-"""Instruct variants share their base model's architecture."""
+"""The chat (instruct) checkpoint of each entry: what a starter config fine-tunes (it ships a chat template).
+Instruct variants share their base model's architecture."""
+
+ALIASES: dict[str, str] = {hub.lower(): name for name, hub in INSTRUCT_IDS.items()}
 
 
 @dataclass(frozen=True)
 class Gpu:
     name: str
     memory_gb: float
-    """Memory as sold, in GB (10^9 bytes)."""
+    """Memory as sold (the marketing number)."""
+    memory_gib: float
+    """Memory the driver reports (nvidia-smi total ÷ 1024): what the memory estimate is compared with."""
     bf16_tflops: float
     """Dense bf16 tensor-core peak from the datasheet (no sparsity)."""
     price_per_hour: float
     """On-demand $/GPU-hour: an editable assumption, not a quote."""
-    serving_tier: str
-    """Where it sits for serving: ``small`` (one ≤ 8B model in 4-bit/8-bit) or ``large``."""
 
 
 GPUS: dict[str, Gpu] = {g.name: g for g in (
-    Gpu("t4", 16, 65, 0.35, "small"),          # T4 has no bf16 tensor cores; 65 = fp16 peak, bf16 runs emulated
-    Gpu("a10g", 24, 125, 1.00, "small"),        # AWS g5.xlarge on demand ≈ $1.0/h
-    Gpu("l4", 24, 121, 0.80, "small"),
-    Gpu("rtx-3090", 24, 71, 0.30, "small"),     # GeForce datasheet: 71 TFLOP/s dense fp16/bf16 tensor (fp32 acc 35.6)
-    Gpu("rtx-4090", 24, 165, 0.45, "small"),    # 165 dense with fp16 accumulate; 82.6 with fp32 accumulate
-    Gpu("l40s", 48, 362, 1.10, "large"),
-    Gpu("a100-40gb", 40, 312, 1.30, "large"),
-    Gpu("a100-80gb", 80, 312, 1.80, "large"),
-    Gpu("h100-80gb", 80, 989, 2.50, "large"),
-    Gpu("h200", 141, 989, 3.50, "large"),
+    Gpu("t4", 16, 15.0, 65, 0.35),          # T4 has no bf16 tensor cores; 65 = fp16 peak, bf16 runs emulated
+    Gpu("a10g", 24, 22.5, 70, 1.00),         # AWS g5; the A10G runs below the A10's 125 (≈70 quoted; verify)
+    Gpu("l4", 24, 22.5, 121, 0.80),
+    Gpu("rtx-3090", 24, 24.0, 35.6, 0.30),   # GeForce: 71 with fp16 accumulate; bf16 training accumulates in fp32
+    Gpu("rtx-4090", 24, 24.0, 82.6, 0.45),   # GeForce: 165 with fp16 accumulate, 82.6 with fp32 (what training uses)
+    Gpu("l40s", 48, 45.0, 362, 1.10),
+    Gpu("a100-40gb", 40, 40.0, 312, 1.30),
+    Gpu("a100-80gb", 80, 80.0, 312, 1.80),
+    Gpu("h100-80gb", 80, 79.6, 989, 2.50),
+    Gpu("h200", 141, 140.4, 989, 3.50),
 )}
 """Built-in GPUs. Prices are EDITABLE ASSUMPTIONS (late-2026 on-demand cloud ballpark); pass your own."""
 

@@ -15,9 +15,11 @@ the CUDA context and allocator slack come on top as a fixed overhead when decidi
   ``torch.autograd.graph.saved_tensors_hooks`` on Llama-architecture models under bf16 autocast, varying one width
   at a time (tests/test_advise_memory.py re-measures them). CUDA's fused dropout keeps a 1-byte mask where the CPU
   keeps an input-dtype noise tensor, so the dropout term takes the mask size as a parameter.
-- the LM head: TRL ≥ 1.16's fused head scores 4,096-token × 32,768-vocab tiles and never builds the logits;
-  the plain transformers loss builds bf16 logits, an fp32 copy and an fp32 log-softmax (10 bytes × vocab per
-  token: 10.5 GB at 8,192 tokens × 128,256 vocab).
+- the LM head, three policies: ``fused`` — TRL ≥ 1.16's fused head scores 4,096-token × 32,768-vocab bf16 tiles
+  and never builds the logits (what the seed recipe ran); ``chunked`` — tunesmith's loss: 4,096 tokens at a time
+  over the whole vocabulary, recomputed in backward (bf16 logits, fp32 copy, fp32 log-softmax and its gradient:
+  14 bytes × vocab per token of the chunk); ``full`` — the plain transformers loss over the whole micro-batch
+  (12 bytes × vocab per token at its backward: 12.6 GB at 8,192 tokens × 128,256 vocab).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ GIB = 2**30
 
 Method = Literal["full", "lora", "qlora"]
 Checkpointing = Literal["none", "full"]
-LogitsPolicy = Literal["chunked", "full"]
+LogitsPolicy = Literal["fused", "chunked", "full"]
 
 CUDA_CONTEXT_GIB = 0.75
 """CUDA context + cuBLAS workspaces: memory the driver holds that max_memory_allocated never shows."""
@@ -45,6 +47,9 @@ plus one fp32 second-level constant per 256 blocks."""
 
 FUSED_HEAD_TILE = (4096, 32768)
 """TRL's fused LM head projects 4,096 tokens × 32,768 vocabulary entries at a time (trl.kernels.chunked_logprob)."""
+
+CHUNK_TOKENS = 4096
+"""tunesmith's chunked loss (train/loss.py): tokens per chunk, each over the whole vocabulary."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,8 @@ class MemoryEstimate:
     trainable_params: int
     weights_gib: float
     trainable_gib: float
-    """Trainable parameters' own copy: fp32 adapters (PEFT upcasts them) plus their bf16 autocast copies."""
+    """Trainable parameters' own copy: fp32 adapters (PEFT upcasts them) plus their bf16 autocast copies; for
+    full fine-tuning with fp32 master weights, the bf16 autocast copy of every weight."""
     gradients_gib: float
     optimizer_gib: float
     activations_gib: float
@@ -156,12 +162,16 @@ def lora_trainable_params(config: Any, r: int, target_modules: list[str] | str) 
 
 @lru_cache(maxsize=64)
 def _lora_count(key: tuple[str, str], r: int, targets: tuple[str, ...] | str) -> tuple[int, int]:
+    import warnings
+
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(key[0], **_json_loads(key[1]))
-    with torch.device("meta"):
+    # PEFT asks the model a deprecated question on wrapping; the warning is not the user's business
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         model = AutoModelForCausalLM.from_config(config)
         peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=(
             list(targets) if isinstance(targets, tuple) else targets)))
@@ -209,11 +219,13 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
                     lora_dropout: float = 0.05, checkpointing: Checkpointing = "full",
                     logits: LogitsPolicy = "chunked", optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
                     full_precision: Literal["bf16", "mixed"] = "bf16", dropout_mask_bytes: int = 1,
-                    double_quant: bool = True) -> MemoryEstimate:
+                    double_quant: bool = True, shards: int = 1) -> MemoryEstimate:
     """Peak memory of one training step with ``micro_batch_size`` rows of ``seq_len`` tokens (padded or packed).
 
     ``full_precision``: ``bf16`` keeps weights, gradients and AdamW states in bf16 (what the seed's code does: it
     loads the model in bf16); ``mixed`` keeps fp32 master weights, fp32 gradients and fp32 states (16 bytes/param).
+    ``shards``: full fine-tuning over that many GPUs with FSDP (weights, gradients and states split evenly; the
+    estimate is per GPU). LoRA/QLoRA replicate the model on every GPU (data parallel).
     """
     n, tokens = arch.total_params, micro_batch_size * seq_len
     d, i, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
@@ -223,10 +235,13 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
         trainable = n
         param_bytes = 4 if full_precision == "mixed" else 2
         weights = n * param_bytes
-        trainable_copy = 0.0
+        # fp32 master weights: autocast keeps a bf16 copy of every weight for the forward
+        trainable_copy = n * 2.0 if full_precision == "mixed" else 0.0
         gradients = n * param_bytes
         state_bytes = 2 if optimizer == "adamw_8bit" else (8 if full_precision == "mixed" else 2 * param_bytes)
         optimizer_states = n * state_bytes
+        weights, trainable_copy = weights / shards, trainable_copy / shards
+        gradients, optimizer_states = gradients / shards, optimizer_states / shards
     else:
         trainable = lora_trainable
         if method == "qlora":
@@ -254,13 +269,15 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
 
     # -- the LM head's worst moment ------------------------------------------------------------------------------
     head_trainable = method == "full"
-    if logits == "chunked":
+    if logits == "fused":
         tile_tokens, tile_vocab = FUSED_HEAD_TILE
         head = min(tokens, tile_tokens) * min(v, tile_vocab) * 2 + tokens * d * (4 + 2)
         if head_trainable:  # fp32 weight-gradient accumulator, then its cast to the parameter dtype
             head += v * d * (4 + 2)
+    elif logits == "chunked":
+        head = min(tokens, CHUNK_TOKENS) * v * (2 + 4 + 4 + 4) + tokens * d * 2
     else:
-        head = tokens * v * (2 + 4 + 4)  # bf16 logits, fp32 upcast, fp32 log-softmax kept for backward
+        head = tokens * v * (2 + 4 + 2 + 4)  # bf16 logits, fp32 log-softmax kept, its fp32 gradient, bf16 cast
     if method == "qlora":  # one dequantized bf16 weight (the largest block matrix) at a time
         layer_backward += max(d * i, d * arch.q_dim) * 2
 
