@@ -125,7 +125,8 @@ class _TrainProgress:
 
 @app.command()
 def advise(
-    data: Annotated[Path | None, typer.Option("--data", help="Chat JSONL to count (examples, tokens, lengths).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Chat JSONL to count (examples, tokens, "
+                                              "lengths).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Catalogue name, hub id, model folder or "
                                               "config.json.")] = None,
     gpu: Annotated[str | None, typer.Option("--gpu", help="GPU name from the catalogue (detected if omitted).")] = None,

@@ -15,7 +15,14 @@ from typing import Any
 
 from ..errors import UserError
 from . import catalog
-from .cost import API_PRICES_PER_MTOK, ServingComparison, TrainingEstimate, compare_serving, estimate_training, padding_efficiency
+from .cost import (
+    API_PRICES_PER_MTOK,
+    ServingComparison,
+    TrainingEstimate,
+    compare_serving,
+    estimate_training,
+    padding_efficiency,
+)
 from .dataset_stats import DatasetStats, count_dataset
 from .decide import Decision, choose_method, decide
 from .memory import Architecture, MemoryEstimate, architecture_from_config, estimate_memory, largest_micro_batch
@@ -80,8 +87,9 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
     name (detected when None, else an A100 80GB is assumed and said so)."""
     notes: list[str] = []
     if api_prices is None and api_model not in API_PRICES_PER_MTOK:
-        raise UserError(f"--api-model {api_model!r}: no built-in price" + catalog.did_you_mean(
-            api_model, list(API_PRICES_PER_MTOK)), hint="pass its prices with --api-price IN,OUT ($ per million tokens)")
+        raise UserError(f"--api-model {api_model!r}: no built-in price"
+                        + catalog.did_you_mean(api_model, list(API_PRICES_PER_MTOK)),
+                        hint="pass its prices with --api-price IN,OUT ($ per million tokens)")
     resolved = resolve_model(model) if model else None
     gpu_spec = _resolve_gpu(gpu, notes)
     if price_per_hour is not None:

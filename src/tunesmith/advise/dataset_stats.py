@@ -56,7 +56,8 @@ def count_dataset(path: str | Path, tokenizer: Any = None, tokenizer_name: str |
     """Count ``path`` (chat JSONL, one ``{"messages": [...]}`` per line)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--data {path}: file not found", hint="give a chat JSONL file (one {\"messages\": [...]} per line)")
+        raise UserError(f"--data {path}: file not found",
+                        hint="give a chat JSONL file (one {\"messages\": [...]} per line)")
     lengths: list[int] = []
     supervised = 0
     with path.open(encoding="utf-8", errors="replace") as handle:
