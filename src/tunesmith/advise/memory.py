@@ -309,4 +309,4 @@ def largest_micro_batch(arch: Architecture, method: Method, seq_len: int, memory
 
 
 def _r(nbytes: float) -> float:
-    return round(nbytes / GIB, 3)
+    return round(nbytes / GIB, 6)  # ~1 KB resolution: exact enough to compare tiny models byte for byte
