@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from advise_fixtures import catalogue_config
 from tunesmith.advise import catalog
 from tunesmith.advise.memory import (
     GIB,
@@ -17,13 +18,6 @@ from tunesmith.advise.memory import (
 )
 
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def catalogue_config(name):
-    from transformers import AutoConfig
-
-    fields = catalog.config_dict(catalog.MODELS[name])
-    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 def tiny_config(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=256):
