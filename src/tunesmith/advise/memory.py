@@ -288,8 +288,8 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
         method=method, micro_batch_size=micro_batch_size, seq_len=seq_len, checkpointing=checkpointing,
         logits=logits, trainable_params=trainable, weights_gib=_r(weights), trainable_gib=_r(trainable_copy),
         gradients_gib=_r(gradients), optimizer_gib=_r(optimizer_states), activations_gib=_r(activations),
-        head_and_transients_gib=_r(max(layer_backward, head)), peak_allocated_gib=round(peak_gib, 2),
-        overhead_gib=round(overhead, 2), total_gib=round(peak_gib + overhead, 2),
+        head_and_transients_gib=_r(max(layer_backward, head)), peak_allocated_gib=round(peak_gib, 3),
+        overhead_gib=round(overhead, 3), total_gib=round(peak_gib + overhead, 3),
     )
 
 
