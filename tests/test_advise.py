@@ -261,3 +261,16 @@ def test_cli_unknown_driver_is_a_one_line_error_with_exit_code_2():
             pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2
+
+
+def test_interactive_questions_fill_in_what_the_flags_left_out(monkeypatch, tmp_path):
+    from rich.console import Console
+
+    from tunesmith.advise.render import ask_missing
+
+    data = write_chat(tmp_path / "train.jsonl", 3)
+    answers = iter([str(data), "y", "n", "n", "y", "n", "n", "2000000"])
+    monkeypatch.setattr("builtins.input", lambda *a, **k: next(answers))
+    with (tmp_path / "out.txt").open("w") as screen:
+        got = ask_missing(Console(file=screen), None, [], None)
+    assert got == (data, ["format", "privacy"], 2_000_000)

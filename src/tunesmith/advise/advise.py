@@ -91,10 +91,7 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
                         + catalog.did_you_mean(api_model, list(API_PRICES_PER_MTOK)),
                         hint="pass its prices with --api-price IN,OUT ($ per million tokens)")
     resolved = resolve_model(model) if model else None
-    gpu_spec = _resolve_gpu(gpu, notes)
-    if price_per_hour is not None:
-        gpu_spec = catalog.Gpu(gpu_spec.name, gpu_spec.memory_gb, gpu_spec.memory_gib, gpu_spec.bf16_tflops,
-                               price_per_hour)
+    named_gpu = catalog.lookup_gpu(gpu) if gpu else None  # an unknown name fails before any work
     stats = _count(data, resolved, notes)
 
     decision = decide(stats.examples if stats else None, drivers, domain_shift=domain_shift,
@@ -102,7 +99,13 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
     if stats is None:
         notes.append("No --data: the example-count question was skipped and time/cost need a dataset.")
     if decision.verdict != "fine_tune":
-        return Advice(decision, None, None, gpu_spec.name, num_gpus, None, stats, notes=tuple(notes))
+        return Advice(decision, None, None, named_gpu.name if named_gpu else "", num_gpus, None, stats,
+                      notes=tuple(notes))
+
+    gpu_spec = named_gpu or _default_gpu(notes)
+    if price_per_hour is not None:
+        gpu_spec = catalog.Gpu(gpu_spec.name, gpu_spec.memory_gb, gpu_spec.memory_gib, gpu_spec.bf16_tflops,
+                               price_per_hour)
 
     if resolved is None:
         resolved = resolve_model(decision.default_model or catalog.model_names()[0])
@@ -232,9 +235,7 @@ def _size_notes(decision: Decision, arch: Architecture) -> list[str]:
 
 # -- hardware and data ----------------------------------------------------------------------------------------------
 
-def _resolve_gpu(name: str | None, notes: list[str]) -> catalog.Gpu:
-    if name:
-        return catalog.lookup_gpu(name)
+def _default_gpu(notes: list[str]) -> catalog.Gpu:
     detected = _detect_gpu()
     if detected is not None:
         try:

@@ -93,6 +93,7 @@ INSTRUCT_IDS: dict[str, str] = {
 Instruct variants share their base model's architecture."""
 
 ALIASES: dict[str, str] = {hub.lower(): name for name, hub in INSTRUCT_IDS.items()}
+ALIASES["meta-llama/llama-3.3-70b-instruct"] = "llama-3.1-70b"  # same architecture, newer weights
 
 
 @dataclass(frozen=True)
