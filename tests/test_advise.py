@@ -79,6 +79,13 @@ def test_operational_simplicity_with_a_reason_to_train_means_the_openai_fine_tun
     assert d.serve.startswith("OpenAI")
 
 
+def test_the_openai_route_prices_its_training_tokens_and_writes_no_tunesmith_config(tmp_path):
+    data = write_chat(tmp_path / "train.jsonl", 1000)
+    advice = advise(data, None, None, drivers=["format", "simplicity"], epochs=2, write_config=tmp_path / "c.yaml")
+    assert advice.openai_training_usd == pytest.approx(advice.dataset.total_tokens * 2 * 3.0 / 1e6, abs=0.01)
+    assert advice.config_yaml is None and not (tmp_path / "c.yaml").exists()
+
+
 def test_private_data_rules_out_the_openai_api_even_when_simplicity_is_asked_for():
     d = decide(5_000, ["privacy", "simplicity"])
     assert (d.verdict, d.method) == ("fine_tune", "lora")

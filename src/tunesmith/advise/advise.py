@@ -17,6 +17,7 @@ from ..errors import UserError
 from . import catalog
 from .cost import (
     API_PRICES_PER_MTOK,
+    OPENAI_TRAINING_PER_MTOK,
     ServingComparison,
     TrainingEstimate,
     compare_serving,
@@ -60,6 +61,8 @@ class Advice:
     """Per method: the largest micro-batch that fits (0: not even one), rows of min(max_length, longest example)."""
     training: TrainingEstimate | None = None
     serving: ServingComparison | None = None
+    openai_training_usd: float | None = None
+    """For the OpenAI route: tokens × epochs × the gpt-4o-mini training price (an editable assumption)."""
     config_yaml: str | None = None
     config_path: str | None = None
     notes: tuple[str, ...] = ()
@@ -99,8 +102,16 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
     if stats is None:
         notes.append("No --data: the example-count question was skipped and time/cost need a dataset.")
     if decision.verdict != "fine_tune":
+        openai_usd = None
+        if decision.verdict == "openai_fine_tuning" and stats is not None:
+            price = OPENAI_TRAINING_PER_MTOK["gpt-4o-mini"]
+            openai_usd = round(stats.total_tokens * epochs * price / 1e6, 2)
+            notes.append(f"OpenAI fine-tuning: {stats.total_tokens:,} tokens × {epochs:g} epochs at ${price}/M "
+                         f"training tokens ≈ ${openai_usd:,.2f} (list price; check the current one).")
+        if write_config is not None:
+            notes.append(f"No config written to {write_config}: the advice is not to train with tunesmith now.")
         return Advice(decision, None, None, named_gpu.name if named_gpu else "", num_gpus, None, stats,
-                      notes=tuple(notes))
+                      openai_training_usd=openai_usd, notes=tuple(notes))
 
     gpu_spec = named_gpu or _default_gpu(notes)
     if price_per_hour is not None:
@@ -146,6 +157,8 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
             notes.append(f"{stats.over(max_length):,} examples are longer than max_length {max_length} "
                          "(training drops them by default: train.overlong).")
     serving = _serving(arch, calls_per_day, stats, api_model, api_prices) if calls_per_day else None
+    if serving is None and decision.rule == "cost":
+        notes.append("Give --calls-per-day to compute the serving bill against an API model.")
 
     yaml_text = starter_config(resolved.name_or_path, method, targets, lora_r, micro, accumulation, epochs,
                                max_length, str(data) if data else None, decision, arch.name)

@@ -173,6 +173,10 @@ API_PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
 """$ per million (input, output) tokens. EDITABLE ASSUMPTIONS: OpenAI's list prices as published in 2024–25;
 check the current price list and pass your own (``--api-price IN,OUT``)."""
 
+OPENAI_TRAINING_PER_MTOK = {"gpt-4o-mini": 3.00, "gpt-4o": 25.00}
+"""$ per million training tokens (tokens × epochs) of OpenAI fine-tuning. EDITABLE ASSUMPTIONS: list prices as
+published in 2024–25."""
+
 SERVING_MFU = {"prefill": 0.50, "decode": 0.25}
 """ASSUMED utilisation of a continuously batching server (vLLM) at high load: prefill is large matmuls, decode
 at large batch is about half as efficient. Replace with a measured number for your model and GPU."""
