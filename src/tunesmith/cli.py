@@ -71,15 +71,38 @@ def validate(config: ConfigArg, set_: SetOpt = None, as_json: JsonOpt = False) -
 @app.command()
 def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
           resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
+          gpus: Annotated[int, typer.Option("--gpus", help="Processes/GPUs: >1 shards with FSDP2 via torchrun.")] = 1,
           as_json: JsonOpt = False) -> None:
     """Train (full / LoRA / QLoRA, as the config says) and write a run folder."""
     from .config import load_config
-    from .train import train as run_train
 
     cfg = load_config(config, set_ or [])
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_under_torchrun(gpus)
+    from .train import train as run_train
+
     with _TrainProgress(enabled=not as_json) as progress:
         result = run_train(cfg, out_dir=out, resume=resume, on_event=progress.on_event)
     emit(result, as_json, lambda r: console.print(f"[green]done[/green]: {r.summary()}"))
+
+
+def _relaunch_under_torchrun(n: int) -> None:
+    """Re-run this same command as ``n`` torchrun processes (one per GPU); the config is identical."""
+    import subprocess
+
+    argv: list[str] = []
+    skip = False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("--gpus="):
+            skip = False
+            continue
+        if arg == "--gpus":
+            skip = True
+            continue
+        argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "tunesmith", *argv]
+    sys.exit(subprocess.call(cmd))
 
 
 class _TrainProgress:

@@ -30,6 +30,7 @@ from ..models import load_tokenizer, resolve_model_path
 from . import checkpoint
 from .batching import epoch_order, micro_batches, step_groups
 from .dataset import split_paths, tokenize_split
+from .distributed import Processes, barrier, full_state_dict, init_processes, max_all, set_gradient_sync, shard, sum_all
 from .kernels import attention_implementation
 from .loss import fused_head_supported, loss_sum
 from .model import Precision, build_model, count_parameters, resolve_precision
@@ -68,8 +69,9 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
     tcfg = config.train
     out = Path(out_dir) if out_dir else Path(config.out_dir) / "train"
     _seed_everything(tcfg.seed, tcfg.deterministic)
-    device = _device()
-    emit = on_event or (lambda _e: None)
+    procs = init_processes()
+    device = procs.device
+    emit = (on_event or (lambda _e: None)) if procs.main else (lambda _e: None)
 
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(config.model, path=model_path)
@@ -86,13 +88,19 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
     model = build_model(config.model, tcfg, device, precision, attention_implementation(device.type, packed),
                         model_path)
     trainable, total = count_parameters(model)
+    if procs.distributed:
+        model = shard(model, procs, tcfg.method)
     fingerprint = _fingerprint(tcfg, config.model.name_or_path, [train_file, eval_file])
 
     history = fit(model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                   train_split.examples, eval_split.examples if eval_split else [], tcfg, out, device, precision,
-                  packed, resume, fingerprint, emit)
+                  packed, resume, fingerprint, emit, procs)
 
-    artefact = _save_final(model, tokenizer, tcfg.method, out, precision)
+    artefact = _save_final(model, tokenizer, tcfg.method, out, precision, procs)
+    if not procs.main:
+        return TrainResult(str(out), tcfg.method, history["steps"], history["epochs"], history["train_loss"],
+                           history["eval_loss"], history["eval_token_accuracy"], history["tokens_per_s"],
+                           trainable, total, str(artefact))
     data = {"train": {**train_split.stats, "file": str(train_file), "dropped_overlong": train_split.dropped_overlong,
                       "truncated": train_split.truncated, "dropped_unsupervised": train_split.dropped_unsupervised},
             "eval": {**eval_split.stats, "file": str(eval_file)} if eval_split else None}
@@ -102,7 +110,7 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
     write_manifest(out, {
         "stage": "train", "config": config.model_dump(mode="json"), "config_yaml": dump_config(config),
         "base_model": config.model.name_or_path, "base_model_path": model_path, "method": tcfg.method,
-        "precision": precision.name, "packing": packed, "device": device.type,
+        "precision": precision.name, "packing": packed, "device": device.type, "processes": procs.world,
         "outputs": {"adapter" if tcfg.method != "full" else "model": str(artefact), "metrics": str(out / METRICS)},
         "fingerprint": fingerprint, "result": result.to_dict(),
     })
@@ -114,13 +122,15 @@ METRICS = "metrics.jsonl"
 
 def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examples: list[TokenizedChat],
         tcfg: TrainConfig, out: Path, device: torch.device, precision: Precision, packed: bool,
-        resume: bool = False, fingerprint: str = "", emit: Event = lambda _e: None) -> dict[str, Any]:
+        resume: bool = False, fingerprint: str = "", emit: Event = lambda _e: None,
+        procs: Processes | None = None) -> dict[str, Any]:
     """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand."""
-    rank, world = 0, 1
+    procs = procs or Processes(0, 1, 0, device)
+    rank, world = procs.rank, procs.world
     per_step = tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_examples) / (per_step * world))
     total_steps = tcfg.max_steps or math.ceil(tcfg.num_train_epochs * steps_per_epoch)
-    fused = fused_head_supported(model) and world == 1
+    fused = fused_head_supported(model) and world == 1  # FSDP2 shards the head: use the model's own forward
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, tcfg, device)
@@ -130,11 +140,14 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
     ckpt_root = out / "checkpoints"
     step = 0
     if resume:
-        step = _resume(ckpt_root, model, optimizer, scheduler, fingerprint, tcfg.on_config_change, emit)
+        step = _resume(ckpt_root, model, optimizer, scheduler, fingerprint, tcfg.on_config_change, emit, procs)
     elif checkpoint.latest(ckpt_root) is not None:
         raise UserError(f"{out} already holds checkpoints of a run",
                         hint="pass --resume to continue it, or choose another --out folder")
-    _truncate_metrics(out / METRICS, step)
+    barrier(procs)
+    if procs.main:
+        _truncate_metrics(out / METRICS, step)
+    log = (lambda rec: _append(out / METRICS, rec)) if procs.main else (lambda _rec: None)
 
     stop = _SignalFlag()
     emit({"event": "start", "total_steps": total_steps, "start_step": step, "steps_per_epoch": steps_per_epoch,
@@ -147,18 +160,26 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             indices = step_groups(epoch_order(len(train_examples), tcfg.seed, epoch), per_step, rank, world)[in_epoch]
-            batches = micro_batches(train_examples, indices, tcfg.per_device_train_batch_size, tcfg.max_length,
-                                    pad_id, packed)
-            n_targets = sum(b.num_targets for b in batches)
+            batches = micro_batches(train_examples, indices or [0], tcfg.per_device_train_batch_size,
+                                    tcfg.max_length, pad_id, packed)
+            # every process runs the same number of micro-batches (FSDP2 gathers weights in each forward);
+            # filler micro-batches (and a process with no sequences this step) contribute zero loss
+            real = len(batches) if indices else 0
+            n_micro = max_all(len(batches), procs)
+            batches += [batches[0]] * (n_micro - len(batches))
+            n_targets = sum_all(sum(b.num_targets for b in batches[:real]), procs)
             model.train()
             step_loss = 0.0
-            for batch in batches:
+            for i, batch in enumerate(batches):
+                set_gradient_sync(model, i == n_micro - 1)
                 with _autocast(device, precision):
                     loss, _ = loss_sum(model, batch.to(device), fused)
                 if not torch.isfinite(loss):
                     raise _nan_error(step + 1, "loss", ckpt_root)
-                (loss / n_targets).backward()
-                step_loss += loss.item()
+                weight = world / n_targets if i < real else 0.0  # FSDP2 averages gradients over processes
+                (loss * weight).backward()
+                step_loss += loss.item() if i < real else 0.0
+            step_loss = sum_all(step_loss, procs)
             grad_norm = _clip(params, tcfg.max_grad_norm)
             if not math.isfinite(grad_norm):
                 raise _nan_error(step + 1, "gradient norm", ckpt_root)
@@ -166,7 +187,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens = sum(b.num_tokens for b in batches)
+            tokens = int(sum_all(sum(b.num_tokens for b in batches[:real]), procs))
             window_tokens += tokens
             total_tokens += tokens
             last_loss = step_loss / n_targets
@@ -178,17 +199,17 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
                 now = time.perf_counter()
                 record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
                 window_tokens, window_start = 0, now
-            _append(out / METRICS, record)
+            log(record)
             emit({"event": "step", **record, "total_steps": total_steps})
 
             end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
             if eval_examples and _due(tcfg.eval_strategy, tcfg.eval_steps, step, end_of_epoch):
-                eval_metrics = evaluate_loss(model, eval_examples, pad_id, tcfg, device, precision)
-                _append(out / METRICS, {"type": "eval", "step": step, "epoch": record["epoch"], **eval_metrics})
+                eval_metrics = evaluate_loss(model, eval_examples, pad_id, tcfg, device, precision, procs)
+                log({"type": "eval", "step": step, "epoch": record["epoch"], **eval_metrics})
                 emit({"event": "eval", "step": step, **eval_metrics})
             if stop.raised or (step < total_steps and _due(tcfg.save_strategy, tcfg.save_steps, step, end_of_epoch)):
                 path = checkpoint.save(ckpt_root, step, model, optimizer, scheduler,
-                                       {"step": step, "fingerprint": fingerprint}, tcfg.save_total_limit)
+                                       {"step": step, "fingerprint": fingerprint}, tcfg.save_total_limit, procs)
                 emit({"event": "checkpoint", "step": step, "path": str(path)})
             if stop.raised:
                 raise Interrupted(f"stopped by {stop.raised} after step {step}; checkpoint written",
@@ -202,25 +223,32 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
 
 @torch.no_grad()
 def evaluate_loss(model: Any, examples: list[TokenizedChat], pad_id: int, tcfg: TrainConfig, device: torch.device,
-                  precision: Precision) -> dict[str, float]:
+                  precision: Precision, procs: Processes | None = None) -> dict[str, float]:
     """Mean token loss, perplexity and next-token accuracy over the supervised tokens of ``examples``."""
+    procs = procs or Processes(0, 1, 0, device)
     model.eval()
     total = correct = 0.0
     count = 0
-    indices = list(range(len(examples)))
-    for batch in micro_batches(examples, indices, tcfg.per_device_train_batch_size, tcfg.max_length, pad_id, False):
+    indices = list(range(procs.rank, len(examples), procs.world))
+    batches = micro_batches(examples, indices or [0], tcfg.per_device_train_batch_size, tcfg.max_length, pad_id,
+                            False)
+    real = len(batches) if indices else 0
+    batches += [batches[0]] * (max_all(len(batches), procs) - len(batches))
+    for i, batch in enumerate(batches):
         with _autocast(device, precision):
             loss, right = loss_sum(model, batch.to(device), fused=False)
-        total += loss.item()
-        correct += right.item()
-        count += batch.num_targets
+        if i < real:
+            total += loss.item()
+            correct += right.item()
+            count += batch.num_targets
+    total, correct, count = sum_all(total, procs), sum_all(correct, procs), sum_all(count, procs)
     mean = total / max(count, 1)
     return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50)),
             "eval_token_accuracy": correct / max(count, 1)}
 
 
 def _resume(root: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str, policy: str,
-            emit: Event) -> int:
+            emit: Event, procs: Processes) -> int:
     ckpt = checkpoint.latest(root)
     if ckpt is None:
         raise UserError(f"--resume: no complete checkpoint in {root}",
@@ -231,20 +259,28 @@ def _resume(root: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint:
             raise UserError(message, hint="resume with the original config and data, or set "
                                           "train.on_config_change: warn to continue anyway")
         emit({"event": "warning", "message": message})
-    checkpoint.restore(ckpt, model, optimizer, scheduler)
+    checkpoint.restore(ckpt, model, optimizer, scheduler, procs)
     emit({"event": "resumed", "step": ckpt.step, "path": str(ckpt.path)})
     return ckpt.step
 
 
-def _save_final(model: Any, tokenizer: Any, method: str, out: Path, precision: Precision) -> Path:
+def _save_final(model: Any, tokenizer: Any, method: str, out: Path, precision: Precision,
+                procs: Processes) -> Path:
+    """An ordinary HF folder (full) or PEFT adapter folder, consolidated from shards when there are several
+    processes; full weights are stored in the training compute dtype (bf16 on GPUs) like the base they came from."""
     target = out / ("model" if method == "full" else "adapter")
-    if method == "full":
-        if precision.autocast is not None:
-            model = model.to(precision.autocast)
-        model.save_pretrained(target, safe_serialization=True)
-    else:
-        model.save_pretrained(target, safe_serialization=True)
+    state = full_state_dict(model, procs) if procs.distributed else None
+    if not procs.main:
+        barrier(procs)
+        return target
+    cast = precision.autocast if method == "full" else None
+    if state is not None and cast is not None:
+        state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
+    elif cast is not None:
+        model = model.to(cast)
+    model.save_pretrained(target, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
     tokenizer.save_pretrained(target)
+    barrier(procs)
     return target
 
 
@@ -271,7 +307,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-    return float(norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _nan_error(step: int, what: str, ckpt_root: Path) -> RunError:
@@ -290,10 +326,6 @@ def _autocast(device: torch.device, precision: Precision) -> Any:
     if precision.autocast is None:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=precision.autocast)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _sync(device: torch.device) -> None:
