@@ -131,6 +131,16 @@ def test_full_fine_tuning_of_70b_fits_when_sharded_over_enough_gpus(tmp_path):
     assert advice.memory["full"].optimizer_gib == pytest.approx(one_gpu.optimizer_gib / 16, rel=1e-3)
 
 
+def test_lora_is_sharded_like_tunesmith_trains_it_but_qlora_stays_on_one_gpu(tmp_path):
+    data = write_chat(tmp_path / "train.jsonl", 1200)
+    sharded = advise(data, "llama-3.1-70b", "h200", 4, drivers=["format"])
+    assert sharded.method == "lora"  # 141 GB of bf16 weights fit only when split over the 4 GPUs
+    assert advise(data, "llama-3.1-70b", "h200", 1, drivers=["format"]).method == "qlora"
+    latency = advise(data, "llama-3.1-8b", "a10g", 2, drivers=["latency"])
+    assert latency.method == "qlora" and latency.num_gpus == 1
+    assert any("not FSDP-shardable" in note for note in latency.notes)
+
+
 def test_a_model_that_fits_nowhere_is_a_user_error_naming_the_fixes(tmp_path):
     data = write_chat(tmp_path / "train.jsonl", 1200)
     with pytest.raises(UserError, match="does not fit"):

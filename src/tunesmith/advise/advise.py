@@ -143,6 +143,10 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
                         f"(QLoRA needs ~{needs['qlora']:.1f} GiB at micro-batch 1 × {row} tokens)",
                         hint="choose a smaller --model, a bigger --gpu, more --gpus (full fine-tuning shards), "
                              "or a shorter --max-length")
+    if method == "qlora" and num_gpus > 1:
+        notes.append("QLoRA trains on one GPU (bitsandbytes 4-bit weights are not FSDP-shardable): time and cost "
+                     "are for one GPU; use LoRA to spread over several.")
+        num_gpus = 1
     micro = min(micro_batch_size, max_mb[method])
     accumulation = max(1, math.ceil(SEED_EFFECTIVE_BATCH / (micro * num_gpus)))
 
@@ -284,7 +288,7 @@ def _memory_kwargs(method: str, r: int, lora_params: int, adapted_in: int, num_g
     # tunesmith's engine: bf16 autocast, fp32 master weights for full fine-tuning, chunked loss, checkpointing on.
     return {"lora_r": r, "lora_trainable": lora_params, "adapted_in_features": adapted_in,
             "checkpointing": "full", "logits": "chunked", "full_precision": "mixed",
-            "shards": num_gpus if method == "full" else 1}
+            "shards": 1 if method == "qlora" else num_gpus}
 
 
 def _serving(arch: Architecture, calls_per_day: int, stats: DatasetStats | None, api_model: str,

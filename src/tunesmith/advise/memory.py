@@ -224,8 +224,9 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
 
     ``full_precision``: ``bf16`` keeps weights, gradients and AdamW states in bf16 (what the seed's code does: it
     loads the model in bf16); ``mixed`` keeps fp32 master weights, fp32 gradients and fp32 states (16 bytes/param).
-    ``shards``: full fine-tuning over that many GPUs with FSDP (weights, gradients and states split evenly; the
-    estimate is per GPU). LoRA/QLoRA replicate the model on every GPU (data parallel).
+    ``shards``: full or LoRA fine-tuning over that many GPUs with FSDP2, as tunesmith trains (weights, gradients
+    and states split evenly, one block gathered at a time; the estimate is per GPU). QLoRA is not shardable
+    (bitsandbytes 4-bit weights): it trains on one GPU.
     """
     n, tokens = arch.total_params, micro_batch_size * seq_len
     d, i, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
@@ -240,8 +241,6 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
         gradients = n * param_bytes
         state_bytes = 2 if optimizer == "adamw_8bit" else (8 if full_precision == "mixed" else 2 * param_bytes)
         optimizer_states = n * state_bytes
-        weights, trainable_copy = weights / shards, trainable_copy / shards
-        gradients, optimizer_states = gradients / shards, optimizer_states / shards
     else:
         trainable = lora_trainable
         if method == "qlora":
@@ -253,6 +252,12 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
         trainable_copy = trainable * (4 + 2)  # PEFT upcasts adapters to fp32; autocast caches a bf16 copy
         gradients = trainable * 4
         optimizer_states = trainable * (2 if optimizer == "adamw_8bit" else 8)
+    if shards > 1 and method != "qlora":
+        # FSDP2 keeps 1/shards of everything, and gathers one block's full weights at a time (plus the next one,
+        # prefetched) in the compute dtype.
+        block = (arch.total_params - arch.embedding_params * (1 if arch.tie_word_embeddings else 2)) / arch.num_layers
+        weights, trainable_copy = weights / shards + 2 * block * 2, trainable_copy / shards
+        gradients, optimizer_states = gradients / shards, optimizer_states / shards
 
     # -- saved activations ------------------------------------------------------------------------------------
     per_layer = layer_activation_bytes_per_token(arch, method, lora_r, adapted_in_features, lora_dropout,
