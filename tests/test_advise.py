@@ -173,6 +173,7 @@ def test_the_starter_config_validates_and_carries_the_recommendation(tmp_path):
     assert cfg.train.dataset == str(data)
     assert cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps >= 16
     assert out.read_text().startswith("# Written by `tunesmith advise`")
+    assert advice.config_yaml == out.read_text() and advice.config_path == str(out)
 
 
 def test_a_config_json_file_is_accepted_as_the_model(tmp_path):

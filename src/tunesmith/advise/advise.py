@@ -110,8 +110,9 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
                          f"training tokens ≈ ${openai_usd:,.2f} (list price; check the current one).")
         if write_config is not None:
             notes.append(f"No config written to {write_config}: the advice is not to train with tunesmith now.")
-        return Advice(decision, None, None, named_gpu.name if named_gpu else "", num_gpus, None, stats,
-                      openai_training_usd=openai_usd, notes=tuple(notes))
+        return Advice(decision=decision, method=None, model=None, gpu=named_gpu.name if named_gpu else "",
+                      num_gpus=num_gpus, architecture=None, dataset=stats, openai_training_usd=openai_usd,
+                      notes=tuple(notes))
 
     gpu_spec = named_gpu or _default_gpu(notes)
     if price_per_hour is not None:
@@ -168,8 +169,10 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
                                max_length, str(data) if data else None, decision, arch.name)
     if write_config is not None:
         _write(Path(write_config), yaml_text)
-    return Advice(decision, method, arch.name, gpu_spec.name, num_gpus, arch, stats, memory, max_mb, training,
-                  serving, yaml_text, str(write_config) if write_config else None, tuple(notes))
+    return Advice(decision=decision, method=method, model=arch.name, gpu=gpu_spec.name, num_gpus=num_gpus,
+                  architecture=arch, dataset=stats, memory=memory, max_micro_batch=max_mb, training=training,
+                  serving=serving, config_yaml=yaml_text, config_path=str(write_config) if write_config else None,
+                  notes=tuple(notes))
 
 
 # -- model --------------------------------------------------------------------------------------------------------
