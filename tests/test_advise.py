@@ -229,13 +229,27 @@ def test_a_fine_tuned_8b_is_tens_of_times_cheaper_than_gpt_4o_at_10m_calls_but_n
     arch = architecture_from_config(catalogue_config("llama-3.1-8b"))
     h100 = GPUS["h100-80gb"]
     at_scale = compare_serving(arch, 10_000_000, 500, 200, gpu_name=h100.name, peak_tflops=h100.bf16_tflops,
-                               price_per_hour=h100.price_per_hour, api_model="gpt-4o")
+                               price_per_hour=h100.price_per_hour, memory_gib=h100.memory_gib,
+                               api_model="gpt-4o")
     assert at_scale.api_cost_per_day == pytest.approx(10_000_000 * (500 * 2.5 + 200 * 10) / 1e6)
     assert at_scale.ratio == pytest.approx(at_scale.api_cost_per_day / at_scale.self_hosted_cost_per_day, rel=1e-3)
     assert at_scale.ratio >= 10
     small = compare_serving(arch, 1_000, 500, 200, gpu_name=h100.name, peak_tflops=h100.bf16_tflops,
-                            price_per_hour=h100.price_per_hour, api_model="gpt-4o")
+                            price_per_hour=h100.price_per_hour, memory_gib=h100.memory_gib,
+                               api_model="gpt-4o")
     assert small.gpus_needed == 1 and small.ratio < 1  # one always-on GPU costs more than 1k API calls
+
+
+def test_a_70b_model_is_served_on_enough_gpus_to_hold_its_weights():
+    from tunesmith.advise.catalog import GPUS
+    from tunesmith.advise.memory import architecture_from_config
+
+    arch = architecture_from_config(catalogue_config("llama-3.1-70b"))
+    h100 = GPUS["h100-80gb"]
+    plan = compare_serving(arch, 1_000, 500, 200, gpu_name=h100.name, peak_tflops=h100.bf16_tflops,
+                           price_per_hour=h100.price_per_hour, memory_gib=h100.memory_gib)
+    assert plan.gpus_needed * h100.memory_gib * 0.7 >= arch.total_params * 2 / 2**30
+    assert plan.gpus_needed == 3  # 131 GiB of bf16 weights over 56 GiB per GPU
 
 
 # -- CLI --------------------------------------------------------------------------------------------------------------

@@ -300,7 +300,8 @@ def _serving(arch: Architecture, calls_per_day: int, stats: DatasetStats | None,
     completion = stats.completion_tokens_per_example if stats else 200.0
     options = [compare_serving(arch, calls_per_day, prompt, completion, gpu_name=g,
                                peak_tflops=catalog.GPUS[g].bf16_tflops, price_per_hour=catalog.GPUS[g].price_per_hour,
-                               api_model=api_model, api_prices=api_prices) for g in SERVING_GPUS]
+                               memory_gib=catalog.GPUS[g].memory_gib, api_model=api_model, api_prices=api_prices)
+               for g in SERVING_GPUS]
     return min(options, key=lambda s: s.self_hosted_cost_per_day)
 
 

@@ -204,9 +204,14 @@ class ServingComparison:
         return asdict(self)
 
 
+WEIGHTS_SHARE_OF_SERVING_MEMORY = 0.7
+"""ASSUMED: weights may take 70% of a serving GPU's memory; the rest is KV cache for the batch (vLLM's default
+gpu_memory_utilization is 0.9 of the card)."""
+
+
 def compare_serving(arch: Architecture, calls_per_day: int, input_tokens: float, output_tokens: float, *,
-                    gpu_name: str, peak_tflops: float, price_per_hour: float, api_model: str = "gpt-4o",
-                    api_prices: tuple[float, float] | None = None) -> ServingComparison:
+                    gpu_name: str, peak_tflops: float, price_per_hour: float, memory_gib: float,
+                    api_model: str = "gpt-4o", api_prices: tuple[float, float] | None = None) -> ServingComparison:
     """Daily cost of ``calls_per_day`` on a large API model vs the fine-tuned model self-hosted on ``gpu_name``."""
     price_in, price_out = api_prices or API_PRICES_PER_MTOK[api_model]
     api = calls_per_day * (input_tokens * price_in + output_tokens * price_out) / 1e6
@@ -214,7 +219,10 @@ def compare_serving(arch: Architecture, calls_per_day: int, input_tokens: float,
     flops = 2 * arch.matmul_params
     gpu_seconds = calls_per_day * flops * (input_tokens / SERVING_MFU["prefill"]
                                            + output_tokens / SERVING_MFU["decode"]) / (peak_tflops * 1e12)
+    # One replica needs enough GPUs to hold the bf16 weights (tensor parallel); replicas are added for throughput.
+    per_replica = math.ceil(arch.total_params * 2 / 2**30 / (memory_gib * WEIGHTS_SHARE_OF_SERVING_MEMORY))
     gpus = max(1, math.ceil(gpu_seconds * PEAK_TO_MEAN / 86400))
+    gpus = math.ceil(gpus / per_replica) * per_replica
     hosted = gpus * 24 * price_per_hour
     return ServingComparison(
         calls_per_day=calls_per_day, input_tokens_per_call=input_tokens, output_tokens_per_call=output_tokens,
@@ -225,6 +233,8 @@ def compare_serving(arch: Architecture, calls_per_day: int, input_tokens: float,
             f"{gpu_name} at ${price_per_hour}/h (editable), {peak_tflops:g} TFLOP/s bf16 peak",
             f"server utilisation {SERVING_MFU['prefill']:.0%} prefill / {SERVING_MFU['decode']:.0%} decode "
             f"(assumed, vLLM-style continuous batching)",
-            f"capacity sized for {PEAK_TO_MEAN:g}× the mean traffic; at least one GPU always on",
+            f"capacity sized for {PEAK_TO_MEAN:g}× the mean traffic; at least one replica always on",
+            f"bf16 weights on {per_replica} GPU(s) per replica (weights ≤ "
+            f"{WEIGHTS_SHARE_OF_SERVING_MEMORY:.0%} of each GPU's memory, the rest for the KV cache)",
         ),
     )
