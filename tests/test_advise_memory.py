@@ -200,3 +200,42 @@ def test_seed_recipe_estimates_are_within_10_percent_of_the_h200_measurements(me
     est = estimate_memory(arch, method, batch, 2048, lora_trainable=41_943_040, adapted_in_features=38_912,
                           checkpointing=checkpointing, logits="fused", full_precision="bf16")
     assert est.peak_allocated_gib == pytest.approx(measured_gib, rel=0.10)
+
+
+@pytest.mark.parametrize("checkpointing", ["full", "none"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_whole_step_peak_estimate_is_within_10_percent_of_a_real_cpu_training_step(method, checkpointing):
+    from advise_fixtures import PeakLiveBytes
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(hidden=256, intermediate=768, layers=4, heads=8, kv_heads=2, head_dim=32, vocab=4000)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=SEED_TARGETS))
+    if checkpointing == "full":
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, config.vocab_size, (4, 256))
+
+    def step():  # gradient accumulation over 2 micro-batches: gradients exist while the second one runs
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # the plain loss: full logits
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the first step creates the AdamW states
+    states = [t for s in optimizer.state.values() for t in s.values()]
+    with PeakLiveBytes(list(model.parameters()) + states) as tracker:
+        step()
+
+    arch = architecture_from_config(config)
+    trainable, adapted = lora_trainable_params(config, 16, SEED_TARGETS) if method == "lora" else (0, 0)
+    est = estimate_memory(arch, method, 4, 256, lora_r=16, lora_trainable=trainable, adapted_in_features=adapted,
+                          checkpointing=checkpointing, logits="full", full_precision="bf16", dropout_mask_bytes=4)
+    assert est.peak_allocated_gib * GIB == pytest.approx(tracker.peak, rel=0.10)
