@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advise_fixtures import catalogue_config
+from advise_fixtures import PeakLiveBytes, catalogue_config
 from tunesmith.advise import catalog
 from tunesmith.advise.memory import (
     GIB,
@@ -205,7 +205,6 @@ def test_seed_recipe_estimates_are_within_10_percent_of_the_h200_measurements(me
 @pytest.mark.parametrize("checkpointing", ["full", "none"])
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_whole_step_peak_estimate_is_within_10_percent_of_a_real_cpu_training_step(method, checkpointing):
-    from advise_fixtures import PeakLiveBytes
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
