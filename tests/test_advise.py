@@ -176,6 +176,13 @@ def test_the_starter_config_validates_and_carries_the_recommendation(tmp_path):
     assert advice.config_yaml == out.read_text() and advice.config_path == str(out)
 
 
+def test_gemma_2s_soft_capped_head_is_estimated_with_full_logits_as_tunesmith_trains_it(tmp_path):
+    data = write_chat(tmp_path / "train.jsonl", 1000)
+    gemma = advise(data, "gemma-2-2b", "h200", drivers=["format"])
+    llama = advise(data, "llama-3.2-3b", "h200", drivers=["format"])
+    assert gemma.memory["lora"].logits == "full" and llama.memory["lora"].logits == "chunked"
+
+
 def test_a_config_json_file_is_accepted_as_the_model(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,

@@ -131,7 +131,7 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
     row = min(max_length, stats.max_tokens) if stats else max_length
     memory, max_mb, needs = {}, {}, {}
     for method in ("full", "lora", "qlora"):
-        kwargs = _memory_kwargs(method, lora_r, lora_params, adapted_in, num_gpus)
+        kwargs = _memory_kwargs(method, lora_r, lora_params, adapted_in, num_gpus, arch.plain_output_head)
         max_mb[method] = largest_micro_batch(arch, method, row, gpu_spec.memory_gib, **kwargs)
         needs[method] = estimate_memory(arch, method, 1, row, **kwargs).total_gib
         batch = min(micro_batch_size, max_mb[method]) or 1
@@ -287,10 +287,12 @@ def _count(data: str | Path | None, resolved: ResolvedModel | None, notes: list[
     return count_dataset(data, tokenizer, resolved.name if resolved and tokenizer is not None else None)
 
 
-def _memory_kwargs(method: str, r: int, lora_params: int, adapted_in: int, num_gpus: int) -> dict[str, Any]:
-    # tunesmith's engine: bf16 autocast, fp32 master weights for full fine-tuning, chunked loss, checkpointing on.
+def _memory_kwargs(method: str, r: int, lora_params: int, adapted_in: int, num_gpus: int,
+                   plain_head: bool) -> dict[str, Any]:
+    # tunesmith's engine: bf16 autocast, fp32 master weights for full fine-tuning, checkpointing on, and the
+    # chunked loss — except where the output head is soft-capped or scaled (train/loss.py falls back to full logits).
     return {"lora_r": r, "lora_trainable": lora_params, "adapted_in_features": adapted_in,
-            "checkpointing": "full", "logits": "chunked", "full_precision": "mixed",
+            "checkpointing": "full", "logits": "chunked" if plain_head else "full", "full_precision": "mixed",
             "shards": 1 if method == "qlora" else num_gpus}
 
 

@@ -78,6 +78,9 @@ class Architecture:
     (which, when tied, is the embedding table used a second time)."""
     linear_targets: tuple[str, ...]
     """Names of the linear modules in a block (``q_proj``, … or ``qkv_proj`` …): what LoRA can target."""
+    plain_output_head: bool = True
+    """Logits are exactly ``hidden @ lm_head.weight.T`` (no soft-capping or scaling): a chunked or fused loss can
+    replace the full logits. Gemma 2's soft-capping makes tunesmith fall back to the full logits."""
 
     @property
     def q_dim(self) -> int:
@@ -150,6 +153,7 @@ def architecture_from_config(config: Any, name: str | None = None) -> Architectu
         vocab_size=text.vocab_size, tie_word_embeddings=tied, total_params=total, embedding_params=embed,
         quantizable_params=quantizable, matmul_params=total - embed + (embed if tied else 0),
         linear_targets=tuple(targets),
+        plain_output_head=not (getattr(text, "final_logit_softcapping", None) or getattr(text, "logit_scale", None)),
     )
 
 
