@@ -172,6 +172,9 @@ def test_the_starter_config_validates_and_carries_the_recommendation(tmp_path):
     assert cfg.model.name_or_path == "Qwen/Qwen2.5-7B-Instruct"
     assert cfg.train.dataset == str(data)
     assert cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps >= 16
+    # max_length fitted to the data: the longest example rounded up to 128, so packing fills rows of that length
+    assert cfg.train.max_length % 128 == 0 and 0 <= cfg.train.max_length - advice.dataset.max_tokens < 128
+    assert advice.memory["qlora"].seq_len == cfg.train.max_length
     assert out.read_text().startswith("# Written by `tunesmith advise`")
     assert advice.config_yaml == out.read_text() and advice.config_path == str(out)
 

@@ -89,36 +89,17 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
     """The advisor. ``model``: a catalogue name, a hub id, a model folder or a config.json; ``gpu``: a catalogue
     name (detected when None, else an A100 80GB is assumed and said so)."""
     notes: list[str] = []
-    if api_prices is None and api_model not in API_PRICES_PER_MTOK:
-        raise UserError(f"--api-model {api_model!r}: no built-in price"
-                        + catalog.did_you_mean(api_model, list(API_PRICES_PER_MTOK)),
-                        hint="pass its prices with --api-price IN,OUT ($ per million tokens)")
+    _check_api_model(api_model, api_prices)
     resolved = resolve_model(model) if model else None
     named_gpu = catalog.lookup_gpu(gpu) if gpu else None  # an unknown name fails before any work
     stats = _count(data, resolved, notes)
 
     decision = decide(stats.examples if stats else None, drivers, domain_shift=domain_shift,
                       calls_per_day=calls_per_day)
-    if stats is None:
-        notes.append("No --data: the example-count question was skipped and time/cost need a dataset.")
     if decision.verdict != "fine_tune":
-        openai_usd = None
-        if decision.verdict == "openai_fine_tuning" and stats is not None:
-            price = OPENAI_TRAINING_PER_MTOK["gpt-4o-mini"]
-            openai_usd = round(stats.total_tokens * epochs * price / 1e6, 2)
-            notes.append(f"OpenAI fine-tuning: {stats.total_tokens:,} tokens × {epochs:g} epochs at ${price}/M "
-                         f"training tokens ≈ ${openai_usd:,.2f} (list price; check the current one).")
-        if write_config is not None:
-            notes.append(f"No config written to {write_config}: the advice is not to train with tunesmith now.")
-        return Advice(decision=decision, method=None, model=None, gpu=named_gpu.name if named_gpu else "",
-                      num_gpus=num_gpus, architecture=None, dataset=stats, openai_training_usd=openai_usd,
-                      notes=tuple(notes))
+        return _advice_without_training(decision, stats, named_gpu, num_gpus, epochs, write_config, notes)
 
-    gpu_spec = named_gpu or _default_gpu(notes)
-    if price_per_hour is not None:
-        gpu_spec = catalog.Gpu(gpu_spec.name, gpu_spec.memory_gb, gpu_spec.memory_gib, gpu_spec.bf16_tflops,
-                               price_per_hour)
-
+    gpu_spec = _with_price(named_gpu or _default_gpu(notes), price_per_hour)
     if resolved is None:
         resolved = resolve_model(decision.default_model or catalog.model_names()[0])
         notes.append(f"No --model: using {resolved.name} ({decision.model_size}, the seed's size for this case).")
@@ -127,23 +108,17 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
     targets = _lora_targets(arch)
     lora_params, adapted_in = _lora_counts(resolved.config, lora_r, targets)
 
-    # Rows are padded (or packed) to at most max_length, and never longer than the longest example.
-    row = min(max_length, stats.max_tokens) if stats else max_length
-    memory, max_mb, needs = {}, {}, {}
-    for method in ("full", "lora", "qlora"):
-        kwargs = _memory_kwargs(method, lora_r, lora_params, adapted_in, num_gpus, arch.plain_output_head)
-        max_mb[method] = largest_micro_batch(arch, method, row, gpu_spec.memory_gib, **kwargs)
-        needs[method] = estimate_memory(arch, method, 1, row, **kwargs).total_gib
-        batch = min(micro_batch_size, max_mb[method]) or 1
-        memory[method] = estimate_memory(arch, method, batch, row, **kwargs)
+    length = _fitted_length(stats, max_length, notes)
+    memory, max_mb, needs = _memory_per_method(arch, length, micro_batch_size, gpu_spec, num_gpus, lora_r,
+                                               lora_params, adapted_in)
     method, fit_notes = choose_method(decision.method or "lora", {m: max_mb[m] > 0 for m in max_mb}, needs,
                                       gpu_spec.memory_gib)
     notes += fit_notes
     if method is None:
         raise UserError(f"{arch.name} does not fit on {num_gpus}× {gpu_spec.name} with any method "
-                        f"(QLoRA needs ~{needs['qlora']:.1f} GiB at micro-batch 1 × {row} tokens)",
-                        hint="choose a smaller --model, a bigger --gpu, more --gpus (full fine-tuning shards), "
-                             "or a shorter --max-length")
+                        f"(QLoRA needs ~{needs['qlora']:.1f} GiB at micro-batch 1 × {length} tokens)",
+                        hint="choose a smaller --model, a bigger --gpu, more --gpus (full fine-tuning and LoRA "
+                             "shard), or a shorter --max-length")
     if method == "qlora" and num_gpus > 1:
         notes.append("QLoRA trains on one GPU (bitsandbytes 4-bit weights are not FSDP-shardable): time and cost "
                      "are for one GPU; use LoRA to spread over several.")
@@ -151,28 +126,88 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
     micro = min(micro_batch_size, max_mb[method])
     accumulation = max(1, math.ceil(SEED_EFFECTIVE_BATCH / (micro * num_gpus)))
 
-    training = None
-    if stats is not None:
-        pad = padding_efficiency(list(stats.lengths), micro, max_length)
-        training = estimate_training(arch, method, sum(min(n, max_length) for n in stats.lengths), epochs,
-                                     min(stats.mean_tokens, max_length), peak_tflops=gpu_spec.bf16_tflops,
-                                     price_per_hour=gpu_spec.price_per_hour, num_gpus=num_gpus,
-                                     lora_params=0 if method == "full" else lora_params, pad_eff=pad)
-        if stats.over(max_length):
-            notes.append(f"{stats.over(max_length):,} examples are longer than max_length {max_length} "
-                         "(training drops them by default: train.overlong).")
+    training = _training(arch, method, stats, length, micro, epochs, gpu_spec, num_gpus, lora_params)
     serving = _serving(arch, calls_per_day, stats, api_model, api_prices) if calls_per_day else None
     if serving is None and decision.rule == "cost":
         notes.append("Give --calls-per-day to compute the serving bill against an API model.")
 
     yaml_text = starter_config(resolved.name_or_path, method, targets, lora_r, micro, accumulation, epochs,
-                               max_length, str(data) if data else None, decision, arch.name)
+                               length, str(data) if data else None, decision, arch.name)
     if write_config is not None:
         _write(Path(write_config), yaml_text)
     return Advice(decision=decision, method=method, model=arch.name, gpu=gpu_spec.name, num_gpus=num_gpus,
                   architecture=arch, dataset=stats, memory=memory, max_micro_batch=max_mb, training=training,
                   serving=serving, config_yaml=yaml_text, config_path=str(write_config) if write_config else None,
                   notes=tuple(notes))
+
+
+def _check_api_model(api_model: str, api_prices: tuple[float, float] | None) -> None:
+    if api_prices is None and api_model not in API_PRICES_PER_MTOK:
+        raise UserError(f"--api-model {api_model!r}: no built-in price"
+                        + catalog.did_you_mean(api_model, list(API_PRICES_PER_MTOK)),
+                        hint="pass its prices with --api-price IN,OUT ($ per million tokens)")
+
+
+def _advice_without_training(decision: Decision, stats: DatasetStats | None, gpu: catalog.Gpu | None, num_gpus: int,
+                             epochs: float, write_config: str | Path | None, notes: list[str]) -> Advice:
+    """Not yet, or the OpenAI route: no memory or GPU time to estimate; the OpenAI route's training is priced."""
+    openai_usd = None
+    if stats is None:
+        notes.append("No --data: the example-count question was skipped.")
+    elif decision.verdict == "openai_fine_tuning":
+        price = OPENAI_TRAINING_PER_MTOK["gpt-4o-mini"]
+        openai_usd = round(stats.total_tokens * epochs * price / 1e6, 2)
+        notes.append(f"OpenAI fine-tuning: {stats.total_tokens:,} tokens × {epochs:g} epochs at ${price}/M "
+                     f"training tokens ≈ ${openai_usd:,.2f} (list price; check the current one).")
+    if write_config is not None:
+        notes.append(f"No config written to {write_config}: the advice is not to train with tunesmith now.")
+    return Advice(decision=decision, method=None, model=None, gpu=gpu.name if gpu else "", num_gpus=num_gpus,
+                  architecture=None, dataset=stats, openai_training_usd=openai_usd, notes=tuple(notes))
+
+
+def _with_price(gpu: catalog.Gpu, price_per_hour: float | None) -> catalog.Gpu:
+    if price_per_hour is None:
+        return gpu
+    return catalog.Gpu(gpu.name, gpu.memory_gb, gpu.memory_gib, gpu.bf16_tflops, price_per_hour)
+
+
+def _fitted_length(stats: DatasetStats | None, max_length: int, notes: list[str]) -> int:
+    """max_length for the config and the memory model: the longest example rounded up to 128, capped by the
+    user's max_length. With packing (tunesmith's default on GPUs) every micro-batch row is filled to it."""
+    if stats is None:
+        notes.append("No --data: memory is estimated for rows of max_length and time/cost need a dataset.")
+        return max_length
+    fitted = min(max_length, math.ceil(stats.max_tokens / 128) * 128)
+    if stats.over(max_length):
+        notes.append(f"{stats.over(max_length):,} examples are longer than max_length {max_length} "
+                     "(training drops them by default: train.overlong).")
+    return fitted
+
+
+def _memory_per_method(arch: Architecture, length: int, micro_batch_size: int, gpu: catalog.Gpu, num_gpus: int,
+                       lora_r: int, lora_params: int, adapted_in: int
+                       ) -> tuple[dict[str, MemoryEstimate], dict[str, int], dict[str, float]]:
+    """Per method: the estimate at the micro-batch that will be used, the largest that fits, and what one row needs."""
+    memory, max_mb, needs = {}, {}, {}
+    for method in ("full", "lora", "qlora"):
+        kwargs = _memory_kwargs(method, lora_r, lora_params, adapted_in, num_gpus, arch.plain_output_head)
+        max_mb[method] = largest_micro_batch(arch, method, length, gpu.memory_gib, **kwargs)
+        needs[method] = estimate_memory(arch, method, 1, length, **kwargs).total_gib
+        batch = min(micro_batch_size, max_mb[method]) or 1
+        memory[method] = estimate_memory(arch, method, batch, length, **kwargs)
+    return memory, max_mb, needs
+
+
+def _training(arch: Architecture, method: str, stats: DatasetStats | None, length: int, micro: int, epochs: float,
+              gpu: catalog.Gpu, num_gpus: int, lora_params: int) -> TrainingEstimate | None:
+    """Time and cost at the seed recipe's measured speed (the only calibration so far), padding included."""
+    if stats is None:
+        return None
+    kept = [n for n in stats.lengths if n <= length]  # longer examples are dropped (train.overlong: drop)
+    return estimate_training(arch, method, sum(kept), epochs, min(stats.mean_tokens, length),
+                             peak_tflops=gpu.bf16_tflops, price_per_hour=gpu.price_per_hour, num_gpus=num_gpus,
+                             lora_params=0 if method == "full" else lora_params,
+                             pad_eff=padding_efficiency(kept, micro, length))
 
 
 # -- model --------------------------------------------------------------------------------------------------------
