@@ -203,14 +203,16 @@ def test_seed_recipe_estimates_are_within_10_percent_of_the_h200_measurements(me
 
 
 @pytest.mark.parametrize("checkpointing", ["full", "none"])
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_whole_step_peak_estimate_is_within_10_percent_of_a_real_cpu_training_step(method, checkpointing):
+@pytest.mark.parametrize(("method", "precision"), [("lora", "bf16"), ("full", "bf16"), ("full", "mixed")])
+def test_whole_step_peak_estimate_is_within_10_percent_of_a_real_cpu_training_step(method, precision,
+                                                                                   checkpointing):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(hidden=256, intermediate=768, layers=4, heads=8, kv_heads=2, head_dim=32, vocab=4000)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    dtype = torch.float32 if precision == "mixed" else torch.bfloat16  # mixed: fp32 master weights + autocast
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=SEED_TARGETS))
     if checkpointing == "full":
@@ -236,5 +238,5 @@ def test_whole_step_peak_estimate_is_within_10_percent_of_a_real_cpu_training_st
     arch = architecture_from_config(config)
     trainable, adapted = lora_trainable_params(config, 16, SEED_TARGETS) if method == "lora" else (0, 0)
     est = estimate_memory(arch, method, 4, 256, lora_r=16, lora_trainable=trainable, adapted_in_features=adapted,
-                          checkpointing=checkpointing, logits="full", full_precision="bf16", dropout_mask_bytes=4)
+                          checkpointing=checkpointing, logits="full", full_precision=precision, dropout_mask_bytes=4)
     assert est.peak_allocated_gib * GIB == pytest.approx(tracker.peak, rel=0.10)
