@@ -120,3 +120,12 @@ def test_examples_over_max_length_are_dropped_and_counted(tiny_model_dir, data_d
     result = train(cfg, out_dir=tmp_path / "run")
     dropped = result.data["train"]["dropped_overlong"]
     assert 0 < dropped < 48 and result.data["train"]["examples"] + dropped == 48
+
+
+def test_periodic_task_eval_is_logged_with_the_training_metrics(tiny_model_dir, data_dir, tmp_path):
+    cfg = config(tiny_model_dir, data_dir, method="full", learning_rate=3e-3, max_steps=4, eval_strategy="steps",
+                 eval_steps=2, task_eval_samples=3)
+    train(cfg, out_dir=tmp_path / "run")
+    evals = metrics(tmp_path / "run", "eval")
+    assert [e["step"] for e in evals] == [2, 4]
+    assert all(0.0 <= e["task_exact"] <= 1.0 and "eval_loss" in e for e in evals)

@@ -207,6 +207,82 @@ def data_inspect(config: ConfigArg, set_: SetOpt = None,
     Console().print(text)
 
 
+@app.command("eval")
+def eval_(config: ConfigArg,
+          model: Annotated[list[str] | None, typer.Option(
+              "--model", help="base, a run folder, an adapter folder, a model folder or a .gguf file; repeat to "
+                              "compare (the first is the baseline). Default: eval.models.")] = None,
+          set_: SetOpt = None, out: OutOpt = None, as_json: JsonOpt = False) -> None:
+    """Score models on the task's eval set; two or more give a side-by-side comparison and report."""
+    from .config import load_config
+    from .evaluate import evaluate
+
+    cfg = load_config(config, set_ or [])
+    with _EvalProgress(enabled=not as_json) as progress:
+        report = evaluate(cfg, models=model or None, out_dir=out, on_event=progress.on_event)
+    emit(report, as_json, _render_eval)
+
+
+class _EvalProgress:
+    """One rich progress bar per evaluated model, fed by evaluate()'s events."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _EvalProgress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=console)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        if event["event"] == "model":
+            self.tasks[event["model"]] = self.bar.add_task(f"eval {event['model']}", total=event["examples"])
+        elif event["event"] == "generate":
+            self.bar.update(self.tasks[event["model"]], completed=event["done"])
+
+
+def _render_eval(report: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{report.dataset}: {report.examples} examples (mean [95% CI] right/total)")
+    table.add_column("metric")
+    for m in report.models:
+        table.add_column(m.label)
+    for metric in report.models[0].metrics:
+        cells = []
+        for m in report.models:
+            s = m.metrics[metric]
+            ci = f" [{s.ci_low:.2f}, {s.ci_high:.2f}]" if s.ci_low is not None else ""
+            cells.append(f"{s.mean:.3f}{ci} {s.correct}/{s.total}")
+        table.add_row(metric, *cells)
+    if any(m.loss for m in report.models):
+        table.add_row("eval loss", *[f"{m.loss['loss']:.4f}" if m.loss else "n/a" for m in report.models])
+    console.print(table)
+    for m in report.models:
+        for metric, s in m.metrics.items():
+            if s.errors:
+                console.print(f"[yellow]warning:[/yellow] {m.label} / {metric}: the metric failed on {s.errors} of "
+                              f"{s.total} examples (counted wrong), e.g. {_escape(s.first_error or '')}")
+    for c in report.comparisons:
+        console.print(f"{c['after']} vs {c['before']} on {c['metric']}: {c['delta']:+.3f}, "
+                      f"{len(c['fixed'])} wrong→right, {len(c['broken'])} right→wrong")
+    console.print(f"[green]report[/green]: {report.files['report_html']}")
+
+
 def main() -> None:
     """Entry point: run the app, turning tunesmith errors into one message and an exit code."""
     try:

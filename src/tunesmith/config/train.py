@@ -135,6 +135,10 @@ class TrainConfig(Section):
     eval_steps: int = Field(100, ge=1)
     """Evaluate every N optimizer steps when eval_strategy is ``steps``."""
 
+    task_eval_samples: int = Field(0, ge=0)
+    """At each evaluation, also generate answers for this many eval examples and score them with ``eval.metrics``
+    (logged as ``task_<metric>``). 0: off (generation is slow; loss and token accuracy are always logged)."""
+
     seed: int = 42
     """Seeds weights of new adapters, data order and dropout."""
 

@@ -29,7 +29,7 @@ from ..manifest import sha256_file, write_manifest
 from ..models import load_tokenizer, resolve_model_path
 from . import checkpoint
 from .batching import epoch_order, micro_batches, step_groups
-from .dataset import split_paths, tokenize_split
+from .dataset import read_records, split_paths, tokenize_split
 from .distributed import Processes, barrier, full_state_dict, init_processes, max_all, set_gradient_sync, shard, sum_all
 from .kernels import attention_implementation
 from .loss import fused_head_supported, loss_sum
@@ -92,9 +92,10 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
         model = shard(model, procs, tcfg.method)
     fingerprint = _fingerprint(tcfg, config.model.name_or_path, [train_file, eval_file])
 
+    task_eval = _task_eval(config, tokenizer, eval_file) if eval_file and tcfg.task_eval_samples else None
     history = fit(model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                   train_split.examples, eval_split.examples if eval_split else [], tcfg, out, device, precision,
-                  packed, resume, fingerprint, emit, procs)
+                  packed, resume, fingerprint, emit, procs, task_eval)
 
     artefact = _save_final(model, tokenizer, tcfg.method, out, precision, procs)
     if not procs.main:
@@ -123,7 +124,8 @@ METRICS = "metrics.jsonl"
 def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examples: list[TokenizedChat],
         tcfg: TrainConfig, out: Path, device: torch.device, precision: Precision, packed: bool,
         resume: bool = False, fingerprint: str = "", emit: Event = lambda _e: None,
-        procs: Processes | None = None) -> dict[str, Any]:
+        procs: Processes | None = None, task_eval: Callable[[Any], dict[str, float]] | None = None
+        ) -> dict[str, Any]:
     """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand."""
     procs = procs or Processes(0, 1, 0, device)
     rank, world = procs.rank, procs.world
@@ -205,6 +207,8 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
             end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
             if eval_examples and _due(tcfg.eval_strategy, tcfg.eval_steps, step, end_of_epoch):
                 eval_metrics = evaluate_loss(model, eval_examples, pad_id, tcfg, device, precision, procs)
+                if task_eval is not None:
+                    eval_metrics |= task_eval(model)
                 log({"type": "eval", "step": step, "epoch": record["epoch"], **eval_metrics})
                 emit({"event": "eval", "step": step, **eval_metrics})
             if stop.raised or (step < total_steps and _due(tcfg.save_strategy, tcfg.save_steps, step, end_of_epoch)):
@@ -245,6 +249,20 @@ def evaluate_loss(model: Any, examples: list[TokenizedChat], pad_id: int, tcfg: 
     mean = total / max(count, 1)
     return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50)),
             "eval_token_accuracy": correct / max(count, 1)}
+
+
+def _task_eval(config: Config, tokenizer: Any, eval_file: Path) -> Callable[[Any], dict[str, float]]:
+    """Generation-based task metrics on the first ``train.task_eval_samples`` eval examples."""
+    from ..evaluate import task_eval
+
+    records = []
+    for _, record in read_records(eval_file):
+        records.append(record)
+        if len(records) == config.train.task_eval_samples:
+            break
+    metrics = [m.model_dump() for m in config.eval.metrics]
+    return lambda model: task_eval(model, tokenizer, records, metrics, config.eval.max_new_tokens,
+                                   config.eval.batch_size)
 
 
 def _resume(root: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str, policy: str,
