@@ -146,6 +146,44 @@ class _TrainProgress:
             self.bar.console.print(f"[yellow]warning:[/yellow] {event['message']}")
 
 
+@app.command()
+def advise(
+    data: Annotated[Path | None, typer.Option("--data", help="Chat JSONL to count (examples, tokens, "
+                                              "lengths).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Catalogue name, hub id, model folder or "
+                                              "config.json.")] = None,
+    gpu: Annotated[str | None, typer.Option("--gpu", help="GPU name from the catalogue (detected if omitted).")] = None,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Number of GPUs.")] = 1,
+    calls_per_day: Annotated[int | None, typer.Option("--calls-per-day", min=0, help="Expected inference calls "
+                                                      "per day (for the serving bill).")] = None,
+    driver: Annotated[list[str] | None, typer.Option("--driver", help="Why fine-tune: format, latency, cost, "
+                                                     "privacy, quality, simplicity (repeatable).")] = None,
+    domain_shift: Annotated[bool, typer.Option("--domain-shift", help="The data is far from the model's "
+                                               "pre-training domain.")] = False,
+    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 3.0,
+    max_length: Annotated[int, typer.Option("--max-length", min=8)] = 2048,
+    price_per_hour: Annotated[float | None, typer.Option("--price-per-hour", help="Your $/GPU-hour (overrides "
+                                                         "the catalogue's assumption).")] = None,
+    api_model: Annotated[str, typer.Option("--api-model", help="API model to compare serving costs with.")] = "gpt-4o",
+    api_price: Annotated[str | None, typer.Option("--api-price", help="API $ per million tokens: IN,OUT.")] = None,
+    write_config: Annotated[Path | None, typer.Option("--write-config", help="Write a starter tunesmith config "
+                                                      "for the recommendation.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Should you fine-tune? Which method, model and GPU; memory, time, dollars; how to serve it."""
+    from .advise import advise as run_advise
+    from .advise.render import ask_missing, parse_api_price, parse_drivers, render_advice
+
+    drivers = parse_drivers(driver or [])
+    if sys.stdin.isatty() and not as_json and (data is None or not drivers):
+        data, drivers, calls_per_day = ask_missing(console, data, drivers, calls_per_day)
+    result = run_advise(data, model, gpu, gpus, calls_per_day=calls_per_day, drivers=drivers,
+                        domain_shift=domain_shift, epochs=epochs, max_length=max_length,
+                        price_per_hour=price_per_hour, api_model=api_model, api_prices=parse_api_price(api_price),
+                        write_config=write_config)
+    emit(result, as_json, lambda r: render_advice(Console(), r))
+
+
 @data_app.command("inspect")
 def data_inspect(config: ConfigArg, set_: SetOpt = None,
                  index: Annotated[int, typer.Option(help="Which example (0-based) of the training data.")] = 0,
