@@ -144,6 +144,10 @@ class TrainConfig(Section):
     """At each evaluation, also generate answers for this many eval examples and score them with ``eval.metrics``
     (logged as ``task_<metric>``). 0: off (generation is slow; loss and token accuracy are always logged)."""
 
+    on_oom: Literal["fail", "shrink"] = "fail"
+    """Out of GPU memory: stop with advice (``fail``), or retry the step with half-size micro-batches (``shrink``)
+    — the step keeps the same sequences, so the optimisation is unchanged."""
+
     seed: int = 42
     """Seeds weights of new adapters, data order and dropout."""
 

@@ -154,6 +154,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
         _truncate_metrics(out / METRICS, step)
     log = (lambda rec: _append(out / METRICS, rec)) if procs.main else (lambda _rec: None)
 
+    micro_size = tcfg.per_device_train_batch_size
     stop = _SignalFlag()
     emit({"event": "start", "total_steps": total_steps, "start_step": step, "steps_per_epoch": steps_per_epoch,
           "examples": len(train_examples), "packed": packed, "fused_loss": fused, "precision": precision.name})
@@ -165,26 +166,21 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             indices = step_groups(epoch_order(len(train_examples), tcfg.seed, epoch), per_step, rank, world)[in_epoch]
-            batches = micro_batches(train_examples, indices or [0], tcfg.per_device_train_batch_size,
-                                    tcfg.max_length, pad_id, packed)
-            # every process runs the same number of micro-batches (FSDP2 gathers weights in each forward);
-            # filler micro-batches (and a process with no sequences this step) contribute zero loss
-            real = len(batches) if indices else 0
-            n_micro = max_all(len(batches), procs)
-            batches += [batches[0]] * (n_micro - len(batches))
-            n_targets = sum_all(sum(b.num_targets for b in batches[:real]), procs)
             model.train()
-            step_loss = 0.0
-            for i, batch in enumerate(batches):
-                set_gradient_sync(model, i == n_micro - 1)
-                with _autocast(device, precision):
-                    loss, _ = loss_sum(model, batch.to(device), fused, loss_kernel)
-                if not torch.isfinite(loss):
-                    raise _nan_error(step + 1, "loss", ckpt_root)
-                weight = world / n_targets if i < real else 0.0  # FSDP2 averages gradients over processes
-                (loss * weight).backward()
-                step_loss += loss.item() if i < real else 0.0
-            step_loss = sum_all(step_loss, procs)
+            while True:
+                try:
+                    batches, real, n_targets, step_loss = _accumulate(
+                        model, train_examples, indices, micro_size, tcfg.max_length, pad_id, packed, device,
+                        precision, procs, fused, loss_kernel, step + 1, ckpt_root)
+                    break
+                except torch.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    _free_cuda(device)
+                    if tcfg.on_oom != "shrink" or micro_size == 1 or procs.distributed:
+                        raise _oom_error(model, tcfg, micro_size, device) from None
+                    micro_size //= 2  # same sequences in the step, smaller micro-batches: same optimisation
+                    emit({"event": "warning", "message": f"out of memory at step {step + 1}: retrying with "
+                                                         f"micro-batches of {micro_size}"})
             grad_norm = _clip(params, tcfg.max_grad_norm)
             if not math.isfinite(grad_norm):
                 raise _nan_error(step + 1, "gradient norm", ckpt_root)
@@ -226,6 +222,59 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
     return {"steps": step, "epochs": round(step / steps_per_epoch, 4), "train_loss": last_loss,
             "eval_loss": eval_metrics.get("eval_loss"), "eval_token_accuracy": eval_metrics.get("eval_token_accuracy"),
             "tokens_per_s": total_tokens / max(elapsed, 1e-9)}
+
+
+def _accumulate(model: Any, examples: list[TokenizedChat], indices: list[int], micro_size: int, max_length: int,
+                pad_id: int, packed: bool, device: torch.device, precision: Precision, procs: Processes, fused: bool,
+                loss_kernel: bool, step: int, ckpt_root: Path) -> tuple[list[Any], int, float, float]:
+    """Forward and backward over one step's micro-batches; gradients are left summed in ``.grad``."""
+    batches = micro_batches(examples, indices or [0], micro_size, max_length, pad_id, packed)
+    # every process runs the same number of micro-batches (FSDP2 gathers weights in each forward);
+    # filler micro-batches (and a process with no sequences this step) contribute zero loss
+    real = len(batches) if indices else 0
+    n_micro = max_all(len(batches), procs)
+    batches += [batches[0]] * (n_micro - len(batches))
+    n_targets = sum_all(sum(b.num_targets for b in batches[:real]), procs)
+    step_loss = 0.0
+    for i, batch in enumerate(batches):
+        set_gradient_sync(model, i == n_micro - 1)
+        with _autocast(device, precision):
+            loss, _ = loss_sum(model, batch.to(device), fused, loss_kernel)
+        if not torch.isfinite(loss):
+            raise _nan_error(step, "loss", ckpt_root)
+        weight = procs.world / n_targets if i < real else 0.0  # FSDP2 averages gradients over processes
+        (loss * weight).backward()
+        step_loss += loss.item() if i < real else 0.0
+    return batches, real, n_targets, sum_all(step_loss, procs)
+
+
+def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, device: torch.device) -> RunError:
+    """Out of GPU memory: say what the memory model expected and what to change."""
+    from ..advise.memory import architecture_from_config, estimate_memory
+
+    have = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    detail = ""
+    try:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        arch = architecture_from_config(base.config)
+        est = estimate_memory(arch, tcfg.method, micro_size, tcfg.max_length,
+                              checkpointing="full" if tcfg.gradient_checkpointing is not False else "none",
+                              optimizer="adamw_8bit" if tcfg.optim == "adamw_8bit" else "adamw",
+                              full_precision="mixed", lora_r=tcfg.lora.r)
+        detail = f" (the memory model estimates {est.total_gib:.1f} GiB for micro-batches of {micro_size} × " \
+                 f"{tcfg.max_length} tokens" + (f"; this GPU has {have:.1f} GiB)" if have else ")")
+    except (AttributeError, KeyError, TypeError, ValueError):  # an architecture the model does not know
+        detail = ""
+    return RunError(f"out of GPU memory{detail}",
+                    hint="lower train.per_device_train_batch_size (the step keeps its sequences if you raise "
+                         "gradient_accumulation_steps to match), set train.gradient_checkpointing: true, lower "
+                         "train.max_length, use method: qlora or optim: adamw_8bit — or set train.on_oom: shrink "
+                         "to retry with smaller micro-batches automatically")
+
+
+def _free_cuda(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()
