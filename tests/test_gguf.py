@@ -99,7 +99,7 @@ def test_unsupported_architecture_is_a_user_error(tiny_model_dir, tmp_path):
     config["architectures"] = ["ToyNetForCausalLM"]
     (model / "config.json").write_text(json.dumps(config))
 
-    with pytest.raises(UserError, match="ToyNetForCausalLM is not supported by llama.cpp") as info:
+    with pytest.raises(UserError, match=r"ToyNetForCausalLM is not supported by llama\.cpp") as info:
         to_gguf(model, tmp_path / "out", "f16")
     assert "--print-supported-models" in info.value.hint
     assert not list((tmp_path / "out").glob("*.gguf"))
