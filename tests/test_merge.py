@@ -108,6 +108,9 @@ def test_qlora_adapter_is_merged_into_the_full_precision_base(tiny_model_dir, tm
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
     assert dtypes == {"BF16"}
     assert result.parity.passed and result.parity.conclusive
+    # Reported, not enforced: how far the merged bf16 model is from the NF4 base + adapter that was trained.
+    drift = result.quantized_base_drift
+    assert drift is not None and drift["max_abs_diff"] > 0 and 0 < drift["top1_agreement"] <= 1
 
 
 def test_run_eval_data_is_used_for_parity_when_present(tiny_model_dir, adapter_dir, tmp_path):

@@ -85,7 +85,9 @@ def to_awq(model_dir: str | Path, out_dir: str | Path, *, calibration: list[list
     conversations = calibration or _default_calibration()
     dataset = _calibration_dataset(tokenizer, conversations, num_calibration_samples, max_seq_length)
 
-    model = _load(source, torch.bfloat16)
+    # Loaded on the CPU: llm-compressor's sequential pipeline moves one layer at a time to the GPU, so models larger
+    # than GPU memory quantize too.
+    model = _load(source, torch.bfloat16, device_map=None)
     recipe = [awq_modifier(duo_scaling="both"),
               quant_modifier(targets=["Linear"], scheme=SCHEME, ignore=["lm_head"])]
     try:
@@ -194,12 +196,12 @@ def _greedy(model: Any, prompt: Any, stops: list[int], max_new_tokens: int, pad:
     return out[0, prompt.shape[1]:].tolist()
 
 
-def _load(path: Path, dtype: Any) -> Any:
+def _load(path: Path, dtype: Any, device_map: str | None = "cuda") -> Any:
     from ..config import ModelConfig
     from ..models import load_model
 
     return load_model(ModelConfig(name_or_path=str(path)), dtype=dtype if dtype is not None else "auto",
-                      device_map="cuda")
+                      device_map=device_map)
 
 
 def _tokenizer(source: Path) -> Any:

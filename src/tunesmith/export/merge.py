@@ -17,6 +17,7 @@ moves logits by the adapter's whole effect, which the result reports beside the 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -69,6 +70,10 @@ class MergeResult:
     """``lora`` or ``qlora`` (from the run's manifest or the adapter; a QLoRA adapter is merged into the bf16 base)."""
     dtype: str
     parity: Parity
+    quantized_base_drift: dict[str, float] | None = None
+    """QLoRA only: merged model vs the 4-bit base + adapter that training (and any eval on it) used —
+    ``max_abs_diff`` and ``top1_agreement``. Information, not a check: the bf16 merge removes the NF4 rounding of
+    the base weights, so this is the quantization error the adapter was trained around."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -124,8 +129,12 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
     with torch.no_grad():
         got = [_logits(reloaded, ids) for ids in batches]
     parity = _compare(got, reference, bare, relative)
+    drift = None
+    if method == "qlora" and importlib.util.find_spec("bitsandbytes") is not None:
+        drift = _quantized_base_drift(base_name, adapter_dir, batches, got, torch_dtype, _find_dict(manifest_of(run),
+                                                                                                    "quant"))
     result = MergeResult(out_dir=str(out), base=base_name, adapter=str(adapter_dir), method=method, dtype=dtype,
-                         parity=parity)
+                         parity=parity, quantized_base_drift=drift)
     _write_manifest(staging, result)
     if not parity.passed:
         raise RunError(f"merged model differs from base + adapter: max |Δlogit| {parity.max_abs_diff:.3g} > tolerance "
@@ -200,6 +209,32 @@ def check_adapter_fits(adapter_dir: Path, model: Any, base_name: str) -> None:
                 raise UserError(f"{adapter_dir}: adapter for a different base model — {key} has shape "
                                 f"{list(shape)}, but {module_name} in {base_name} has weight shape "
                                 f"{list(weight.shape)}", hint=hint)
+
+
+def _quantized_base_drift(base_name: str, adapter_dir: Path, batches: list[list[int]], merged: list[Any],
+                          torch_dtype: Any, quant: dict[str, Any] | None) -> dict[str, float]:
+    """Logits of the 4-bit base + adapter (as trained) vs the merged model's."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from ..config import ModelConfig
+    from ..models import load_model
+
+    quant = quant or {}
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=str(quant.get("quant_type") or "nf4"),
+                                bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
+                                bnb_4bit_compute_dtype=torch_dtype)
+    model = load_model(ModelConfig(name_or_path=base_name), quantization=config, device_map="cpu")
+    peft_model = _attach(model, adapter_dir, base_name)
+    with torch.no_grad():
+        trained = [_logits(peft_model, ids) for ids in batches]
+    diff = max(float((m - t).abs().max()) for m, t in zip(merged, trained, strict=True))
+    same = sum(int((m.argmax(-1) == t.argmax(-1)).sum()) for m, t in zip(merged, trained, strict=True))
+    return {"max_abs_diff": diff, "top1_agreement": same / sum(t.shape[0] for t in trained)}
+
+
+def manifest_of(run_dir: Path | None) -> dict[str, Any]:
+    return _read_manifest(run_dir) if run_dir is not None and run_dir.is_dir() else {}
 
 
 def _attach(model: Any, adapter_dir: Path, base_name: str) -> Any:
@@ -311,6 +346,17 @@ def _manifest_base(manifest: dict[str, Any]) -> str | None:
     if isinstance(config, dict) and isinstance(config.get("model"), dict):
         name = config["model"].get("name_or_path")
         return name if isinstance(name, str) else None
+    return None
+
+
+def _find_dict(node: Any, key: str) -> dict[str, Any] | None:
+    if isinstance(node, dict):
+        if isinstance(node.get(key), dict):
+            return node[key]
+        for value in node.values():
+            found = _find_dict(value, key)
+            if found is not None:
+                return found
     return None
 
 
