@@ -30,6 +30,8 @@ ConfigArg = Annotated[Path, typer.Argument(help="tunesmith YAML config.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder.")]
+PromptsOpt = Annotated[Path | None, typer.Option(
+    "--prompts", help="Chat JSONL (e.g. prepared/eval.jsonl) whose conversations the checks run on.")]
 
 
 @app.callback()
@@ -94,6 +96,7 @@ def merge(run_dir: Annotated[Path | None, typer.Argument(help="Run folder from `
           tolerance: Annotated[float | None, typer.Option(
               "--tolerance", help="Allowed max |Δlogit| as a fraction of the largest logit (default per dtype).")]
           = None,
+          prompts: PromptsOpt = None,
           as_json: JsonOpt = False) -> None:
     """Merge a LoRA/QLoRA adapter into its full-precision base; check logits parity against base + adapter."""
     from .errors import UserError
@@ -102,7 +105,7 @@ def merge(run_dir: Annotated[Path | None, typer.Argument(help="Run folder from `
     if out is None and run_dir is None:
         raise UserError("--out is required with --adapter", hint="e.g. --out merged/")
     result = run_merge(run_dir, out or run_dir / "merged", base=base, adapter=adapter, dtype=dtype,
-                       tolerance=tolerance)
+                       tolerance=tolerance, conversations=_check_conversations(prompts))
     emit(result, as_json, lambda r: console.print(f"[green]merged[/green]: {r.summary()}"))
 
 
@@ -114,6 +117,7 @@ def export(model_dir: Annotated[Path, typer.Argument(help="Merged (or fully fine
            out: Annotated[Path | None, typer.Option("--out", help="Output folder (default MODEL_DIR-<format>).")]
            = None,
            verify: Annotated[bool, typer.Option(help="Compare the artefact's output with the HF model's.")] = True,
+           prompts: PromptsOpt = None,
            as_json: JsonOpt = False) -> None:
     """Export to GGUF (llama.cpp / Ollama, with a Modelfile) or AWQ 4-bit (vLLM); checked against the HF model."""
     from .errors import UserError
@@ -124,11 +128,11 @@ def export(model_dir: Annotated[Path, typer.Argument(help="Merged (or fully fine
     if format_ == "gguf":
         from .export.gguf import to_gguf
 
-        result = to_gguf(model_dir, target, quant, verify=verify)
+        result = to_gguf(model_dir, target, quant, verify=verify, conversations=_check_conversations(prompts))
     else:
         from .export.awq import to_awq
 
-        result = to_awq(model_dir, target, verify=verify)
+        result = to_awq(model_dir, target, verify=verify, calibration=_check_conversations(prompts, limit=512))
 
     def render(r: Any) -> None:
         console.print(f"[green]exported[/green]: {r.summary()}")
@@ -196,6 +200,15 @@ def data_inspect(config: ConfigArg, set_: SetOpt = None,
     console.print(f"example {index}: {view['num_tokens']} tokens, {view['num_supervised']} supervised "
                   "([bold green]green[/bold green] = trained on)")
     Console().print(text)
+
+
+def _check_conversations(path: Path | None, limit: int = 8) -> Any:
+    """The conversations a merge/export check runs on: the first ``limit`` of ``--prompts``, else the defaults."""
+    if path is None:
+        return None
+    from .export.samples import load_conversations
+
+    return load_conversations(path, limit)
 
 
 def main() -> None:
