@@ -155,3 +155,14 @@ def test_adapter_for_a_different_base_is_a_user_error_naming_the_shapes(tiny_mod
         merge(None, tmp_path / "merged", base=str(tiny_model_dir), adapter=adapter)
     assert "shape" in str(info.value)
     assert str(other) in info.value.hint
+
+
+def test_merging_into_a_same_shaped_but_different_base_warns(tiny_model_dir, adapter_dir, tmp_path):
+    import shutil
+
+    sibling = tmp_path / "sibling"
+    shutil.copytree(tiny_model_dir, sibling)  # same shapes, another name: as a base vs its instruct sibling
+    result = merge(None, tmp_path / "merged", base=str(sibling), adapter=adapter_dir, dtype="float32")
+    assert any("records base model" in w for w in result.warnings)
+    same = merge(None, tmp_path / "merged2", base=str(tiny_model_dir), adapter=adapter_dir, dtype="float32")
+    assert same.warnings == ()

@@ -106,7 +106,12 @@ def merge(run_dir: Annotated[Path | None, typer.Argument(help="Run folder from `
         raise UserError("--out is required with --adapter", hint="e.g. --out merged/")
     result = run_merge(run_dir, out or run_dir / "merged", base=base, adapter=adapter, dtype=dtype,
                        tolerance=tolerance, conversations=_check_conversations(prompts))
-    emit(result, as_json, lambda r: console.print(f"[green]merged[/green]: {r.summary()}"))
+    def render(r: Any) -> None:
+        console.print(f"[green]merged[/green]: {_escape(r.summary())}")
+        for warning in r.warnings:
+            console.print(f"[yellow]warning[/yellow]: {_escape(warning)}")
+
+    emit(result, as_json, render)
 
 
 @app.command()
@@ -135,7 +140,7 @@ def export(model_dir: Annotated[Path, typer.Argument(help="Merged (or fully fine
         result = to_awq(model_dir, target, verify=verify, calibration=_check_conversations(prompts, limit=512))
 
     def render(r: Any) -> None:
-        console.print(f"[green]exported[/green]: {r.summary()}")
+        console.print(f"[green]exported[/green]: {_escape(r.summary())}")
         for warning in getattr(r, "warnings", ()):
             console.print(f"[yellow]warning[/yellow]: {_escape(warning)}")
 

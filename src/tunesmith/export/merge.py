@@ -74,6 +74,7 @@ class MergeResult:
     """QLoRA only: merged model vs the 4-bit base + adapter that training (and any eval on it) used —
     ``max_abs_diff`` and ``top1_agreement``. Information, not a check: the bf16 merge removes the NF4 rounding of
     the base weights, so this is the quantization error the adapter was trained around."""
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -134,7 +135,7 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
         drift = _quantized_base_drift(base_name, adapter_dir, batches, got, torch_dtype, _find_dict(manifest_of(run),
                                                                                                     "quant"))
     result = MergeResult(out_dir=str(out), base=base_name, adapter=str(adapter_dir), method=method, dtype=dtype,
-                         parity=parity, quantized_base_drift=drift)
+                         parity=parity, quantized_base_drift=drift, warnings=_base_mismatch(adapter_dir, base_name))
     _write_manifest(staging, result)
     if not parity.passed:
         raise RunError(f"merged model differs from base + adapter: max |Δlogit| {parity.max_abs_diff:.3g} > tolerance "
@@ -209,6 +210,17 @@ def check_adapter_fits(adapter_dir: Path, model: Any, base_name: str) -> None:
                 raise UserError(f"{adapter_dir}: adapter for a different base model — {key} has shape "
                                 f"{list(shape)}, but {module_name} in {base_name} has weight shape "
                                 f"{list(weight.shape)}", hint=hint)
+
+
+def _base_mismatch(adapter_dir: Path, base_name: str) -> tuple[str, ...]:
+    """Same shapes but another recorded base (a base vs its instruct sibling): legal, often a mistake — say so."""
+    recorded = _read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+    if not recorded or recorded == base_name:
+        return ()
+    if Path(recorded).exists() and Path(base_name).exists() and Path(recorded).resolve() == Path(base_name).resolve():
+        return ()
+    return (f"the adapter records base model {recorded}, but was merged into {base_name}: shapes fit, so make sure "
+            "this is the same model (a moved folder), not a sibling (base vs instruct)",)
 
 
 def _quantized_base_drift(base_name: str, adapter_dir: Path, batches: list[list[int]], merged: list[Any],
