@@ -73,13 +73,18 @@ def validate(config: ConfigArg, set_: SetOpt = None, as_json: JsonOpt = False) -
 @app.command()
 def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
           resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
+          gpus: Annotated[int, typer.Option("--gpus", help="Processes/GPUs: >1 shards with FSDP2 via torchrun.")] = 1,
           as_json: JsonOpt = False) -> None:
     """Train (full / LoRA / QLoRA, as the config says) and write a run folder."""
     from .config import load_config
-    from .train import train as run_train
 
     cfg = load_config(config, set_ or [])
-    result = run_train(cfg, out_dir=out, resume=resume, progress=not as_json)
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_under_torchrun(gpus)
+    from .train import train as run_train
+
+    with _TrainProgress(enabled=not as_json) as progress:
+        result = run_train(cfg, out_dir=out, resume=resume, on_event=progress.on_event)
     emit(result, as_json, lambda r: console.print(f"[green]done[/green]: {r.summary()}"))
 
 
@@ -184,6 +189,104 @@ def serve(artefact: Annotated[Path, typer.Argument(help="GGUF file/folder, merge
         serving.stop(process)
 
 
+def _relaunch_under_torchrun(n: int) -> None:
+    """Re-run this same command as ``n`` torchrun processes (one per GPU); the config is identical."""
+    import subprocess
+
+    argv: list[str] = []
+    skip = False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("--gpus="):
+            skip = False
+            continue
+        if arg == "--gpus":
+            skip = True
+            continue
+        argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "tunesmith", *argv]
+    sys.exit(subprocess.call(cmd))
+
+
+class _TrainProgress:
+    """A rich progress bar fed by the training loop's events (the library itself never prints)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> _TrainProgress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}"), console=console, transient=False)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        kind = event["event"]
+        if kind == "start":
+            self.task = self.bar.add_task("train", total=event["total_steps"], completed=event["start_step"], info="")
+        elif kind == "step" and self.task is not None:
+            info = f"loss {event['loss']:.4f}  lr {event['learning_rate']:.2e}"
+            if "tokens_per_s" in event:
+                info += f"  {event['tokens_per_s']:,.0f} tok/s"
+            self.bar.update(self.task, completed=event["step"], info=info)
+        elif kind == "eval":
+            self.bar.console.print(f"step {event['step']}: eval loss {event['eval_loss']:.4f}, "
+                                   f"token accuracy {event['eval_token_accuracy']:.3f}")
+        elif kind in ("checkpoint", "resumed"):
+            self.bar.console.print(f"{kind} at step {event['step']}: {event['path']}")
+        elif kind == "warning":
+            self.bar.console.print(f"[yellow]warning:[/yellow] {event['message']}")
+
+
+@app.command()
+def advise(
+    data: Annotated[Path | None, typer.Option("--data", help="Chat JSONL to count (examples, tokens, "
+                                              "lengths).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Catalogue name, hub id, model folder or "
+                                              "config.json.")] = None,
+    gpu: Annotated[str | None, typer.Option("--gpu", help="GPU name from the catalogue (detected if omitted).")] = None,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Number of GPUs.")] = 1,
+    calls_per_day: Annotated[int | None, typer.Option("--calls-per-day", min=0, help="Expected inference calls "
+                                                      "per day (for the serving bill).")] = None,
+    driver: Annotated[list[str] | None, typer.Option("--driver", help="Why fine-tune: format, latency, cost, "
+                                                     "privacy, quality, simplicity (repeatable).")] = None,
+    domain_shift: Annotated[bool, typer.Option("--domain-shift", help="The data is far from the model's "
+                                               "pre-training domain.")] = False,
+    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 3.0,
+    max_length: Annotated[int, typer.Option("--max-length", min=8)] = 2048,
+    price_per_hour: Annotated[float | None, typer.Option("--price-per-hour", help="Your $/GPU-hour (overrides "
+                                                         "the catalogue's assumption).")] = None,
+    api_model: Annotated[str, typer.Option("--api-model", help="API model to compare serving costs with.")] = "gpt-4o",
+    api_price: Annotated[str | None, typer.Option("--api-price", help="API $ per million tokens: IN,OUT.")] = None,
+    write_config: Annotated[Path | None, typer.Option("--write-config", help="Write a starter tunesmith config "
+                                                      "for the recommendation.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Should you fine-tune? Which method, model and GPU; memory, time, dollars; how to serve it."""
+    from .advise import advise as run_advise
+    from .advise.render import ask_missing, parse_api_price, parse_drivers, render_advice
+
+    drivers = parse_drivers(driver or [])
+    if sys.stdin.isatty() and not as_json and (data is None or not drivers):
+        data, drivers, calls_per_day = ask_missing(console, data, drivers, calls_per_day)
+    result = run_advise(data, model, gpu, gpus, calls_per_day=calls_per_day, drivers=drivers,
+                        domain_shift=domain_shift, epochs=epochs, max_length=max_length,
+                        price_per_hour=price_per_hour, api_model=api_model, api_prices=parse_api_price(api_price),
+                        write_config=write_config)
+    emit(result, as_json, lambda r: render_advice(Console(), r))
+
+
 @data_app.command("inspect")
 def data_inspect(config: ConfigArg, set_: SetOpt = None,
                  index: Annotated[int, typer.Option(help="Which example (0-based) of the training data.")] = 0,
@@ -214,6 +317,82 @@ def _check_conversations(path: Path | None, limit: int = 8) -> Any:
     from .export.samples import load_conversations
 
     return load_conversations(path, limit)
+
+
+@app.command("eval")
+def eval_(config: ConfigArg,
+          model: Annotated[list[str] | None, typer.Option(
+              "--model", help="base, a run folder, an adapter folder, a model folder or a .gguf file; repeat to "
+                              "compare (the first is the baseline). Default: eval.models.")] = None,
+          set_: SetOpt = None, out: OutOpt = None, as_json: JsonOpt = False) -> None:
+    """Score models on the task's eval set; two or more give a side-by-side comparison and report."""
+    from .config import load_config
+    from .evaluate import evaluate
+
+    cfg = load_config(config, set_ or [])
+    with _EvalProgress(enabled=not as_json) as progress:
+        report = evaluate(cfg, models=model or None, out_dir=out, on_event=progress.on_event)
+    emit(report, as_json, _render_eval)
+
+
+class _EvalProgress:
+    """One rich progress bar per evaluated model, fed by evaluate()'s events."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _EvalProgress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=console)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        if event["event"] == "model":
+            self.tasks[event["model"]] = self.bar.add_task(f"eval {event['model']}", total=event["examples"])
+        elif event["event"] == "generate":
+            self.bar.update(self.tasks[event["model"]], completed=event["done"])
+
+
+def _render_eval(report: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{report.dataset}: {report.examples} examples (mean [95% CI] right/total)")
+    table.add_column("metric")
+    for m in report.models:
+        table.add_column(m.label)
+    for metric in report.models[0].metrics:
+        cells = []
+        for m in report.models:
+            s = m.metrics[metric]
+            ci = f" [{s.ci_low:.2f}, {s.ci_high:.2f}]" if s.ci_low is not None else ""
+            cells.append(f"{s.mean:.3f}{ci} {s.correct}/{s.total}")
+        table.add_row(metric, *cells)
+    if any(m.loss for m in report.models):
+        table.add_row("eval loss", *[f"{m.loss['loss']:.4f}" if m.loss else "n/a" for m in report.models])
+    console.print(table)
+    for m in report.models:
+        for metric, s in m.metrics.items():
+            if s.errors:
+                console.print(f"[yellow]warning:[/yellow] {m.label} / {metric}: the metric failed on {s.errors} of "
+                              f"{s.total} examples (counted wrong), e.g. {_escape(s.first_error or '')}")
+    for c in report.comparisons:
+        console.print(f"{c['after']} vs {c['before']} on {c['metric']}: {c['delta']:+.3f}, "
+                      f"{len(c['fixed'])} wrong→right, {len(c['broken'])} right→wrong")
+    console.print(f"[green]report[/green]: {report.files['report_html']}")
 
 
 def main() -> None:

@@ -44,3 +44,9 @@ def where(path: object, line: int | None = None, field: str | None = None) -> st
     if field:
         out += f": {field}"
     return out
+
+
+class Interrupted(RunError):
+    """The run was stopped by a signal after writing a checkpoint. Exit code 130."""
+
+    exit_code = 130

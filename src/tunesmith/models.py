@@ -33,7 +33,8 @@ def resolve_model_path(cfg: ModelConfig) -> str:
             raise UserError(f"model.name_or_path: {name} is a file, not a model folder",
                             hint="point to the folder holding config.json and the weights")
         if not (path / "config.json").is_file():
-            raise UserError(f"model.name_or_path: {name} has no config.json", hint="point to a Hugging Face model folder")
+            raise UserError(f"model.name_or_path: {name} has no config.json",
+                            hint="point to a Hugging Face model folder")
         _check_weights(path, cfg.allow_pickle)
         _check_remote_code(path / "config.json", cfg.trust_remote_code, name)
         return str(path)
@@ -129,7 +130,8 @@ def _hub_call(fn: Any, path: str, cfg: ModelConfig) -> Any:
     except OSError as exc:
         text = str(exc)
         if Path(path).exists():
-            raise UserError(f"{path}: could not load ({text.splitlines()[0] if text else type(exc).__name__})") from None
+            first = text.splitlines()[0] if text else type(exc).__name__
+            raise UserError(f"{path}: could not load ({first})") from None
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in text.lower() or "connect" in text.lower()
         raise UserError(f"model.name_or_path: cannot load hub model {path!r}"
                         + (" — no network connection to the hub" if offline else f" ({text.splitlines()[0]})"),

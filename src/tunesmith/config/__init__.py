@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from ..errors import UserError
 from .base import Section
+from .eval import EvalConfig, MetricConfig, metric_name
 from .model import ModelConfig
 from .train import PRESETS, SEED_TARGETS, LoraSection, QuantSection, TrainConfig
 
@@ -22,13 +23,16 @@ __all__ = [
     "PRESETS",
     "SEED_TARGETS",
     "Config",
+    "EvalConfig",
     "LoraSection",
+    "MetricConfig",
     "ModelConfig",
     "QuantSection",
     "Section",
     "TrainConfig",
     "dump_config",
     "load_config",
+    "metric_name",
 ]
 
 
@@ -43,6 +47,9 @@ class Config(Section):
 
     train: TrainConfig = TrainConfig()
     """Training method and hyper-parameters."""
+
+    eval: EvalConfig = EvalConfig()
+    """Task-specific evaluation: eval set, metrics, generation."""
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -93,6 +100,11 @@ def _collect_lines(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...]
             key = (*prefix, str(key_node.value))
             out[key] = key_node.start_mark.line + 1
             _collect_lines(value_node, key, out)
+    elif isinstance(node, yaml.SequenceNode):  # list items (eval.metrics) get their own line numbers
+        for i, item in enumerate(node.value):
+            key = (*prefix, str(i))
+            out[key] = item.start_mark.line + 1
+            _collect_lines(item, key, out)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

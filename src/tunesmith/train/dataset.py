@@ -1,0 +1,118 @@
+"""Training examples: read the prepared split(s), render with the chat template, tokenise with labels.
+
+Examples longer than ``max_length`` are dropped (default), truncated, or refused — and counted, never silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..chat import IGNORE_INDEX, TokenizedChat, segments, tokenize_chat
+from ..errors import UserError, where
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    examples: list[TokenizedChat]
+    dropped_overlong: int = 0
+    truncated: int = 0
+    dropped_unsupervised: int = 0
+    source: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def split_paths(dataset: str | None) -> tuple[Path, Path | None]:
+    """(train, eval-or-None) files of a prepared folder or a single JSONL file."""
+    if not dataset:
+        raise UserError("train.dataset is not set",
+                        hint="point it at a folder from `tunesmith data prepare` or a chat JSONL file")
+    path = Path(dataset)
+    if path.is_dir():
+        train = path / "train.jsonl"
+        if not train.is_file():
+            raise UserError(f"{path}: no train.jsonl in this folder",
+                            hint="run `tunesmith data prepare` first, or point train.dataset at a JSONL file")
+        ev = path / "eval.jsonl"
+        return train, (ev if ev.is_file() else None)
+    if not path.is_file():
+        raise UserError(f"train.dataset: {path} does not exist")
+    return path, None
+
+
+def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-blank line; structural problems are UserErrors with file:line."""
+    with open(path, encoding="utf-8-sig", errors="strict", newline=None) as fh:
+        try:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{where(path, lineno)}: invalid JSON at column {exc.colno}: {exc.msg}",
+                                    hint="run `tunesmith data prepare` to validate and clean the file") from None
+                messages = record.get("messages") if isinstance(record, dict) else None
+                if not isinstance(messages, list) or not messages:
+                    raise UserError(f"{where(path, lineno, 'messages')}: expected a non-empty list of messages",
+                                    hint="run `tunesmith data prepare` to convert and validate the file")
+                yield lineno, record
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: invalid UTF-8 at byte {exc.start} of a line") from None
+
+
+def tokenize_split(path: Path, tokenizer: Any, max_length: int, overlong: str) -> TokenizedSplit:
+    examples: list[TokenizedChat] = []
+    dropped = truncated = unsupervised = 0
+    for lineno, record in read_records(path):
+        try:
+            chat = tokenize_chat(tokenizer, record["messages"], record.get("tools"))
+        except UserError as exc:
+            raise UserError(f"{where(path, lineno)}: {exc.message}", hint=exc.hint) from None
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"{where(path, lineno, 'messages')}: malformed message ({exc})",
+                            hint="run `tunesmith data prepare` to validate the file") from None
+        if len(chat.input_ids) > max_length:
+            if overlong == "error":
+                raise UserError(f"{where(path, lineno)}: {len(chat.input_ids)} tokens, over train.max_length "
+                                f"{max_length}", hint="raise train.max_length or set train.overlong: drop")
+            if overlong == "drop":
+                dropped += 1
+                continue
+            chat = TokenizedChat(chat.input_ids[:max_length], chat.labels[:max_length])
+            truncated += 1
+        if chat.num_supervised == 0:
+            unsupervised += 1
+            continue
+        examples.append(chat)
+    lengths = sorted(len(e.input_ids) for e in examples)
+    stats = {
+        "examples": len(examples),
+        "tokens": sum(lengths),
+        "supervised_tokens": sum(e.num_supervised for e in examples),
+        "max_tokens": lengths[-1] if lengths else 0,
+        "median_tokens": lengths[len(lengths) // 2] if lengths else 0,
+    }
+    return TokenizedSplit(examples, dropped, truncated, unsupervised, str(path), stats)
+
+
+def inspect_example(config: Any, index: int) -> dict[str, Any]:
+    """One training example as the model sees it: text pieces with their supervision flag (for the CLI)."""
+    from ..models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    train_path, _ = split_paths(config.train.dataset)
+    for i, (lineno, record) in enumerate(read_records(train_path)):
+        if i == index:
+            segs = segments(tokenizer, record["messages"], record.get("tools"))
+            chat = tokenize_chat(tokenizer, record["messages"], record.get("tools"))
+            return {
+                "file": str(train_path), "line": lineno,
+                "segments": [(s.text, s.supervised) for s in segs],
+                "num_tokens": len(chat.input_ids),
+                "num_supervised": sum(1 for x in chat.labels if x != IGNORE_INDEX),
+            }
+    raise UserError(f"{train_path}: has no example {index}", hint="use a smaller --index")

@@ -1,0 +1,87 @@
+"""The training loss: cross-entropy on supervised tokens only, as a SUM (the loop divides by the step's count).
+
+Fused path (default when the model allows it): run the decoder, keep only the hidden states of supervised positions,
+and compute the output projection + cross-entropy in chunks, recomputed in backward. The full
+[tokens × vocabulary] logits tensor (4 GB in fp32 for 8K tokens of a 128K vocabulary) never exists, and no
+compute is spent on logits of prompt tokens. Plain path: the model's own forward and logits, used where the output
+head is not a plain linear layer (LoRA on lm_head, logit soft-capping or scaling).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..chat import IGNORE_INDEX
+from .batching import MicroBatch
+
+CHUNK_TOKENS = 4096
+"""Supervised tokens per chunk of the fused path: 4096 × 128,256 × 4 bytes = 2.1 GB of fp32 logits at most."""
+
+
+def fused_head_supported(model: Any) -> bool:
+    """True if logits are exactly ``hidden @ lm_head.weight.T`` (so the fused path is numerically the same)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    cfg = getattr(base, "config", None)
+    if head is None or type(head) is not torch.nn.Linear or getattr(head, "bias", None) is not None:
+        return False
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return False
+    return hasattr(base, "get_decoder")
+
+
+def loss_sum(model: Any, batch: MicroBatch, fused: bool, kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies, number of correct argmax predictions) over the batch's supervised tokens.
+    ``kernel=False`` keeps the fused path on plain PyTorch chunks even where a fused kernel is installed."""
+    kwargs = _attention_kwargs(batch)
+    if fused:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                    attention_mask=batch.attention_mask, use_cache=False, **kwargs).last_hidden_state
+        keep = batch.targets != IGNORE_INDEX
+        return linear_cross_entropy(hidden[keep], base.get_output_embeddings().weight, batch.targets[keep], kernel)
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
+                   use_cache=False, **kwargs).logits.float()
+    flat_t = batch.targets.reshape(-1)
+    flat_l = logits.reshape(-1, logits.shape[-1])
+    total = F.cross_entropy(flat_l, flat_t, ignore_index=IGNORE_INDEX, reduction="sum")
+    keep = flat_t != IGNORE_INDEX
+    correct = (flat_l[keep].argmax(-1) == flat_t[keep]).sum()
+    return total, correct
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, kernel: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of cross-entropies of ``hidden @ weight.T`` against ``targets``: a fused kernel where one applies
+    (the correct-prediction count is then not computed: 0), else chunked and recomputed in backward."""
+    from .kernels import linear_cross_entropy_sum
+
+    fast = linear_cross_entropy_sum(hidden, weight, targets) if kernel else None
+    if fast is not None:
+        return fast, torch.zeros((), device=hidden.device)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    for start in range(0, hidden.shape[0], CHUNK_TOKENS):
+        h = hidden[start:start + CHUNK_TOKENS]
+        t = targets[start:start + CHUNK_TOKENS]
+        chunk_loss, chunk_correct = checkpoint(_chunk_loss, h, weight, t, use_reentrant=False)
+        total = total + chunk_loss
+        correct = correct + chunk_correct
+    return total, correct
+
+
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = (h @ weight.t()).float()
+    return F.cross_entropy(logits, t, reduction="sum"), (logits.argmax(-1) == t).sum()
+
+
+def _attention_kwargs(batch: MicroBatch) -> dict[str, Any]:
+    """Variable-length attention metadata for packed rows (the names transformers' flash/varlen paths read)."""
+    if batch.cu_seq_lens is None:
+        return {}
+    return {"cu_seq_lens_q": batch.cu_seq_lens, "cu_seq_lens_k": batch.cu_seq_lens,
+            "max_length_q": batch.max_seq_len, "max_length_k": batch.max_seq_len}

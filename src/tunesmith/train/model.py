@@ -1,0 +1,173 @@
+"""Build the model to train: full weights, LoRA on a frozen base, or LoRA on a 4-bit NF4 base (QLoRA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig, TrainConfig
+from ..errors import UserError
+from ..models import load_model
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Resolved numerics: the dtype weights are stored in and the autocast dtype (None = no autocast)."""
+
+    weights: torch.dtype
+    autocast: torch.dtype | None
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.autocast == torch.bfloat16 else "fp16" if self.autocast == torch.float16 else "fp32"
+
+
+def resolve_precision(choice: str, method: str, device: torch.device) -> Precision:
+    """``auto``: bf16 autocast where the GPU has it, else fp32. Full fine-tuning keeps fp32 master weights (an
+    optimizer update smaller than bf16's resolution would otherwise be lost); LoRA/QLoRA keep the frozen base in the
+    autocast dtype and the adapters in fp32 (PEFT's default)."""
+    has_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if choice == "auto":
+        choice = "bf16" if has_bf16 else "fp32"
+    if choice == "bf16" and device.type == "cuda" and not has_bf16:
+        raise UserError("train.precision: bf16 is not supported by this GPU", hint="use fp16 or fp32, or auto")
+    if choice == "bf16" and device.type != "cuda":
+        raise UserError("train.precision: bf16 training needs a CUDA GPU here", hint="use precision: auto or fp32")
+    if choice == "fp16" and device.type != "cuda":
+        raise UserError("train.precision: fp16 needs a CUDA GPU", hint="use precision: auto or fp32")
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[choice]
+    if method == "full" or autocast is None:
+        return Precision(torch.float32, autocast)
+    return Precision(autocast, autocast)
+
+
+def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, precision: Precision,
+                attn_implementation: str | None, path: str) -> Any:
+    """Load the base and make exactly the intended parameters trainable."""
+    method = train_cfg.method
+    quant = _bnb_config(train_cfg, precision) if method == "qlora" else None
+    model = load_model(model_cfg, dtype=precision.weights, quantization=quant,
+                       device_map={"": device.index or 0} if (quant is not None and device.type == "cuda") else None,
+                       path=path, attn_implementation=attn_implementation)
+    if quant is None:
+        model.to(device)
+    return prepare_model(model, train_cfg, device)
+
+
+def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device) -> Any:
+    """Adapters and checkpointing on an already loaded base (benchmarks build random-weight bases themselves)."""
+    model.config.use_cache = False
+    if train_cfg.method != "full":
+        model = _add_lora(model, train_cfg)
+    if _checkpointing(train_cfg, device):
+        set_checkpointing(model, decoder_layer_count(model))
+        if train_cfg.method == "qlora":
+            # the seed's QLoRA gotcha: inputs of frozen 4-bit layers must carry grad for checkpointed blocks
+            model.enable_input_require_grads()
+    if _compiling(train_cfg, device):
+        compile_decoder_layers(model)
+    return model
+
+
+def compile_decoder_layers(model: Any) -> None:
+    """torch.compile each decoder layer (not the whole model: one small graph that all layers share, compiled once
+    with dynamic sequence length, so packed rows of any length reuse it). Checkpointing stays outside the compiled
+    region and re-runs the compiled layer in backward."""
+    for block in _decoder_layers(model):
+        block.compile(dynamic=True)
+
+
+def decoder_layer_count(model: Any) -> int:
+    return len(_decoder_layers(model))
+
+
+def set_checkpointing(model: Any, layers: int) -> None:
+    """Recompute the activations of the first ``layers`` decoder layers in backward; keep the others' in memory.
+
+    A layer kept costs ~tokens × (its activations) of memory and saves its forward recomputation (about a third of
+    its training FLOPs), so on a large GPU the best policy is "as many un-checkpointed layers as fit". Uses
+    transformers' own per-layer switch (``GradientCheckpointingLayer.gradient_checkpointing``).
+    """
+    blocks = _decoder_layers(model)
+    if layers <= 0:
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+        return
+    _enable_checkpointing(model)
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i < layers
+
+
+def _decoder_layers(model: Any) -> list[Any]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) — 4-bit weights counted as their logical (unpacked) size, as PEFT prints them."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") and getattr(p, "quant_state", None) is not None:
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def _checkpointing(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.gradient_checkpointing == "auto":
+        return cfg.method == "qlora" or device.type == "cuda"
+    return bool(cfg.gradient_checkpointing)
+
+
+def _compiling(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.compile == "auto":
+        # measured on one GPU with LoRA only; under torchrun/FSDP2 and for 4-bit layers it is not measured yet
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return cfg.method == "lora" and device.type == "cuda" and not distributed
+    return bool(cfg.compile)
+
+
+def _enable_checkpointing(model: Any) -> None:
+    # non-reentrant checkpointing: works with frozen inputs and with LoRA; transformers renamed the method in 5.2x
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _bnb_config(cfg: TrainConfig, precision: Precision) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise UserError("train.method: qlora needs bitsandbytes, which is not installed",
+                        hint="pip install 'tunesmith[qlora]' (or bitsandbytes), or use method: lora") from None
+    compute = {"auto": precision.autocast or torch.float32, "bfloat16": torch.bfloat16,
+               "float16": torch.float16, "float32": torch.float32}[cfg.quant.compute_dtype]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant.quant_type,
+                              bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=compute)
+
+
+def _add_lora(model: Any, cfg: TrainConfig) -> Any:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = cfg.lora
+    targets = lora.target_modules
+    peft_cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          bias=lora.bias, target_modules=targets, use_rslora=lora.use_rslora)
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as exc:
+        if "not found" not in str(exc) and "Target module" not in str(exc):
+            raise
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"train.lora.target_modules: {targets} not found in this model",
+                        hint=f"its linear layers are named: {', '.join(names)} (or use all-linear)") from None
