@@ -166,3 +166,24 @@ def test_merging_into_a_same_shaped_but_different_base_warns(tiny_model_dir, ada
     assert any("records base model" in w for w in result.warnings)
     same = merge(None, tmp_path / "merged2", base=str(tiny_model_dir), adapter=adapter_dir, dtype="float32")
     assert same.warnings == ()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_run_folder_written_by_tunesmith_train_merges_with_parity_on_its_eval_data(method, tiny_model_dir,
+                                                                                     tmp_path):
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    from train_fixtures import config, write_arithmetic
+    from tunesmith.train import train
+
+    data = write_arithmetic(tmp_path / "data", n_train=16, n_eval=3)
+    train(config(tiny_model_dir, data, method=method, learning_rate=1e-2, max_steps=4,
+                 per_device_train_batch_size=4, gradient_accumulation_steps=1), out_dir=tmp_path / "run")
+
+    result = merge(tmp_path / "run", tmp_path / "merged")
+
+    assert result.method == method
+    assert result.parity.num_prompts == 3, "the run's eval conversations, not the built-in ones"
+    assert result.parity.passed and result.parity.adapter_effect > 0
+    assert (result.quantized_base_drift is not None) == (method == "qlora")
+    assert result.warnings == ()

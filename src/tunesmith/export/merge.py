@@ -104,11 +104,12 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
     relative = DEFAULT_RELATIVE_TOLERANCE[dtype] if tolerance is None else tolerance
     run = Path(run_dir) if run_dir is not None else None
     adapter_dir, base_name, method = resolve_inputs(run, base, adapter)
+    settings = _model_settings(manifest_of(run))
     out = Path(out_dir)
     conversations = conversations or conversations_for(run)
 
-    tokenizer = _load_tokenizer(adapter_dir, base_name)
-    model = _load_base(base_name, torch_dtype)
+    tokenizer = _load_tokenizer(adapter_dir, base_name, settings)
+    model = _load_base(base_name, torch_dtype, settings)
     check_adapter_fits(adapter_dir, model, base_name)
     peft_model = _attach(model, adapter_dir, base_name)
     batches = [_conversation_ids(tokenizer, c) for c in conversations]
@@ -126,14 +127,14 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
     tokenizer.save_pretrained(staging)
     del merged, peft_model, model
 
-    reloaded = _load_base(str(staging), torch_dtype)
+    reloaded = _load_base(str(staging), torch_dtype, {})
     with torch.no_grad():
         got = [_logits(reloaded, ids) for ids in batches]
     parity = _compare(got, reference, bare, relative)
     drift = None
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is not None:
-        drift = _quantized_base_drift(base_name, adapter_dir, batches, got, torch_dtype, _find_dict(manifest_of(run),
-                                                                                                    "quant"))
+        drift = _quantized_base_drift(base_name, settings, adapter_dir, batches, got, torch_dtype,
+                                      _find_dict(manifest_of(run), "quant"))
     result = MergeResult(out_dir=str(out), base=base_name, adapter=str(adapter_dir), method=method, dtype=dtype,
                          parity=parity, quantized_base_drift=drift, warnings=_base_mismatch(adapter_dir, base_name))
     _write_manifest(staging, result)
@@ -159,7 +160,11 @@ def resolve_inputs(run_dir: Path | None, base: str | None, adapter: str | Path |
     elif run_dir is not None and (run_dir / "adapter_config.json").is_file():
         adapter_dir = run_dir
     elif run_dir is not None:
+        # the run folder may have moved since training: its own adapter/ first, then the recorded path
+        recorded = (manifest.get("outputs") or {}).get("adapter")
         adapter_dir = run_dir / "adapter"
+        if not adapter_dir.is_dir() and isinstance(recorded, str) and Path(recorded).is_dir():
+            adapter_dir = Path(recorded)
     else:
         raise UserError("nothing to merge: give a run folder, or --base and --adapter")
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -217,14 +222,16 @@ def _base_mismatch(adapter_dir: Path, base_name: str) -> tuple[str, ...]:
     recorded = _read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
     if not recorded or recorded == base_name:
         return ()
-    if Path(recorded).exists() and Path(base_name).exists() and Path(recorded).resolve() == Path(base_name).resolve():
+    same_folder = Path(recorded).exists() and Path(base_name).exists() and \
+        Path(recorded).resolve() == Path(base_name).resolve()
+    if same_folder:
         return ()
     return (f"the adapter records base model {recorded}, but was merged into {base_name}: shapes fit, so make sure "
             "this is the same model (a moved folder), not a sibling (base vs instruct)",)
 
 
-def _quantized_base_drift(base_name: str, adapter_dir: Path, batches: list[list[int]], merged: list[Any],
-                          torch_dtype: Any, quant: dict[str, Any] | None) -> dict[str, float]:
+def _quantized_base_drift(base_name: str, settings: dict[str, Any], adapter_dir: Path, batches: list[list[int]],
+                          merged: list[Any], torch_dtype: Any, quant: dict[str, Any] | None) -> dict[str, float]:
     """Logits of the 4-bit base + adapter (as trained) vs the merged model's."""
     import torch
     from transformers import BitsAndBytesConfig
@@ -236,7 +243,7 @@ def _quantized_base_drift(base_name: str, adapter_dir: Path, batches: list[list[
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=str(quant.get("quant_type") or "nf4"),
                                 bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
                                 bnb_4bit_compute_dtype=torch_dtype)
-    model = load_model(ModelConfig(name_or_path=base_name), quantization=config, device_map="cpu")
+    model = load_model(ModelConfig(**{**settings, "name_or_path": base_name}), quantization=config, device_map="cpu")
     peft_model = _attach(model, adapter_dir, base_name)
     with torch.no_grad():
         trained = [_logits(peft_model, ids) for ids in batches]
@@ -260,19 +267,35 @@ def _attach(model: Any, adapter_dir: Path, base_name: str) -> Any:
                         hint="pass the base model the adapter was trained on with --base") from None
 
 
-def _load_base(name: str, torch_dtype: Any) -> Any:
+def _load_base(name: str, torch_dtype: Any, settings: dict[str, Any]) -> Any:
     from ..config import ModelConfig
     from ..models import load_model
 
-    return load_model(ModelConfig(name_or_path=name), dtype=torch_dtype, device_map="cpu")
+    return load_model(ModelConfig(**{**settings, "name_or_path": name}), dtype=torch_dtype, device_map="cpu")
 
 
-def _load_tokenizer(adapter_dir: Path, base_name: str) -> Any:
+def _model_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The run's ``model:`` section minus the name (trust_remote_code, revision, allow_pickle, chat_template …),
+    so the base loads as it did in training."""
+    from ..config import ModelConfig
+
+    section = (manifest.get("config") or {}).get("model")
+    if not isinstance(section, dict):
+        return {}
+    keep = {k: v for k, v in section.items() if k in ModelConfig.model_fields and k not in ("name_or_path", "dtype")}
+    try:
+        ModelConfig(**keep)
+    except ValueError:
+        return {}
+    return keep
+
+
+def _load_tokenizer(adapter_dir: Path, base_name: str, settings: dict[str, Any]) -> Any:
     """The adapter's tokenizer when it saved one (it carries the training chat template), else the base's."""
     from ..config import ModelConfig
     from ..models import load_tokenizer
 
-    cfg = ModelConfig(name_or_path=base_name)
+    cfg = ModelConfig(**{**settings, "name_or_path": base_name})
     if (adapter_dir / "tokenizer_config.json").is_file():
         return load_tokenizer(cfg, path=str(adapter_dir))
     return load_tokenizer(cfg)
@@ -347,7 +370,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _manifest_base(manifest: dict[str, Any]) -> str | None:
-    """The base model a run trained on: ``base_model`` in run.json, else its resolved config's model.name_or_path."""
+    """The base model a run trained on: the resolved ``base_model_path`` of run.json while it exists, else
+    ``base_model`` (as configured: a hub id or ``local:`` name), else the config's model.name_or_path."""
+    path = manifest.get("base_model_path")
+    if isinstance(path, str) and Path(path).is_dir():
+        return path
     for key in ("base_model", "base_model_path", "base"):
         value = manifest.get(key)
         if isinstance(value, str) and value:

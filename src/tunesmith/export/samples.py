@@ -80,6 +80,9 @@ def _eval_file(run_dir: Path) -> Path | None:
             data = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             data = {}
+        recorded = (data.get("eval") or {}).get("file") if isinstance(data.get("eval"), dict) else None
+        if isinstance(recorded, str):
+            candidates += [Path(recorded), run_dir / recorded]
         for value in _strings(data):
             if value.endswith("eval.jsonl"):
                 candidates += [Path(value), run_dir / value]
