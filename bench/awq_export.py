@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from tunesmith.errors import TunesmithError
 from tunesmith.export.awq import to_awq
 from tunesmith.local_model import TINY_CORPUS, LocalModelShape, build_model
 
@@ -43,7 +44,10 @@ def main() -> None:
     model_dir = args.model or build_model(args.out / "source", list(TINY_CORPUS) * 20, shape=SHAPE, seed=0,
                                           vocab_size=SHAPE.vocab_size)
     built = time.perf_counter()
-    result = to_awq(model_dir, args.out / "awq", num_calibration_samples=args.samples)
+    try:
+        result = to_awq(model_dir, args.out / "awq", num_calibration_samples=args.samples)
+    except TunesmithError as exc:
+        sys.exit(f"error: {exc}")
     done = time.perf_counter()
     payload = {
         "bench": "awq_export",
