@@ -30,6 +30,8 @@ ConfigArg = Annotated[Path, typer.Argument(help="tunesmith YAML config.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder.")]
+PromptsOpt = Annotated[Path | None, typer.Option(
+    "--prompts", help="Chat JSONL (e.g. prepared/eval.jsonl) whose conversations the checks run on.")]
 
 
 @app.callback()
@@ -84,6 +86,107 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
     with _TrainProgress(enabled=not as_json) as progress:
         result = run_train(cfg, out_dir=out, resume=resume, on_event=progress.on_event)
     emit(result, as_json, lambda r: console.print(f"[green]done[/green]: {r.summary()}"))
+
+
+@app.command()
+def merge(run_dir: Annotated[Path | None, typer.Argument(help="Run folder from `tunesmith train` (adapter/ inside).")]
+          = None,
+          out: Annotated[Path | None, typer.Option("--out", help="Merged model folder (default RUN_DIR/merged).")]
+          = None,
+          base: Annotated[str | None, typer.Option("--base", help="Base model (default: from run.json / the adapter).")]
+          = None,
+          adapter: Annotated[Path | None, typer.Option("--adapter", help="PEFT adapter folder (instead of RUN_DIR).")]
+          = None,
+          dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
+          tolerance: Annotated[float | None, typer.Option(
+              "--tolerance", help="Allowed max |Δlogit| as a fraction of the largest logit (default per dtype).")]
+          = None,
+          prompts: PromptsOpt = None,
+          as_json: JsonOpt = False) -> None:
+    """Merge a LoRA/QLoRA adapter into its full-precision base; check logits parity against base + adapter."""
+    from .errors import UserError
+    from .export import merge as run_merge
+
+    if out is None and run_dir is None:
+        raise UserError("--out is required with --adapter", hint="e.g. --out merged/")
+    result = run_merge(run_dir, out or run_dir / "merged", base=base, adapter=adapter, dtype=dtype,
+                       tolerance=tolerance, conversations=_check_conversations(prompts))
+    def render(r: Any) -> None:
+        console.print(f"[green]merged[/green]: {_escape(r.summary())}")
+        for warning in r.warnings:
+            console.print(f"[yellow]warning[/yellow]: {_escape(warning)}")
+
+    emit(result, as_json, render)
+
+
+@app.command()
+def export(model_dir: Annotated[Path, typer.Argument(help="Merged (or fully fine-tuned) model folder.")],
+           format_: Annotated[str, typer.Option("--format", help="gguf | awq.")] = "gguf",
+           quant: Annotated[str, typer.Option("--quant", help="GGUF type: f16, bf16, f32, q8_0, q4_k_m, q5_k_m, …")]
+           = "q4_k_m",
+           out: Annotated[Path | None, typer.Option("--out", help="Output folder (default MODEL_DIR-<format>).")]
+           = None,
+           verify: Annotated[bool, typer.Option(help="Compare the artefact's output with the HF model's.")] = True,
+           prompts: PromptsOpt = None,
+           as_json: JsonOpt = False) -> None:
+    """Export to GGUF (llama.cpp / Ollama, with a Modelfile) or AWQ 4-bit (vLLM); checked against the HF model."""
+    from .errors import UserError
+
+    if format_ not in ("gguf", "awq"):
+        raise UserError(f"--format {format_}: expected gguf or awq")
+    target = out or model_dir.with_name(f"{model_dir.name}-{format_}")
+    if format_ == "gguf":
+        from .export.gguf import to_gguf
+
+        result = to_gguf(model_dir, target, quant, verify=verify, conversations=_check_conversations(prompts))
+    else:
+        from .export.awq import to_awq
+
+        result = to_awq(model_dir, target, verify=verify, calibration=_check_conversations(prompts, limit=512))
+
+    def render(r: Any) -> None:
+        console.print(f"[green]exported[/green]: {_escape(r.summary())}")
+        for warning in getattr(r, "warnings", ()):
+            console.print(f"[yellow]warning[/yellow]: {_escape(warning)}")
+
+    emit(result, as_json, render)
+
+
+@app.command("setup-gguf")
+def setup_gguf(sdist: Annotated[Path | None, typer.Option(
+        "--sdist", help="A downloaded llama_cpp_python-<version>.tar.gz (default: download it with pip).")] = None,
+               as_json: JsonOpt = False) -> None:
+    """Fetch llama.cpp's HF→GGUF converter matching the installed llama-cpp-python (once per version)."""
+    from .export.converter import setup_converter
+
+    path = setup_converter(sdist)
+    emit({"converter": str(path)}, as_json, lambda r: console.print(f"[green]ready[/green]: {r['converter']}"))
+
+
+@app.command()
+def serve(artefact: Annotated[Path, typer.Argument(help="GGUF file/folder, merged or AWQ folder, run or adapter.")],
+          host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes the model.")]
+          = "127.0.0.1",
+          port: Annotated[int, typer.Option("--port")] = 8000,
+          engine: Annotated[str, typer.Option("--engine", help="auto | llama.cpp | vllm.")] = "auto",
+          base: Annotated[str | None, typer.Option("--base", help="Base model for an adapter (vLLM).")] = None,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the server command, start nothing.")]
+          = False,
+          as_json: JsonOpt = False) -> None:
+    """Serve an artefact on an OpenAI-compatible endpoint (llama.cpp for GGUF, vLLM otherwise)."""
+    from . import serve as serving
+
+    serve_plan = serving.plan(artefact, host=host, port=port, engine=engine, base=base)
+    if dry_run:
+        emit(serve_plan.to_dict(), as_json, lambda r: console.print(" ".join(r["command"])))
+        return
+    console.print(f"serving [bold]{serve_plan.model}[/bold] with {serve_plan.engine} on {serve_plan.base_url} "
+                  "(Ctrl-C stops it)")
+    process = serving.start(serve_plan)
+    try:
+        sys.exit(process.wait())
+    finally:
+        serving.stop(process)
 
 
 def _relaunch_under_torchrun(n: int) -> None:
@@ -205,6 +308,15 @@ def data_inspect(config: ConfigArg, set_: SetOpt = None,
     console.print(f"example {index}: {view['num_tokens']} tokens, {view['num_supervised']} supervised "
                   "([bold green]green[/bold green] = trained on)")
     Console().print(text)
+
+
+def _check_conversations(path: Path | None, limit: int = 8) -> Any:
+    """The conversations a merge/export check runs on: the first ``limit`` of ``--prompts``, else the defaults."""
+    if path is None:
+        return None
+    from .export.samples import load_conversations
+
+    return load_conversations(path, limit)
 
 
 @app.command("eval")
