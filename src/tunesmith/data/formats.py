@@ -8,8 +8,8 @@ The canonical record is the OpenAI chat format: ``{"messages": [{"role", "conten
 - alpaca: ``instruction``, optional ``input``, ``output``, optional ``system``
 - prompt/completion: ``prompt``, ``completion``
 
-Files are read line by line in binary with a per-line byte cap, so a multi-GB single line costs bounded memory and
-a whole file is never parsed at once. A UTF-8 BOM, CRLF line ends and blank lines are fine.
+Files are read line by line in binary with a per-line byte cap, so a multi-GB single line costs bounded memory
+(256 KiB) and a whole file is never parsed at once. A UTF-8 BOM, CRLF line ends and blank lines are fine.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Any
 from ..errors import UserError, where
 
 BOM = b"\xef\xbb\xbf"
-DRAIN_CHUNK = 1 << 20
-"""Bytes read at a time while skipping the rest of an over-long line (memory stays at this, whatever its size)."""
+DRAIN_CHUNK = 1 << 18
+"""Bytes (256 KiB) read at a time while skipping the rest of an over-long line: memory stays near this,
+whatever the line's size."""
 
 
 @dataclass(frozen=True)

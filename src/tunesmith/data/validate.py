@@ -42,10 +42,12 @@ def check_record(record: dict[str, Any], source: str, line: int) -> list[Problem
         add("is empty; an example needs at least a user and an assistant message", "messages")
         return out
     assistants = trained = 0
+    roles_ok = True  # "no assistant message" follows from a broken role; report only the cause
     for i, msg in enumerate(messages):
         fld = f"messages[{i}]"
         if not isinstance(msg, dict):
             add(f"must be an object with role and content, got {_kind(msg)}", fld)
+            roles_ok = False
             continue
         for key in msg:
             if key not in MESSAGE_KEYS:
@@ -53,8 +55,10 @@ def check_record(record: dict[str, Any], source: str, line: int) -> list[Problem
         role = msg.get("role")
         if "role" not in msg:
             add("missing", f"{fld}.role")
+            roles_ok = False
         elif role not in ROLES:
             add(f"unknown role {_short(role)}{_role_hint(role)}", f"{fld}.role")
+            roles_ok = False
         has_calls = role == "assistant" and bool(msg.get("tool_calls"))
         content = msg.get("content")
         if "content" not in msg and not has_calls:
@@ -80,6 +84,8 @@ def check_record(record: dict[str, Any], source: str, line: int) -> list[Problem
         if role == "assistant":
             assistants += 1
             trained += msg.get("weight", 1) != 0
+    if not roles_ok:
+        return out
     if assistants == 0:
         add("no assistant message: nothing to learn from", "messages")
     elif trained == 0:
