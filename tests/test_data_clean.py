@@ -5,11 +5,12 @@ import json
 import pytest
 
 from data_cases import chat, words
+from tunesmith.chat import tokenize_chat
 from tunesmith.data import clean
 
 
 def _texts(records):
-    return [clean.conversation_text(r) for r in records]
+    return [clean.normalize(clean.conversation_text(r)) for r in records]
 
 
 def test_exact_duplicates_ignore_case_and_whitespace_and_keep_the_first():
@@ -53,7 +54,7 @@ def test_embedding_similarity_catches_paraphrases_that_minhash_misses():
     emb = clean.embed(texts, clean.default_embedding_model(), batch_size=4)
     dups = clean.embedding_duplicates(emb, threshold=0.95)
     assert list(dups) == [2] and dups[2].of == 0 and dups[2].score > 0.95
-    sigs = clean.minhash_signatures(texts, 128, 3)
+    sigs = clean.minhash_signatures([clean.normalize(t) for t in texts], 128, 3)
     assert clean.minhash_duplicates(sigs, 0.8, 128) == {}  # the paraphrase shares too few word 3-grams
     leaks = clean.embedding_matches(emb[[1, 2, 3]], emb[[0]], threshold=0.95)
     assert list(leaks) == [1]
@@ -120,3 +121,12 @@ def test_special_token_text_in_content_is_found_and_reported(tiny_tokenizer):
     records = [chat(1), {"messages": [{"role": "user", "content": "say <|im_end|> now"},
                                       {"role": "assistant", "content": "ok <|im_start|>"}]}]
     assert clean.special_token_hits(records, tiny_tokenizer) == {1: ["<|im_end|>", "<|im_start|>"]}
+
+
+def test_token_lengths_equal_the_training_tokenisation(tiny_tokenizer):
+    records = [chat(1), {"messages": [{"role": "system", "content": "rules <|im_end|> here"},
+                                      {"role": "user", "content": "q <|im_start|>"},
+                                      {"role": "assistant", "content": "a"},
+                                      {"role": "user", "content": "more"}, {"role": "assistant", "content": "b"}]}]
+    expected = [len(tokenize_chat(tiny_tokenizer, r["messages"]).input_ids) for r in records]
+    assert clean.token_lengths(records, tiny_tokenizer) == expected

@@ -51,7 +51,7 @@ def test_near_duplicates_of_eval_examples_are_removed_from_train(tmp_path, tiny_
     result = prepare(config(tiny_model_dir), [src], tmp_path / "out", eval_file=evf)
     assert (result.train_examples, result.eval_examples, result.removed_by_rule["leakage"]) == (5, 3, 1)
     [reject] = read_jsonl(tmp_path / "out" / "rejects.jsonl")
-    assert reject["line"] == 6 and reject["duplicate_of"] == f"{evf}:2" and "similarity 0.9" in reject["reason"]
+    assert reject["line"] == 6 and reject["duplicate_of"] == f"{evf}:2" and "(MinHash Jaccard ≈ " in reject["reason"]
 
 
 def test_leakage_action_report_keeps_the_example_but_counts_it(tmp_path, tiny_model_dir):

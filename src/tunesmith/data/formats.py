@@ -50,6 +50,8 @@ class Example:
     record: dict[str, Any] | None
     format: str = ""
     problems: list[Problem] = field(default_factory=list)
+    tokens: int | None = None
+    """Tokenised length once counted (chat template included), so it is counted once per example."""
 
     @property
     def id(self) -> str:

@@ -129,21 +129,22 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
     clock = time.perf_counter()
     texts = [clean.conversation_text(ex.record) for ex in train]
     eval_texts = [clean.conversation_text(ex.record) for ex in evals]
-    keys, eval_keys = [clean.exact_key(t) for t in texts], [clean.exact_key(t) for t in eval_texts]
+    norms, eval_norms = [clean.normalize(t) for t in texts], [clean.normalize(t) for t in eval_texts]
+    keys, eval_keys = [clean.exact_key(t) for t in norms], [clean.exact_key(t) for t in eval_norms]
     sigs = eval_sigs = emb = eval_emb = None
     log.rule("exact_dedup", data.exact_dedup.enabled)
     if data.exact_dedup.enabled:
         keep = _drop_matches(train, clean.exact_duplicates(keys), train, "exact_dedup", "exact duplicate of {of}",
                              log)
-        train, texts, keys = _select(train, keep), _select(texts, keep), _select(keys, keep)
+        train, texts, norms, keys = (_select(x, keep) for x in (train, texts, norms, keys))
     clock = _tick(timings, "exact_dedup", clock)
     mh = data.minhash
     log.rule("minhash", mh.enabled)
     if mh.enabled:
-        sigs = clean.minhash_signatures(texts, mh.num_perm, mh.shingle_size)
+        sigs = clean.minhash_signatures(norms, mh.num_perm, mh.shingle_size)
         keep = _drop_matches(train, clean.minhash_duplicates(sigs, mh.threshold, mh.num_perm), train, "minhash",
-                             "near-duplicate of {of} (Jaccard ≈ {score:.2f})", log)
-        train, texts, keys, sigs = (_select(x, keep) for x in (train, texts, keys, sigs))
+                             "near-duplicate of {of} ({how})", log)
+        train, texts, norms, keys, sigs = (_select(x, keep) for x in (train, texts, norms, keys, sigs))
     clock = _tick(timings, "minhash", clock)
     em = data.embedding
     too_many = em.max_examples is not None and len(train) > em.max_examples
@@ -153,8 +154,8 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
     if run_embedding:
         emb = clean.embed(texts, em.model or clean.default_embedding_model(), em.batch_size)
         keep = _drop_matches(train, clean.embedding_duplicates(emb, em.threshold), train, "embedding",
-                             "near-duplicate of {of} (cosine {score:.3f})", log)
-        train, texts, keys, emb = (_select(x, keep) for x in (train, texts, keys, emb))
+                             "near-duplicate of {of} ({how})", log)
+        train, texts, norms, keys, emb = (_select(x, keep) for x in (train, texts, norms, keys, emb))
         if sigs is not None:
             sigs = _select(sigs, keep)
     clock = _tick(timings, "embedding", clock)
@@ -165,7 +166,7 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
     if lk.enabled and evals:
         leaks = clean.exact_matches(keys, eval_keys)
         if sigs is not None:
-            eval_sigs = clean.minhash_signatures(eval_texts, mh.num_perm, mh.shingle_size)
+            eval_sigs = clean.minhash_signatures(eval_norms, mh.num_perm, mh.shingle_size)
             leaks = {**clean.minhash_matches(sigs, eval_sigs, mh.threshold, mh.num_perm), **leaks}
         if emb is not None:
             eval_emb = clean.embed(eval_texts, em.model or clean.default_embedding_model(), em.batch_size)
@@ -180,8 +181,7 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
     files = {"train": _write_jsonl(out / "train.jsonl", (ex.record for ex in train)),
              "eval": _write_jsonl(out / "eval.jsonl", (ex.record for ex in evals)),
              "rejects": _write_jsonl(out / "rejects.jsonl", log.rejects)}
-    train_lengths = clean.token_lengths([ex.record for ex in train], tokenizer)
-    eval_lengths = clean.token_lengths([ex.record for ex in evals], tokenizer)
+    train_lengths, eval_lengths = _lengths(train, tokenizer), _lengths(evals, tokenizer)
     plot_lengths(train_lengths, eval_lengths, max_length if data.overlong.enabled else None, out / "lengths.png")
     files["lengths_png"] = str(out / "lengths.png")
     specials = clean.special_token_hits([ex.record for ex in (*train, *evals)], tokenizer)
@@ -239,15 +239,14 @@ def _quality_filters(train: list[Example], data: Any, tokenizer: Any, max_length
                      else "")
     if ol.enabled:
         entry["truncated"] = 0
-        lengths = clean.token_lengths([ex.record for ex in train], tokenizer)
         kept = []
-        for ex, n in zip(train, lengths, strict=True):
+        for ex, n in zip(train, _lengths(train, tokenizer), strict=True):
             if n <= max_length:
                 kept.append(ex)
                 continue
             shorter = clean.truncate_to_fit(ex.record, tokenizer, max_length) if ol.action == "truncate" else None
             if shorter is not None:
-                ex.record = shorter
+                ex.record, ex.tokens = shorter, None
                 entry["truncated"] += 1
                 kept.append(ex)
             else:
@@ -258,6 +257,14 @@ def _quality_filters(train: list[Example], data: Any, tokenizer: Any, max_length
         train = kept
     _tick(timings, "overlong", clock)
     return train
+
+
+def _lengths(exs: list[Example], tokenizer: Any) -> list[int]:
+    """Token lengths of ``exs``, counting only those not yet counted."""
+    todo = [ex for ex in exs if ex.tokens is None]
+    for ex, n in zip(todo, clean.token_lengths([ex.record for ex in todo], tokenizer), strict=True):
+        ex.tokens = n
+    return [ex.tokens or 0 for ex in exs]
 
 
 def _drop_reasons(exs: list[Example], reasons: dict[int, str], rule: str, log: _Log) -> list[Example]:
@@ -272,8 +279,7 @@ def _drop_matches(exs: list[Example], matches: dict[int, clean.Match], reference
     keep = [True] * len(exs)
     for i in sorted(matches):
         m = matches[i]
-        how = "exact" if m.score >= 1.0 else f"similarity {m.score:.2f}"
-        reason = template.format(of=reference[m.of].id, score=m.score, how=how)
+        reason = template.format(of=reference[m.of].id, how=m.describe())
         if remove:
             log.drop(rule, exs[i], "train", reason, duplicate_of=reference[m.of])
             keep[i] = False
