@@ -263,3 +263,13 @@ def test_cli_prepares_files_with_a_config_and_prints_json(tmp_path, tiny_model_d
     payload = json.loads(run.stdout)
     assert (payload["train_examples"], payload["eval_examples"], payload["rejected"]) == (9, 3, 1)
     assert Path(payload["files"]["report_html"]).is_file()
+
+
+def test_a_long_shared_system_prompt_does_not_make_distinct_examples_near_duplicates(tmp_path, tiny_model_dir):
+    system = {"role": "system", "content": words(999, 300)}
+    rows = [{"messages": [system, *chat(i, answer_words=25)["messages"]]} for i in range(6)]
+    rows.append(rows[2])  # a real copy is still caught (exact, system prompt included)
+    src = write_jsonl(tmp_path / "a.jsonl", rows)
+    result = prepare(config(tiny_model_dir, eval_fraction=0, overlong={"max_length": 4096}), [src], tmp_path / "o")
+    assert result.train_examples == 6
+    assert result.removed_by_rule["minhash"] == 0 and result.removed_by_rule["exact_dedup"] == 1

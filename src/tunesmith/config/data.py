@@ -37,11 +37,13 @@ class MinHashSection(Section):
 class EmbeddingSection(Section):
     enabled: bool = True
     """Drop near-duplicates by sentence-embedding cosine similarity (the seed's method; catches paraphrases that
-    share few words). Runs on CPU at a few hundred examples per second, hence ``max_examples``."""
+    share few words). System messages are left out of the comparison, like for MinHash."""
 
-    max_examples: int | None = Field(20_000, ge=1)
+    max_examples: int | None = Field(10_000, ge=1)
     """Skip the embedding pass (with a note in the report) when the training split is larger than this; MinHash
-    still runs. 20,000 examples ≈ 45 s at ~450 examples/s on two CPU cores. None: no limit."""
+    still runs. On CPU the model embeds tens to hundreds of chat examples per second depending on their length
+    (bench/results/data_prepare.md), so 10,000 examples take minutes, 1,000,000 would take hours. None: no
+    limit (on a GPU machine)."""
 
     model: str | None = None
     """A sentence-transformers model folder. None: the all-MiniLM-L6-v2 model shipped in the PyPI package

@@ -33,10 +33,16 @@ class Match:
                 "embedding": f"cosine {self.score:.3f}"}[self.method]
 
 
-def conversation_text(record: dict[str, Any]) -> str:
-    """The text a duplicate check compares: every message's role and content, tool calls included."""
+def conversation_text(record: dict[str, Any], system: bool = True) -> str:
+    """The text a duplicate check compares: each message's role and content, tool calls included.
+
+    Near-duplicate checks leave system messages out (``system=False``): datasets often repeat one long system
+    prompt in every example, which would make every pair look alike (a 300-word prompt shared by two 50-word
+    exchanges alone gives a Jaccard similarity of ~0.75)."""
     parts = []
     for msg in record["messages"]:
+        if not system and msg["role"] == "system":
+            continue
         parts.append(f"{msg['role']}: {msg.get('content') or ''}")
         if msg.get("tool_calls"):
             parts.append(json.dumps(msg["tool_calls"], sort_keys=True, ensure_ascii=False))

@@ -127,10 +127,11 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
     tokenizer = load_tokenizer(cfg.model)
     train = _quality_filters(train, data, tokenizer, max_length, log, timings)
     clock = time.perf_counter()
-    texts = [clean.conversation_text(ex.record) for ex in train]
-    eval_texts = [clean.conversation_text(ex.record) for ex in evals]
+    keys = [clean.exact_key(clean.normalize(clean.conversation_text(ex.record))) for ex in train]
+    eval_keys = [clean.exact_key(clean.normalize(clean.conversation_text(ex.record))) for ex in evals]
+    texts = [clean.conversation_text(ex.record, system=False) for ex in train]  # near-duplicate checks
+    eval_texts = [clean.conversation_text(ex.record, system=False) for ex in evals]
     norms, eval_norms = [clean.normalize(t) for t in texts], [clean.normalize(t) for t in eval_texts]
-    keys, eval_keys = [clean.exact_key(t) for t in norms], [clean.exact_key(t) for t in eval_norms]
     sigs = eval_sigs = emb = eval_emb = None
     log.rule("exact_dedup", data.exact_dedup.enabled)
     if data.exact_dedup.enabled:
