@@ -139,14 +139,24 @@ def data_prepare(
     from .config import load_config
     from .data import prepare
 
-    hf_logging.disable_progress_bar()  # the CLI renders progress; model-loading bars would interleave with it
+    hf_logging.disable_progress_bar()  # model-loading bars would bury the summary below
     paths = paths or []
     config = paths[0] if paths and paths[0].suffix in (".yaml", ".yml") else None
     files = paths[1:] if config else paths
     overrides = [*(set_ or []), *(["data.on_bad_lines=skip"] if skip_bad_lines else [])]
     result = prepare(load_config(config, overrides), files=files, out_dir=out, eval_file=eval_file)
-    emit(result, as_json, lambda r: console.print(f"[green]prepared[/green]: {_escape(r.summary())}\n"
-                                                  f"  report: {r.files['report_md']}"))
+    emit(result, as_json, _render_prepared)
+
+
+def _render_prepared(r: Any) -> None:
+    from rich.table import Table
+
+    table = Table("rule", "removed", box=None, padding=(0, 2))
+    for rule, count in r.removed_by_rule.items():
+        table.add_row(rule, f"{count:,}")
+    console.print(table)
+    console.print(f"[green]prepared[/green]: {r.train_examples:,} train, {r.eval_examples:,} eval, "
+                  f"{r.rejected:,} rejected → {_escape(r.out_dir)}\n  report: {_escape(r.files['report_md'])}")
 
 
 @data_app.command("inspect")

@@ -91,15 +91,14 @@ def minhash_signatures(normalized: Sequence[str], num_perm: int, shingle_size: i
     single C call — this halves the signature time, the largest cost of the stage at 100k examples."""
     from datasketch import MinHash
 
-    shingles = []
-    for text in normalized:
+    def shingles(text: str) -> list[bytes]:
         words = text.split(" ")
         if len(words) <= shingle_size:
-            grams = [" ".join(words)]
-        else:
-            grams = [" ".join(words[i:i + shingle_size]) for i in range(len(words) - shingle_size + 1)]
-        shingles.append([g.encode("utf-8") for g in grams])
-    return MinHash.bulk(shingles, num_perm=num_perm, hashfunc=zlib.crc32)
+            return [text.encode("utf-8")]
+        return [" ".join(words[i:i + shingle_size]).encode("utf-8") for i in range(len(words) - shingle_size + 1)]
+
+    # a generator: one example's shingles exist at a time (all of them at once cost ~0.6 GB per 100k examples)
+    return list(MinHash.generator((shingles(t) for t in normalized), num_perm=num_perm, hashfunc=zlib.crc32))
 
 
 def minhash_duplicates(signatures: Sequence[Any], threshold: float, num_perm: int) -> dict[int, Match]:
@@ -156,7 +155,7 @@ def embed(texts: Sequence[str], model_path: str, batch_size: int) -> Any:
     word pieces of each text: a near-duplicate check of the opening, which is where copies show."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(model_path, device="cpu", local_files_only=True)
+    model = SentenceTransformer(model_path, local_files_only=True)  # a GPU when there is one, else CPU
     return model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
                         show_progress_bar=False)
 
@@ -217,8 +216,7 @@ def short_outputs(records: Sequence[dict[str, Any]], tokenizer: Any, min_tokens:
         for msg_index, text in trained_outputs(record):
             where.append((pos, msg_index))
             texts.append(text)
-    counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-              ] if texts else []
+    counts = _token_counts(tokenizer, texts, split_special=True)
     out: dict[int, str] = {}
     for (pos, msg_index), count in zip(where, counts, strict=True):
         if count < min_tokens and pos not in out:
@@ -277,21 +275,37 @@ def json_output_problems(records: Sequence[dict[str, Any]], validator: Any | Non
 def token_lengths(records: Sequence[dict[str, Any]], tokenizer: Any) -> list[int]:
     """Tokens per example exactly as training sees them (chat template, end-of-turn tokens, content as text).
 
-    Same segmentation as ``chat.tokenize_chat`` (so the counts are equal), but the pieces of all examples are
-    tokenised in two batched calls (content / template text) instead of one call per piece: ~3× faster."""
-    owners: dict[bool, list[int]] = {True: [], False: []}
-    texts: dict[bool, list[str]] = {True: [], False: []}
-    for pos, record in enumerate(records):
-        for seg in segments(tokenizer, record["messages"], record.get("tools")):
-            owners[seg.content].append(pos)
-            texts[seg.content].append(seg.text)
-    lengths = [0] * len(records)
-    for content, batch in texts.items():
-        if batch:
-            ids = tokenizer(batch, add_special_tokens=False, split_special_tokens=content)["input_ids"]
-            for pos, piece in zip(owners[content], ids, strict=True):
-                lengths[pos] += len(piece)
+    Same segmentation as ``chat.tokenize_chat`` (so the counts are equal), but the pieces of ``TOKENIZE_CHUNK``
+    examples at a time are tokenised in two batched calls (content / template text) instead of one call each."""
+    lengths: list[int] = []
+    for start in range(0, len(records), TOKENIZE_CHUNK):
+        chunk = records[start:start + TOKENIZE_CHUNK]
+        owners: dict[bool, list[int]] = {True: [], False: []}
+        texts: dict[bool, list[str]] = {True: [], False: []}
+        for pos, record in enumerate(chunk):
+            for seg in segments(tokenizer, record["messages"], record.get("tools")):
+                owners[seg.content].append(pos)
+                texts[seg.content].append(seg.text)
+        counts = [0] * len(chunk)
+        for content, batch in texts.items():
+            for pos, n in zip(owners[content], _token_counts(tokenizer, batch, split_special=content), strict=True):
+                counts[pos] += n
+        lengths += counts
     return lengths
+
+
+TOKENIZE_CHUNK = 2048
+"""Texts tokenised per call: batching is what makes it fast, chunking keeps memory flat (token-id lists of
+100,000 examples at once took gigabytes)."""
+
+
+def _token_counts(tokenizer: Any, texts: Sequence[str], split_special: bool) -> list[int]:
+    out: list[int] = []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = list(texts[start:start + TOKENIZE_CHUNK])
+        out += [len(ids) for ids in tokenizer(chunk, add_special_tokens=False,
+                                              split_special_tokens=split_special)["input_ids"]]
+    return out
 
 
 def truncate_to_fit(record: dict[str, Any], tokenizer: Any, max_length: int) -> dict[str, Any] | None:

@@ -32,12 +32,18 @@ survives a duplicate cluster is one that passed them."""
 
 @dataclass(frozen=True)
 class PrepareResult:
+    """What ``prepare`` wrote: counts, where, and how long each stage took."""
+
     out_dir: str
     train_examples: int
     eval_examples: int
     rejected: int
+    """Lines in rejects.jsonl (every example that was read but is in neither split)."""
     removed_by_rule: dict[str, int]
+    """Examples each rule removed, in the order the rules ran (with ``leakage.action: report``, the leakage
+    count is of examples flagged and kept)."""
     truncated: int
+    """Over-long examples kept by removing whole turns (``overlong.action: truncate``)."""
     files: dict[str, str]
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -318,10 +324,12 @@ def _resolve_config(config: Any) -> Any:
     if isinstance(config, dict):
         from pydantic import ValidationError
 
+        from ..config import _format_validation
+
         try:
             return Config.model_validate(config)
         except ValidationError as exc:
-            raise UserError(f"invalid config: {exc}") from None
+            raise UserError(_format_validation(exc, "<config values>", {})) from None
     raise TypeError(f"config must be a Config, a dict, a path or None, not {type(config).__name__}")
 
 
