@@ -153,6 +153,7 @@ def main() -> None:
         from tunesmith.models import load_tokenizer  # build the tiny model once, outside the timed run
 
         load_tokenizer(ModelConfig(name_or_path="local:tiny"))
+        rss_before_prepare = rss_mb()
         t0 = time.perf_counter()
         result = prepare(cfg, [src], work / "prepared")
         wall = time.perf_counter() - t0
@@ -182,8 +183,11 @@ def main() -> None:
 
         # 2. embedding pass on a subset: the first originals plus near copies planted among them
         near_pairs = [(c, o) for c, o, k in pairs if k == "near"]
-        sub_pairs = near_pairs[: args.embed_subset // 10]
-        chosen = sorted({i for p in sub_pairs for i in p} | set(range(args.embed_subset)))[: args.embed_subset]
+        sub_pairs = near_pairs[: args.embed_subset // 10]  # 10% of the subset are planted near pairs …
+        in_pairs = {i for c, o, _k in pairs for i in (c, o)}
+        members = {i for p in sub_pairs for i in p}
+        fillers = [i for i in range(len(rows)) if i not in in_pairs][: args.embed_subset - len(members)]
+        chosen = sorted(members | set(fillers))  # … the rest are originals with no planted copy
         index = {pos: i for i, pos in enumerate(chosen)}
         texts = [clean.conversation_text(rows[pos]) for pos in chosen]
         model_path = clean.default_embedding_model()
@@ -205,6 +209,7 @@ def main() -> None:
         print(f"embedding: {rate:.0f} examples/s, recall {emb_recall:.3f} precision {emb_precision:.3f}", flush=True)
 
         mh_s = result.timings_s["exact_dedup"] + result.timings_s["minhash"]
+        mh_cpu = result.cpu_s["exact_dedup"] + result.cpu_s["minhash"]
         results = {
             "command": "OMP_NUM_THREADS=1 PYTHONPATH=src python bench/data_prepare.py "
                        + " ".join(sys.argv[1:]),
@@ -215,10 +220,13 @@ def main() -> None:
             "dataset": {"examples": len(rows), "bytes": src.stat().st_size, "planted_exact": args.exact,
                         "planted_near": args.near, "near_edit": "1-3 words replaced/inserted/deleted in the answer",
                         "exact_variants": "half verbatim, half upper-cased with doubled spaces"},
-            "prepare": {"wall_s": round(wall, 1), "stages_s": result.timings_s,
-                        "exact_plus_minhash_s": round(mh_s, 1), "train": result.train_examples,
+            "prepare": {"wall_s": round(wall, 1), "stages_s": result.timings_s, "stages_cpu_s": result.cpu_s,
+                        "cpu_s": round(sum(result.cpu_s.values()), 1),
+                        "exact_plus_minhash_s": round(mh_s, 1), "exact_plus_minhash_cpu_s": round(mh_cpu, 1),
+                        "train": result.train_examples,
                         "eval": result.eval_examples, "rejected": result.rejected,
                         "removed_by_rule": result.removed_by_rule, "peak_rss_mb": rss_after_prepare,
+                        "peak_rss_before_prepare_mb": rss_before_prepare,
                         "config": "defaults (minhash threshold 0.7, 128 perms, word 3-grams), embedding off"},
             "planted_pairs": stats, "duplicate_precision": precision, "false_positive_drops": len(false_pos),
             "embedding": {"subset": len(texts), "planted_near_pairs_in_subset": len(near_in_sub),
@@ -249,23 +257,30 @@ def _cpu_name() -> str:
 
 def _markdown(r: dict) -> str:
     p, e, s = r["prepare"], r["embedding"], r["planted_pairs"]
-    st = p["stages_s"]
+    st, cpu = p["stages_s"], p["stages_cpu_s"]
+
+    def both(*names: str) -> str:
+        return " / ".join(f"{st[n]:.1f}" for n in names) + " s wall (" + " / ".join(
+            f"{cpu[n]:.1f}" for n in names) + " s CPU)"
+
     rows = [
         ("examples (planted exact / near duplicates)", f"{r['dataset']['examples']:,} "
                                                         f"({r['dataset']['planted_exact']:,} / "
                                                         f"{r['dataset']['planted_near']:,})"),
-        ("exact + MinHash dedup", f"{p['exact_plus_minhash_s']} s (target ≤ 60 s)"),
-        ("whole `prepare` (embedding off)", f"{p['wall_s']} s"),
-        ("  read / validate", f"{st['read']} / {st['validate']} s"),
-        ("  short outputs / over-long (tokenising)", f"{st['short_outputs']} / {st['overlong']} s"),
-        ("  exact / MinHash / leakage", f"{st['exact_dedup']} / {st['minhash']} / {st['leakage']} s"),
-        ("  write + report (lengths of the rest, histogram)", f"{st['write_and_report']} s"),
+        ("**exact + MinHash dedup** (target ≤ 60 s)", f"**{p['exact_plus_minhash_s']} s wall, "
+                                                      f"{p['exact_plus_minhash_cpu_s']} s CPU**"),
+        ("whole `prepare` (embedding off)", f"{p['wall_s']} s wall ({p['cpu_s']} s CPU)"),
+        ("  read / validate", both("read", "validate")),
+        ("  short outputs / over-long (tokenising, chat template)", both("short_outputs", "overlong")),
+        ("  exact / MinHash / leakage", both("exact_dedup", "minhash", "leakage")),
+        ("  write + report (lengths of eval, histogram, sha256)", both("write_and_report")),
         ("recall, planted exact duplicates", f"{s['exact']['recall']:.2%} ({s['exact']['detected']:,} of "
                                              f"{s['exact']['checkable']:,})"),
         ("recall, planted near duplicates (MinHash)", f"{s['near']['recall']:.2%} ({s['near']['detected']:,} of "
                                                       f"{s['near']['checkable']:,})"),
         ("precision of duplicate drops", f"{r['duplicate_precision']:.2%} ({r['false_positive_drops']} false)"),
-        ("peak RSS after prepare", f"{p['peak_rss_mb']:,} MB"),
+        ("peak RSS after prepare (before it: generator + its copy of the data)",
+         f"{p['peak_rss_mb']:,} MB ({p['peak_rss_before_prepare_mb']:,} MB)"),
         ("embedding encode (all-MiniLM-L6-v2, CPU)", f"{e['examples_per_s']} examples/s on {e['subset']:,} "
                                                       f"(100k ≈ {e['extrapolated_100k_encode_s']:.0f} s, "
                                                       "extrapolated)"),

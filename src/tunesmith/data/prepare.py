@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +47,9 @@ class PrepareResult:
     """Over-long examples kept by removing whole turns (``overlong.action: truncate``)."""
     files: dict[str, str]
     timings_s: dict[str, float] = field(default_factory=dict)
+    """Wall-clock seconds per stage."""
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds of this process per stage (comparable across runs on a busy machine, unlike wall time)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,13 +95,12 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
     eval_path = str(eval_file) if eval_file else data.eval_file
     out = Path(out_dir or data.out_dir or Path(cfg.out_dir) / "data")
     max_length = data.overlong.max_length or cfg.train.max_length
-    log, timings = _Log(), {}
-    clock = time.perf_counter()
+    log, watch = _Log(), _Stopwatch()
 
     # 1. read: every non-blank line, parsed and converted to the canonical record (problems kept per line)
     pool = [ex for f in train_files for ex in read_file(f, data.max_line_bytes, data.max_depth)]
     given_eval = read_file(eval_path, data.max_line_bytes, data.max_depth) if eval_path else None
-    clock = _tick(timings, "read", clock)
+    watch.lap("read")
 
     # 2. hold out the eval split FIRST: by position and seed only, so no cleaning decision can shape it
     if given_eval is not None:
@@ -111,136 +114,184 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
                    "before validation and cleaning")
 
     # 3. validate: structural problems stop the run (all listed) unless bad lines are to be skipped
-    for ex in (*train, *evals):
-        if ex.record is not None:
-            ex.problems += check_record(ex.record, ex.source, ex.line)
-    if data.on_bad_lines == "error":
-        raise_problems(sorted((p for ex in (*pool, *(given_eval or [])) for p in ex.problems),
-                              key=lambda p: (p.source, p.line or 0)), data.max_errors)
-    log.rule("validate")
-    for split, exs in (("train", train), ("eval", evals)):
-        for ex in exs:
-            if ex.problems:
-                log.drop("validate", ex, split, "; ".join(f"{p.field}: {p.reason}" if p.field else p.reason
-                                                          for p in ex.problems))
-    train = [ex for ex in train if not ex.problems]
-    evals = [ex for ex in evals if not ex.problems]
-    clock = _tick(timings, "validate", clock)
+    train, evals = _validate(train, evals, data.on_bad_lines, data.max_errors, log)
+    watch.lap("validate")
 
-    # 4. clean the train split, one rule at a time (quality filters first, then duplicates)
+    # 4. clean the train split, one rule at a time: quality filters first, then duplicates
     from ..models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    train = _quality_filters(train, data, tokenizer, max_length, log, timings)
-    clock = time.perf_counter()
-    keys = [clean.exact_key(clean.normalize(clean.conversation_text(ex.record))) for ex in train]
-    eval_keys = [clean.exact_key(clean.normalize(clean.conversation_text(ex.record))) for ex in evals]
-    texts = [clean.conversation_text(ex.record, system=False) for ex in train]  # near-duplicate checks
-    eval_texts = [clean.conversation_text(ex.record, system=False) for ex in evals]
-    norms, eval_norms = [clean.normalize(t) for t in texts], [clean.normalize(t) for t in eval_texts]
-    sigs = eval_sigs = emb = eval_emb = None
-    log.rule("exact_dedup", data.exact_dedup.enabled)
-    if data.exact_dedup.enabled:
-        keep = _drop_matches(train, clean.exact_duplicates(keys), train, "exact_dedup", "exact duplicate of {of}",
-                             log)
-        train, texts, norms, keys = (_select(x, keep) for x in (train, texts, norms, keys))
-    clock = _tick(timings, "exact_dedup", clock)
-    mh = data.minhash
-    log.rule("minhash", mh.enabled)
-    if mh.enabled:
-        sigs = clean.minhash_signatures(norms, mh.num_perm, mh.shingle_size)
-        keep = _drop_matches(train, clean.minhash_duplicates(sigs, mh.threshold, mh.num_perm), train, "minhash",
-                             "near-duplicate of {of} ({how})", log)
-        train, texts, norms, keys, sigs = (_select(x, keep) for x in (train, texts, norms, keys, sigs))
-    clock = _tick(timings, "minhash", clock)
-    em = data.embedding
-    too_many = em.max_examples is not None and len(train) > em.max_examples
-    run_embedding = em.enabled and not too_many and bool(train)
-    log.rule("embedding", em.enabled, note=(f"skipped: {len(train):,} examples > embedding.max_examples "
-                                            f"{em.max_examples:,}" if em.enabled and too_many else ""))
-    if run_embedding:
-        emb = clean.embed(texts, em.model or clean.default_embedding_model(), em.batch_size)
-        keep = _drop_matches(train, clean.embedding_duplicates(emb, em.threshold), train, "embedding",
-                             "near-duplicate of {of} ({how})", log)
-        train, texts, norms, keys, emb = (_select(x, keep) for x in (train, texts, norms, keys, emb))
-        if sigs is not None:
-            sigs = _select(sigs, keep)
-    clock = _tick(timings, "embedding", clock)
+    watch.lap("load_tokenizer")
+    train = _quality_filters(train, data, tokenizer, max_length, log, watch)
+    train, features = _deduplicate(train, data, log, watch)
 
-    # 5. leakage: train examples that duplicate eval examples (exact, then the near-duplicate rules enabled)
-    lk = data.leakage
-    log.rule("leakage", lk.enabled and bool(evals), note=f"action: {lk.action}" if lk.enabled else "")
-    if lk.enabled and evals:
-        leaks = clean.exact_matches(keys, eval_keys)
-        if sigs is not None:
-            eval_sigs = clean.minhash_signatures(eval_norms, mh.num_perm, mh.shingle_size)
-            leaks = {**clean.minhash_matches(sigs, eval_sigs, mh.threshold, mh.num_perm), **leaks}
-        if emb is not None:
-            eval_emb = clean.embed(eval_texts, em.model or clean.default_embedding_model(), em.batch_size)
-            leaks = {**clean.embedding_matches(emb, eval_emb, em.threshold), **leaks}
-        keep = _drop_matches(train, leaks, evals, "leakage", "duplicates eval example {of} ({how})", log,
-                             remove=lk.action == "remove")
-        train = _select(train, keep)
-    clock = _tick(timings, "leakage", clock)
+    # 5. leakage: train examples that duplicate eval examples (exact, then the near-duplicate rules that ran)
+    train = _remove_leakage(train, features, evals, data, log)
+    watch.lap("leakage")
 
-    # 6. write the splits, the rejects and the manifest; then 7. the report
+    # 6. write the splits and the rejects; 7. the report, the histogram and the manifest
     out.mkdir(parents=True, exist_ok=True)
     files = {"train": _write_jsonl(out / "train.jsonl", (ex.record for ex in train)),
              "eval": _write_jsonl(out / "eval.jsonl", (ex.record for ex in evals)),
              "rejects": _write_jsonl(out / "rejects.jsonl", log.rejects)}
-    train_lengths, eval_lengths = _lengths(train, tokenizer), _lengths(evals, tokenizer)
-    plot_lengths(train_lengths, eval_lengths, max_length if data.overlong.enabled else None, out / "lengths.png")
-    files["lengths_png"] = str(out / "lengths.png")
-    specials = clean.special_token_hits([ex.record for ex in (*train, *evals)], tokenizer)
     inputs = [{"path": f, "split": "train" if given_eval is not None else "train+eval", "sha256": _sha256(f),
                "examples": sum(1 for ex in pool if ex.source == f)} for f in train_files]
     if eval_path:
         inputs.append({"path": eval_path, "split": "eval", "sha256": _sha256(eval_path),
                        "examples": len(given_eval or [])})
-    counts = {"read": len(pool) + len(given_eval or []), "train": len(train), "eval": len(evals),
-              "rejected": len(log.rejects)}
-    report = {
-        "model": cfg.model.name_or_path, "inputs": inputs, "counts": counts,
-        "holdout": {"description": holdout, "seed": data.seed, "eval_fraction": data.eval_fraction,
-                    "eval_file": eval_path},
-        "formats": _format_counts(pool, given_eval),
-        "rules": {name: log.rules[name] for name in RULES if name in log.rules},
-        "lengths": {"max_length": max_length, "splits": {"train": length_stats(train_lengths),
-                                                         "eval": length_stats(eval_lengths)}},
-        "roles": {"train": role_counts([ex.record for ex in train]), "eval": role_counts([ex.record for ex in evals])},
-        "turns": {"train": turn_counts([ex.record for ex in train]), "eval": turn_counts([ex.record for ex in evals])},
-        "special_tokens": {"examples": len(specials), "tokens": sorted({t for ts in specials.values() for t in ts}),
-                           "example_ids": [(*train, *evals)[i].id for i in list(specials)[:EXAMPLES_PER_RULE]]},
-    }
+    report = _build_report([*pool, *(given_eval or [])], train, evals, log, tokenizer, inputs, holdout, cfg,
+                           max_length, out)
+    files["lengths_png"] = str(out / "lengths.png")
     files.update(write_reports(report, log.snippets, out))
-    files["manifest"] = _write_manifest(out / "manifest.json", cfg, train_files, eval_path, inputs, counts, files)
-    timings = {**timings, "write_and_report": round(time.perf_counter() - clock, 3)}
+    files["manifest"] = _write_manifest(out / "manifest.json", cfg, train_files, eval_path, inputs, report["counts"],
+                                        files)
+    watch.lap("write_and_report")
     if len(train) < data.min_examples:
         raise UserError(f"only {len(train)} training example(s) left after cleaning, fewer than data.min_examples "
                         f"({data.min_examples}); see {files['report_md']}",
                         hint="add data, relax the rules that removed most, or lower data.min_examples")
     return PrepareResult(str(out), len(train), len(evals), len(log.rejects),
                          {k: v["count"] for k, v in report["rules"].items()},
-                         log.rules["overlong"].get("truncated", 0), files, timings)
+                         log.rules["overlong"].get("truncated", 0), files, watch.wall_s, watch.cpu_s)
+
+
+def _validate(train: list[Example], evals: list[Example], on_bad_lines: str, max_errors: int,
+              log: _Log) -> tuple[list[Example], list[Example]]:
+    """Check every readable record; stop with all problems listed, or reject the bad lines (``skip``)."""
+    for ex in (*train, *evals):
+        if ex.record is not None:
+            ex.problems += check_record(ex.record, ex.source, ex.line)
+    if on_bad_lines == "error":
+        raise_problems(sorted((p for ex in (*train, *evals) for p in ex.problems),
+                              key=lambda p: (p.source, p.line or 0)), max_errors)
+    log.rule("validate")
+    for split, exs in (("train", train), ("eval", evals)):
+        for ex in exs:
+            if ex.problems:
+                log.drop("validate", ex, split, "; ".join(f"{p.field}: {p.reason}" if p.field else p.reason
+                                                          for p in ex.problems))
+    return [ex for ex in train if not ex.problems], [ex for ex in evals if not ex.problems]
+
+
+@dataclass
+class _Features:
+    """What the duplicate rules compare, one entry per train example (kept aligned as examples are dropped)."""
+
+    keys: list[str]
+    """Exact keys: the whole normalised conversation, system messages included."""
+    texts: list[str]
+    """Near-duplicate text: the conversation without system messages (see ``clean.conversation_text``)."""
+    norms: list[str]
+    sigs: list[Any] | None = None
+    emb: Any = None
+
+    @classmethod
+    def of(cls, exs: Sequence[Example]) -> _Features:
+        keys = [clean.exact_key(clean.normalize(clean.conversation_text(ex.record))) for ex in exs]
+        texts = [clean.conversation_text(ex.record, system=False) for ex in exs]
+        return cls(keys, texts, [clean.normalize(t) for t in texts])
+
+    def select(self, keep: list[bool]) -> _Features:
+        return _Features(_select(self.keys, keep), _select(self.texts, keep), _select(self.norms, keep),
+                         None if self.sigs is None else _select(self.sigs, keep),
+                         None if self.emb is None else _select(self.emb, keep))
+
+
+def _deduplicate(train: list[Example], data: Any, log: _Log,
+                 watch: _Stopwatch) -> tuple[list[Example], _Features]:
+    """Exact, MinHash and embedding near-duplicates within train; the first of each cluster stays."""
+    feats = _Features.of(train)
+    log.rule("exact_dedup", data.exact_dedup.enabled)
+    if data.exact_dedup.enabled:
+        keep = _drop_matches(train, clean.exact_duplicates(feats.keys), train, "exact_dedup",
+                             "exact duplicate of {of}", log)
+        train, feats = _select(train, keep), feats.select(keep)
+    watch.lap("exact_dedup")
+    mh = data.minhash
+    log.rule("minhash", mh.enabled)
+    if mh.enabled:
+        feats.sigs = clean.minhash_signatures(feats.norms, mh.num_perm, mh.shingle_size)
+        keep = _drop_matches(train, clean.minhash_duplicates(feats.sigs, mh.threshold, mh.num_perm), train,
+                             "minhash", "near-duplicate of {of} ({how})", log)
+        train, feats = _select(train, keep), feats.select(keep)
+    watch.lap("minhash")
+    em = data.embedding
+    too_many = em.max_examples is not None and len(train) > em.max_examples
+    log.rule("embedding", em.enabled, note=(f"skipped: {len(train):,} examples > embedding.max_examples "
+                                            f"{em.max_examples:,}" if em.enabled and too_many else ""))
+    if em.enabled and not too_many and train:
+        feats.emb = clean.embed(feats.texts, em.model or clean.default_embedding_model(), em.batch_size)
+        keep = _drop_matches(train, clean.embedding_duplicates(feats.emb, em.threshold), train, "embedding",
+                             "near-duplicate of {of} ({how})", log)
+        train, feats = _select(train, keep), feats.select(keep)
+    watch.lap("embedding")
+    return train, feats
+
+
+def _remove_leakage(train: list[Example], feats: _Features, evals: list[Example], data: Any,
+                    log: _Log) -> list[Example]:
+    """Train examples that copy an eval example: removed (or only reported, ``leakage.action: report``)."""
+    lk = data.leakage
+    log.rule("leakage", lk.enabled and bool(evals), note=f"action: {lk.action}" if lk.enabled else "")
+    if not (lk.enabled and evals and train):
+        return train
+    ev = _Features.of(evals)
+    leaks: dict[int, clean.Match] = {}
+    if feats.emb is not None:
+        em = data.embedding
+        ev.emb = clean.embed(ev.texts, em.model or clean.default_embedding_model(), em.batch_size)
+        leaks.update(clean.embedding_matches(feats.emb, ev.emb, em.threshold))
+    if feats.sigs is not None:
+        mh = data.minhash
+        ev.sigs = clean.minhash_signatures(ev.norms, mh.num_perm, mh.shingle_size)
+        leaks.update(clean.minhash_matches(feats.sigs, ev.sigs, mh.threshold, mh.num_perm))
+    leaks.update(clean.exact_matches(feats.keys, ev.keys))  # the strongest evidence names the match
+    keep = _drop_matches(train, leaks, evals, "leakage", "duplicates eval example {of} ({how})", log,
+                         remove=lk.action == "remove")
+    return _select(train, keep)
+
+
+def _build_report(read: Sequence[Example], train: list[Example], evals: list[Example], log: _Log, tokenizer: Any,
+                  inputs: list[dict[str, Any]], holdout: str, cfg: Any, max_length: int, out: Path) -> dict[str, Any]:
+    """The report's content (and lengths.png): counts per rule, lengths, roles, turns, special-token text."""
+    data = cfg.data
+    train_lengths, eval_lengths = _lengths(train, tokenizer), _lengths(evals, tokenizer)
+    plot_lengths(train_lengths, eval_lengths, max_length if data.overlong.enabled else None, out / "lengths.png")
+    both = [*train, *evals]
+    specials = clean.special_token_hits([ex.record for ex in both], tokenizer)
+    train_records, eval_records = [ex.record for ex in train], [ex.record for ex in evals]
+    return {
+        "model": cfg.model.name_or_path, "inputs": inputs,
+        "counts": {"read": len(read), "train": len(train), "eval": len(evals),
+                   "rejected": len(log.rejects)},
+        "holdout": {"description": holdout, "seed": data.seed, "eval_fraction": data.eval_fraction},
+        "formats": dict(Counter(ex.format or "unreadable" for ex in read)),
+        "rules": {name: log.rules[name] for name in RULES if name in log.rules},
+        "lengths": {"max_length": max_length, "splits": {"train": length_stats(train_lengths),
+                                                         "eval": length_stats(eval_lengths)}},
+        "roles": {"train": role_counts(train_records), "eval": role_counts(eval_records)},
+        "turns": {"train": turn_counts(train_records), "eval": turn_counts(eval_records)},
+        "special_tokens": {"examples": len(specials), "tokens": sorted({t for ts in specials.values() for t in ts}),
+                           "example_ids": [both[i].id for i in list(specials)[:EXAMPLES_PER_RULE]]},
+    }
 
 
 def _quality_filters(train: list[Example], data: Any, tokenizer: Any, max_length: int, log: _Log,
-                     timings: dict[str, float]) -> list[Example]:
+                     watch: _Stopwatch) -> list[Example]:
     """Short outputs, JSON outputs and over-long examples (drop or truncate by whole turns)."""
-    clock = time.perf_counter()
     so = data.short_outputs
     log.rule("short_outputs", so.enabled, note=f"min {so.min_tokens} tokens" if so.enabled else "")
     if so.enabled:
         train = _drop_reasons(train, clean.short_outputs([ex.record for ex in train], tokenizer, so.min_tokens),
                               "short_outputs", log)
-    clock = _tick(timings, "short_outputs", clock)
+    watch.lap("short_outputs")
     jo = data.json_outputs
     log.rule("json_outputs", jo.enabled, note=f"schema {jo.json_schema}" if jo.json_schema else "")
     if jo.enabled:
         validator = clean.load_json_schema(jo.json_schema) if jo.json_schema else None
         train = _drop_reasons(train, clean.json_output_problems([ex.record for ex in train], validator),
                               "json_outputs", log)
-    clock = _tick(timings, "json_outputs", clock)
+    watch.lap("json_outputs")
     ol = data.overlong
     entry = log.rule("overlong", ol.enabled, note=f"max_length {max_length}, action: {ol.action}" if ol.enabled
                      else "")
@@ -262,7 +313,7 @@ def _quality_filters(train: list[Example], data: Any, tokenizer: Any, max_length
         if entry["truncated"]:
             entry["note"] += f"; {entry['truncated']} truncated by whole turns"
         train = kept
-    _tick(timings, "overlong", clock)
+    watch.lap("overlong")
     return train
 
 
@@ -306,10 +357,20 @@ def _select(items: Any, keep: list[bool]) -> Any:
     return [x for x, k in zip(items, keep, strict=True) if k]
 
 
-def _tick(timings: dict[str, float], name: str, since: float) -> float:
-    now = time.perf_counter()
-    timings[name] = round(now - since, 3)
-    return now
+@dataclass
+class _Stopwatch:
+    """Wall and CPU seconds per stage: ``lap(name)`` records the time since the previous lap."""
+
+    wall_s: dict[str, float] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    _wall: float = field(default_factory=time.perf_counter)
+    _cpu: float = field(default_factory=time.process_time)
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.wall_s[name] = round(wall - self._wall, 3)
+        self.cpu_s[name] = round(cpu - self._cpu, 3)
+        self._wall, self._cpu = wall, cpu
 
 
 def _resolve_config(config: Any) -> Any:
@@ -346,14 +407,6 @@ def _write_jsonl(path: Path, rows: Any) -> str:
 def _sha256(path: str) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _format_counts(pool: list[Example], given_eval: list[Example] | None) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for ex in (*pool, *(given_eval or [])):
-        name = ex.format or "unreadable"
-        counts[name] = counts.get(name, 0) + 1
-    return counts
 
 
 def _write_manifest(path: Path, cfg: Any, train_files: list[str], eval_path: str | None, inputs: list[dict[str, Any]],
