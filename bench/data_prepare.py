@@ -296,9 +296,9 @@ def _markdown(r: dict) -> str:
         f"{m['load_average_at_start']}, at end {m['load_average_at_end']}. {m['note']}.", "",
         "| measure | result |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows], "",
         "Notes:", "",
-        "- Wall times depend on the other jobs sharing the two cores; CPU seconds are the stable measure. Another "
-        "run of the same algorithms under heavier load (load average ~7) took 82.1 s wall for exact + MinHash, a "
-        "lighter-loaded one 35.8 s.",
+        "- Wall times depend on the other jobs sharing the two cores; CPU seconds are the stable measure. Two "
+        "earlier runs of the same algorithms on this shared machine took 35.8 s and 82.1 s wall for exact + MinHash "
+        "(over the 60 s target in the second).",
         "- Counting tokens (chat template included, exactly as training tokenises) dominates the stage. The test "
         "model's 512-token vocabulary splits English into many more tokens than a real tokenizer, so this is a "
         "pessimistic case.",
