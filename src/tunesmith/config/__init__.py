@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from ..errors import UserError
 from .base import Section
 from .data import DataConfig
+from .eval import EvalConfig, MetricConfig, metric_name
 from .model import ModelConfig
 from .train import PRESETS, SEED_TARGETS, LoraSection, QuantSection, TrainConfig
 
@@ -24,13 +25,16 @@ __all__ = [
     "SEED_TARGETS",
     "Config",
     "DataConfig",
+    "EvalConfig",
     "LoraSection",
+    "MetricConfig",
     "ModelConfig",
     "QuantSection",
     "Section",
     "TrainConfig",
     "dump_config",
     "load_config",
+    "metric_name",
 ]
 
 
@@ -48,6 +52,9 @@ class Config(Section):
 
     train: TrainConfig = TrainConfig()
     """Training method and hyper-parameters."""
+
+    eval: EvalConfig = EvalConfig()
+    """Task-specific evaluation: eval set, metrics, generation."""
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -98,6 +105,11 @@ def _collect_lines(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...]
             key = (*prefix, str(key_node.value))
             out[key] = key_node.start_mark.line + 1
             _collect_lines(value_node, key, out)
+    elif isinstance(node, yaml.SequenceNode):  # list items (eval.metrics) get their own line numbers
+        for i, item in enumerate(node.value):
+            key = (*prefix, str(i))
+            out[key] = item.start_mark.line + 1
+            _collect_lines(item, key, out)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

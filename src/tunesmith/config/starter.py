@@ -44,5 +44,9 @@ def _emit(model: BaseModel, lines: list[str], indent: int) -> None:
 
 
 def _scalar(value: Any) -> str:
+    from pydantic_core import to_jsonable_python
+
+    # lists of sub-models (eval.metrics) are written as plain mappings
+    value = to_jsonable_python(value, exclude_none=True)
     dumped = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
     return dumped.removesuffix("\n...").removesuffix("...").strip()

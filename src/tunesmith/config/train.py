@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import Section
 
@@ -110,12 +110,17 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Compute precision. ``auto``: bf16 autocast where the hardware has it, else fp32."""
 
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """Recompute activations in backward to save memory. ``auto``: on for qlora, off otherwise."""
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    """Recompute activations in backward to save memory. ``auto``: on for qlora and on GPUs, off on the CPU."""
 
-    packing: Literal["auto", "on", "off"] = "auto"
+    packing: Literal["auto"] | bool = "auto"
     """Padding-free packing: concatenate examples into one row with per-example position ids, so no token
     attends across examples and no compute is spent on padding. ``auto``: on for CUDA, off on the CPU."""
+
+    compile: Literal["auto"] | bool = "auto"
+    """Compile each decoder layer with torch.compile (fuses norms, RoPE, SwiGLU and the adapters' small ops; the
+    first steps wait ~1 minute for compilation). ``auto``: on for lora on one CUDA GPU (+17% tokens/s on an 8B
+    model, bench/results/fast_engine.md), off elsewhere (not yet measured with 4-bit layers or FSDP2)."""
 
     logging_steps: int = Field(10, ge=1)
     """Log loss, learning rate and throughput every N optimizer steps."""
@@ -135,6 +140,14 @@ class TrainConfig(Section):
     eval_steps: int = Field(100, ge=1)
     """Evaluate every N optimizer steps when eval_strategy is ``steps``."""
 
+    task_eval_samples: int = Field(0, ge=0)
+    """At each evaluation, also generate answers for this many eval examples and score them with ``eval.metrics``
+    (logged as ``task_<metric>``). 0: off (generation is slow; loss and token accuracy are always logged)."""
+
+    on_oom: Literal["fail", "shrink"] = "fail"
+    """Out of GPU memory: stop with advice (``fail``), or retry the step with half-size micro-batches (``shrink``)
+    — the step keeps the same sequences, so the optimisation is unchanged."""
+
     seed: int = 42
     """Seeds weights of new adapters, data order and dropout."""
 
@@ -146,6 +159,17 @@ class TrainConfig(Section):
 
     on_config_change: Literal["refuse", "warn"] = "refuse"
     """On ``--resume``, what to do if the config or data differ from the checkpoint's."""
+
+    @field_validator("save_strategy", "eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false
+        return "no" if value is False else value
+
+    @field_validator("gradient_checkpointing", "packing", "compile", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        return {"on": True, "off": False}.get(value, value) if isinstance(value, str) else value
 
     @model_validator(mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import RunError
 from ..manifest import sha256_file
+from .distributed import Processes, barrier
 
 log = logging.getLogger(__name__)
 
@@ -43,37 +44,56 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save(root: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any],
-         keep: int | None) -> Path:
-    """Write checkpoint ``step`` atomically; prune to the newest ``keep``. Disk-full is a RunError."""
+         keep: int | None, procs: Processes | None = None) -> Path:
+    """Write checkpoint ``step`` atomically; prune to the newest ``keep``. Disk-full is a RunError.
+
+    One process: trainable weights as safetensors + optimizer/scheduler/RNG states. Several (FSDP2): every process
+    writes its shards with torch.distributed.checkpoint, then the main process seals and renames the folder."""
+    procs = procs or Processes(0, 1, 0, torch.device("cpu"))
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{step}"
     final = root / f"step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    if procs.main:
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-                   tmp / "states.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        files = {}
-        for f in sorted(tmp.iterdir()):
-            _fsync(f)
-            files[f.name] = sha256_file(f)
-        index = tmp / INDEX
-        index.write_text(json.dumps({"step": step, "files": files}, indent=2))
-        _fsync(index)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+    barrier(procs)
+    try:
+        if procs.distributed:
+            _save_sharded(tmp, model, optimizer, procs)
+            torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / f"states-{procs.rank}.pt")
+        else:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": _rng_state()}, tmp / "states.pt")
+        barrier(procs)
+        if procs.main:
+            _seal(tmp, final, root, step, state)
+        barrier(procs)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise RunError(f"disk full while writing checkpoint {step} in {root}; the previous checkpoint is intact",
                            hint="free disk space or lower train.save_total_limit, then resume with --resume") from None
         raise RunError(f"could not write checkpoint {step} in {root}: {exc}") from None
-    _prune(root, keep)
+    if procs.main:
+        _prune(root, keep)
     return final
+
+
+def _seal(tmp: Path, final: Path, root: Path, step: int, state: dict[str, Any]) -> None:
+    """Write the trainer state and the checksum index last, then rename: the checkpoint exists or it does not."""
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        _fsync(f)
+        files[f.name] = sha256_file(f)
+    index = tmp / INDEX
+    index.write_text(json.dumps({"step": step, "files": files}, indent=2))
+    _fsync(index)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
 
 
 def latest(root: Path) -> Checkpoint | None:
@@ -93,8 +113,15 @@ def latest(root: Path) -> Checkpoint | None:
     return None
 
 
-def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
+def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+            procs: Processes | None = None) -> None:
     """Load trainable weights, optimizer, scheduler and RNG states from a verified checkpoint."""
+    if procs is not None and procs.distributed:
+        _load_sharded(ckpt.path, model, optimizer)
+        states = torch.load(ckpt.path / f"states-{procs.rank}.pt", weights_only=True, map_location="cpu")
+        scheduler.load_state_dict(states["scheduler"])
+        _set_rng_state(states["rng"])
+        return
     weights = load_file(str(ckpt.path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -108,6 +135,27 @@ def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: Any, scheduler:
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     _set_rng_state(states["rng"])
+
+
+def _save_sharded(folder: Path, model: Any, optimizer: Any, procs: Processes) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+
+
+def _load_sharded(folder: Path, model: Any, optimizer: Any) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(folder))
+    # frozen base weights are not in a checkpoint (they come from the base model): load non-strictly
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 def _verify(d: Path) -> str | None:

@@ -1,0 +1,118 @@
+"""Multi-process training on PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``), launched by torchrun.
+
+Nothing here is a distributed engine of our own: parameters, gradients and optimizer states are sharded by FSDP2,
+checkpoints are written by ``torch.distributed.checkpoint`` (sharded, resharding on load). This module only
+holds the process facts the loop needs and the few collectives it calls (token counts, step layout).
+
+Launch: ``tunesmith train CONFIG --gpus N`` (re-executes itself under torchrun) or
+``torchrun --nproc-per-node N -m tunesmith train CONFIG``. CPU processes use gloo (tests), GPUs use NCCL.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def init_processes() -> Processes:
+    """This process's place: a single process, or one of torchrun's WORLD_SIZE processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+            torch.device("cpu")
+        return Processes(0, 1, 0, device)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return Processes(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+def shard(model: Any, procs: Processes, method: str) -> Any:
+    """Wrap each decoder layer and the whole model with FSDP2 (params, grads and optimizer states sharded)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if method == "qlora":
+        raise UserError("train.method: qlora cannot be sharded across processes (4-bit bitsandbytes weights are "
+                        "not FSDP2-shardable)", hint="use method: lora with several GPUs, or qlora on one GPU")
+    mesh = init_device_mesh(procs.device.type, (procs.world,))
+    block_names = set(getattr(_base(model), "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise UserError(f"cannot find the repeated blocks of {type(_base(model)).__name__} to shard",
+                        hint="train this architecture on one GPU")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def sum_all(value: float | int, procs: Processes) -> float:
+    if not procs.distributed:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device(procs))
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def max_all(value: int, procs: Processes) -> int:
+    if not procs.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device(procs))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def barrier(procs: Processes) -> None:
+    if procs.distributed:
+        dist.barrier()
+
+
+def set_gradient_sync(model: Any, enabled: bool) -> None:
+    """Skip FSDP2's gradient reduce-scatter on all but the last micro-batch of a step."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+
+
+def full_state_dict(model: Any, procs: Processes) -> dict[str, torch.Tensor] | None:
+    """The consolidated (unsharded) state dict on the main process, for saving an ordinary HF folder."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if procs.main else None
+
+
+def _comm_device(procs: Processes) -> torch.device:
+    return procs.device if procs.device.type == "cuda" else torch.device("cpu")
+
+
+def _base(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
