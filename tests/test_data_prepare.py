@@ -273,3 +273,15 @@ def test_a_long_shared_system_prompt_does_not_make_distinct_examples_near_duplic
     result = prepare(config(tiny_model_dir, eval_fraction=0, overlong={"max_length": 4096}), [src], tmp_path / "o")
     assert result.train_examples == 6
     assert result.removed_by_rule["minhash"] == 0 and result.removed_by_rule["exact_dedup"] == 1
+
+
+def test_the_train_stage_reads_a_prepared_folder_with_the_same_token_counts(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from tunesmith.train.dataset import split_paths, tokenize_split
+
+    src = write_jsonl(tmp_path / "a.jsonl", [chat(i, answer_words=10 + i) for i in range(20)])
+    prepare(config(tiny_model_dir, eval_fraction=0.1), [src], tmp_path / "prepared")
+    train_path, eval_path = split_paths(str(tmp_path / "prepared"))
+    split = tokenize_split(train_path, tiny_tokenizer, max_length=2048, overlong="drop")
+    report = json.loads((tmp_path / "prepared" / "report.json").read_text())
+    assert eval_path is not None and len(split.examples) == report["counts"]["train"] == 18
+    assert split.stats["tokens"] == report["lengths"]["splits"]["train"]["total"]  # data and train count alike
