@@ -124,6 +124,9 @@ def test_overlong_examples_are_truncated_by_whole_turns_when_asked(tmp_path, tin
     assert read_jsonl(tmp_path / "out" / "train.jsonl")[3] == {"messages": long_multi["messages"][:2]}
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["rules"]["overlong"]["truncated"] == 1 and report["lengths"]["splits"]["train"]["max"] <= 400
+    [note] = report["rules"]["overlong"]["truncated_examples"]
+    assert note["id"] == f"{src}:4" and note["reason"].endswith("over max_length 400: kept the first 2 of 4 messages")
+    assert "### overlong: truncated, kept" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_json_output_rule_in_the_pipeline(tmp_path, tiny_model_dir):

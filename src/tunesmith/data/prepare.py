@@ -296,7 +296,7 @@ def _quality_filters(train: list[Example], data: Any, tokenizer: Any, max_length
     entry = log.rule("overlong", ol.enabled, note=f"max_length {max_length}, action: {ol.action}" if ol.enabled
                      else "")
     if ol.enabled:
-        entry["truncated"] = 0
+        entry["truncated"], entry["truncated_examples"] = 0, []
         kept = []
         for ex, n in zip(train, _lengths(train, tokenizer), strict=True):
             if n <= max_length:
@@ -304,6 +304,10 @@ def _quality_filters(train: list[Example], data: Any, tokenizer: Any, max_length
                 continue
             shorter = clean.truncate_to_fit(ex.record, tokenizer, max_length) if ol.action == "truncate" else None
             if shorter is not None:
+                if len(entry["truncated_examples"]) < EXAMPLES_PER_RULE:
+                    entry["truncated_examples"].append(
+                        {"id": ex.id, "reason": f"{n} tokens, over max_length {max_length}: kept the first "
+                                                f"{len(shorter['messages'])} of {len(ex.record['messages'])} messages"})
                 ex.record, ex.tokens = shorter, None
                 entry["truncated"] += 1
                 kept.append(ex)

@@ -123,11 +123,12 @@ def render_markdown(report: dict[str, Any], snippets: dict[str, str]) -> str:
             "| rule | examples | note |", "|---|---:|---|"]
     out += [f"| {name} | {count:,} | {note} |" for name, count, note in _rule_rows(report)]
     for name, rule in report["rules"].items():
-        if rule.get("examples"):
-            out += ["", f"### {name}", ""]
-            for ex in rule["examples"]:
-                snip = snippets.get(ex["id"], "")
-                out.append(f"- `{ex['id']}`: {ex['reason']}" + (f' — "{_md_escape(snip)}"' if snip else ""))
+        for key, title in (("examples", name), ("truncated_examples", f"{name}: truncated, kept")):
+            if rule.get(key):
+                out += ["", f"### {title}", ""]
+                for ex in rule[key]:
+                    snip = snippets.get(ex["id"], "")
+                    out.append(f"- `{ex['id']}`: {ex['reason']}" + (f' — "{_md_escape(snip)}"' if snip else ""))
     out += ["", "## Token lengths", "", "![token lengths](lengths.png)", "",
             "| split | count | min | mean | p50 | p90 | p99 | max |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for split, st in report["lengths"]["splits"].items():
@@ -167,13 +168,14 @@ def render_html(report: dict[str, Any], snippets: dict[str, str]) -> str:
               _rule_rows(report)]
     parts.append("</table>")
     for name, rule in report["rules"].items():
-        if rule.get("examples"):
-            parts.append(f"<h3>{e(name)}</h3><ul>")
-            for ex in rule["examples"]:
-                snip = snippets.get(ex["id"], "")
-                parts.append(f"<li><code>{e(ex['id'])}</code>: {e(ex['reason'])}"
-                             + (f" — <q>{e(snip)}</q>" if snip else "") + "</li>")
-            parts.append("</ul>")
+        for key, title in (("examples", name), ("truncated_examples", f"{name}: truncated, kept")):
+            if rule.get(key):
+                parts.append(f"<h3>{e(title)}</h3><ul>")
+                for ex in rule[key]:
+                    snip = snippets.get(ex["id"], "")
+                    parts.append(f"<li><code>{e(ex['id'])}</code>: {e(ex['reason'])}"
+                                 + (f" — <q>{e(snip)}</q>" if snip else "") + "</li>")
+                parts.append("</ul>")
     parts += ["<h2>Token lengths</h2><img src='lengths.png' alt='token length histogram' width='640'>",
               "<table><tr><th>split</th><th>count</th><th>min</th><th>mean</th><th>p50</th><th>p90</th><th>p99</th>"
               "<th>max</th></tr>"]
