@@ -79,6 +79,13 @@ def test_json_array_file_is_refused_with_a_jsonl_hint(tmp_path):
     assert "jq -c" in err.value.hint
 
 
+def test_pretty_printed_json_is_refused_with_a_jsonl_hint(tmp_path):
+    path = tmp_path / "pretty.json"
+    path.write_text(json.dumps(chat(0), indent=2) + "\n" + json.dumps(chat(1), indent=2))
+    with pytest.raises(UserError, match=r"pretty.json:1: this is pretty-printed JSON spread over several lines"):
+        read_file(path)
+
+
 def test_invalid_json_reports_line_and_column(tmp_path):
     exs = read_file(write_jsonl(tmp_path / "a.jsonl", [chat(0), chat(1), '{"messages": [}']))
     assert _only_problem(exs, 3) == f"{tmp_path / 'a.jsonl'}:3: invalid JSON at column 15: Expecting value"

@@ -76,6 +76,10 @@ def read_file(path: str | Path, max_line_bytes: int = 16 * 2**20, max_depth: int
         if not examples and text.lstrip().startswith("["):
             raise UserError(f"{where(source, line_no)}: this is a JSON array; tunesmith reads JSONL (one JSON "
                             "object per line)", hint=f"convert it, e.g. jq -c '.[]' {path.name} > data.jsonl")
+        if not examples and text.strip() == "{":
+            raise UserError(f"{where(source, line_no)}: this is pretty-printed JSON spread over several lines; "
+                            "tunesmith reads JSONL (one JSON object per line)",
+                            hint=f"convert it, e.g. jq -c . {path.name} > data.jsonl")
         examples.append(parse_line(source, line_no, text, max_depth))
     if not examples:
         raise UserError(f"{source}: no examples (the file is empty or only blank lines)",
