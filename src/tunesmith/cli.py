@@ -249,6 +249,42 @@ class _TrainProgress:
             self.bar.console.print(f"[yellow]warning:[/yellow] {event['message']}")
 
 
+@data_app.command("prepare")
+def data_prepare(
+    paths: Annotated[list[Path] | None, typer.Argument(
+        help="[CONFIG.yaml] [FILES.jsonl...]: a config (its data.train_files), JSONL files, or both.")] = None,
+    set_: SetOpt = None, out: OutOpt = None,
+    eval_file: Annotated[Path | None, typer.Option("--eval-file", help="A separate eval set (no hold-out).")] = None,
+    skip_bad_lines: Annotated[bool, typer.Option("--skip-bad-lines",
+                                                 help="Write bad lines to rejects.jsonl instead of stopping.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate, hold out, clean and report: raw JSONL → prepared/ (train.jsonl, eval.jsonl, rejects, report)."""
+    from transformers.utils import logging as hf_logging
+
+    from .config import load_config
+    from .data import prepare
+
+    hf_logging.disable_progress_bar()  # model-loading bars would bury the summary below
+    paths = paths or []
+    config = paths[0] if paths and paths[0].suffix in (".yaml", ".yml") else None
+    files = paths[1:] if config else paths
+    overrides = [*(set_ or []), *(["data.on_bad_lines=skip"] if skip_bad_lines else [])]
+    result = prepare(load_config(config, overrides), files=files, out_dir=out, eval_file=eval_file)
+    emit(result, as_json, _render_prepared)
+
+
+def _render_prepared(r: Any) -> None:
+    from rich.table import Table
+
+    table = Table("rule", "removed", box=None, padding=(0, 2))
+    for rule, count in r.removed_by_rule.items():
+        table.add_row(rule, f"{count:,}")
+    console.print(table)
+    console.print(f"[green]prepared[/green]: {r.train_examples:,} train, {r.eval_examples:,} eval, "
+                  f"{r.rejected:,} rejected → {_escape(r.out_dir)}\n  report: {_escape(r.files['report_md'])}")
+
+
 @app.command()
 def advise(
     data: Annotated[Path | None, typer.Option("--data", help="Chat JSONL to count (examples, tokens, "
