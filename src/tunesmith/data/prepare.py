@@ -435,12 +435,17 @@ def _write_manifest(path: Path, cfg: Any, train_files: list[str], eval_path: str
 def read_examples(path: str | Path, max_errors: int = 20) -> list[dict[str, Any]]:
     """Canonical chat records of one JSONL file (a prepared split or a raw file in any supported format), read
     line by line and validated. Any structural problem raises one UserError listing ``file:line: field: reason``."""
+    return [record for _, record in read_numbered(path, max_errors)]
+
+
+def read_numbered(path: str | Path, max_errors: int = 20) -> list[tuple[int, dict[str, Any]]]:
+    """Like ``read_examples``, with each record's 1-based line number (for messages about later stages)."""
     examples = read_file(path)
     for ex in examples:
         if ex.record is not None:
             ex.problems += check_record(ex.record, ex.source, ex.line)
     raise_problems([p for ex in examples for p in ex.problems], max_errors)
-    return [ex.record for ex in examples if ex.record is not None]
+    return [(ex.line, ex.record) for ex in examples if ex.record is not None]
 
 
 def load_prepared(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
