@@ -203,3 +203,31 @@ def test_trust_remote_code_is_off_by_default(tiny_model_dir, tmp_path):
     (remote / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes())
     with pytest.raises(UserError, match="trust_remote_code"):
         resolve_model_path(ModelConfig(name_or_path=str(remote)))
+
+
+@pytest.mark.parametrize("policy", ["fail", "shrink"])
+def test_out_of_memory_gives_advice_or_retries_with_smaller_micro_batches(tiny_model_dir, data_dir, tmp_path,
+                                                                       monkeypatch, policy):
+    from train_fixtures import config
+    from tunesmith.train import loop, train
+
+    real_loss = loop.loss_sum
+
+    def tight_memory(model, batch, *args, **kwargs):  # pretend only micro-batches of <= 2 sequences fit
+        if batch.input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_loss(model, batch, *args, **kwargs)
+
+    common = {"method": "full", "max_steps": 2, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
+    train(config(tiny_model_dir, data_dir, **common), out_dir=tmp_path / "roomy")
+    monkeypatch.setattr(loop, "loss_sum", tight_memory)
+    cfg = config(tiny_model_dir, data_dir, on_oom=policy, **common)
+    if policy == "fail":
+        with pytest.raises(RunError, match="out of GPU memory") as err:
+            train(cfg, out_dir=tmp_path / "tight")
+        assert "estimates" in err.value.message and "on_oom: shrink" in err.value.hint
+        return
+    train(cfg, out_dir=tmp_path / "tight")
+    # the retried steps hold the same sequences, so the optimisation is unchanged
+    for a, b in zip(metrics(tmp_path / "roomy"), metrics(tmp_path / "tight"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

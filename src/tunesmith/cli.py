@@ -30,6 +30,8 @@ ConfigArg = Annotated[Path, typer.Argument(help="tunesmith YAML config.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder.")]
+PromptsOpt = Annotated[Path | None, typer.Option(
+    "--prompts", help="Chat JSONL (e.g. prepared/eval.jsonl) whose conversations the checks run on.")]
 
 
 @app.callback()
@@ -84,6 +86,107 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
     with _TrainProgress(enabled=not as_json) as progress:
         result = run_train(cfg, out_dir=out, resume=resume, on_event=progress.on_event)
     emit(result, as_json, lambda r: console.print(f"[green]done[/green]: {r.summary()}"))
+
+
+@app.command()
+def merge(run_dir: Annotated[Path | None, typer.Argument(help="Run folder from `tunesmith train` (adapter/ inside).")]
+          = None,
+          out: Annotated[Path | None, typer.Option("--out", help="Merged model folder (default RUN_DIR/merged).")]
+          = None,
+          base: Annotated[str | None, typer.Option("--base", help="Base model (default: from run.json / the adapter).")]
+          = None,
+          adapter: Annotated[Path | None, typer.Option("--adapter", help="PEFT adapter folder (instead of RUN_DIR).")]
+          = None,
+          dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
+          tolerance: Annotated[float | None, typer.Option(
+              "--tolerance", help="Allowed max |Δlogit| as a fraction of the largest logit (default per dtype).")]
+          = None,
+          prompts: PromptsOpt = None,
+          as_json: JsonOpt = False) -> None:
+    """Merge a LoRA/QLoRA adapter into its full-precision base; check logits parity against base + adapter."""
+    from .errors import UserError
+    from .export import merge as run_merge
+
+    if out is None and run_dir is None:
+        raise UserError("--out is required with --adapter", hint="e.g. --out merged/")
+    result = run_merge(run_dir, out or run_dir / "merged", base=base, adapter=adapter, dtype=dtype,
+                       tolerance=tolerance, conversations=_check_conversations(prompts))
+    def render(r: Any) -> None:
+        console.print(f"[green]merged[/green]: {_escape(r.summary())}")
+        for warning in r.warnings:
+            console.print(f"[yellow]warning[/yellow]: {_escape(warning)}")
+
+    emit(result, as_json, render)
+
+
+@app.command()
+def export(model_dir: Annotated[Path, typer.Argument(help="Merged (or fully fine-tuned) model folder.")],
+           format_: Annotated[str, typer.Option("--format", help="gguf | awq.")] = "gguf",
+           quant: Annotated[str, typer.Option("--quant", help="GGUF type: f16, bf16, f32, q8_0, q4_k_m, q5_k_m, …")]
+           = "q4_k_m",
+           out: Annotated[Path | None, typer.Option("--out", help="Output folder (default MODEL_DIR-<format>).")]
+           = None,
+           verify: Annotated[bool, typer.Option(help="Compare the artefact's output with the HF model's.")] = True,
+           prompts: PromptsOpt = None,
+           as_json: JsonOpt = False) -> None:
+    """Export to GGUF (llama.cpp / Ollama, with a Modelfile) or AWQ 4-bit (vLLM); checked against the HF model."""
+    from .errors import UserError
+
+    if format_ not in ("gguf", "awq"):
+        raise UserError(f"--format {format_}: expected gguf or awq")
+    target = out or model_dir.with_name(f"{model_dir.name}-{format_}")
+    if format_ == "gguf":
+        from .export.gguf import to_gguf
+
+        result = to_gguf(model_dir, target, quant, verify=verify, conversations=_check_conversations(prompts))
+    else:
+        from .export.awq import to_awq
+
+        result = to_awq(model_dir, target, verify=verify, calibration=_check_conversations(prompts, limit=512))
+
+    def render(r: Any) -> None:
+        console.print(f"[green]exported[/green]: {_escape(r.summary())}")
+        for warning in getattr(r, "warnings", ()):
+            console.print(f"[yellow]warning[/yellow]: {_escape(warning)}")
+
+    emit(result, as_json, render)
+
+
+@app.command("setup-gguf")
+def setup_gguf(sdist: Annotated[Path | None, typer.Option(
+        "--sdist", help="A downloaded llama_cpp_python-<version>.tar.gz (default: download it with pip).")] = None,
+               as_json: JsonOpt = False) -> None:
+    """Fetch llama.cpp's HF→GGUF converter matching the installed llama-cpp-python (once per version)."""
+    from .export.converter import setup_converter
+
+    path = setup_converter(sdist)
+    emit({"converter": str(path)}, as_json, lambda r: console.print(f"[green]ready[/green]: {r['converter']}"))
+
+
+@app.command()
+def serve(artefact: Annotated[Path, typer.Argument(help="GGUF file/folder, merged or AWQ folder, run or adapter.")],
+          host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes the model.")]
+          = "127.0.0.1",
+          port: Annotated[int, typer.Option("--port")] = 8000,
+          engine: Annotated[str, typer.Option("--engine", help="auto | llama.cpp | vllm.")] = "auto",
+          base: Annotated[str | None, typer.Option("--base", help="Base model for an adapter (vLLM).")] = None,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the server command, start nothing.")]
+          = False,
+          as_json: JsonOpt = False) -> None:
+    """Serve an artefact on an OpenAI-compatible endpoint (llama.cpp for GGUF, vLLM otherwise)."""
+    from . import serve as serving
+
+    serve_plan = serving.plan(artefact, host=host, port=port, engine=engine, base=base)
+    if dry_run:
+        emit(serve_plan.to_dict(), as_json, lambda r: console.print(" ".join(r["command"])))
+        return
+    console.print(f"serving [bold]{serve_plan.model}[/bold] with {serve_plan.engine} on {serve_plan.base_url} "
+                  "(Ctrl-C stops it)")
+    process = serving.start(serve_plan)
+    try:
+        sys.exit(process.wait())
+    finally:
+        serving.stop(process)
 
 
 def _relaunch_under_torchrun(n: int) -> None:
@@ -199,6 +302,80 @@ class _RunProgress(_TrainProgress):
             super().__exit__(*exc)
 
 
+@data_app.command("prepare")
+def data_prepare(
+    paths: Annotated[list[Path] | None, typer.Argument(
+        help="[CONFIG.yaml] [FILES.jsonl...]: a config (its data.train_files), JSONL files, or both.")] = None,
+    set_: SetOpt = None, out: OutOpt = None,
+    eval_file: Annotated[Path | None, typer.Option("--eval-file", help="A separate eval set (no hold-out).")] = None,
+    skip_bad_lines: Annotated[bool, typer.Option("--skip-bad-lines",
+                                                 help="Write bad lines to rejects.jsonl instead of stopping.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate, hold out, clean and report: raw JSONL → prepared/ (train.jsonl, eval.jsonl, rejects, report)."""
+    from transformers.utils import logging as hf_logging
+
+    from .config import load_config
+    from .data import prepare
+
+    hf_logging.disable_progress_bar()  # model-loading bars would bury the summary below
+    paths = paths or []
+    config = paths[0] if paths and paths[0].suffix in (".yaml", ".yml") else None
+    files = paths[1:] if config else paths
+    overrides = [*(set_ or []), *(["data.on_bad_lines=skip"] if skip_bad_lines else [])]
+    result = prepare(load_config(config, overrides), files=files, out_dir=out, eval_file=eval_file)
+    emit(result, as_json, _render_prepared)
+
+
+def _render_prepared(r: Any) -> None:
+    from rich.table import Table
+
+    table = Table("rule", "removed", box=None, padding=(0, 2))
+    for rule, count in r.removed_by_rule.items():
+        table.add_row(rule, f"{count:,}")
+    console.print(table)
+    console.print(f"[green]prepared[/green]: {r.train_examples:,} train, {r.eval_examples:,} eval, "
+                  f"{r.rejected:,} rejected → {_escape(r.out_dir)}\n  report: {_escape(r.files['report_md'])}")
+
+
+@app.command()
+def advise(
+    data: Annotated[Path | None, typer.Option("--data", help="Chat JSONL to count (examples, tokens, "
+                                              "lengths).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Catalogue name, hub id, model folder or "
+                                              "config.json.")] = None,
+    gpu: Annotated[str | None, typer.Option("--gpu", help="GPU name from the catalogue (detected if omitted).")] = None,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Number of GPUs.")] = 1,
+    calls_per_day: Annotated[int | None, typer.Option("--calls-per-day", min=0, help="Expected inference calls "
+                                                      "per day (for the serving bill).")] = None,
+    driver: Annotated[list[str] | None, typer.Option("--driver", help="Why fine-tune: format, latency, cost, "
+                                                     "privacy, quality, simplicity (repeatable).")] = None,
+    domain_shift: Annotated[bool, typer.Option("--domain-shift", help="The data is far from the model's "
+                                               "pre-training domain.")] = False,
+    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 3.0,
+    max_length: Annotated[int, typer.Option("--max-length", min=8)] = 2048,
+    price_per_hour: Annotated[float | None, typer.Option("--price-per-hour", help="Your $/GPU-hour (overrides "
+                                                         "the catalogue's assumption).")] = None,
+    api_model: Annotated[str, typer.Option("--api-model", help="API model to compare serving costs with.")] = "gpt-4o",
+    api_price: Annotated[str | None, typer.Option("--api-price", help="API $ per million tokens: IN,OUT.")] = None,
+    write_config: Annotated[Path | None, typer.Option("--write-config", help="Write a starter tunesmith config "
+                                                      "for the recommendation.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Should you fine-tune? Which method, model and GPU; memory, time, dollars; how to serve it."""
+    from .advise import advise as run_advise
+    from .advise.render import ask_missing, parse_api_price, parse_drivers, render_advice
+
+    drivers = parse_drivers(driver or [])
+    if sys.stdin.isatty() and not as_json and (data is None or not drivers):
+        data, drivers, calls_per_day = ask_missing(console, data, drivers, calls_per_day)
+    result = run_advise(data, model, gpu, gpus, calls_per_day=calls_per_day, drivers=drivers,
+                        domain_shift=domain_shift, epochs=epochs, max_length=max_length,
+                        price_per_hour=price_per_hour, api_model=api_model, api_prices=parse_api_price(api_price),
+                        write_config=write_config)
+    emit(result, as_json, lambda r: render_advice(Console(), r))
+
+
 @data_app.command("inspect")
 def data_inspect(config: ConfigArg, set_: SetOpt = None,
                  index: Annotated[int, typer.Option(help="Which example (0-based) of the training data.")] = 0,
@@ -220,6 +397,15 @@ def data_inspect(config: ConfigArg, set_: SetOpt = None,
     console.print(f"example {index}: {view['num_tokens']} tokens, {view['num_supervised']} supervised "
                   "([bold green]green[/bold green] = trained on)")
     Console().print(text)
+
+
+def _check_conversations(path: Path | None, limit: int = 8) -> Any:
+    """The conversations a merge/export check runs on: the first ``limit`` of ``--prompts``, else the defaults."""
+    if path is None:
+        return None
+    from .export.samples import load_conversations
+
+    return load_conversations(path, limit)
 
 
 @app.command("eval")

@@ -56,8 +56,12 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, split_digits: 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + byte_tokens,
                                   show_progress=False, initial_alphabet=[])
     tok.train_from_iterator(corpus, trainer=trainer)
+    # add_prefix_space=False states the no-dummy-prefix choice in tokenizer_config.json, where llama.cpp's GGUF
+    # converter reads it; without it llama.cpp inserts "▁" after every control token and tokenises prompts
+    # differently from training.
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
-                                   pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+                                   pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   add_prefix_space=False)
     fast.chat_template = CHATML_TEMPLATE
     fast.add_bos_token = False
     return fast

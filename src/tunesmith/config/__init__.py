@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from ..errors import UserError
 from .base import Section
+from .data import DataConfig
 from .eval import EvalConfig, MetricConfig, metric_name
 from .model import ModelConfig
 from .pipeline import PipelineConfig
@@ -24,6 +25,7 @@ __all__ = [
     "PRESETS",
     "SEED_TARGETS",
     "Config",
+    "DataConfig",
     "EvalConfig",
     "LoraSection",
     "MetricConfig",
@@ -46,6 +48,9 @@ class Config(Section):
 
     model: ModelConfig = ModelConfig()
     """The base model."""
+
+    data: DataConfig = DataConfig()
+    """Data preparation: input files, hold-out, validation and the cleaning rules (`tunesmith data prepare`)."""
 
     train: TrainConfig = TrainConfig()
     """Training method and hyper-parameters."""

@@ -117,6 +117,11 @@ class TrainConfig(Section):
     """Padding-free packing: concatenate examples into one row with per-example position ids, so no token
     attends across examples and no compute is spent on padding. ``auto``: on for CUDA, off on the CPU."""
 
+    compile: Literal["auto"] | bool = "auto"
+    """Compile each decoder layer with torch.compile (fuses norms, RoPE, SwiGLU and the adapters' small ops; the
+    first steps wait ~1 minute for compilation). ``auto``: on for lora on one CUDA GPU (+17% tokens/s on an 8B
+    model, bench/results/fast_engine.md), off elsewhere (not yet measured with 4-bit layers or FSDP2)."""
+
     logging_steps: int = Field(10, ge=1)
     """Log loss, learning rate and throughput every N optimizer steps."""
 
@@ -139,6 +144,10 @@ class TrainConfig(Section):
     """At each evaluation, also generate answers for this many eval examples and score them with ``eval.metrics``
     (logged as ``task_<metric>``). 0: off (generation is slow; loss and token accuracy are always logged)."""
 
+    on_oom: Literal["fail", "shrink"] = "fail"
+    """Out of GPU memory: stop with advice (``fail``), or retry the step with half-size micro-batches (``shrink``)
+    — the step keeps the same sequences, so the optimisation is unchanged."""
+
     seed: int = 42
     """Seeds weights of new adapters, data order and dropout."""
 
@@ -157,7 +166,7 @@ class TrainConfig(Section):
         # YAML 1.1 reads a bare `no` as false
         return "no" if value is False else value
 
-    @field_validator("gradient_checkpointing", "packing", mode="before")
+    @field_validator("gradient_checkpointing", "packing", "compile", mode="before")
     @classmethod
     def _on_off(cls, value: Any) -> Any:
         return {"on": True, "off": False}.get(value, value) if isinstance(value, str) else value

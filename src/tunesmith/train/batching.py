@@ -66,15 +66,31 @@ def micro_batches(examples: Sequence[TokenizedChat], indices: Sequence[int], bat
     if not packed:
         return [_padded([*seqs[i:i + batch_size]], pad_id) for i in range(0, len(seqs), batch_size)]
     budget = batch_size * max_length
-    rows: list[list[TokenizedChat]] = [[]]
-    used = 0
-    for seq in seqs:
-        if rows[-1] and used + len(seq.input_ids) > budget:
-            rows.append([])
-            used = 0
-        rows[-1].append(seq)
-        used += len(seq.input_ids)
-    return [_packed(row) for row in rows if row]
+    return [_packed(row) for row in balanced_rows(seqs, budget)]
+
+
+def balanced_rows(seqs: Sequence[TokenizedChat], budget: int) -> list[list[TokenizedChat]]:
+    """Split a step's sequences into as few rows of at most ``budget`` tokens as fit, with similar lengths.
+
+    Filling rows greedily leaves a short last row (16 chat sequences of ~8.5K tokens with an 8K budget: 8,192 + ~350),
+    and a row costs a fixed ~0.25 s of kernel launches on an 8B model whatever its length (measured on an H200), so
+    the short row is pure overhead. Longest-first into the least-filled row gives rows of ~4.3K + ~4.3K instead.
+    Deterministic; the step's sequences and loss are unchanged, only their layout."""
+    total = sum(len(s.input_ids) for s in seqs)
+    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i].input_ids), i))
+    n_rows = max(1, -(-total // budget))
+    while True:
+        rows: list[list[int]] = [[] for _ in range(n_rows)]
+        used = [0] * n_rows
+        for i in order:
+            r = min(range(n_rows), key=lambda k: (used[k], k))
+            if used[r] + len(seqs[i].input_ids) > budget:
+                break
+            rows[r].append(i)
+            used[r] += len(seqs[i].input_ids)
+        else:
+            return [[seqs[i] for i in sorted(row)] for row in rows if row]
+        n_rows += 1
 
 
 def _padded(seqs: list[TokenizedChat], pad_id: int) -> MicroBatch:

@@ -5,8 +5,6 @@ Examples longer than ``max_length`` are dropped (default), truncated, or refused
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,25 +41,12 @@ def split_paths(dataset: str | None) -> tuple[Path, Path | None]:
     return path, None
 
 
-def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line; structural problems are UserErrors with file:line."""
-    with open(path, encoding="utf-8-sig", errors="strict", newline=None) as fh:
-        try:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{where(path, lineno)}: invalid JSON at column {exc.colno}: {exc.msg}",
-                                    hint="run `tunesmith data prepare` to validate and clean the file") from None
-                messages = record.get("messages") if isinstance(record, dict) else None
-                if not isinstance(messages, list) or not messages:
-                    raise UserError(f"{where(path, lineno, 'messages')}: expected a non-empty list of messages",
-                                    hint="run `tunesmith data prepare` to convert and validate the file")
-                yield lineno, record
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: invalid UTF-8 at byte {exc.start} of a line") from None
+def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, canonical record) for each example: any supported format, validated by the data stage;
+    structural problems are one UserError listing file:line: field: reason."""
+    from ..data.prepare import read_numbered
+
+    return read_numbered(path)
 
 
 def tokenize_split(path: Path, tokenizer: Any, max_length: int, overlong: str) -> TokenizedSplit:

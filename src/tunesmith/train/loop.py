@@ -8,6 +8,7 @@ gradients on variable-length data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -124,15 +125,17 @@ METRICS = "metrics.jsonl"
 def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examples: list[TokenizedChat],
         tcfg: TrainConfig, out: Path, device: torch.device, precision: Precision, packed: bool,
         resume: bool = False, fingerprint: str = "", emit: Event = lambda _e: None,
-        procs: Processes | None = None, task_eval: Callable[[Any], dict[str, float]] | None = None
-        ) -> dict[str, Any]:
-    """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand."""
+        procs: Processes | None = None, task_eval: Callable[[Any], dict[str, float]] | None = None,
+        fused_loss: bool | None = None, loss_kernel: bool = True) -> dict[str, Any]:
+    """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand.
+    ``fused_loss`` / ``loss_kernel`` force the loss path (None: fused where the head allows; benchmarks ablate)."""
     procs = procs or Processes(0, 1, 0, device)
     rank, world = procs.rank, procs.world
     per_step = tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_examples) / (per_step * world))
     total_steps = tcfg.max_steps or math.ceil(tcfg.num_train_epochs * steps_per_epoch)
-    fused = fused_head_supported(model) and world == 1  # FSDP2 shards the head: use the model's own forward
+    # FSDP2 shards the head: use the model's own forward there
+    fused = (fused_head_supported(model) and world == 1) if fused_loss is None else fused_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, tcfg, device)
@@ -151,6 +154,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
         _truncate_metrics(out / METRICS, step)
     log = (lambda rec: _append(out / METRICS, rec)) if procs.main else (lambda _rec: None)
 
+    micro_size = tcfg.per_device_train_batch_size
     stop = _SignalFlag()
     emit({"event": "start", "total_steps": total_steps, "start_step": step, "steps_per_epoch": steps_per_epoch,
           "examples": len(train_examples), "packed": packed, "fused_loss": fused, "precision": precision.name})
@@ -158,30 +162,25 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
     total_tokens, run_start = 0, time.perf_counter()
     last_loss: float | None = None
     eval_metrics: dict[str, float] = {}
-    with stop:
+    with stop, _adapter_inputs_in_compute_dtype(model, precision):
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             indices = step_groups(epoch_order(len(train_examples), tcfg.seed, epoch), per_step, rank, world)[in_epoch]
-            batches = micro_batches(train_examples, indices or [0], tcfg.per_device_train_batch_size,
-                                    tcfg.max_length, pad_id, packed)
-            # every process runs the same number of micro-batches (FSDP2 gathers weights in each forward);
-            # filler micro-batches (and a process with no sequences this step) contribute zero loss
-            real = len(batches) if indices else 0
-            n_micro = max_all(len(batches), procs)
-            batches += [batches[0]] * (n_micro - len(batches))
-            n_targets = sum_all(sum(b.num_targets for b in batches[:real]), procs)
             model.train()
-            step_loss = 0.0
-            for i, batch in enumerate(batches):
-                set_gradient_sync(model, i == n_micro - 1)
-                with _autocast(device, precision):
-                    loss, _ = loss_sum(model, batch.to(device), fused)
-                if not torch.isfinite(loss):
-                    raise _nan_error(step + 1, "loss", ckpt_root)
-                weight = world / n_targets if i < real else 0.0  # FSDP2 averages gradients over processes
-                (loss * weight).backward()
-                step_loss += loss.item() if i < real else 0.0
-            step_loss = sum_all(step_loss, procs)
+            while True:
+                try:
+                    batches, real, n_targets, step_loss = _accumulate(
+                        model, train_examples, indices, micro_size, tcfg.max_length, pad_id, packed, device,
+                        precision, procs, fused, loss_kernel, step + 1, ckpt_root)
+                    break
+                except torch.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    _free_cuda(device)
+                    if tcfg.on_oom != "shrink" or micro_size == 1 or procs.distributed:
+                        raise _oom_error(model, tcfg, micro_size, device) from None
+                    micro_size //= 2  # same sequences in the step, smaller micro-batches: same optimisation
+                    emit({"event": "warning", "message": f"out of memory at step {step + 1}: retrying with "
+                                                         f"micro-batches of {micro_size}"})
             grad_norm = _clip(params, tcfg.max_grad_norm)
             if not math.isfinite(grad_norm):
                 raise _nan_error(step + 1, "gradient norm", ckpt_root)
@@ -223,6 +222,59 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
     return {"steps": step, "epochs": round(step / steps_per_epoch, 4), "train_loss": last_loss,
             "eval_loss": eval_metrics.get("eval_loss"), "eval_token_accuracy": eval_metrics.get("eval_token_accuracy"),
             "tokens_per_s": total_tokens / max(elapsed, 1e-9)}
+
+
+def _accumulate(model: Any, examples: list[TokenizedChat], indices: list[int], micro_size: int, max_length: int,
+                pad_id: int, packed: bool, device: torch.device, precision: Precision, procs: Processes, fused: bool,
+                loss_kernel: bool, step: int, ckpt_root: Path) -> tuple[list[Any], int, float, float]:
+    """Forward and backward over one step's micro-batches; gradients are left summed in ``.grad``."""
+    batches = micro_batches(examples, indices or [0], micro_size, max_length, pad_id, packed)
+    # every process runs the same number of micro-batches (FSDP2 gathers weights in each forward);
+    # filler micro-batches (and a process with no sequences this step) contribute zero loss
+    real = len(batches) if indices else 0
+    n_micro = max_all(len(batches), procs)
+    batches += [batches[0]] * (n_micro - len(batches))
+    n_targets = sum_all(sum(b.num_targets for b in batches[:real]), procs)
+    step_loss = 0.0
+    for i, batch in enumerate(batches):
+        set_gradient_sync(model, i == n_micro - 1)
+        with _autocast(device, precision):
+            loss, _ = loss_sum(model, batch.to(device), fused, loss_kernel)
+        if not torch.isfinite(loss):
+            raise _nan_error(step, "loss", ckpt_root)
+        weight = procs.world / n_targets if i < real else 0.0  # FSDP2 averages gradients over processes
+        (loss * weight).backward()
+        step_loss += loss.item() if i < real else 0.0
+    return batches, real, n_targets, sum_all(step_loss, procs)
+
+
+def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, device: torch.device) -> RunError:
+    """Out of GPU memory: say what the memory model expected and what to change."""
+    from ..advise.memory import architecture_from_config, estimate_memory
+
+    have = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    detail = ""
+    try:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        arch = architecture_from_config(base.config)
+        est = estimate_memory(arch, tcfg.method, micro_size, tcfg.max_length,
+                              checkpointing="full" if tcfg.gradient_checkpointing is not False else "none",
+                              optimizer="adamw_8bit" if tcfg.optim == "adamw_8bit" else "adamw",
+                              full_precision="mixed", lora_r=tcfg.lora.r)
+        detail = f" (the memory model estimates {est.total_gib:.1f} GiB for micro-batches of {micro_size} × " \
+                 f"{tcfg.max_length} tokens" + (f"; this GPU has {have:.1f} GiB)" if have else ")")
+    except (AttributeError, KeyError, TypeError, ValueError):  # an architecture the model does not know
+        detail = ""
+    return RunError(f"out of GPU memory{detail}",
+                    hint="lower train.per_device_train_batch_size (the step keeps its sequences if you raise "
+                         "gradient_accumulation_steps to match), set train.gradient_checkpointing: true, lower "
+                         "train.max_length, use method: qlora or optim: adamw_8bit — or set train.on_oom: shrink "
+                         "to retry with smaller micro-batches automatically")
+
+
+def _free_cuda(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()
@@ -338,6 +390,18 @@ def _nan_error(step: int, what: str, ckpt_root: Path) -> RunError:
 
 def _due(strategy: str, every: int, step: int, end_of_epoch: bool) -> bool:
     return (strategy == "epoch" and end_of_epoch) or (strategy == "steps" and step % every == 0)
+
+
+def _adapter_inputs_in_compute_dtype(model: Any, precision: Precision) -> Any:
+    """Under autocast, stop PEFT copying each adapted layer's input to the fp32 adapter dtype: lora_A casts it
+    straight back to bf16 under autocast, so the copy changes no matmul but costs ~1 GB of memory traffic per
+    block per 8K-token pass (7 adapted layers × input read/write in fp32, forward and backward). PEFT's own switch,
+    scoped to the loop; adapter weights and optimizer states stay fp32."""
+    if precision.autocast is None or not hasattr(model, "peft_config"):
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
 
 
 def _autocast(device: torch.device, precision: Precision) -> Any:

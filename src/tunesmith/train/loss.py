@@ -34,15 +34,16 @@ def fused_head_supported(model: Any) -> bool:
     return hasattr(base, "get_decoder")
 
 
-def loss_sum(model: Any, batch: MicroBatch, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token cross-entropies, number of correct argmax predictions) over the batch's supervised tokens."""
+def loss_sum(model: Any, batch: MicroBatch, fused: bool, kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies, number of correct argmax predictions) over the batch's supervised tokens.
+    ``kernel=False`` keeps the fused path on plain PyTorch chunks even where a fused kernel is installed."""
     kwargs = _attention_kwargs(batch)
     if fused:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         hidden = base.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
                                     attention_mask=batch.attention_mask, use_cache=False, **kwargs).last_hidden_state
         keep = batch.targets != IGNORE_INDEX
-        return linear_cross_entropy(hidden[keep], base.get_output_embeddings().weight, batch.targets[keep])
+        return linear_cross_entropy(hidden[keep], base.get_output_embeddings().weight, batch.targets[keep], kernel)
     logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
                    use_cache=False, **kwargs).logits.float()
     flat_t = batch.targets.reshape(-1)
@@ -53,12 +54,13 @@ def loss_sum(model: Any, batch: MicroBatch, fused: bool) -> tuple[torch.Tensor, 
     return total, correct
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, kernel: bool = True
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of cross-entropies of ``hidden @ weight.T`` against ``targets``, chunked and recomputed in backward."""
+    """Sum of cross-entropies of ``hidden @ weight.T`` against ``targets``: a fused kernel where one applies
+    (the correct-prediction count is then not computed: 0), else chunked and recomputed in backward."""
     from .kernels import linear_cross_entropy_sum
 
-    fast = linear_cross_entropy_sum(hidden, weight, targets)
+    fast = linear_cross_entropy_sum(hidden, weight, targets) if kernel else None
     if fast is not None:
         return fast, torch.zeros((), device=hidden.device)
     total = hidden.new_zeros((), dtype=torch.float32)

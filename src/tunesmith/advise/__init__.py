@@ -1,0 +1,12 @@
+"""``tunesmith advise``: the seed's decision framework with memory, time and cost estimates.
+
+- ``catalog``: architecture configs of common models and GPUs (memory, bf16 peak, editable $/hour)
+- ``memory``: exact parameter counts on the meta device and the per-method peak-memory model
+- ``cost``: FLOPs per token, calibrated MFU, GPU-hours and dollars; the serving bill vs an API model
+- ``decide``: the seed's rules, each with its reasoning
+- ``advise``: the entry point that runs them in order and writes a starter config
+"""
+
+from .advise import Advice, advise
+
+__all__ = ["Advice", "advise"]

@@ -1,0 +1,109 @@
+"""Counting a chat dataset for the advisor: examples, tokens (with the target tokenizer when one is available) and
+the length distribution that decides padding waste, memory and time.
+
+This is a count, not validation: ``tunesmith data prepare`` validates and cleans. A line that is not a JSON object
+with a ``messages`` list is still an error here (file:line), because counting it would be a guess.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError, where
+
+CHARS_PER_TOKEN = 4.0
+"""Without a tokenizer, tokens are estimated from characters (about 4 per token for English BPE vocabularies)."""
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    path: str
+    examples: int
+    tokenizer: str | None
+    """Which tokenizer counted the tokens; None: estimated from characters (CHARS_PER_TOKEN)."""
+    total_tokens: int
+    supervised_tokens: int
+    """Tokens the loss is computed on (assistant turns); estimated as the assistant characters without a tokenizer."""
+    mean_tokens: float
+    p50_tokens: int
+    p90_tokens: int
+    p99_tokens: int
+    max_tokens: int
+    lengths: tuple[int, ...]
+    """Every example's length in tokens (for padding-efficiency estimates); left out of to_dict."""
+
+    @property
+    def prompt_tokens_per_example(self) -> float:
+        return (self.total_tokens - self.supervised_tokens) / max(self.examples, 1)
+
+    @property
+    def completion_tokens_per_example(self) -> float:
+        return self.supervised_tokens / max(self.examples, 1)
+
+    def over(self, max_length: int) -> int:
+        return sum(1 for n in self.lengths if n > max_length)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("lengths")
+        return out
+
+
+def count_dataset(path: str | Path, tokenizer: Any = None, tokenizer_name: str | None = None) -> DatasetStats:
+    """Count ``path`` (chat JSONL, one ``{"messages": [...]}`` per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--data {path}: file not found",
+                        hint="give a chat JSONL file (one {\"messages\": [...]} per line)")
+    lengths: list[int] = []
+    supervised = 0
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            messages = _messages(path, line_no, line)
+            try:
+                total, sup = _count(messages, tokenizer)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise UserError(f"{where(path, line_no, 'messages')}: cannot be tokenized ({exc})",
+                                hint="check it with `tunesmith data prepare`, which names the broken field") from None
+            lengths.append(total)
+            supervised += sup
+    if not lengths:
+        raise UserError(f"{path}: no examples (the file is empty)", hint="give a chat JSONL file with examples")
+    ordered = sorted(lengths)
+
+    def pct(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return DatasetStats(path=str(path), examples=len(lengths), tokenizer=tokenizer_name if tokenizer else None,
+                        total_tokens=sum(lengths), supervised_tokens=supervised,
+                        mean_tokens=round(sum(lengths) / len(lengths), 1), p50_tokens=pct(0.5), p90_tokens=pct(0.9),
+                        p99_tokens=pct(0.99), max_tokens=ordered[-1], lengths=tuple(lengths))
+
+
+def _messages(path: Path, line_no: int, line: str) -> list[dict[str, Any]]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where(path, line_no)}: not valid JSON ({exc.msg} at column {exc.colno})",
+                        hint="one JSON object per line (JSONL)") from None
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise UserError(f"{where(path, line_no, 'messages')}: expected a list of {{role, content}} objects",
+                        hint="the chat format: {\"messages\": [{\"role\": \"user\", \"content\": \"…\"}, …]}")
+    return messages
+
+
+def _count(messages: list[dict[str, Any]], tokenizer: Any) -> tuple[int, int]:
+    if tokenizer is None:
+        text = sum(len(str(m.get("content") or "")) for m in messages)
+        answer = sum(len(str(m.get("content") or "")) for m in messages if m.get("role") == "assistant")
+        return max(1, round(text / CHARS_PER_TOKEN)), round(answer / CHARS_PER_TOKEN)
+    from ..chat import IGNORE_INDEX, tokenize_chat
+
+    chat = tokenize_chat(tokenizer, messages)
+    return len(chat.input_ids), sum(1 for label in chat.labels if label != IGNORE_INDEX)

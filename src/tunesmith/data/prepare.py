@@ -1,0 +1,462 @@
+"""``prepare``: raw JSONL files → a prepared folder that train and eval read.
+
+read → hold out (eval FIRST, by position and seed) → validate → clean train → leakage → write → report.
+
+Output folder: train.jsonl, eval.jsonl (canonical chat records), rejects.jsonl (every rejected or dropped example
+with its source file, line, rule and reason: nothing is dropped silently), report.json / report.md / report.html,
+lengths.png and manifest.json (inputs with sha256, resolved config, counts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError, where
+from . import clean
+from .formats import Example, read_file
+from .report import EXAMPLES_PER_RULE, length_stats, plot_lengths, role_counts, snippet, turn_counts, write_reports
+from .split import holdout_indices
+from .validate import check_record, raise_problems
+
+RULES = ("validate", "short_outputs", "json_outputs", "overlong", "exact_dedup", "minhash", "embedding", "leakage")
+"""Report order: the order rules run in. Quality filters run before de-duplication, so the example that
+survives a duplicate cluster is one that passed them."""
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What ``prepare`` wrote: counts, where, and how long each stage took."""
+
+    out_dir: str
+    train_examples: int
+    eval_examples: int
+    rejected: int
+    """Lines in rejects.jsonl (every example that was read but is in neither split)."""
+    removed_by_rule: dict[str, int]
+    """Examples each rule removed, in the order the rules ran (with ``leakage.action: report``, the leakage
+    count is of examples flagged and kept)."""
+    truncated: int
+    """Over-long examples kept by removing whole turns (``overlong.action: truncate``)."""
+    files: dict[str, str]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    """Wall-clock seconds per stage."""
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds of this process per stage (comparable across runs on a busy machine, unlike wall time)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        rules = ", ".join(f"{k} {v}" for k, v in self.removed_by_rule.items() if v) or "nothing removed"
+        return (f"{self.train_examples} train, {self.eval_examples} eval, {self.rejected} rejected ({rules}) "
+                f"→ {self.out_dir}")
+
+
+@dataclass
+class _Log:
+    """Rejected examples and per-rule bookkeeping while the stage runs."""
+
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    rules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    snippets: dict[str, str] = field(default_factory=dict)
+
+    def rule(self, name: str, enabled: bool = True, note: str = "") -> dict[str, Any]:
+        self.rules[name] = {"enabled": enabled, "count": 0, "examples": [], **({"note": note} if note else {})}
+        return self.rules[name]
+
+    def drop(self, rule: str, ex: Example, split: str, reason: str, duplicate_of: Example | None = None) -> None:
+        entry = self.rules[rule]
+        entry["count"] += 1
+        if len(entry["examples"]) < EXAMPLES_PER_RULE:
+            entry["examples"].append({"id": ex.id, "reason": reason})
+            self.snippets[ex.id] = snippet(ex.record)
+        self.rejects.append({"source": ex.source, "line": ex.line, "split": split, "rule": rule, "reason": reason,
+                             **({"duplicate_of": duplicate_of.id} if duplicate_of else {}), "record": ex.record})
+
+
+def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str | Path | None = None,
+            eval_file: str | Path | None = None) -> PrepareResult:
+    """Prepare a dataset folder. ``config``: a ``Config``, a dict of config values, a YAML path, or None for the
+    defaults; ``files`` replace ``data.train_files``; ``eval_file`` replaces ``data.eval_file``."""
+    cfg = _resolve_config(config)
+    data = cfg.data
+    train_files = [str(f) for f in files] or list(data.train_files)
+    if not train_files:
+        raise UserError("no input files", hint="pass JSONL files (tunesmith data prepare a.jsonl) or set "
+                                               "data.train_files")
+    eval_path = str(eval_file) if eval_file else data.eval_file
+    out = Path(out_dir or data.out_dir or Path(cfg.out_dir) / "data")
+    max_length = data.overlong.max_length or cfg.train.max_length
+    log, watch = _Log(), _Stopwatch()
+
+    # 1. read: every non-blank line, parsed and converted to the canonical record (problems kept per line)
+    pool = [ex for f in train_files for ex in read_file(f, data.max_line_bytes, data.max_depth)]
+    given_eval = read_file(eval_path, data.max_line_bytes, data.max_depth) if eval_path else None
+    watch.lap("read")
+
+    # 2. hold out the eval split FIRST: by position and seed only, so no cleaning decision can shape it
+    if given_eval is not None:
+        train, evals = pool, given_eval
+        holdout = f"the separate eval file {eval_path} ({len(given_eval):,} lines); nothing held out of train"
+    else:
+        held = holdout_indices(len(pool), data.eval_fraction, data.seed)
+        train = [ex for i, ex in enumerate(pool) if i not in held]
+        evals = [ex for i, ex in enumerate(pool) if i in held]
+        holdout = (f"{len(held):,} of {len(pool):,} lines ({data.eval_fraction:.0%}, seed {data.seed}) chosen "
+                   "before validation and cleaning")
+
+    # 3. validate: structural problems stop the run (all listed) unless bad lines are to be skipped
+    train, evals = _validate(train, evals, data.on_bad_lines, data.max_errors, log)
+    watch.lap("validate")
+
+    # 4. clean the train split, one rule at a time: quality filters first, then duplicates
+    from ..models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    watch.lap("load_tokenizer")
+    train = _quality_filters(train, data, tokenizer, max_length, log, watch)
+    train, features = _deduplicate(train, data, log, watch)
+
+    # 5. leakage: train examples that duplicate eval examples (exact, then the near-duplicate rules that ran)
+    train = _remove_leakage(train, features, evals, data, log)
+    watch.lap("leakage")
+
+    # 6. write the splits and the rejects; 7. the report, the histogram and the manifest
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"train": _write_jsonl(out / "train.jsonl", (ex.record for ex in train)),
+             "eval": _write_jsonl(out / "eval.jsonl", (ex.record for ex in evals)),
+             "rejects": _write_jsonl(out / "rejects.jsonl", log.rejects)}
+    inputs = [{"path": f, "split": "train" if given_eval is not None else "train+eval", "sha256": _sha256(f),
+               "examples": sum(1 for ex in pool if ex.source == f)} for f in train_files]
+    if eval_path:
+        inputs.append({"path": eval_path, "split": "eval", "sha256": _sha256(eval_path),
+                       "examples": len(given_eval or [])})
+    report = _build_report([*pool, *(given_eval or [])], train, evals, log, tokenizer, inputs, holdout, cfg,
+                           max_length, out)
+    files["lengths_png"] = str(out / "lengths.png")
+    files.update(write_reports(report, log.snippets, out))
+    files["manifest"] = _write_manifest(out / "manifest.json", cfg, train_files, eval_path, inputs, report["counts"],
+                                        files)
+    watch.lap("write_and_report")
+    if len(train) < data.min_examples:
+        raise UserError(f"only {len(train)} training example(s) left after cleaning, fewer than data.min_examples "
+                        f"({data.min_examples}); see {files['report_md']}",
+                        hint="add data, relax the rules that removed most, or lower data.min_examples")
+    return PrepareResult(str(out), len(train), len(evals), len(log.rejects),
+                         {k: v["count"] for k, v in report["rules"].items()},
+                         log.rules["overlong"].get("truncated", 0), files, watch.wall_s, watch.cpu_s)
+
+
+def _validate(train: list[Example], evals: list[Example], on_bad_lines: str, max_errors: int,
+              log: _Log) -> tuple[list[Example], list[Example]]:
+    """Check every readable record; stop with all problems listed, or reject the bad lines (``skip``)."""
+    for ex in (*train, *evals):
+        if ex.record is not None:
+            ex.problems += check_record(ex.record, ex.source, ex.line)
+    if on_bad_lines == "error":
+        raise_problems(sorted((p for ex in (*train, *evals) for p in ex.problems),
+                              key=lambda p: (p.source, p.line or 0)), max_errors)
+    log.rule("validate")
+    for split, exs in (("train", train), ("eval", evals)):
+        for ex in exs:
+            if ex.problems:
+                log.drop("validate", ex, split, "; ".join(f"{p.field}: {p.reason}" if p.field else p.reason
+                                                          for p in ex.problems))
+    return [ex for ex in train if not ex.problems], [ex for ex in evals if not ex.problems]
+
+
+@dataclass
+class _Features:
+    """What the duplicate rules compare, one entry per train example (kept aligned as examples are dropped)."""
+
+    keys: list[str]
+    """Exact keys: the whole normalised conversation, system messages included."""
+    texts: list[str]
+    """Near-duplicate text: the conversation without system messages (see ``clean.conversation_text``)."""
+    norms: list[str]
+    sigs: list[Any] | None = None
+    emb: Any = None
+
+    @classmethod
+    def of(cls, exs: Sequence[Example]) -> _Features:
+        keys = [clean.exact_key(clean.normalize(clean.conversation_text(ex.record))) for ex in exs]
+        texts = [clean.conversation_text(ex.record, system=False) for ex in exs]
+        return cls(keys, texts, [clean.normalize(t) for t in texts])
+
+    def select(self, keep: list[bool]) -> _Features:
+        return _Features(_select(self.keys, keep), _select(self.texts, keep), _select(self.norms, keep),
+                         None if self.sigs is None else _select(self.sigs, keep),
+                         None if self.emb is None else _select(self.emb, keep))
+
+
+def _deduplicate(train: list[Example], data: Any, log: _Log,
+                 watch: _Stopwatch) -> tuple[list[Example], _Features]:
+    """Exact, MinHash and embedding near-duplicates within train; the first of each cluster stays."""
+    feats = _Features.of(train)
+    log.rule("exact_dedup", data.exact_dedup.enabled)
+    if data.exact_dedup.enabled:
+        keep = _drop_matches(train, clean.exact_duplicates(feats.keys), train, "exact_dedup",
+                             "exact duplicate of {of}", log)
+        train, feats = _select(train, keep), feats.select(keep)
+    watch.lap("exact_dedup")
+    mh = data.minhash
+    log.rule("minhash", mh.enabled)
+    if mh.enabled:
+        feats.sigs = clean.minhash_signatures(feats.norms, mh.num_perm, mh.shingle_size)
+        keep = _drop_matches(train, clean.minhash_duplicates(feats.sigs, mh.threshold, mh.num_perm), train,
+                             "minhash", "near-duplicate of {of} ({how})", log)
+        train, feats = _select(train, keep), feats.select(keep)
+    watch.lap("minhash")
+    em = data.embedding
+    too_many = em.max_examples is not None and len(train) > em.max_examples
+    log.rule("embedding", em.enabled, note=(f"skipped: {len(train):,} examples > embedding.max_examples "
+                                            f"{em.max_examples:,}" if em.enabled and too_many else ""))
+    if em.enabled and not too_many and train:
+        feats.emb = clean.embed(feats.texts, em.model or clean.default_embedding_model(), em.batch_size)
+        keep = _drop_matches(train, clean.embedding_duplicates(feats.emb, em.threshold), train, "embedding",
+                             "near-duplicate of {of} ({how})", log)
+        train, feats = _select(train, keep), feats.select(keep)
+    watch.lap("embedding")
+    return train, feats
+
+
+def _remove_leakage(train: list[Example], feats: _Features, evals: list[Example], data: Any,
+                    log: _Log) -> list[Example]:
+    """Train examples that copy an eval example: removed (or only reported, ``leakage.action: report``)."""
+    lk = data.leakage
+    log.rule("leakage", lk.enabled and bool(evals), note=f"action: {lk.action}" if lk.enabled else "")
+    if not (lk.enabled and evals and train):
+        return train
+    ev = _Features.of(evals)
+    leaks: dict[int, clean.Match] = {}
+    if feats.emb is not None:
+        em = data.embedding
+        ev.emb = clean.embed(ev.texts, em.model or clean.default_embedding_model(), em.batch_size)
+        leaks.update(clean.embedding_matches(feats.emb, ev.emb, em.threshold))
+    if feats.sigs is not None:
+        mh = data.minhash
+        ev.sigs = clean.minhash_signatures(ev.norms, mh.num_perm, mh.shingle_size)
+        leaks.update(clean.minhash_matches(feats.sigs, ev.sigs, mh.threshold, mh.num_perm))
+    leaks.update(clean.exact_matches(feats.keys, ev.keys))  # the strongest evidence names the match
+    keep = _drop_matches(train, leaks, evals, "leakage", "duplicates eval example {of} ({how})", log,
+                         remove=lk.action == "remove")
+    return _select(train, keep)
+
+
+def _build_report(read: Sequence[Example], train: list[Example], evals: list[Example], log: _Log, tokenizer: Any,
+                  inputs: list[dict[str, Any]], holdout: str, cfg: Any, max_length: int, out: Path) -> dict[str, Any]:
+    """The report's content (and lengths.png): counts per rule, lengths, roles, turns, special-token text."""
+    data = cfg.data
+    train_lengths, eval_lengths = _lengths(train, tokenizer), _lengths(evals, tokenizer)
+    plot_lengths(train_lengths, eval_lengths, max_length if data.overlong.enabled else None, out / "lengths.png")
+    both = [*train, *evals]
+    specials = clean.special_token_hits([ex.record for ex in both], tokenizer)
+    train_records, eval_records = [ex.record for ex in train], [ex.record for ex in evals]
+    return {
+        "model": cfg.model.name_or_path, "inputs": inputs,
+        "counts": {"read": len(read), "train": len(train), "eval": len(evals),
+                   "rejected": len(log.rejects)},
+        "holdout": {"description": holdout, "seed": data.seed, "eval_fraction": data.eval_fraction},
+        "formats": dict(Counter(ex.format or "unreadable" for ex in read)),
+        "rules": {name: log.rules[name] for name in RULES if name in log.rules},
+        "lengths": {"max_length": max_length, "splits": {"train": length_stats(train_lengths),
+                                                         "eval": length_stats(eval_lengths)}},
+        "roles": {"train": role_counts(train_records), "eval": role_counts(eval_records)},
+        "turns": {"train": turn_counts(train_records), "eval": turn_counts(eval_records)},
+        "special_tokens": {"examples": len(specials), "tokens": sorted({t for ts in specials.values() for t in ts}),
+                           "example_ids": [both[i].id for i in list(specials)[:EXAMPLES_PER_RULE]]},
+    }
+
+
+def _quality_filters(train: list[Example], data: Any, tokenizer: Any, max_length: int, log: _Log,
+                     watch: _Stopwatch) -> list[Example]:
+    """Short outputs, JSON outputs and over-long examples (drop or truncate by whole turns)."""
+    so = data.short_outputs
+    log.rule("short_outputs", so.enabled, note=f"min {so.min_tokens} tokens" if so.enabled else "")
+    if so.enabled:
+        train = _drop_reasons(train, clean.short_outputs([ex.record for ex in train], tokenizer, so.min_tokens),
+                              "short_outputs", log)
+    watch.lap("short_outputs")
+    jo = data.json_outputs
+    log.rule("json_outputs", jo.enabled, note=f"schema {jo.json_schema}" if jo.json_schema else "")
+    if jo.enabled:
+        validator = clean.load_json_schema(jo.json_schema) if jo.json_schema else None
+        train = _drop_reasons(train, clean.json_output_problems([ex.record for ex in train], validator),
+                              "json_outputs", log)
+    watch.lap("json_outputs")
+    ol = data.overlong
+    entry = log.rule("overlong", ol.enabled, note=f"max_length {max_length}, action: {ol.action}" if ol.enabled
+                     else "")
+    if ol.enabled:
+        entry["truncated"], entry["truncated_examples"] = 0, []
+        kept = []
+        for ex, n in zip(train, _lengths(train, tokenizer), strict=True):
+            if n <= max_length:
+                kept.append(ex)
+                continue
+            shorter = clean.truncate_to_fit(ex.record, tokenizer, max_length) if ol.action == "truncate" else None
+            if shorter is not None:
+                if len(entry["truncated_examples"]) < EXAMPLES_PER_RULE:
+                    entry["truncated_examples"].append(
+                        {"id": ex.id, "reason": f"{n} tokens, over max_length {max_length}: kept the first "
+                                                f"{len(shorter['messages'])} of {len(ex.record['messages'])} messages"})
+                ex.record, ex.tokens = shorter, None
+                entry["truncated"] += 1
+                kept.append(ex)
+            else:
+                why = "; its first answer alone does not fit" if ol.action == "truncate" else ""
+                log.drop("overlong", ex, "train", f"{n} tokens, over max_length {max_length}{why}")
+        if entry["truncated"]:
+            entry["note"] += f"; {entry['truncated']} truncated by whole turns"
+        train = kept
+    watch.lap("overlong")
+    return train
+
+
+def _lengths(exs: list[Example], tokenizer: Any) -> list[int]:
+    """Token lengths of ``exs``, counting only those not yet counted."""
+    todo = [ex for ex in exs if ex.tokens is None]
+    for ex, n in zip(todo, clean.token_lengths([ex.record for ex in todo], tokenizer), strict=True):
+        ex.tokens = n
+    return [ex.tokens or 0 for ex in exs]
+
+
+def _drop_reasons(exs: list[Example], reasons: dict[int, str], rule: str, log: _Log) -> list[Example]:
+    for i, reason in reasons.items():
+        log.drop(rule, exs[i], "train", reason)
+    return [ex for i, ex in enumerate(exs) if i not in reasons]
+
+
+def _drop_matches(exs: list[Example], matches: dict[int, clean.Match], reference: list[Example], rule: str,
+                  template: str, log: _Log, remove: bool = True) -> list[bool]:
+    """Log each match (with the example it duplicates) and return the keep mask (all True when only reporting)."""
+    keep = [True] * len(exs)
+    for i in sorted(matches):
+        m = matches[i]
+        reason = template.format(of=reference[m.of].id, how=m.describe())
+        if remove:
+            log.drop(rule, exs[i], "train", reason, duplicate_of=reference[m.of])
+            keep[i] = False
+        else:
+            entry = log.rules[rule]
+            entry["count"] += 1
+            if len(entry["examples"]) < EXAMPLES_PER_RULE:
+                entry["examples"].append({"id": exs[i].id, "reason": reason + " (kept: leakage.action report)"})
+    return keep
+
+
+def _select(items: Any, keep: list[bool]) -> Any:
+    if hasattr(items, "shape"):  # a tensor of embeddings
+        import torch
+
+        return items[torch.tensor(keep, dtype=torch.bool)]
+    return [x for x, k in zip(items, keep, strict=True) if k]
+
+
+@dataclass
+class _Stopwatch:
+    """Wall and CPU seconds per stage: ``lap(name)`` records the time since the previous lap."""
+
+    wall_s: dict[str, float] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    _wall: float = field(default_factory=time.perf_counter)
+    _cpu: float = field(default_factory=time.process_time)
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.wall_s[name] = round(wall - self._wall, 3)
+        self.cpu_s[name] = round(cpu - self._cpu, 3)
+        self._wall, self._cpu = wall, cpu
+
+
+def _resolve_config(config: Any) -> Any:
+    from ..config import Config, load_config
+
+    if config is None:
+        return load_config(None)
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, str | Path):
+        return load_config(config)
+    if isinstance(config, dict):
+        from pydantic import ValidationError
+
+        from ..config import _format_validation
+
+        try:
+            return Config.model_validate(config)
+        except ValidationError as exc:
+            raise UserError(_format_validation(exc, "<config values>", {})) from None
+    raise TypeError(f"config must be a Config, a dict, a path or None, not {type(config).__name__}")
+
+
+def _write_jsonl(path: Path, rows: Any) -> str:
+    """One JSON object per line, written to a temporary name then renamed (no half-written file left behind)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return str(path)
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _write_manifest(path: Path, cfg: Any, train_files: list[str], eval_path: str | None, inputs: list[dict[str, Any]],
+                    counts: dict[str, int], files: dict[str, str]) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("tunesmith", "datasketch", "sentence-transformers", "transformers", "jsonschema"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    manifest = {"stage": "data", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "inputs": inputs,
+                "config": {"data": {**cfg.data.model_dump(mode="json"), "train_files": train_files,
+                                    "eval_file": eval_path},
+                           "model": cfg.model.model_dump(mode="json"), "train": {"max_length": cfg.train.max_length}},
+                "counts": counts, "outputs": {k: Path(v).name for k, v in files.items()}, "versions": versions}
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def read_examples(path: str | Path, max_errors: int = 20) -> list[dict[str, Any]]:
+    """Canonical chat records of one JSONL file (a prepared split or a raw file in any supported format), read
+    line by line and validated. Any structural problem raises one UserError listing ``file:line: field: reason``."""
+    return [record for _, record in read_numbered(path, max_errors)]
+
+
+def read_numbered(path: str | Path, max_errors: int = 20) -> list[tuple[int, dict[str, Any]]]:
+    """Like ``read_examples``, with each record's 1-based line number (for messages about later stages)."""
+    examples = read_file(path)
+    for ex in examples:
+        if ex.record is not None:
+            ex.problems += check_record(ex.record, ex.source, ex.line)
+    raise_problems([p for ex in examples for p in ex.problems], max_errors)
+    return [(ex.line, ex.record) for ex in examples if ex.record is not None]
+
+
+def load_prepared(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """(train records, eval records or None) of a prepared folder (train.jsonl [+ eval.jsonl]) or one JSONL file
+    (train only). What the train and eval stages read."""
+    path = Path(path)
+    if path.is_dir():
+        train = path / "train.jsonl"
+        if not train.is_file():
+            raise UserError(f"{where(path)}: no train.jsonl in this folder",
+                            hint="run `tunesmith data prepare` first, or give a JSONL file")
+        ev = path / "eval.jsonl"
+        return read_examples(train), (read_examples(ev) if ev.is_file() and ev.stat().st_size else None)
+    return read_examples(path), None

@@ -1,0 +1,410 @@
+"""Merge a LoRA / QLoRA adapter into its base model and prove the merged model computes what the adapter did.
+
+The base loads at full precision (bf16 by default, as the seed says) on the CPU; a QLoRA adapter goes into that
+bf16 base too, never into 4-bit weights (rounding the merged weights to NF4 would change the model that was
+evaluated). Parity: the logits of the merged folder, reloaded by plain transformers, against the logits of
+base + adapter (unmerged, PEFT) on sample conversations. Both sides run in the saved dtype, so the measured
+difference is what a user of the merged folder sees. Exceeding the tolerance is an error, and the merged folder is
+not put in place.
+
+Why a tolerance per dtype, relative to the largest |logit|: in bf16 (8 mantissa bits, relative step
+2^-8 ≈ 0.4 %) W + BA is rounded once when merged, while the unmerged model adds BA·x to a separately rounded W·x,
+and every layer's bf16 arithmetic rounds again; a 2-layer model measured ~1 % of its largest logit, deeper models
+add up more. In float32 both paths agree to ~1e-6 relative. A real merging bug (adapter missing, scaling wrong)
+moves logits by the adapter's whole effect, which the result reports beside the difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import RunError, UserError
+from .samples import conversations_for
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+DEFAULT_RELATIVE_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.05, "float16": 0.01}
+"""Largest allowed |logit difference| between merged and base + adapter, as a fraction of the largest |logit|
+(floor 1.0), per saved dtype. bf16: 5 %, ~5x what the 2-layer test model measures (see module docstring)."""
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Merged model vs base + adapter on ``num_prompts`` conversations (``num_tokens`` positions in all)."""
+
+    max_abs_diff: float
+    tolerance: float
+    """Absolute bound on ``max_abs_diff``: ``relative_tolerance`` × max(1, largest |logit| of base + adapter)."""
+    relative_tolerance: float
+    adapter_effect: float
+    """Largest |logit change| the adapter makes over the bare base: what the merge had to preserve. When it is
+    not well above ``tolerance`` the parity check cannot tell a merged adapter from a missing one."""
+    top1_agreement: float
+    """Fraction of positions where merged and base + adapter pick the same next token."""
+    num_prompts: int
+    num_tokens: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    @property
+    def conclusive(self) -> bool:
+        """The adapter changes logits by more than the tolerance, so a lost adapter would fail the check."""
+        return self.adapter_effect > self.tolerance
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out_dir: str
+    base: str
+    adapter: str
+    method: str
+    """``lora`` or ``qlora`` (from the run's manifest or the adapter; a QLoRA adapter is merged into the bf16 base)."""
+    dtype: str
+    parity: Parity
+    quantized_base_drift: dict[str, float] | None = None
+    """QLoRA only: merged model vs the 4-bit base + adapter that training (and any eval on it) used —
+    ``max_abs_diff`` and ``top1_agreement``. Information, not a check: the bf16 merge removes the NF4 rounding of
+    the base weights, so this is the quantization error the adapter was trained around."""
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["parity"]["passed"] = self.parity.passed
+        out["parity"]["conclusive"] = self.parity.conclusive
+        return out
+
+    def summary(self) -> str:
+        p = self.parity
+        return (f"merged {self.method} adapter into {self.base} ({self.dtype}) → {self.out_dir}; parity max |Δlogit| "
+                f"{p.max_abs_diff:.2e} ≤ {p.tolerance:.2e} (adapter effect {p.adapter_effect:.2e}, top-1 agreement "
+                f"{p.top1_agreement:.1%} over {p.num_tokens} tokens)")
+
+
+def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None = None,
+          adapter: str | Path | None = None, dtype: str = "bfloat16", tolerance: float | None = None,
+          conversations: list[list[dict[str, Any]]] | None = None) -> MergeResult:
+    """Merge the adapter of ``run_dir`` (or ``adapter`` on ``base``) into ``out_dir`` and check parity.
+
+    ``tolerance`` is relative to the largest |logit| (default per dtype: ``DEFAULT_RELATIVE_TOLERANCE``).
+    """
+    import torch
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    torch_dtype = getattr(torch, dtype)
+    relative = DEFAULT_RELATIVE_TOLERANCE[dtype] if tolerance is None else tolerance
+    run = Path(run_dir) if run_dir is not None else None
+    adapter_dir, base_name, method = resolve_inputs(run, base, adapter)
+    settings = _model_settings(manifest_of(run))
+    out = Path(out_dir)
+    conversations = conversations or conversations_for(run)
+
+    tokenizer = _load_tokenizer(adapter_dir, base_name, settings)
+    model = _load_base(base_name, torch_dtype, settings)
+    check_adapter_fits(adapter_dir, model, base_name)
+    peft_model = _attach(model, adapter_dir, base_name)
+    batches = [_conversation_ids(tokenizer, c) for c in conversations]
+    with torch.no_grad():
+        reference = [_logits(peft_model, ids) for ids in batches]
+        with peft_model.disable_adapter():
+            bare = [_logits(peft_model, ids) for ids in batches]
+
+    staging = out.with_name(out.name + ".incomplete")
+    if staging.exists():
+        shutil.rmtree(staging)
+    merged = peft_model.merge_and_unload()
+    merged.generation_config = _generation_config(base_name, merged, tokenizer)
+    merged.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    del merged, peft_model, model
+
+    reloaded = _load_base(str(staging), torch_dtype, {})
+    with torch.no_grad():
+        got = [_logits(reloaded, ids) for ids in batches]
+    parity = _compare(got, reference, bare, relative)
+    drift = None
+    if method == "qlora" and importlib.util.find_spec("bitsandbytes") is not None:
+        drift = _quantized_base_drift(base_name, settings, adapter_dir, batches, got, torch_dtype,
+                                      _find_dict(manifest_of(run), "quant"))
+    result = MergeResult(out_dir=str(out), base=base_name, adapter=str(adapter_dir), method=method, dtype=dtype,
+                         parity=parity, quantized_base_drift=drift, warnings=_base_mismatch(adapter_dir, base_name))
+    _write_manifest(staging, result)
+    if not parity.passed:
+        raise RunError(f"merged model differs from base + adapter: max |Δlogit| {parity.max_abs_diff:.3g} > tolerance "
+                       f"{parity.tolerance:.3g}; the merged folder was left at {staging} for inspection (not at {out})",
+                       hint="re-run with --dtype float32 to rule out rounding; if it still fails, report a bug")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return result
+
+
+def resolve_inputs(run_dir: Path | None, base: str | None, adapter: str | Path | None) -> tuple[Path, str, str]:
+    """(adapter folder, base model, method) from a run folder and/or explicit paths; one clear error otherwise."""
+    manifest: dict[str, Any] = {}
+    if run_dir is not None:
+        if not run_dir.is_dir():
+            raise UserError(f"{run_dir}: run folder not found", hint="pass the folder `tunesmith train` wrote")
+        manifest = _read_manifest(run_dir)
+    if adapter is not None:
+        adapter_dir = Path(adapter)
+    elif run_dir is not None and (run_dir / "adapter_config.json").is_file():
+        adapter_dir = run_dir
+    elif run_dir is not None:
+        # the run folder may have moved since training: its own adapter/ first, then the recorded path
+        recorded = (manifest.get("outputs") or {}).get("adapter")
+        adapter_dir = run_dir / "adapter"
+        if not adapter_dir.is_dir() and isinstance(recorded, str) and Path(recorded).is_dir():
+            adapter_dir = Path(recorded)
+    else:
+        raise UserError("nothing to merge: give a run folder, or --base and --adapter")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        if run_dir is not None and (run_dir / "model" / "config.json").is_file():
+            raise UserError(f"{run_dir}: this run fine-tuned the full model (model/), there is no adapter to merge",
+                            hint=f"export it directly: tunesmith export {run_dir / 'model'} --format gguf")
+        raise UserError(f"{adapter_dir}: no adapter_config.json — not a PEFT adapter folder",
+                        hint="pass a run folder written by `tunesmith train` with method lora/qlora, or --adapter DIR")
+    adapter_cfg = _read_json(adapter_dir / "adapter_config.json")
+    base_name = base or _manifest_base(manifest) or adapter_cfg.get("base_model_name_or_path")
+    if not base_name:
+        raise UserError(f"{adapter_dir}: the adapter does not record its base model",
+                        hint="pass the base model with --base")
+    method = str(manifest.get("method") or _find(manifest, "method") or "lora")
+    return adapter_dir, str(base_name), method
+
+
+def check_adapter_fits(adapter_dir: Path, model: Any, base_name: str) -> None:
+    """Every LoRA matrix must match the shape of the base module it adapts; else name the first that does not."""
+    from safetensors import safe_open
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{adapter_dir}: no adapter_model.safetensors",
+                        hint="adapters are loaded from safetensors only; re-save the adapter with safe_serialization")
+    recorded = _read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+    hint = f"the adapter was trained on {recorded}; pass that model with --base" if recorded else \
+        "pass the base model the adapter was trained on with --base"
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 — safe_open is not a mapping
+            kind = "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
+            if kind is None:
+                continue
+            module_name = key.split(f".lora_{kind}.")[0].removeprefix("base_model.model.")
+            shape = tuple(f.get_slice(key).get_shape())
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                raise UserError(f"{adapter_dir}: adapter for a different base model — {module_name} does not exist "
+                                f"in {base_name}", hint=hint) from None
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.dim() != 2:
+                continue
+            out_features, in_features = weight.shape
+            expected = in_features if kind == "A" else out_features
+            actual = shape[1] if kind == "A" else shape[0]
+            if actual != expected:
+                raise UserError(f"{adapter_dir}: adapter for a different base model — {key} has shape "
+                                f"{list(shape)}, but {module_name} in {base_name} has weight shape "
+                                f"{list(weight.shape)}", hint=hint)
+
+
+def _base_mismatch(adapter_dir: Path, base_name: str) -> tuple[str, ...]:
+    """Same shapes but another recorded base (a base vs its instruct sibling): legal, often a mistake — say so."""
+    recorded = _read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+    if not recorded or recorded == base_name:
+        return ()
+    same_folder = Path(recorded).exists() and Path(base_name).exists() and \
+        Path(recorded).resolve() == Path(base_name).resolve()
+    if same_folder:
+        return ()
+    return (f"the adapter records base model {recorded}, but was merged into {base_name}: shapes fit, so make sure "
+            "this is the same model (a moved folder), not a sibling (base vs instruct)",)
+
+
+def _quantized_base_drift(base_name: str, settings: dict[str, Any], adapter_dir: Path, batches: list[list[int]],
+                          merged: list[Any], torch_dtype: Any, quant: dict[str, Any] | None) -> dict[str, float]:
+    """Logits of the 4-bit base + adapter (as trained) vs the merged model's."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from ..config import ModelConfig
+    from ..models import load_model
+
+    quant = quant or {}
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=str(quant.get("quant_type") or "nf4"),
+                                bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
+                                bnb_4bit_compute_dtype=torch_dtype)
+    model = load_model(ModelConfig(**{**settings, "name_or_path": base_name}), quantization=config, device_map="cpu")
+    peft_model = _attach(model, adapter_dir, base_name)
+    with torch.no_grad():
+        trained = [_logits(peft_model, ids) for ids in batches]
+    diff = max(float((m - t).abs().max()) for m, t in zip(merged, trained, strict=True))
+    same = sum(int((m.argmax(-1) == t.argmax(-1)).sum()) for m, t in zip(merged, trained, strict=True))
+    return {"max_abs_diff": diff, "top1_agreement": same / sum(t.shape[0] for t in trained)}
+
+
+def manifest_of(run_dir: Path | None) -> dict[str, Any]:
+    return _read_manifest(run_dir) if run_dir is not None and run_dir.is_dir() else {}
+
+
+def _attach(model: Any, adapter_dir: Path, base_name: str) -> Any:
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{adapter_dir}: cannot apply the adapter to {base_name}: {first}",
+                        hint="pass the base model the adapter was trained on with --base") from None
+
+
+def _load_base(name: str, torch_dtype: Any, settings: dict[str, Any]) -> Any:
+    from ..config import ModelConfig
+    from ..models import load_model
+
+    return load_model(ModelConfig(**{**settings, "name_or_path": name}), dtype=torch_dtype, device_map="cpu")
+
+
+def _model_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The run's ``model:`` section minus the name (trust_remote_code, revision, allow_pickle, chat_template …),
+    so the base loads as it did in training."""
+    from ..config import ModelConfig
+
+    section = (manifest.get("config") or {}).get("model")
+    if not isinstance(section, dict):
+        return {}
+    keep = {k: v for k, v in section.items() if k in ModelConfig.model_fields and k not in ("name_or_path", "dtype")}
+    try:
+        ModelConfig(**keep)
+    except ValueError:
+        return {}
+    return keep
+
+
+def _load_tokenizer(adapter_dir: Path, base_name: str, settings: dict[str, Any]) -> Any:
+    """The adapter's tokenizer when it saved one (it carries the training chat template), else the base's."""
+    from ..config import ModelConfig
+    from ..models import load_tokenizer
+
+    cfg = ModelConfig(**{**settings, "name_or_path": base_name})
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        return load_tokenizer(cfg, path=str(adapter_dir))
+    return load_tokenizer(cfg)
+
+
+def _conversation_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """Token ids of the whole conversation, tokenised exactly as in training."""
+    from ..chat import tokenize_chat
+
+    return tokenize_chat(tokenizer, messages).input_ids
+
+
+def _logits(model: Any, ids: list[int]) -> Any:
+    import torch
+
+    return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+
+
+def _compare(got: list[Any], reference: list[Any], bare: list[Any], relative: float) -> Parity:
+    scale = max(1.0, max(float(r.abs().max()) for r in reference))
+    diff = max(float((g - r).abs().max()) for g, r in zip(got, reference, strict=True))
+    effect = max(float((r - b).abs().max()) for r, b in zip(reference, bare, strict=True))
+    same = sum(int((g.argmax(-1) == r.argmax(-1)).sum()) for g, r in zip(got, reference, strict=True))
+    total = sum(r.shape[0] for r in reference)
+    return Parity(max_abs_diff=diff, tolerance=relative * scale, relative_tolerance=relative, adapter_effect=effect,
+                  top1_agreement=same / total, num_prompts=len(reference), num_tokens=total)
+
+
+def _generation_config(base_name: str, model: Any, tokenizer: Any) -> Any:
+    """The base's generation config, stopping at every end-of-turn token of the chat template."""
+    from ..chat import end_of_turn_ids
+
+    config = model.generation_config
+    stops = end_of_turn_ids(tokenizer)
+    existing = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    config.eos_token_id = sorted({*stops, *(e for e in existing if e is not None)})
+    if tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def _write_manifest(folder: Path, result: MergeResult) -> None:
+    from .. import __version__
+
+    payload = {"stage": "merge", "tunesmith": __version__, **result.to_dict(), "versions": _versions()}
+    (folder / "export.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "safetensors"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+def _read_manifest(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "run.json"
+    return _read_json(path) if path.is_file() else {}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def _manifest_base(manifest: dict[str, Any]) -> str | None:
+    """The base model a run trained on: the resolved ``base_model_path`` of run.json while it exists, else
+    ``base_model`` (as configured: a hub id or ``local:`` name), else the config's model.name_or_path."""
+    path = manifest.get("base_model_path")
+    if isinstance(path, str) and Path(path).is_dir():
+        return path
+    for key in ("base_model", "base_model_path", "base"):
+        value = manifest.get(key)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, dict) and isinstance(value.get("path"), str):
+            return value["path"]
+    config = manifest.get("config")
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        name = config["model"].get("name_or_path")
+        return name if isinstance(name, str) else None
+    return None
+
+
+def _find_dict(node: Any, key: str) -> dict[str, Any] | None:
+    if isinstance(node, dict):
+        if isinstance(node.get(key), dict):
+            return node[key]
+        for value in node.values():
+            found = _find_dict(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _find(node: Any, key: str) -> Any:
+    if isinstance(node, dict):
+        if key in node and isinstance(node[key], str):
+            return node[key]
+        for value in node.values():
+            found = _find(value, key)
+            if found is not None:
+                return found
+    return None

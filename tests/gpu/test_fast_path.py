@@ -1,0 +1,143 @@
+"""The CUDA fast path computes the same function as the plain path (run on a GPU machine; skipped elsewhere).
+
+- Liger's fused linear + cross-entropy vs the chunked PyTorch path: loss and gradients.
+- Packed rows through our variable-length attention vs each sequence on its own: per-sequence loss and the
+  gradients of the LoRA adapters over a whole optimizer step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def test_fused_kernel_loss_and_gradients_match_the_chunked_torch_path():
+    pytest.importorskip("liger_kernel")
+    from tunesmith.train.kernels import linear_cross_entropy_sum
+    from tunesmith.train.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(20000, 512, device="cuda") * 0.05).to(torch.bfloat16)
+    targets = torch.randint(0, 20000, (3000,), device="cuda")
+
+    h1 = hidden.clone().requires_grad_()
+    fused = linear_cross_entropy_sum(h1, weight, targets)
+    assert fused is not None, "Liger is installed on CUDA: the fused kernel must be used"
+    (fused / 3000).backward()
+    h2 = hidden.clone().requires_grad_()
+    plain, _ = linear_cross_entropy(h2, weight, targets, kernel=False)
+    (plain / 3000).backward()
+
+    assert abs(fused.item() - plain.item()) / plain.item() < 2e-3
+    assert _rel(h1.grad, h2.grad) < 2e-2
+
+
+def test_attention_choice_is_varlen_on_cuda_with_packing_and_default_otherwise():
+    from tunesmith.train.kernels import VARLEN_ATTENTION, attention_implementation
+
+    assert attention_implementation("cuda", packing=True) == VARLEN_ATTENTION
+    assert attention_implementation("cuda", packing=False) is None
+    assert attention_implementation("cpu", packing=True) is None
+
+
+def _tiny_lora_model(attn: str):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model.config._attn_implementation = attn
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"], init_lora_weights=False)
+    return get_peft_model(model, lora)
+
+
+def test_packed_rows_with_varlen_attention_give_each_sequences_own_loss_and_the_same_gradients():
+    from tunesmith.chat import TokenizedChat
+    from tunesmith.train.batching import micro_batches
+    from tunesmith.train.kernels import attention_implementation
+    from tunesmith.train.loss import loss_sum
+
+    attn = attention_implementation("cuda", packing=True)
+    gen = torch.Generator().manual_seed(0)
+    seqs = []
+    for n in (37, 300, 5, 128, 211):
+        ids = torch.randint(3, 1000, (n,), generator=gen).tolist()
+        labels = [-100 if i < n // 3 else t for i, t in enumerate(ids)]  # a prompt part that is not supervised
+        seqs.append(TokenizedChat(ids, labels))
+
+    def step(model, packed: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        per_seq = []
+        batches = micro_batches(seqs, range(len(seqs)), 1 if not packed else 8, 2048, 0, packed)
+        total = sum(b.num_targets for b in batches)
+        for b in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = loss_sum(model, b.to(torch.device("cuda")), fused=False)
+            (loss / total).backward()
+            per_seq.append(loss.item())
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return per_seq, grads
+
+    packed_model = _tiny_lora_model(attn)
+    separate_model = _tiny_lora_model("sdpa")
+    separate_model.load_state_dict(packed_model.state_dict())
+    packed_losses, packed_grads = step(packed_model, packed=True)
+    separate_losses, separate_grads = step(separate_model, packed=False)
+
+    assert len(packed_losses) == 1 and len(separate_losses) == len(seqs)
+    assert abs(packed_losses[0] - sum(separate_losses)) / sum(separate_losses) < 1e-2
+    assert packed_grads.keys() == separate_grads.keys() and packed_grads
+    for name, grad in packed_grads.items():
+        assert _rel(grad, separate_grads[name]) < 3e-2, name
+
+
+def test_varlen_attention_keeps_examples_independent_of_their_neighbours():
+    from tunesmith.train.kernels import attention_implementation
+
+    attn = attention_implementation("cuda", packing=True)
+    model = _tiny_lora_model(attn).eval()
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randint(3, 1000, (1, 64), generator=gen)
+    b = torch.randint(3, 1000, (1, 96), generator=gen)
+    c = torch.randint(3, 1000, (1, 96), generator=gen)
+
+    def logits_of_second(first: torch.Tensor) -> torch.Tensor:
+        ids = torch.cat([first, b], 1).cuda()
+        pos = torch.cat([torch.arange(first.shape[1]), torch.arange(96)]).unsqueeze(0).cuda()
+        cu = torch.tensor([0, first.shape[1], first.shape[1] + 96], dtype=torch.int32, device="cuda")
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=96,
+                        max_length_k=96, use_cache=False).logits
+        return out[0, first.shape[1]:].float()
+
+    # the second example's logits do not depend on what it was packed after
+    assert torch.allclose(logits_of_second(a), logits_of_second(c), atol=1e-2, rtol=0)
+
+
+def test_padded_evaluation_batches_give_the_same_loss_under_varlen_attention_as_under_sdpa():
+    from tunesmith.chat import TokenizedChat
+    from tunesmith.train.batching import micro_batches
+    from tunesmith.train.kernels import attention_implementation
+    from tunesmith.train.loss import loss_sum
+
+    varlen_model = _tiny_lora_model(attention_implementation("cuda", packing=True)).eval()
+    sdpa_model = _tiny_lora_model("sdpa").eval()
+    sdpa_model.load_state_dict(varlen_model.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    seqs = [TokenizedChat(ids, list(ids)) for ids in
+            (torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (50, 9, 77))]
+    (batch,) = micro_batches(seqs, range(3), 3, 128, 0, packed=False)  # right-padded with an attention mask
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a, _ = loss_sum(varlen_model, batch.to(torch.device("cuda")), fused=False)
+        b, _ = loss_sum(sdpa_model, batch.to(torch.device("cuda")), fused=False)
+    assert abs(a.item() - b.item()) / b.item() < 1e-2

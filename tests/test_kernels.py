@@ -1,0 +1,97 @@
+"""The fast path's CPU-checkable parts: fallbacks, packed-row metadata, balanced rows, packed == unpacked loss.
+
+The CUDA kernels themselves (varlen attention, Liger's fused loss) are checked against the plain path in
+tests/gpu/test_fast_path.py on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.chat import TokenizedChat
+from tunesmith.train.batching import balanced_rows, micro_batches
+from tunesmith.train.kernels import _cu_seq_lens, attention_implementation, linear_cross_entropy_sum
+from tunesmith.train.loss import linear_cross_entropy
+
+
+def test_cpu_keeps_transformers_default_attention_and_the_torch_loss():
+    assert attention_implementation("cpu", packing=True) is None
+    assert attention_implementation("cpu", packing=False) is None
+    hidden, weight = torch.randn(5, 8), torch.randn(11, 8)
+    assert linear_cross_entropy_sum(hidden, weight, torch.randint(0, 11, (5,))) is None
+
+
+def test_chunked_loss_equals_cross_entropy_of_full_logits():
+    torch.manual_seed(0)
+    hidden = torch.randn(9000, 16, requires_grad=True)  # more than one 4096-token chunk
+    weight = torch.randn(50, 16)
+    targets = torch.randint(0, 50, (9000,))
+    total, correct = linear_cross_entropy(hidden, weight, targets)
+    logits = hidden @ weight.t()
+    reference = F.cross_entropy(logits, targets, reduction="sum")
+    assert torch.allclose(total, reference, rtol=1e-5)
+    assert int(correct) == int((logits.argmax(-1) == targets).sum())
+    (grad,) = torch.autograd.grad(total, hidden)
+    (ref_grad,) = torch.autograd.grad(reference, hidden)
+    assert torch.allclose(grad, ref_grad, atol=1e-5)
+
+
+def test_sequence_starts_come_from_the_caller_or_from_restarting_positions():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    cu, longest = _cu_seq_lens({"position_ids": pos}, 1, 9, torch.device("cpu"))
+    assert cu.tolist() == [0, 3, 5, 9] and longest == 4 and cu.dtype == torch.int32
+    given = torch.tensor([0, 4, 9], dtype=torch.int32)
+    cu, longest = _cu_seq_lens({"cu_seq_lens_q": given, "max_length_q": 5}, 1, 9, torch.device("cpu"))
+    assert cu.tolist() == [0, 4, 9] and longest == 5
+    cu, longest = _cu_seq_lens({}, 2, 6, torch.device("cpu"))  # plain rows: one sequence each
+    assert cu.tolist() == [0, 6, 12] and longest == 6
+
+
+def _chat(n: int, rng: random.Random) -> TokenizedChat:
+    ids = [rng.randrange(3, 500) for _ in range(n)]
+    return TokenizedChat(ids, list(ids))
+
+
+def test_balanced_rows_fit_the_budget_use_every_sequence_once_and_leave_no_short_last_row():
+    rng = random.Random(0)
+    seqs = [_chat(n, rng) for n in (1900, 1200, 900, 700, 650, 600, 500, 480, 450, 400, 380, 300, 200, 120, 80, 40)]
+    total = sum(len(s.input_ids) for s in seqs)  # 8,900 tokens: greedy filling would give 8,192 + 708
+    rows = balanced_rows(seqs, 8192)
+    sizes = [sum(len(s.input_ids) for s in row) for row in rows]
+    assert len(rows) == 2 and max(sizes) <= 8192 and sum(sizes) == total
+    assert min(sizes) > 4000
+    assert sorted(id(s) for row in rows for s in row) == sorted(id(s) for s in seqs)
+
+
+def test_balanced_rows_add_a_row_when_the_lengths_do_not_fit_the_minimum_count():
+    rng = random.Random(1)
+    seqs = [_chat(n, rng) for n in (600, 600, 600)]  # 1,800 tokens, budget 1,000: two rows cannot hold them
+    rows = balanced_rows(seqs, 1000)
+    assert len(rows) == 3 and all(len(row) == 1 for row in rows)
+
+
+def test_a_packed_row_gives_each_sequence_the_loss_it_has_alone_on_the_cpu():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=500, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    rng = random.Random(2)
+    seqs = [_chat(n, rng) for n in (17, 40, 5, 33)]
+    (packed,) = micro_batches(seqs, range(4), 4, 64, 0, packed=True)
+    assert packed.input_ids.shape == (1, 95) and packed.cu_seq_lens.tolist() == [0, 17, 57, 62, 95]
+    with torch.no_grad():
+        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits[0]
+        for k, seq in enumerate(seqs):
+            start, end = packed.cu_seq_lens[k].item(), packed.cu_seq_lens[k + 1].item()
+            alone = model(input_ids=torch.tensor([seq.input_ids]), use_cache=False).logits[0]
+            assert torch.allclose(logits[start:end], alone, atol=1e-4), f"sequence {k} saw its neighbours"
+            targets = packed.targets[0, start:end]
+            keep = targets != -100
+            packed_loss = F.cross_entropy(logits[start:end][keep], targets[keep])
+            alone_loss = F.cross_entropy(alone[:-1], torch.tensor(seq.input_ids[1:]))
+            assert torch.allclose(packed_loss, alone_loss, atol=1e-5)
