@@ -253,9 +253,12 @@ class _TrainProgress:
 def run_pipeline(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None, as_json: JsonOpt = False) -> None:
     """The whole pipeline: data → baseline eval → train → eval → merge → export → report. Re-running skips finished
     stages whose inputs did not change, and continues an interrupted run where it stopped."""
+    from transformers.utils import logging as hf_logging
+
     from .config import load_config
     from .pipeline import run
 
+    hf_logging.disable_progress_bar()  # model-loading bars would bury the stage lines
     cfg = load_config(config, set_ or [])
     with _RunProgress(enabled=not as_json) as progress:
         result = run(cfg, out_dir=out, on_event=progress.on_event)

@@ -138,7 +138,9 @@ def _data_view(records: dict[str, Any]) -> dict[str, Any] | None:
     if not rec:
         return None
     result = rec["outputs"].get("result")
-    return {"stage": rec["stage"], "summary": rec.get("summary", ""), "numbers": _flat_numbers(result)}
+    lengths = Path(rec["outputs"].get("prepared_dir", "")) / "lengths.png"  # the data stage's own length plot
+    return {"stage": rec["stage"], "summary": rec.get("summary", ""), "numbers": _flat_numbers(result),
+            "lengths_png": lengths.read_bytes() if rec["stage"] == "data" and lengths.is_file() else None}
 
 
 def _train_view(rec: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -360,6 +362,9 @@ def render_html(d: ReportData, images: dict[str, bytes]) -> str:
     parts.append("<h2>Data</h2>")
     if d.data:
         parts.append(f"<p>{e(d.data['summary'])}</p>" + _kv_table(d.data["numbers"]))
+        if d.data.get("lengths_png"):
+            b64 = base64.b64encode(d.data["lengths_png"]).decode()
+            parts.append(f"<p><img alt='example lengths' src='data:image/png;base64,{b64}'></p>")
     else:
         parts.append("<p>No data stage ran.</p>")
 
