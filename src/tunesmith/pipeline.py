@@ -309,7 +309,10 @@ def _report(ctx: _Context, folder: Path, resume: bool) -> dict[str, Any]:
     from .report import write_report
 
     result = write_report(ctx.out, folder)
-    return {"html": result.html, "markdown": result.markdown, "summary": f"report: {result.html}"}
+    # A copy at the top of the run folder, where people look first (the page is self-contained, so it travels).
+    top = ctx.out / "report.html"
+    shutil.copyfile(result.html, top)
+    return {"html": str(top), "markdown": result.markdown, "summary": f"report: {top}"}
 
 
 def _data_files(config: Config) -> list[str]:
