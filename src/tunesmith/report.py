@@ -139,7 +139,9 @@ def _data_view(records: dict[str, Any]) -> dict[str, Any] | None:
         return None
     result = rec["outputs"].get("result")
     lengths = Path(rec["outputs"].get("prepared_dir", "")) / "lengths.png"  # the data stage's own length plot
-    return {"stage": rec["stage"], "summary": rec.get("summary", ""), "numbers": _flat_numbers(result),
+    # Counts people read; per-rule timings stay in the data stage's own report.
+    numbers = {k: v for k, v in _flat_numbers(result).items() if not k.startswith(("timings", "cpu_s"))}
+    return {"stage": rec["stage"], "summary": rec.get("summary", ""), "numbers": numbers,
             "lengths_png": lengths.read_bytes() if rec["stage"] == "data" and lengths.is_file() else None}
 
 
