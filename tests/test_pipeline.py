@@ -84,6 +84,14 @@ def test_a_changed_training_setting_retrains_but_keeps_the_generated_data(tmp_pa
     assert _statuses(changed)["report"] == "ran"
 
 
+def test_turning_a_stage_off_or_adding_an_export_redoes_nothing_upstream(tmp_path, tiny_model_dir):
+    run(_config(tmp_path, tiny_model_dir))
+    again = run(_config(tmp_path, tiny_model_dir, "pipeline.gguf=[f16]", "pipeline.skip=[export]"))
+    assert _statuses(again)["generate"] == "up to date"
+    assert _statuses(again)["train"] == "up to date"
+    assert _statuses(again)["export"] == "skipped"
+
+
 def test_edited_input_data_reruns_the_stages_that_read_it(tmp_path, tiny_model_dir):
     cfg = _config(tmp_path, tiny_model_dir, "pipeline.skip=[generate]")
     make_data(tmp_path / "gen")

@@ -345,7 +345,7 @@ def _plain(value: Any) -> Any:
 
 
 STAGES: tuple[_Stage, ...] = (
-    _Stage("generate", (), lambda c: {"pipeline": _section(c, "pipeline")}, lambda c: [],
+    _Stage("generate", (), lambda c: {"generate": c.pipeline.generate, "dir": c.pipeline.generate_dir}, lambda c: [],
            lambda c: None if c.pipeline.generate else "no pipeline.generate: the data already exists", _generate),
     _Stage("data", ("generate",), lambda c: {"data": _section(c, "data"), "model": _section(c, "model"),
                                              "max_length": c.train.max_length},
