@@ -17,9 +17,9 @@ the CUDA context and allocator slack come on top as a fixed overhead when decidi
   keeps an input-dtype noise tensor, so the dropout term takes the mask size as a parameter.
 - the LM head, three policies: ``fused`` — TRL ≥ 1.16's fused head scores 4,096-token × 32,768-vocab bf16 tiles
   and never builds the logits (what the seed recipe ran); ``chunked`` — tunesmith's loss: 4,096 tokens at a time
-  over the whole vocabulary, recomputed in backward (bf16 logits, fp32 copy, fp32 log-softmax and its gradient:
-  12 bytes × vocab per token of the chunk, calibrated on a GPU measurement); ``full`` — the plain transformers loss over the whole micro-batch
-  (12 bytes × vocab per token at its backward: 12.6 GB at 8,192 tokens × 128,256 vocab).
+  over the whole vocabulary, recomputed in backward (bf16 logits, fp32 log-softmax, bf16 and fp32 gradients:
+  12 bytes × vocab per token of the chunk, calibrated on a GPU measurement); ``full`` — the plain transformers
+  loss over the whole micro-batch (12 bytes × vocab per token at its backward: 12.6 GB at 8,192 tokens × 128,256 vocab).
 """
 
 from __future__ import annotations
