@@ -231,3 +231,50 @@ def test_out_of_memory_gives_advice_or_retries_with_smaller_micro_batches(tiny_m
     # the retried steps hold the same sequences, so the optimisation is unchanged
     for a, b in zip(metrics(tmp_path / "roomy"), metrics(tmp_path / "tight"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_data_inspect_shows_the_trained_on_tokens(tiny_model_dir, data_dir, tmp_path):
+    cfg = _config_file(tmp_path, tiny_model_dir, data_dir)
+    result = _run("data", "inspect", str(cfg), "--index", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    view = json.loads(result.stdout)
+    trained = "".join(text for text, supervised in view["segments"] if supervised)
+    assert trained.startswith("The answer is ") and trained.endswith("<|im_end|>")
+    assert view["line"] == 3 and view["num_supervised"] > 0
+
+
+def test_a_hub_id_while_offline_is_one_message(tmp_path):
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import load_tokenizer
+
+    with pytest.raises(UserError, match="cannot load hub model") as err:
+        load_tokenizer(ModelConfig(name_or_path="nobody-here/no-such-model"))
+    assert "download it once" in err.value.hint
+
+
+def test_a_model_without_chat_template_needs_one_from_the_config(tiny_model_dir, tmp_path):
+    from tunesmith.config import ModelConfig
+    from tunesmith.local_model import CHATML_TEMPLATE
+    from tunesmith.models import load_tokenizer
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name != "chat_template.jinja":
+            (bare / f.name).write_bytes(f.read_bytes())
+    cfg_json = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg_json.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg_json))
+    with pytest.raises(UserError, match="no chat template") as err:
+        load_tokenizer(ModelConfig(name_or_path=str(bare)))
+    assert "model.chat_template" in err.value.hint
+    tok = load_tokenizer(ModelConfig(name_or_path=str(bare), chat_template=CHATML_TEMPLATE))
+    assert tok.chat_template == CHATML_TEMPLATE
+
+
+def test_debug_shows_the_traceback_that_is_otherwise_hidden(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  methd: lora\n")
+    assert "Traceback" not in _run("validate", str(bad)).stderr
+    debug = _run("--debug", "validate", str(bad))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr

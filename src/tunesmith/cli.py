@@ -37,6 +37,11 @@ PromptsOpt = Annotated[Path | None, typer.Option(
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (for bug reports).")] = False) -> None:
     _DEBUG["on"] = debug or os.environ.get("TUNESMITH_DEBUG") == "1"
+    import logging
+
+    # bitsandbytes' CPU backend suggests installing `kernels`, which downloads code from a hub at run time: the
+    # fallback it uses instead is correct, so its warning is only noise here
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def emit(result: Any, as_json: bool, render: Any = None) -> None:

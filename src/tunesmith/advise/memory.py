@@ -17,9 +17,9 @@ the CUDA context and allocator slack come on top as a fixed overhead when decidi
   keeps an input-dtype noise tensor, so the dropout term takes the mask size as a parameter.
 - the LM head, three policies: ``fused`` — TRL ≥ 1.16's fused head scores 4,096-token × 32,768-vocab bf16 tiles
   and never builds the logits (what the seed recipe ran); ``chunked`` — tunesmith's loss: 4,096 tokens at a time
-  over the whole vocabulary, recomputed in backward (bf16 logits, fp32 copy, fp32 log-softmax and its gradient:
-  14 bytes × vocab per token of the chunk); ``full`` — the plain transformers loss over the whole micro-batch
-  (12 bytes × vocab per token at its backward: 12.6 GB at 8,192 tokens × 128,256 vocab).
+  over the whole vocabulary, recomputed in backward (bf16 logits, fp32 log-softmax, bf16 and fp32 gradients:
+  12 bytes × vocab per token of the chunk, calibrated on a GPU measurement); ``full`` — the plain transformers
+  loss over the whole micro-batch (12 bytes × vocab per token at its backward: 12.6 GB at 8,192 tokens × 128,256 vocab).
 """
 
 from __future__ import annotations
@@ -284,7 +284,10 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
         if head_trainable:  # fp32 weight-gradient accumulator, then its cast to the parameter dtype
             head += v * d * (4 + 2)
     elif logits == "chunked":
-        head = min(tokens, CHUNK_TOKENS) * v * (2 + 4 + 4 + 4) + tokens * d * 2
+        # 12 bytes per logit of a chunk at its backward: calibrated on the H200 1B runs
+        # (bench/results/advise_vs_measured.md), where 14 (bf16 + fp32 copy + log-softmax + gradient) overshot both
+        # LoRA and QLoRA by the same 2 bytes x chunk x vocabulary: one fp32 buffer is freed before the gradient exists
+        head = min(tokens, CHUNK_TOKENS) * v * (2 + 4 + 2 + 4) + tokens * d * 2
     else:
         head = tokens * v * (2 + 4 + 2 + 4)  # bf16 logits, fp32 log-softmax kept, its fp32 gradient, bf16 cast
     if method == "qlora":  # one dequantized bf16 weight (the largest block matrix) at a time

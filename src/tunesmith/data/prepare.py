@@ -448,9 +448,9 @@ def read_numbered(path: str | Path, max_errors: int = 20) -> list[tuple[int, dic
     return [(ex.line, ex.record) for ex in examples if ex.record is not None]
 
 
-def load_prepared(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """(train records, eval records or None) of a prepared folder (train.jsonl [+ eval.jsonl]) or one JSONL file
-    (train only). What the train and eval stages read."""
+def prepared_files(path: str | Path) -> tuple[Path, Path | None]:
+    """(train file, eval file or None) of a prepared folder (train.jsonl [+ a non-empty eval.jsonl]) or of one
+    JSONL file (train only)."""
     path = Path(path)
     if path.is_dir():
         train = path / "train.jsonl"
@@ -458,5 +458,14 @@ def load_prepared(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str
             raise UserError(f"{where(path)}: no train.jsonl in this folder",
                             hint="run `tunesmith data prepare` first, or give a JSONL file")
         ev = path / "eval.jsonl"
-        return read_examples(train), (read_examples(ev) if ev.is_file() and ev.stat().st_size else None)
-    return read_examples(path), None
+        return train, (ev if ev.is_file() and ev.stat().st_size else None)
+    if not path.is_file():
+        raise UserError(f"{where(path)}: does not exist", hint="give a prepared folder or a JSONL file")
+    return path, None
+
+
+def load_prepared(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """(train records, eval records or None) of a prepared folder or one JSONL file. What the train and eval
+    stages read."""
+    train, ev = prepared_files(path)
+    return read_examples(train), (read_examples(ev) if ev else None)

@@ -24,21 +24,13 @@ class TokenizedSplit:
 
 
 def split_paths(dataset: str | None) -> tuple[Path, Path | None]:
-    """(train, eval-or-None) files of a prepared folder or a single JSONL file."""
+    """(train, eval-or-None) files of ``train.dataset``: a prepared folder or a single JSONL file."""
+    from ..data.prepare import prepared_files
+
     if not dataset:
         raise UserError("train.dataset is not set",
                         hint="point it at a folder from `tunesmith data prepare` or a chat JSONL file")
-    path = Path(dataset)
-    if path.is_dir():
-        train = path / "train.jsonl"
-        if not train.is_file():
-            raise UserError(f"{path}: no train.jsonl in this folder",
-                            hint="run `tunesmith data prepare` first, or point train.dataset at a JSONL file")
-        ev = path / "eval.jsonl"
-        return train, (ev if ev.is_file() else None)
-    if not path.is_file():
-        raise UserError(f"train.dataset: {path} does not exist")
-    return path, None
+    return prepared_files(dataset)
 
 
 def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
