@@ -213,26 +213,44 @@ def _relaunch_under_torchrun(n: int) -> None:
     sys.exit(subprocess.call(cmd))
 
 
-class _TrainProgress:
-    """A rich progress bar fed by the training loop's events (the library itself never prints)."""
+class _Bar:
+    """A rich progress display on stderr, shown only when enabled; subclasses turn library events into updates
+    (the library itself never prints)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bar: Any = None
-        self.task: Any = None
 
-    def __enter__(self) -> _TrainProgress:
+    def _columns(self) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress
+            from transformers.utils import logging as hf_logging
 
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}"), console=console, transient=False)
+            hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
+            self.bar = Progress(*self._columns(), console=console, transient=False)
             self.bar.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.__exit__(*exc)
+
+
+class _TrainProgress(_Bar):
+    """The training loop's events as one progress bar with loss, learning rate and throughput."""
+
+    def __init__(self, enabled: bool) -> None:
+        super().__init__(enabled)
+        self.task: Any = None
+
+    def _columns(self) -> tuple[Any, ...]:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        return (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"))
 
     def on_event(self, event: dict[str, Any]) -> None:
         if self.bar is None:
@@ -432,28 +450,17 @@ def eval_(config: ConfigArg,
     emit(report, as_json, _render_eval)
 
 
-class _EvalProgress:
+class _EvalProgress(_Bar):
     """One rich progress bar per evaluated model, fed by evaluate()'s events."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar: Any = None
+        super().__init__(enabled)
         self.tasks: dict[str, Any] = {}
 
-    def __enter__(self) -> _EvalProgress:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            from transformers.utils import logging as hf_logging
+    def _columns(self) -> tuple[Any, ...]:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-            hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), console=console)
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
+        return TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
 
     def on_event(self, event: dict[str, Any]) -> None:
         if self.bar is None:
