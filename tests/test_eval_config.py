@@ -34,3 +34,17 @@ def test_a_misspelt_metric_option_and_a_duplicate_metric_name_are_errors(tmp_pat
     with pytest.raises(UserError, match="two metrics are named 'exact'"):
         load_config(None, ["eval.metrics=[exact, {type: exact, ignore_case: false}]"])
     assert load_config(None, ["eval.metrics=[exact, {type: exact, ignore_case: false, name: strict}]"])
+
+
+def test_set_can_index_into_a_list_of_metrics(tmp_path):
+    from tunesmith.config import load_config
+    from tunesmith.errors import UserError
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("eval:\n  metrics:\n    - type: sql_execution\n      database: a.db\n    - exact\n")
+    cfg = load_config(cfg_file, ["eval.metrics.0.database=b.db"])
+    assert cfg.eval.metrics[0].database == "b.db" and cfg.eval.metrics[1].type == "exact"
+    with pytest.raises(UserError, match="list of 2"):
+        load_config(cfg_file, ["eval.metrics.5.database=b.db"])
+    with pytest.raises(UserError, match="single value"):
+        load_config(cfg_file, ["eval.metrics.1.database=b.db"])

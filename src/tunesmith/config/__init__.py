@@ -128,14 +128,29 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError:
         value = value_text
-    cursor = raw
-    for key in keys[:-1]:
+    cursor: Any = raw
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if not isinstance(cursor, dict | list):
+            raise UserError(f"--set {item!r}: `{'.'.join(keys[:depth])}` is a single value, not a section",
+                            hint="write the whole value, or use the mapping form in the config file")
+        if isinstance(cursor, list):  # a numeric key indexes a list: eval.metrics.0.database=shop.db
+            if not key.isdigit() or int(key) >= len(cursor):
+                raise UserError(f"--set {item!r}: `{'.'.join(keys[:depth])}` is a list of {len(cursor)}; "
+                                f"`{key}` is not an index into it", hint=f"use 0 … {len(cursor) - 1}")
+            if last:
+                cursor[int(key)] = value
+                return
+            cursor = cursor[int(key)]
+            continue
+        if last:
+            cursor[key] = value
+            return
         nxt = cursor.get(key)
-        if not isinstance(nxt, dict):
+        if not isinstance(nxt, dict | list):
             nxt = {}
             cursor[key] = nxt
         cursor = nxt
-    cursor[keys[-1]] = value
 
 
 def _format_validation(exc: ValidationError, source: str, lines: dict[tuple[str, ...], int]) -> str:
