@@ -268,6 +268,8 @@ class _TrainProgress(_Bar):
                                    f"token accuracy {event['eval_token_accuracy']:.3f}")
         elif kind in ("checkpoint", "resumed"):
             self.bar.console.print(f"{kind} at step {event['step']}: {event['path']}")
+        elif kind == "plan":
+            self.bar.console.print(f"plan: {event['message']}")
         elif kind == "warning":
             self.bar.console.print(f"[yellow]warning:[/yellow] {event['message']}")
 

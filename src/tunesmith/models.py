@@ -91,6 +91,22 @@ def load_model(cfg: ModelConfig, *, dtype: Any = None, quantization: Any = None,
     return _hub_call(lambda: AutoModelForCausalLM.from_pretrained(path, **kwargs), path, cfg)
 
 
+def model_skeleton(cfg: ModelConfig, *, dtype: Any, path: str | None = None,
+                   attn_implementation: str | None = None) -> Any:
+    """The model's modules with parameters on the meta device (no memory used, no weights read) and real buffers
+    (the rotary tables): what each FSDP2 process shards before it receives its part of the weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(cfg, path)
+    attn = attn_implementation or cfg.attn_implementation
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
 def load_model_config(cfg: ModelConfig, path: str | None = None) -> Any:
     """The architecture config only (no weights): for parameter counts and memory estimates."""
     from transformers import AutoConfig

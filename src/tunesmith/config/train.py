@@ -97,8 +97,10 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this; None disables clipping."""
 
-    optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
-    """Optimizer. ``adamw_8bit`` (bitsandbytes) keeps 8-bit states with fp32 maths."""
+    optim: Literal["auto", "adamw_torch", "adamw_8bit"] = "auto"
+    """Optimizer. ``auto``: fp32 AdamW, except full fine-tuning on one GPU where its states do not fit — then 8-bit
+    states (bitsandbytes) with fp32 update maths on fp32 master weights; chosen from the memory model and reported
+    in run.json. ``adamw_8bit`` runs on one GPU only (FSDP2's sharded parameters are not plain tensors)."""
 
     max_length: int = Field(2048, ge=8)
     """Longest tokenised example, in tokens."""
@@ -111,7 +113,13 @@ class TrainConfig(Section):
     """Compute precision. ``auto``: bf16 autocast where the hardware has it, else fp32."""
 
     gradient_checkpointing: Literal["auto"] | bool = "auto"
-    """Recompute activations in backward to save memory. ``auto``: on for qlora and on GPUs, off on the CPU."""
+    """Recompute activations in backward to save memory. ``auto`` on a GPU: as few decoder layers as the memory model
+    says must be checkpointed to fit ``memory_limit_gb`` (none if everything fits; each layer not checkpointed
+    saves its forward recomputation); every layer for qlora unless a limit is set; off on the CPU."""
+
+    memory_limit_gb: float | None = Field(None, gt=0)
+    """GPU memory (GB per GPU) the ``auto`` choices may plan for; None: the whole GPU. Set it to share a GPU or to
+    keep a run within a smaller card's memory."""
 
     packing: Literal["auto"] | bool = "auto"
     """Padding-free packing: concatenate examples into one row with per-example position ids, so no token

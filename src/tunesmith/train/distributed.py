@@ -55,10 +55,14 @@ def init_processes() -> Processes:
     return Processes(dist.get_rank(), dist.get_world_size(), local, device)
 
 
-def shard(model: Any, procs: Processes, method: str) -> Any:
-    """Wrap each decoder layer and the whole model with FSDP2 (params, grads and optimizer states sharded)."""
+def shard(model: Any, procs: Processes, method: str, compute_dtype: torch.dtype | None = None) -> Any:
+    """Wrap each decoder layer and the whole model with FSDP2 (params, grads and optimizer states sharded).
+
+    With a compute dtype (bf16 on GPUs), FSDP2's mixed precision gathers each layer's weights in that dtype for the
+    forward and backward and reduces gradients in fp32: full fine-tuning keeps fp32 master weights and fp32
+    optimizer maths in the shards, LoRA's bf16 base and fp32 adapters share one gathered dtype."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if method == "qlora":
         raise UserError("train.method: qlora cannot be sharded across processes (4-bit bitsandbytes weights are "
@@ -69,10 +73,28 @@ def shard(model: Any, procs: Processes, method: str) -> Any:
     if not blocks:
         raise UserError(f"cannot find the repeated blocks of {type(_base(model)).__name__} to shard",
                         hint="train this architecture on one GPU")
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else \
+        MixedPrecisionPolicy()
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def materialize(model: Any, procs: Processes, full_state: dict[str, torch.Tensor] | None) -> None:
+    """Give a sharded skeleton (parameters on the meta device) real storage on this process's device and fill each
+    process's shards from ``full_state``, which only the main process holds (read once, broadcast tensor by tensor
+    by torch.distributed.checkpoint): no process ever holds a second full copy of the weights.
+    Buffers (rotary tables) were built for real in the skeleton and are kept."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=procs.device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    set_model_state_dict(model, full_state if procs.main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def sum_all(value: float | int, procs: Processes) -> float:

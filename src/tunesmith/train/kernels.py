@@ -49,7 +49,11 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     fused = _liger_flce()
     if fused is None:
         return None
-    # Liger's kernel runs in the weight's dtype; under autocast the decoder's hidden states are already bf16.
+    # Liger's kernel runs in the weight's dtype. Full fine-tuning keeps an fp32 master head under autocast: use its
+    # compute-dtype copy (the cast is differentiable, so the fp32 head still receives the gradient).
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind) and weight.dtype == torch.float32:
+        weight = weight.to(torch.get_autocast_dtype(kind))
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
     return fused(hidden, weight, targets, reduction="sum")

@@ -27,14 +27,15 @@ from ..chat import TokenizedChat
 from ..config import Config, TrainConfig, dump_config
 from ..errors import Interrupted, RunError, UserError
 from ..manifest import sha256_file, write_manifest
-from ..models import load_tokenizer, resolve_model_path
+from ..models import load_model_config, load_tokenizer, resolve_model_path
 from . import checkpoint
 from .batching import epoch_order, micro_batches, step_groups
 from .dataset import read_records, split_paths, tokenize_split
-from .distributed import Processes, barrier, full_state_dict, init_processes, max_all, set_gradient_sync, shard, sum_all
+from .distributed import Processes, barrier, full_state_dict, init_processes, max_all, set_gradient_sync, sum_all
 from .kernels import attention_implementation
 from .loss import fused_head_supported, loss_sum
-from .model import Precision, build_model, count_parameters, resolve_precision
+from .model import Precision, build_model, build_sharded_model, count_parameters, resolve_precision
+from .plan import describe, plan_training
 
 Event = Callable[[dict[str, Any]], None]
 
@@ -86,12 +87,16 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
 
     precision = resolve_precision(tcfg.precision, tcfg.method, device)
     packed = device.type == "cuda" if tcfg.packing == "auto" else bool(tcfg.packing)
-    model = build_model(config.model, tcfg, device, precision, attention_implementation(device.type, packed),
-                        model_path)
-    trainable, total = count_parameters(model)
-    if procs.distributed:
-        model = shard(model, procs, tcfg.method)
     fingerprint = _fingerprint(tcfg, config.model.name_or_path, [train_file, eval_file])
+    plan = plan_training(load_model_config(config.model, model_path), tcfg, device, procs.world, precision.weights)
+    emit({"event": "plan", "message": describe(plan), **plan.to_dict()})
+    tcfg = tcfg.model_copy(update={"optim": plan.optimizer})
+    attn = attention_implementation(device.type, packed)
+    if procs.distributed:
+        model = build_sharded_model(config.model, tcfg, procs, precision, attn, model_path, plan.checkpointed_layers)
+    else:
+        model = build_model(config.model, tcfg, device, precision, attn, model_path, plan.checkpointed_layers)
+    trainable, total = count_parameters(model)
 
     task_eval = _task_eval(config, tokenizer, eval_file) if eval_file and tcfg.task_eval_samples else None
     history = fit(model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
@@ -113,6 +118,7 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
         "stage": "train", "config": config.model_dump(mode="json"), "config_yaml": dump_config(config),
         "base_model": config.model.name_or_path, "base_model_path": model_path, "method": tcfg.method,
         "precision": precision.name, "packing": packed, "device": device.type, "processes": procs.world,
+        "plan": plan.to_dict(),
         "outputs": {"adapter" if tcfg.method != "full" else "model": str(artefact), "metrics": str(out / METRICS)},
         "fingerprint": fingerprint, "result": result.to_dict(),
     })

@@ -9,7 +9,8 @@ import torch
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import UserError
-from ..models import load_model
+from ..models import load_model, model_skeleton
+from .distributed import Processes, materialize, shard
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def resolve_precision(choice: str, method: str, device: torch.device) -> Precisi
 
 
 def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, precision: Precision,
-                attn_implementation: str | None, path: str) -> Any:
+                attn_implementation: str | None, path: str, checkpointed_layers: int | None = None) -> Any:
     """Load the base and make exactly the intended parameters trainable."""
     method = train_cfg.method
     quant = _bnb_config(train_cfg, precision) if method == "qlora" else None
@@ -53,16 +54,40 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.de
                        path=path, attn_implementation=attn_implementation)
     if quant is None:
         model.to(device)
-    return prepare_model(model, train_cfg, device)
+    return prepare_model(model, train_cfg, device, checkpointed_layers)
 
 
-def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device) -> Any:
-    """Adapters and checkpointing on an already loaded base (benchmarks build random-weight bases themselves)."""
+def build_sharded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, procs: Processes, precision: Precision,
+                        attn_implementation: str | None, path: str, checkpointed_layers: int | None = None) -> Any:
+    """FSDP2: every process builds the model without memory (parameters on the meta device), shards it, then
+    receives its shards from the main process — the only one that reads the weights (one CPU copy in all, not one
+    per GPU: a 70B model loads on a node whose GPUs could not each hold it)."""
+    skeleton = model_skeleton(model_cfg, dtype=precision.weights, path=path, attn_implementation=attn_implementation)
+    model = prepare_model(skeleton, train_cfg, procs.device, checkpointed_layers)
+    full_state = None
+    if procs.main:
+        real = load_model(model_cfg, dtype=precision.weights, path=path, attn_implementation=attn_implementation)
+        real.config.use_cache = False
+        if train_cfg.method != "full":
+            real = _add_lora(real, train_cfg)
+        full_state = real.state_dict()
+    shard(model, procs, train_cfg.method, precision.autocast)
+    materialize(model, procs, full_state)
+    return model
+
+
+def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
+                  checkpointed_layers: int | None = None) -> Any:
+    """Adapters and checkpointing on an already loaded base (benchmarks build random-weight bases themselves).
+    ``checkpointed_layers``: how many decoder layers recompute their activations (the plan's choice); None: all or
+    none, as ``train.gradient_checkpointing`` says."""
     model.config.use_cache = False
     if train_cfg.method != "full":
         model = _add_lora(model, train_cfg)
-    if _checkpointing(train_cfg, device):
-        set_checkpointing(model, decoder_layer_count(model))
+    if checkpointed_layers is None:
+        checkpointed_layers = decoder_layer_count(model) if _checkpointing(train_cfg, device) else 0
+    if checkpointed_layers > 0:
+        set_checkpointing(model, checkpointed_layers)
         if train_cfg.method == "qlora":
             # the seed's QLoRA gotcha: inputs of frozen 4-bit layers must carry grad for checkpointed blocks
             model.enable_input_require_grads()
@@ -164,7 +189,10 @@ def _add_lora(model: Any, cfg: TrainConfig) -> Any:
     peft_cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           bias=lora.bias, target_modules=targets, use_rslora=lora.use_rslora)
     try:
-        return get_peft_model(model, peft_cfg)
+        # adapters start from train.seed whatever ran before (so every process, and a rebuilt model, agree)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return get_peft_model(model, peft_cfg)
     except ValueError as exc:
         if "not found" not in str(exc) and "Target module" not in str(exc):
             raise

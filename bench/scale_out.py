@@ -1,0 +1,216 @@
+"""Scale-out benchmark: full fine-tuning and LoRA on 1, 2, 4 … GPUs with tunesmith's own loop and FSDP2.
+
+One configuration per launch; the launcher is the only difference between GPU counts:
+
+    python bench/scale_out.py run --shape 8b --method full                       # one GPU
+    torchrun --standalone --nproc-per-node 4 bench/scale_out.py run --shape 8b --method full
+    python bench/scale_out.py report --out OUTDIR OUTDIR/*.jsonl                 # table + scaling factors
+
+Workload (issues 8/9/11): a Llama shape with random weights (8B = Llama-3.1-8B, 70B = Llama-3.1-70B), the seed's
+``--varlen`` chat lengths (log-normal, median ~410, [32, 2048]), 16 sequences per optimizer step PER GPU (weak
+scaling: each GPU does the single-GPU step's work; the global batch grows with the GPU count), packed rows with
+variable-length attention, max length 2048. Numerics and checkpointing are what ``tunesmith train`` would choose
+(src/tunesmith/train/plan.py): full fine-tuning keeps fp32 master weights — 8-bit AdamW states on one GPU where
+fp32 states do not fit, fp32 AdamW sharded by FSDP2 on several — and FSDP2 gathers bf16 weights and reduces fp32
+gradients. The model is built on the meta device, sharded, then given random values shard by shard (as
+``tunesmith train`` materialises a real checkpoint from the main process), so a 70B model never exists whole.
+
+Reported per configuration: real tokens/s (all GPUs) and per GPU over the steps after the warm-up, model-FLOPs
+utilisation (full 6·N' + 12·L·d·s̄, LoRA 4·N' + 12·L·d·s̄ FLOP per token, N' = matmul parameters incl. the head;
+recomputation not counted) against 989 TFLOP/s per GPU, peak allocated memory of the busiest GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fast_engine import SHAPES, workload  # the same shapes and sequences as the fast-engine bench
+
+SHAPES = {**SHAPES,
+          # Llama-3.1-70B
+          "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192)}
+PEAK_SPEC = 989e12
+
+
+def flops_per_token(cfg: object, lengths: list[int], method: str) -> float:
+    d, n_layers, ffn = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    n_matmul = n_layers * (d * d * 2 + d * kv * 2 + 3 * d * ffn) + d * cfg.vocab_size
+    s_bar = sum(s * s for s in lengths) / sum(lengths)
+    return (6 if method == "full" else 4) * n_matmul + 12 * n_layers * d * s_bar
+
+
+def run(a: argparse.Namespace) -> None:
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tunesmith.chat import TokenizedChat
+    from tunesmith.config import TrainConfig
+    from tunesmith.train import fit
+    from tunesmith.train.distributed import init_processes, shard
+    from tunesmith.train.kernels import attention_implementation
+    from tunesmith.train.model import compile_decoder_layers, prepare_model, resolve_precision
+    from tunesmith.train.plan import describe, plan_training
+
+    procs = init_processes()
+    device = procs.device
+    cfg = LlamaConfig(**SHAPES[a.shape])
+    overrides = {} if a.ckpt is None else {"gradient_checkpointing": a.ckpt != "0"}
+    tcfg = TrainConfig(method=a.method, per_device_train_batch_size=a.bs, gradient_accumulation_steps=16 // a.bs,
+                       max_length=2048, max_steps=a.steps + a.warmup, logging_steps=1, save_strategy="no",
+                       eval_strategy="no", learning_rate=1e-5 if a.method == "full" else 2e-4, seed=0,
+                       compile=False, memory_limit_gb=a.memory_limit, **overrides)
+    precision = resolve_precision("auto", a.method, device)
+    plan = plan_training(cfg, tcfg, device, procs.world, precision.weights)
+    layers = plan.checkpointed_layers if a.ckpt in (None, "0") else int(a.ckpt)
+    tcfg = tcfg.model_copy(update={"optim": plan.optimizer})
+    if procs.main:
+        print(f"plan: {describe(plan)} ({plan.reason})", flush=True)
+
+    t0 = time.perf_counter()
+    attn = attention_implementation(device.type, packing=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=precision.weights, attn_implementation=attn)
+    model = prepare_model(model, tcfg, device, layers)
+    if procs.distributed:
+        shard(model, procs, a.method, precision.autocast)
+    _random_weights(model, device, procs.rank)
+    if a.compile:
+        compile_decoder_layers(model)
+    build_s = time.perf_counter() - t0
+
+    per_gpu = 16
+    seqs = workload(cfg.vocab_size, per_gpu * procs.world * (a.steps + a.warmup), 2048)
+    examples = [TokenizedChat(s, list(s)) for s in seqs]
+    fpt = flops_per_token(cfg, [len(s) for s in seqs], a.method)
+    marks: list[tuple[float, int, float]] = []
+
+    def on_event(e: dict) -> None:
+        if e.get("event") == "step":
+            marks.append((time.perf_counter(), e["tokens"], e["loss"]))
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out = dict(shape=a.shape, method=a.method, gpus=procs.world, bs=a.bs, rows_tokens=a.bs * 2048,
+               optimizer=plan.optimizer, master_weights=plan.master_weights, checkpointed_layers=layers,
+               of_layers=plan.layers, compile=a.compile, planned_peak_gib=plan.estimate_gib,
+               build_s=round(build_s, 1), sequences_per_step=per_gpu * procs.world, label=a.label)
+    try:
+        fit(model, 0, examples, [], tcfg, Path(a.workdir) / f"{a.label or a.method}-{procs.world}", device,
+            precision, True, emit=on_event if procs.main else (lambda _e: None), procs=procs)
+        peak = _max_all(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, procs)
+        if procs.main:
+            timed = marks[a.warmup:]
+            dt = timed[-1][0] - marks[a.warmup - 1][0]
+            tps = sum(t for _, t, _ in timed) / dt
+            out.update(step_s=round(dt / len(timed), 3), tokens_per_s=round(tps, 1),
+                       tokens_per_s_per_gpu=round(tps / procs.world, 1),
+                       mfu=round(tps * fpt / (PEAK_SPEC * procs.world), 4), gflop_per_token=round(fpt / 1e9, 2),
+                       peak_alloc_gib=round(peak, 2), loss_first=round(marks[0][2], 4),
+                       loss_last=round(marks[-1][2], 4))
+    except torch.cuda.OutOfMemoryError as exc:
+        out.update(error=f"OOM: {str(exc)[:200]}",
+                   peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    if procs.main or "error" in out:
+        line = "RESULT " + json.dumps(out)
+        print(line, flush=True)
+        if a.jsonl and procs.main:
+            with open(a.jsonl, "a") as fh:
+                fh.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # compiled code and NCCL threads can hold interpreter exit for minutes; the numbers are out
+
+
+def _random_weights(model: object, device: object, rank: int) -> None:
+    """Real storage for a meta-device model (sharded or not): N(0, 0.02) weights drawn per local shard, unit norms,
+    zero LoRA B (an adapter starts as the identity), and the rotary buffers kept as the skeleton built them."""
+    import torch
+
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(1234 + rank)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if "lora_B" in name:
+                local.zero_()
+            elif "norm" in name:
+                local.fill_(1.0)
+            else:
+                local.normal_(0.0, 0.02, generator=gen)
+
+
+def _max_all(value: float, procs: object) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if not procs.distributed:
+        return value
+    t = torch.tensor([value], device=procs.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+# --- the report ----------------------------------------------------------------------------------------------------
+
+
+def report(a: argparse.Namespace) -> None:
+    rows = [json.loads(line) for f in a.files for line in Path(f).read_text().splitlines() if line.strip()]
+    single = {(r["shape"], r["method"]): r for r in rows if r["gpus"] == 1 and "tokens_per_s" in r}
+    lines = ["| shape | method | GPUs | optimizer (master weights) | checkpointed | tokens/s | per GPU "
+             "| scaling vs 1 GPU | MFU (989/GPU) | peak GiB/GPU (planned) |", "|---" * 10 + "|"]
+    for r in sorted(rows, key=lambda r: (r["shape"], r["method"], r["gpus"])):
+        if "tokens_per_s" not in r:
+            lines.append(f"| {r['shape']} | {r['method']} | {r['gpus']} | {r['optimizer']} | "
+                         f"{r['checkpointed_layers']}/{r['of_layers']} | {r.get('error', 'no result')[:80]} "
+                         "| | | | |")
+            continue
+        one = single.get((r["shape"], r["method"]))
+        scale = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}×" if one and r["gpus"] > 1 else ""
+        lines.append(f"| {r['shape']} | {r['method']} | {r['gpus']} | {r['optimizer']} ({r['master_weights']}) | "
+                     f"{r['checkpointed_layers']}/{r['of_layers']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tokens_per_s_per_gpu']:,.0f} | {scale} | {r['mfu']:.1%} | {r['peak_alloc_gib']} "
+                     f"({r['planned_peak_gib']}) |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale_out.json").write_text(json.dumps(rows, indent=1))
+    (out / "scale_out_table.md").write_text(table + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="one configuration (launch with torchrun for several GPUs)")
+    r.add_argument("--shape", default="8b", choices=sorted(SHAPES))
+    r.add_argument("--method", choices=["full", "lora"], default="full")
+    r.add_argument("--bs", type=int, default=2, help="packed row = bs × 2048 tokens; bs × accumulation = 16")
+    r.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    r.add_argument("--warmup", type=int, default=2)
+    r.add_argument("--ckpt", default=None, help="checkpointed layers (default: the memory plan's choice)")
+    r.add_argument("--compile", action="store_true")
+    r.add_argument("--memory-limit", type=float, default=None, help="train.memory_limit_gb for the plan")
+    r.add_argument("--label", default="")
+    r.add_argument("--jsonl", default=None, help="append the result row to this file")
+    r.add_argument("--workdir", default="/tmp/scale_out")
+    rep = sub.add_parser("report")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("files", nargs="+")
+    a = p.parse_args()
+    run(a) if a.cmd == "run" else report(a)
+
+
+if __name__ == "__main__":
+    main()

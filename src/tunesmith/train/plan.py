@@ -1,0 +1,163 @@
+"""Numerics and memory of a run, chosen from the memory model (src/tunesmith/advise/memory.py) before any weight
+is loaded, and reported in run.json and on the console — never a silent fall-back.
+
+Two ``auto`` choices are made here:
+
+- ``train.optim: auto`` — full fine-tuning keeps fp32 master weights; its AdamW states are fp32 when they fit on the
+  GPU (16 bytes per parameter with the gradients), else 8-bit (bitsandbytes: 8-bit states, fp32 update maths; one
+  GPU only). LoRA and QLoRA always use fp32 AdamW (their trainable parameters are few).
+- ``train.gradient_checkpointing: auto`` on a GPU — checkpoint only as many decoder layers as needed for the step to
+  fit in ``train.memory_limit_gb`` (default: the GPU's memory): each layer kept saves its forward recomputation
+  (about a quarter of its training FLOPs), each layer checkpointed saves its activations. QLoRA, chosen to save
+  memory, checkpoints every layer unless a limit is given. On the CPU nothing is checkpointed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import UserError
+
+HEADROOM = 0.92
+"""Share of the budget the estimate may fill: the memory model's blind error on GPUs was within +25%/-5%, and
+the allocator needs slack for fragmentation."""
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    optimizer: str                 # adamw_torch | adamw_8bit
+    master_weights: str            # fp32 | bf16 (adapters: fp32) — the dtype the optimizer updates
+    checkpointed_layers: int | None  # None: all-or-nothing as configured (no layer count known)
+    layers: int
+    budget_gib: float | None
+    estimate_gib: float | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, world: int,
+                  weights_dtype: torch.dtype, gpu_gib: float | None = None) -> TrainPlan:
+    """Resolve ``optim`` and ``gradient_checkpointing`` for this model, micro-batch, GPU and process count.
+    ``gpu_gib``: the GPU's memory (read from the device when None)."""
+    layers = int(getattr(model_config, "num_hidden_layers", 0) or 0)
+    master = "fp32" if weights_dtype == torch.float32 else "bf16"
+    if tcfg.method != "full":
+        master = f"fp32 adapters on a frozen {'NF4' if tcfg.method == 'qlora' else 'bf16'} base"
+    budget = _budget_gib(tcfg, device, gpu_gib)
+    arch = _architecture(model_config)
+    if arch is None or budget is None:  # CPU, or an architecture the memory model does not know
+        optimizer = "adamw_torch" if tcfg.optim == "auto" else tcfg.optim
+        ckpt = _fixed_checkpointing(tcfg, device, layers)
+        return TrainPlan(optimizer, master, ckpt, layers, budget, None,
+                         "no GPU memory to plan for" if budget is None else "architecture not in the memory model")
+
+    tokens = tcfg.per_device_train_batch_size * tcfg.max_length  # a packed row's budget, or a padded micro-batch
+    optimizer, why = _choose_optimizer(arch, model_config, tcfg, tokens, world, budget)
+    ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, world, budget, optimizer,
+                                                     layers)
+    return TrainPlan(optimizer, master, ckpt, layers, round(budget, 1), round(estimate, 1), f"{why}; {ckpt_why}")
+
+
+def describe(plan: TrainPlan) -> str:
+    ckpt = "all layers" if plan.checkpointed_layers is None or plan.checkpointed_layers >= plan.layers else \
+        f"{plan.checkpointed_layers} of {plan.layers} layers"
+    if plan.checkpointed_layers == 0:
+        ckpt = "none"
+    est = f", estimated peak {plan.estimate_gib:.1f} of {plan.budget_gib:.1f} GiB" if plan.estimate_gib else ""
+    return f"optimizer {plan.optimizer}, master weights {plan.master_weights}, checkpointing {ckpt}{est}"
+
+
+# --- choices -------------------------------------------------------------------------------------------------------
+
+
+def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int,
+                      budget: float) -> tuple[str, str]:
+    if tcfg.optim == "adamw_8bit" and world > 1:
+        raise UserError("train.optim: adamw_8bit does not run on FSDP2's sharded parameters (bitsandbytes' kernels "
+                        "take plain tensors)", hint="use optim: auto or adamw_torch with several GPUs (the states are "
+                                                    "sharded, so fp32 AdamW fits where 8-bit was needed on one GPU)")
+    if tcfg.optim != "auto":
+        return tcfg.optim, f"optimizer {tcfg.optim} as configured"
+    if tcfg.method != "full":
+        return "adamw_torch", "fp32 AdamW for the adapters"
+    fp32 = _estimate(arch, model_config, tcfg, tokens, world, "full", "adamw")
+    if fp32 <= budget:
+        return "adamw_torch", f"fp32 AdamW fits ({fp32:.1f} GiB with every layer checkpointed)"
+    if world > 1:
+        raise UserError(f"full fine-tuning with fp32 AdamW needs ~{fp32:.0f} GiB per GPU on {world} GPUs; "
+                        f"{budget:.0f} GiB is available", hint="use more GPUs, method: lora, or a smaller model")
+    eight = _estimate(arch, model_config, tcfg, tokens, world, "full", "adamw_8bit")
+    if eight <= budget:
+        return "adamw_8bit", (f"fp32 AdamW needs ~{fp32:.0f} GiB > {budget:.0f}: 8-bit AdamW states with fp32 "
+                              f"update maths on fp32 master weights ({eight:.1f} GiB)")
+    raise UserError(f"full fine-tuning needs ~{eight:.0f} GiB even with 8-bit AdamW; {budget:.0f} GiB is available",
+                    hint="use method: lora or qlora, several GPUs (tunesmith train --gpus N), or a smaller model")
+
+
+def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, budget: float,
+                          optimizer: str, layers: int) -> tuple[int | None, float, str]:
+    opt = "adamw_8bit" if optimizer == "adamw_8bit" else "adamw"
+    every = _estimate(arch, model_config, tcfg, tokens, world, "full", opt)
+    if tcfg.gradient_checkpointing is not None and tcfg.gradient_checkpointing != "auto":
+        count = layers if tcfg.gradient_checkpointing else 0
+        none = _estimate(arch, model_config, tcfg, tokens, world, "none", opt)
+        return count, every if count else none, "checkpointing as configured"
+    if tcfg.method == "qlora" and tcfg.memory_limit_gb is None:
+        return layers, every, "QLoRA checkpoints every layer (set train.memory_limit_gb to trade memory for speed)"
+    none = _estimate(arch, model_config, tcfg, tokens, world, "none", opt)
+    if none <= budget:
+        return 0, none, "no checkpointing needed"
+    if every > budget or layers == 0:
+        return layers, every, "every layer checkpointed (the step may not fit: see the estimate)"
+    per_layer = (none - every) / layers
+    kept = min(layers, math.floor((budget - every) / per_layer))
+    return layers - kept, every + kept * per_layer, f"{kept} layers kept un-checkpointed ({per_layer:.2f} GiB each)"
+
+
+def _fixed_checkpointing(tcfg: TrainConfig, device: torch.device, layers: int) -> int | None:
+    if tcfg.gradient_checkpointing == "auto":
+        on = tcfg.method == "qlora" or device.type == "cuda"
+    else:
+        on = bool(tcfg.gradient_checkpointing)
+    return (layers or None) if on else 0
+
+
+# --- the memory model ----------------------------------------------------------------------------------------------
+
+
+def _estimate(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, checkpointing: str,
+              optimizer: str) -> float:
+    from ..advise.memory import estimate_memory, lora_trainable_params
+
+    trainable, adapted = (0, 0)
+    if tcfg.method != "full":
+        trainable, adapted = lora_trainable_params(model_config, tcfg.lora.r, tcfg.lora.target_modules)
+    est = estimate_memory(arch, tcfg.method, 1, tokens, lora_r=tcfg.lora.r, lora_trainable=trainable,
+                          adapted_in_features=adapted, lora_dropout=tcfg.lora.dropout, checkpointing=checkpointing,
+                          logits="chunked" if world == 1 else "full", optimizer=optimizer,
+                          full_precision="mixed", shards=world)
+    return est.total_gib
+
+
+def _architecture(model_config: Any) -> Any:
+    from ..advise.memory import architecture_from_config
+
+    try:
+        return architecture_from_config(model_config)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _budget_gib(tcfg: TrainConfig, device: torch.device, gpu_gib: float | None) -> float | None:
+    if device.type != "cuda":
+        return None
+    total = gpu_gib or torch.cuda.get_device_properties(device).total_memory / 2**30
+    limit = min(total, tcfg.memory_limit_gb) if tcfg.memory_limit_gb else total
+    return limit * HEADROOM

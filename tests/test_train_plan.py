@@ -1,0 +1,77 @@
+"""The run's numerics and checkpointing, chosen from the memory model (src/tunesmith/train/plan.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from advise_fixtures import catalogue_config
+from tunesmith.config import TrainConfig
+from tunesmith.errors import UserError
+from tunesmith.train.plan import describe, plan_training
+
+CUDA = torch.device("cuda", 0)  # never touched: the GPU's memory is passed in
+H200 = 139.8
+
+
+def _plan(model: str, gpus: int = 1, gib: float = H200, **train):
+    return plan_training(catalogue_config(model), TrainConfig(**train), CUDA, gpus, torch.float32
+                         if train.get("method") == "full" else torch.bfloat16, gpu_gib=gib)
+
+
+def test_full_fine_tuning_of_8b_on_one_h200_keeps_fp32_masters_with_8bit_states():
+    plan = _plan("llama-3.1-8b", method="full", per_device_train_batch_size=2)
+    # fp32 weights + fp32 grads + fp32 AdamW = 16 bytes/param = 120 GiB before activations: over 92% of 139.8
+    assert plan.optimizer == "adamw_8bit"
+    assert plan.master_weights == "fp32"
+    assert "8-bit AdamW states with fp32 update maths" in plan.reason
+    assert plan.estimate_gib <= plan.budget_gib <= 0.92 * H200 + 0.1
+
+
+def test_full_fine_tuning_of_8b_on_two_gpus_shards_fp32_adamw():
+    plan = _plan("llama-3.1-8b", gpus=2, method="full", per_device_train_batch_size=2)
+    assert plan.optimizer == "adamw_torch"
+    assert "fp32 AdamW fits" in plan.reason
+
+
+def test_full_fine_tuning_that_cannot_fit_is_one_message_before_loading():
+    with pytest.raises(UserError, match="even with 8-bit AdamW"):
+        _plan("llama-3.1-70b", method="full")
+    with pytest.raises(UserError, match="per GPU on 2 GPUs"):
+        _plan("llama-3.1-70b", gpus=2, method="full")
+
+
+def test_eight_bit_adamw_is_refused_under_fsdp2():
+    with pytest.raises(UserError, match="sharded parameters"):
+        _plan("llama-3.2-1b", gpus=2, method="full", optim="adamw_8bit")
+
+
+def test_lora_checkpoints_nothing_on_a_big_gpu_and_everything_under_a_tight_limit():
+    roomy = _plan("llama-3.1-8b", method="lora", per_device_train_batch_size=4)
+    assert roomy.optimizer == "adamw_torch" and roomy.checkpointed_layers == 0
+    tight = _plan("llama-3.1-8b", method="lora", per_device_train_batch_size=4, memory_limit_gb=24)
+    assert tight.checkpointed_layers == 32
+
+
+def test_partial_checkpointing_fills_the_budget_and_no_more():
+    plans = [_plan("llama-3.1-8b", method="lora", per_device_train_batch_size=4, memory_limit_gb=g)
+             for g in (40, 55, 70)]
+    counts = [p.checkpointed_layers for p in plans]
+    assert 32 > counts[0] > counts[1] > counts[2] > 0, counts  # more memory → fewer layers recomputed
+    for p in plans:
+        assert p.estimate_gib <= p.budget_gib
+    assert "layers kept un-checkpointed" in plans[0].reason
+    assert "of 32 layers" in describe(plans[0])
+
+
+def test_qlora_checkpoints_every_layer_unless_given_a_limit():
+    assert _plan("llama-3.1-8b", method="qlora").checkpointed_layers == 32
+    assert _plan("llama-3.1-8b", method="qlora", memory_limit_gb=100).checkpointed_layers == 0
+
+
+def test_explicit_settings_are_kept_and_the_cpu_plans_nothing():
+    plan = _plan("llama-3.1-8b", method="lora", gradient_checkpointing=True, optim="adamw_torch")
+    assert plan.checkpointed_layers == 32 and plan.optimizer == "adamw_torch"
+    cpu = plan_training(catalogue_config("llama-3.2-1b"), TrainConfig(method="full"), torch.device("cpu"), 1,
+                        torch.float32)
+    assert cpu.optimizer == "adamw_torch" and cpu.checkpointed_layers == 0 and cpu.budget_gib is None
