@@ -155,10 +155,13 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         if v.get("compile") == "on":
             compile_decoder_layers(model)
         marks: list[tuple[float, int, float]] = []
+        prof = _profiler() if v.get("profile") == "on" else None
 
-        def on_event(e: dict, marks: list = marks) -> None:
+        def on_event(e: dict, marks: list = marks, prof: object = prof) -> None:
             if e.get("event") == "step":
                 marks.append((time.perf_counter(), e["tokens"], e["loss"]))
+                if prof is not None:
+                    prof.step()
 
         gc.collect()
         torch.cuda.empty_cache()
@@ -167,9 +170,14 @@ def run_tunesmith(a: argparse.Namespace) -> None:
                    checkpointed_layers=layers, of_layers=n_layers, loss=loss, bs=bs, ga=16 // bs,
                    compile=v.get("compile", "off"), load_s=round(load_s, 1))
         try:
+            if prof is not None:
+                prof.start()
             fit(model, 0, examples, [], vcfg, Path(a.workdir) / f"run-{a.method}-{name}", device, precision, packed,
                 emit=on_event, fused_loss=loss != "plain", loss_kernel=loss == "liger")
             torch.cuda.synchronize()
+            if prof is not None:
+                prof.stop()
+                out["profile"] = _profile_summary(prof, marks)
             timed = marks[2:]
             dt = timed[-1][0] - marks[1][0]
             tokens = sum(t for _, t, _ in timed)
@@ -190,6 +198,27 @@ def run_tunesmith(a: argparse.Namespace) -> None:
     # numbers are printed, so leave now
     sys.stdout.flush()
     os._exit(0)
+
+
+def _profiler() -> object:
+    """torch.profiler over optimizer steps 3 and 4 (after two un-profiled steps and one warm-up step)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                   schedule=schedule(wait=1, warmup=1, active=2, repeat=1))
+
+
+def _profile_summary(prof: object, marks: list) -> dict:
+    """Where the profiled steps' time went: GPU kernel time vs wall time (idle GPU = launch/Python bound), and the
+    kernels that took longest."""
+    kernels = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0]
+    gpu_us = sum(e.self_device_time_total for e in kernels)
+    count = sum(e.count for e in kernels)
+    wall_s = marks[3][0] - marks[1][0] if len(marks) > 3 else None  # steps 3 and 4 (1-based) were profiled
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
+    return dict(profiled_steps=2, wall_s=round(wall_s, 3) if wall_s else None, gpu_kernel_s=round(gpu_us / 1e6, 3),
+                gpu_busy=round(gpu_us / 1e6 / wall_s, 3) if wall_s else None, kernel_launches=count,
+                top=[(e.key[:90], round(e.self_device_time_total / 1e3, 1), e.count) for e in top])
 
 
 # --- the seed recipe, unchanged, as a subprocess -------------------------------------------------------------------
@@ -349,7 +378,8 @@ def main() -> None:
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--learnable", action="store_true", help="repeated-motif data, so the loss can fall")
     t.add_argument("--variant", action="append", default=[],
-                   help="comma list: name=,packing=on|off,attn=,loss=liger|chunked|plain,ckpt=all|N,bs=,compile=on")
+                   help="comma list: name=,packing=on|off,attn=,loss=liger|chunked|plain,ckpt=all|N,bs=,compile=on,"
+                        "profile=on")
     t.add_argument("--workdir", default="/tmp/seedbench")
     al = sub.add_parser("all", help="seed baselines + tunesmith ablation + the ≥1B check; writes results")
     al.add_argument("--seed-script", required=True)

@@ -48,6 +48,8 @@ def flops_per_token(cfg: object, lengths: list[int], method: str) -> float:
 
 
 def run(a: argparse.Namespace) -> None:
+    # fewer, growable segments: less fragmentation between packed rows of different lengths (before torch loads)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, LlamaConfig

@@ -3,47 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from train_fixtures import metrics, write_arithmetic
-
-ROOT = Path(__file__).resolve().parents[1]
+from train_fixtures import finish as _finish
+from train_fixtures import kill_after_step, metrics, write_arithmetic
+from train_fixtures import launch_train as _launch
+from train_fixtures import run_config as _cfg
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return write_arithmetic(tmp_path_factory.mktemp("data"), n_train=64)
-
-
-def _cfg(tmp_path: Path, model_dir: Path, data_dir: Path, name: str, **train) -> Path:
-    body = {"model": {"name_or_path": str(model_dir)},
-            "train": {"dataset": str(data_dir), "max_steps": 4, "learning_rate": 1e-3, "warmup_ratio": 0.0,
-                      "eval_strategy": "no", "save_strategy": "steps", "save_steps": 1, "logging_steps": 1,
-                      "deterministic": True, **train}}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(body))
-    return path
-
-
-def _launch(nproc: int, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "tunesmith", "train", *args] if nproc > 1 else [sys.executable, "-m", "tunesmith", "train", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def _finish(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -75,16 +47,7 @@ def test_resume_from_a_sharded_checkpoint_keeps_the_loss_trajectory(tiny_model_d
                gradient_accumulation_steps=2, learning_rate=1e-2)
     _finish(_launch(2, str(cfg), "--out", str(tmp_path / "straight")))
     run = tmp_path / "killed"
-    proc = _launch(2, str(cfg), "--out", str(run))
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-        if any(json.loads(x)["step"] >= 3 for x in lines):
-            break
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_after_step(_launch(2, str(cfg), "--out", str(run)), run, 3)
     assert not (run / "adapter").exists()
     _finish(_launch(2, str(cfg), "--out", str(run), "--resume"))
     a, b = metrics(tmp_path / "straight"), metrics(run)

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import yaml
 
 from tunesmith.config import load_config
 
@@ -37,3 +44,45 @@ def config(model_dir: Path, data_dir: Path, **train):
 def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r.get("type") == kind]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_config(tmp_path: Path, model_dir: Path, data_dir: Path, name: str, **train) -> Path:
+    """A YAML config for a short CLI run that logs and checkpoints every step."""
+    body = {"model": {"name_or_path": str(model_dir)},
+            "train": {"dataset": str(data_dir), "max_steps": 4, "learning_rate": 1e-3, "warmup_ratio": 0.0,
+                      "eval_strategy": "no", "save_strategy": "steps", "save_steps": 1, "logging_steps": 1,
+                      "deterministic": True, **train}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def launch_train(nproc: int, *args: str) -> subprocess.Popen:
+    """``tunesmith train ARGS`` as its own process group: one process, or ``nproc`` under torchrun."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "tunesmith", "train", *args] if nproc > 1 else [sys.executable, "-m", "tunesmith", "train", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def kill_after_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    """SIGKILL the whole launch (torchrun and its workers) once ``step`` is logged: no clean shutdown."""
+    deadline = time.time() + timeout
+    metrics_file = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+        if any(json.loads(x)["step"] >= step for x in lines):
+            break
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
