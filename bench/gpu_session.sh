@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The GPU runs of issues 8, 9 and 11 on one machine of four H200s, in two phases (each one device call).
+# The GPU runs of issues 8, 9 and 11, in phases (each one device call).
 # Run from the repository root on the GPU machine, with the carried wheels in .whl/ and an unchanged copy of
 # ../shared/bench/seed_recipe.py in .gpu/ (both ignored folders):
-#   bash bench/gpu_session.sh A   # 1-GPU and 2-GPU runs side by side on disjoint GPUs, fast-engine ablations, tests/gpu
-#   bash bench/gpu_session.sh B   # 4-GPU runs, and 70B LoRA on 2 and 4 GPUs
+#   bash bench/gpu_session.sh A   # 2 GPUs: one-GPU runs side by side (fast-engine ablations vs the seed recipe,
+#                                 #   full fine-tuning and LoRA of the 8B shape)
+#   bash bench/gpu_session.sh B   # 2 GPUs: FSDP2 full/LoRA 8B, LoRA 70B, tests/gpu (2-GPU NCCL tests)
+#   bash bench/gpu_session.sh C   # all GPUs of a 4- or 8-GPU machine: full 8B, LoRA 8B and 70B
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B}
+phase=${1:?usage: gpu_session.sh A|B|C}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -31,28 +33,29 @@ fe() {  # fe GPU NAME ARGS...: fast-engine parts (seed recipe unchanged + tunesm
   cp "$w/fe_$name/fast_engine.json" "$out/fast_engine_$name.json" 2>/dev/null
 }
 start=$(date +%s)
-if [ "$phase" = A ]; then
+if [ "$phase" = A ]; then  # two GPUs, one job each
   nvidia-smi topo -m > "$w/topo.txt" 2>&1
   python3 -c "import torch; print(torch.__version__, torch.cuda.device_count())"
   ( fe 0 qlora --parts seed-qlora qlora --qlora-variant "name=fast-bs2,bs=2,profile=on" \
       --qlora-variant "name=fast-bs2+compile,bs=2,compile=on"
+    so 0 1 200 --shape 8b --method full --label full-1 --bs 2
   ) > "$w/gpu0.log" 2>&1 &
   ( fe 1 lora --parts seed-lora lora --lora-variant "name=fast,profile=on" --lora-variant "name=nockpt,ckpt=0" \
       --lora-variant "name=fast+compile,compile=on,profile=on" --lora-variant "name=nockpt+compile,ckpt=0,compile=on"
+    so 1 1 200 --shape 8b --method lora --label lora-1 --bs 4
   ) > "$w/gpu1.log" 2>&1 &
-  ( so 2 1 200 --shape 8b --method full --label full-1 --bs 2 > "$w/gpu2.log" 2>&1 &
-    so 3 1 200 --shape 8b --method lora --label lora-1 --bs 4 > "$w/gpu3.log" 2>&1
-    wait
-    so 2,3 2 240 --shape 8b --method full --label full-2 --bs 2
-    so 2,3 2 240 --shape 8b --method lora --label lora-2 --bs 4
-    CUDA_VISIBLE_DEVICES=2,3 timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/gpu
-  ) > "$w/gpu23.log" 2>&1 &
   wait
-else
-  so 0,1,2,3 4 200 --shape 8b --method full --label full-4 --bs 2
-  so 0,1,2,3 4 200 --shape 8b --method lora --label lora-4 --bs 4
-  so 0,1,2,3 4 240 --shape 70b --method lora --label lora70-4 --bs 2 --steps 3 --warmup 1
+elif [ "$phase" = B ]; then  # FSDP2 on two GPUs
+  so 0,1 2 200 --shape 8b --method full --label full-2 --bs 2
+  so 0,1 2 200 --shape 8b --method lora --label lora-2 --bs 4
   so 0,1 2 240 --shape 70b --method lora --label lora70-2 --bs 2 --steps 3 --warmup 1
+  timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/gpu
+else  # C: four or eight GPUs (issue 11), when that machine is lent
+  n=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  all=$(seq -s, 0 $((n - 1)))
+  so "$all" "$n" 240 --shape 8b --method full --label "full-$n" --bs 2
+  so "$all" "$n" 240 --shape 8b --method lora --label "lora-$n" --bs 4
+  so "$all" "$n" 300 --shape 70b --method lora --label "lora70-$n" --bs 2 --steps 3 --warmup 1
 fi > "$w/main.log" 2>&1
 echo "phase $phase took $(( $(date +%s) - start )) s" | tee -a "$w/main.log"
 grep -h "RESULT\|plan:\|passed\|failed\|Error\|error" "$w"/*.log | cut -c1-400 | tail -60
