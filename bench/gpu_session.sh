@@ -45,7 +45,8 @@ if [ "$phase" = A ]; then  # two GPUs, one job each
     so 1 1 200 --shape 8b --method lora --label lora-1 --bs 4
   ) > "$w/gpu1.log" 2>&1 &
   wait
-elif [ "$phase" = B ]; then  # FSDP2 on two GPUs
+elif [ "$phase" = B ]; then  # FSDP2 on two GPUs (and the one-GPU full fine-tuning rerun)
+  so 0 1 200 --shape 8b --method full --label full-1 --bs 2
   so 0,1 2 200 --shape 8b --method full --label full-2 --bs 2
   so 0,1 2 200 --shape 8b --method lora --label lora-2 --bs 4
   so 0,1 2 240 --shape 70b --method lora --label lora70-2 --bs 2 --steps 3 --warmup 1

@@ -112,6 +112,11 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                                                dropout=dropout, **kwargs)
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
+        # fp32 master weights under autocast: the projections are bf16, but RoPE multiplies by the fp32 tables of
+        # fp32 hidden states, so queries and keys come back fp32; the kernel takes the autocast dtype (as SDPA would)
+        low = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(low), key.to(low), value.to(low)
     cu, max_len = _cu_seq_lens(kwargs, batch, length, query.device)
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
