@@ -51,6 +51,17 @@ elif [ "$phase" = B ]; then  # FSDP2 on two GPUs (and the one-GPU full fine-tuni
   so 0,1 2 200 --shape 8b --method lora --label lora-2 --bs 4
   so 0,1 2 240 --shape 70b --method lora --label lora70-2 --bs 2 --steps 3 --warmup 1
   timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/gpu
+elif [ "$phase" = D ]; then  # two GPUs: eager and compiled, one GPU then FSDP2 on two, in one call
+  ( so 0 1 200 --shape 8b --method full --label full-1 --bs 2
+    so 0 1 260 --shape 8b --method full --label full-1c --bs 2 --compile ) > "$w/gpu0.log" 2>&1 &
+  ( so 1 1 200 --shape 8b --method lora --label lora-1 --bs 4
+    so 1 1 260 --shape 8b --method lora --label lora-1c --bs 4 --compile ) > "$w/gpu1.log" 2>&1 &
+  wait
+  so 0,1 2 200 --shape 8b --method full --label full-2 --bs 2
+  so 0,1 2 260 --shape 8b --method full --label full-2c --bs 2 --compile
+  so 0,1 2 200 --shape 8b --method lora --label lora-2 --bs 4
+  so 0,1 2 260 --shape 8b --method lora --label lora-2c --bs 4 --compile
+  if [ $(( $(date +%s) - start )) -lt 460 ]; then timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/gpu; fi
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))

@@ -69,7 +69,7 @@ def run(a: argparse.Namespace) -> None:
     tcfg = TrainConfig(method=a.method, per_device_train_batch_size=a.bs, gradient_accumulation_steps=16 // a.bs,
                        max_length=2048, max_steps=a.steps + a.warmup, logging_steps=1, save_strategy="no",
                        eval_strategy="no", learning_rate=1e-5 if a.method == "full" else 2e-4, seed=0,
-                       compile=False, memory_limit_gb=a.memory_limit, **overrides)
+                       compile=False, memory_limit_gb=a.memory_limit, sharding=a.sharding, **overrides)
     precision = resolve_precision("auto", a.method, device)
     plan = plan_training(cfg, tcfg, device, procs.world, precision.weights)
     layers = plan.checkpointed_layers if a.ckpt in (None, "0") else int(a.ckpt)
@@ -83,7 +83,7 @@ def run(a: argparse.Namespace) -> None:
         model = AutoModelForCausalLM.from_config(cfg, dtype=precision.weights, attn_implementation=attn)
     model = prepare_model(model, tcfg, device, layers)
     if procs.distributed:
-        shard(model, procs, a.method, precision.autocast)
+        shard(model, procs, a.method, precision.autocast, plan.sharding == "replicate", plan.reshard_after_forward)
     _random_weights(model, device, procs.rank)
     if a.compile:
         compile_decoder_layers(model)
@@ -104,6 +104,7 @@ def run(a: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     out = dict(shape=a.shape, method=a.method, gpus=procs.world, bs=a.bs, rows_tokens=a.bs * 2048,
                optimizer=plan.optimizer, master_weights=plan.master_weights, checkpointed_layers=layers,
+               sharding=plan.sharding, reshard_after_forward=plan.reshard_after_forward,
                of_layers=plan.layers, compile=a.compile, planned_peak_gib=plan.estimate_gib,
                build_s=round(build_s, 1), sequences_per_step=per_gpu * procs.world, label=a.label)
     try:
@@ -204,6 +205,7 @@ def main() -> None:
     r.add_argument("--ckpt", default=None, help="checkpointed layers (default: the memory plan's choice)")
     r.add_argument("--compile", action="store_true")
     r.add_argument("--memory-limit", type=float, default=None, help="train.memory_limit_gb for the plan")
+    r.add_argument("--sharding", default="auto", choices=["auto", "shard", "replicate"])
     r.add_argument("--label", default="")
     r.add_argument("--jsonl", default=None, help="append the result row to this file")
     r.add_argument("--workdir", default="/tmp/scale_out")

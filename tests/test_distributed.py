@@ -18,15 +18,16 @@ def data_dir(tmp_path_factory):
     return write_arithmetic(tmp_path_factory.mktemp("data"), n_train=64)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_two_fsdp2_processes_follow_the_single_process_loss_trajectory(tiny_model_dir, data_dir, tmp_path, method):
+@pytest.mark.parametrize(("method", "sharding"), [("full", "shard"), ("lora", "shard"), ("lora", "replicate")])
+def test_two_fsdp2_processes_follow_the_single_process_loss_trajectory(tiny_model_dir, data_dir, tmp_path, method,
+                                                                        sharding):
     # 16 sequences per optimizer step in both: 8 x 2 on one process, 4 x 2 on each of two.
     # LoRA dropout off: its random masks are drawn per process, so they differ between the layouts
     lora = {"lora": {"dropout": 0.0}} if method == "lora" else {}
     one = _cfg(tmp_path, tiny_model_dir, data_dir, "one", method=method, per_device_train_batch_size=8,
                gradient_accumulation_steps=2, **lora)
     two = _cfg(tmp_path, tiny_model_dir, data_dir, "two", method=method, per_device_train_batch_size=4,
-               gradient_accumulation_steps=2, **lora)
+               gradient_accumulation_steps=2, sharding=sharding, **lora)
     _finish(_launch(1, str(one), "--out", str(tmp_path / "one")))
     _finish(_launch(2, str(two), "--out", str(tmp_path / "two")))
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -36,7 +37,7 @@ def test_two_fsdp2_processes_follow_the_single_process_loss_trajectory(tiny_mode
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3), x["step"]
     # the final model is an ordinary consolidated folder that transformers / PEFT load without tunesmith
     run = json.loads((tmp_path / "two" / "run.json").read_text())
-    assert run["processes"] == 2
+    assert run["processes"] == 2 and run["plan"]["sharding"] == sharding
     folder = Path(run["outputs"]["adapter" if method == "lora" else "model"])
     assert (folder / ("adapter_model.safetensors" if method == "lora" else "model.safetensors")).is_file()
     assert any(f.suffix == ".distcp" for f in (tmp_path / "two" / "checkpoints").glob("step-*/*"))

@@ -62,7 +62,8 @@ def run_config(tmp_path: Path, model_dir: Path, data_dir: Path, name: str, **tra
 
 def launch_train(nproc: int, *args: str) -> subprocess.Popen:
     """``tunesmith train ARGS`` as its own process group: one process, or ``nproc`` under torchrun."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "tunesmith", "train", *args] if nproc > 1 else [sys.executable, "-m", "tunesmith", "train", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -23,14 +23,14 @@ def data_dir(tmp_path_factory):
     return write_arithmetic(tmp_path_factory.mktemp("data"), n_train=64)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize(("method", "sharding"), [("full", "shard"), ("lora", "replicate")])
 def test_two_gpus_follow_the_one_gpu_loss_trajectory_and_save_an_ordinary_folder(tiny_model_dir, data_dir,
-                                                                                   tmp_path, method):
+                                                                                   tmp_path, method, sharding):
     lora = {"lora": {"dropout": 0.0}} if method == "lora" else {}
     one = run_config(tmp_path, tiny_model_dir, data_dir, "one", method=method, per_device_train_batch_size=8,
                      gradient_accumulation_steps=2, **lora)
     two = run_config(tmp_path, tiny_model_dir, data_dir, "two", method=method, per_device_train_batch_size=4,
-                     gradient_accumulation_steps=2, **lora)
+                     gradient_accumulation_steps=2, sharding=sharding, **lora)
     finish(launch_train(1, str(one), "--out", str(tmp_path / "one")))
     finish(launch_train(2, str(two), "--out", str(tmp_path / "two")))
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -39,7 +39,7 @@ def test_two_gpus_follow_the_one_gpu_loss_trajectory_and_save_an_ordinary_folder
     print(f"{method}: largest relative loss difference 1 GPU vs 2 GPUs over {len(a)} steps: {worst:.2e}")
     assert worst < 2e-2  # bf16 compute: autocast on one GPU, FSDP2's bf16 gathers on two
     run = json.loads((tmp_path / "two" / "run.json").read_text())
-    assert run["processes"] == 2 and run["precision"] == "bf16"
+    assert run["processes"] == 2 and run["precision"] == "bf16" and run["plan"]["sharding"] == sharding
     assert run["plan"]["optimizer"] == "adamw_torch"
     folder = Path(run["outputs"]["adapter" if method == "lora" else "model"])
     if method == "full":
@@ -52,7 +52,7 @@ def test_two_gpus_follow_the_one_gpu_loss_trajectory_and_save_an_ordinary_folder
 
 
 def test_resume_on_two_gpus_keeps_the_loss_trajectory(tiny_model_dir, data_dir, tmp_path):
-    cfg = run_config(tmp_path, tiny_model_dir, data_dir, "c", method="full", max_steps=6,
+    cfg = run_config(tmp_path, tiny_model_dir, data_dir, "c", method="full", max_steps=6, sharding="shard",
                      per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3)
     finish(launch_train(2, str(cfg), "--out", str(tmp_path / "straight")))
     run = tmp_path / "killed"

@@ -117,6 +117,12 @@ class TrainConfig(Section):
     says must be checkpointed to fit ``memory_limit_gb`` (none if everything fits; each layer not checkpointed
     saves its forward recomputation); every layer for qlora unless a limit is set; off on the CPU."""
 
+    sharding: Literal["auto", "shard", "replicate"] = "auto"
+    """How several GPUs (FSDP2) hold the model: ``shard`` splits weights, gradients and optimizer states across them
+    (needed when a run does not fit one GPU: full fine-tuning, 70B LoRA); ``replicate`` keeps the whole model on
+    each GPU and only averages gradients (no weight transfers: faster when it fits). ``auto``: replicate if the
+    memory model says the run fits one GPU, else shard. One GPU: ignored."""
+
     memory_limit_gb: float | None = Field(None, gt=0)
     """GPU memory (GB per GPU) the ``auto`` choices may plan for; None: the whole GPU. Set it to share a GPU or to
     keep a run within a smaller card's memory."""

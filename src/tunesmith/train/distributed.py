@@ -55,19 +55,26 @@ def init_processes() -> Processes:
     return Processes(dist.get_rank(), dist.get_world_size(), local, device)
 
 
-def shard(model: Any, procs: Processes, method: str, compute_dtype: torch.dtype | None = None) -> Any:
-    """Wrap each decoder layer and the whole model with FSDP2 (params, grads and optimizer states sharded).
+def shard(model: Any, procs: Processes, method: str, compute_dtype: torch.dtype | None = None,
+          replicate: bool = False, reshard_after_forward: bool = True) -> Any:
+    """Wrap each decoder layer and the whole model with FSDP2.
 
-    With a compute dtype (bf16 on GPUs), FSDP2's mixed precision gathers each layer's weights in that dtype for the
-    forward and backward and reduces gradients in fp32: full fine-tuning keeps fp32 master weights and fp32
-    optimizer maths in the shards, LoRA's bf16 base and fp32 adapters share one gathered dtype."""
+    ``replicate=False``: parameters, gradients and optimizer states are split across the processes (each layer's
+    weights gathered when it runs). ``replicate=True``: FSDP2's hybrid layout with one shard per replica — every
+    process holds the whole model and only gradients are averaged (no weight gathers; for a model whose run fits
+    one GPU, like LoRA of an 8B model). ``reshard_after_forward=False`` keeps each layer's gathered weights from its
+    forward to its backward (one gather per micro-batch instead of two, for the memory of the unsharded weights).
+    With a compute dtype (bf16 on GPUs), FSDP2's mixed precision gathers weights in that dtype and reduces gradients
+    in fp32: full fine-tuning keeps fp32 master weights and fp32 optimizer maths in the shards, LoRA's bf16 base and
+    fp32 adapters share one gathered dtype."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if method == "qlora":
         raise UserError("train.method: qlora cannot be sharded across processes (4-bit bitsandbytes weights are "
                         "not FSDP2-shardable)", hint="use method: lora with several GPUs, or qlora on one GPU")
-    mesh = init_device_mesh(procs.device.type, (procs.world,))
+    mesh = init_device_mesh(procs.device.type, (procs.world, 1), mesh_dim_names=("replicate", "shard")) \
+        if replicate else init_device_mesh(procs.device.type, (procs.world,))
     block_names = set(getattr(_base(model), "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     if not blocks:
@@ -76,8 +83,8 @@ def shard(model: Any, procs: Processes, method: str, compute_dtype: torch.dtype 
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else \
         MixedPrecisionPolicy()
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model
 
 

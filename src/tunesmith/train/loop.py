@@ -93,7 +93,8 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
     tcfg = tcfg.model_copy(update={"optim": plan.optimizer})
     attn = attention_implementation(device.type, packed)
     if procs.distributed:
-        model = build_sharded_model(config.model, tcfg, procs, precision, attn, model_path, plan.checkpointed_layers)
+        model = build_sharded_model(config.model, tcfg, procs, precision, attn, model_path, plan.checkpointed_layers,
+                                    plan.sharding == "replicate", plan.reshard_after_forward)
     else:
         model = build_model(config.model, tcfg, device, precision, attn, model_path, plan.checkpointed_layers)
     trainable, total = count_parameters(model)

@@ -58,7 +58,8 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.de
 
 
 def build_sharded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, procs: Processes, precision: Precision,
-                        attn_implementation: str | None, path: str, checkpointed_layers: int | None = None) -> Any:
+                        attn_implementation: str | None, path: str, checkpointed_layers: int | None = None,
+                        replicate: bool = False, reshard_after_forward: bool = True) -> Any:
     """FSDP2: every process builds the model without memory (parameters on the meta device), shards it, then
     receives its shards from the main process — the only one that reads the weights (one CPU copy in all, not one
     per GPU: a 70B model loads on a node whose GPUs could not each hold it)."""
@@ -71,7 +72,7 @@ def build_sharded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, procs: P
         if train_cfg.method != "full":
             real = _add_lora(real, train_cfg)
         full_state = real.state_dict()
-    shard(model, procs, train_cfg.method, precision.autocast)
+    shard(model, procs, train_cfg.method, precision.autocast, replicate, reshard_after_forward)
     materialize(model, procs, full_state)
     return model
 

@@ -34,6 +34,8 @@ class TrainPlan:
     master_weights: str            # fp32 | bf16 (adapters: fp32) — the dtype the optimizer updates
     checkpointed_layers: int | None  # None: all-or-nothing as configured (no layer count known)
     layers: int
+    sharding: str | None           # several processes: shard | replicate; one process: None
+    reshard_after_forward: bool    # FSDP2: free gathered weights after each layer's forward (gather again in backward)
     budget_gib: float | None
     estimate_gib: float | None
     reason: str
@@ -55,14 +57,26 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
     if arch is None or budget is None:  # CPU, or an architecture the memory model does not know
         optimizer = "adamw_torch" if tcfg.optim == "auto" else tcfg.optim
         ckpt = _fixed_checkpointing(tcfg, device, layers)
-        return TrainPlan(optimizer, master, ckpt, layers, budget, None,
+        sharding = None if world == 1 else ("replicate" if tcfg.sharding == "replicate" else "shard")
+        return TrainPlan(optimizer, master, ckpt, layers, sharding, sharding != "replicate", budget, None,
                          "no GPU memory to plan for" if budget is None else "architecture not in the memory model")
 
     tokens = tcfg.per_device_train_batch_size * tcfg.max_length  # a packed row's budget, or a padded micro-batch
-    optimizer, why = _choose_optimizer(arch, model_config, tcfg, tokens, world, budget)
-    ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, world, budget, optimizer,
-                                                     layers)
-    return TrainPlan(optimizer, master, ckpt, layers, round(budget, 1), round(estimate, 1), f"{why}; {ckpt_why}")
+    sharding, shard_why = _choose_sharding(arch, model_config, tcfg, tokens, world, budget)
+    shards = world if sharding == "shard" else 1
+    optimizer, why = _choose_optimizer(arch, model_config, tcfg, tokens, world, shards, budget)
+    ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, world, shards, budget,
+                                                     optimizer, layers)
+    reshard, reshard_why = True, ""
+    if sharding is not None:
+        # keeping every layer's gathered weights (compute dtype) from forward to backward saves one gather per
+        # micro-batch; only when the step is not already short of memory
+        gathered = arch.total_params * 2 if sharding == "shard" else 0.0
+        reshard = not (ckpt == 0 and estimate + gathered / 2**30 <= budget)
+        reshard_why = f"; {sharding}" + ("" if sharding == "replicate" or reshard else
+                                         ", gathered weights kept from forward to backward") + shard_why
+    return TrainPlan(optimizer, master, ckpt, layers, sharding, reshard, round(budget, 1), round(estimate, 1),
+                     f"{why}; {ckpt_why}{reshard_why}")
 
 
 def describe(plan: TrainPlan) -> str:
@@ -77,7 +91,20 @@ def describe(plan: TrainPlan) -> str:
 # --- choices -------------------------------------------------------------------------------------------------------
 
 
-def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int,
+def _choose_sharding(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int,
+                     budget: float) -> tuple[str | None, str]:
+    if world == 1:
+        return None, ""
+    if tcfg.sharding != "auto":
+        return tcfg.sharding, " (as configured)"
+    # replicated, each GPU holds what one GPU would (full fine-tuning: fp32 masters and AdamW states, unsharded)
+    whole = _estimate(arch, model_config, tcfg, tokens, world, 1, "full", "adamw")
+    if whole <= budget:
+        return "replicate", f" (the whole run fits one GPU: {whole:.1f} GiB)"
+    return "shard", f" (the whole run needs {whole:.0f} GiB on one GPU)"
+
+
+def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, shards: int,
                       budget: float) -> tuple[str, str]:
     if tcfg.optim == "adamw_8bit" and world > 1:
         raise UserError("train.optim: adamw_8bit does not run on FSDP2's sharded parameters (bitsandbytes' kernels "
@@ -87,13 +114,13 @@ def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: i
         return tcfg.optim, f"optimizer {tcfg.optim} as configured"
     if tcfg.method != "full":
         return "adamw_torch", "fp32 AdamW for the adapters"
-    fp32 = _estimate(arch, model_config, tcfg, tokens, world, "full", "adamw")
+    fp32 = _estimate(arch, model_config, tcfg, tokens, world, shards, "full", "adamw")
     if fp32 <= budget:
         return "adamw_torch", f"fp32 AdamW fits ({fp32:.1f} GiB with every layer checkpointed)"
     if world > 1:
         raise UserError(f"full fine-tuning with fp32 AdamW needs ~{fp32:.0f} GiB per GPU on {world} GPUs; "
                         f"{budget:.0f} GiB is available", hint="use more GPUs, method: lora, or a smaller model")
-    eight = _estimate(arch, model_config, tcfg, tokens, world, "full", "adamw_8bit")
+    eight = _estimate(arch, model_config, tcfg, tokens, world, shards, "full", "adamw_8bit")
     if eight <= budget:
         return "adamw_8bit", (f"fp32 AdamW needs ~{fp32:.0f} GiB > {budget:.0f}: 8-bit AdamW states with fp32 "
                               f"update maths on fp32 master weights ({eight:.1f} GiB)")
@@ -101,17 +128,17 @@ def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: i
                     hint="use method: lora or qlora, several GPUs (tunesmith train --gpus N), or a smaller model")
 
 
-def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, budget: float,
-                          optimizer: str, layers: int) -> tuple[int | None, float, str]:
+def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, shards: int,
+                          budget: float, optimizer: str, layers: int) -> tuple[int | None, float, str]:
     opt = "adamw_8bit" if optimizer == "adamw_8bit" else "adamw"
-    every = _estimate(arch, model_config, tcfg, tokens, world, "full", opt)
+    every = _estimate(arch, model_config, tcfg, tokens, world, shards, "full", opt)
     if tcfg.gradient_checkpointing is not None and tcfg.gradient_checkpointing != "auto":
         count = layers if tcfg.gradient_checkpointing else 0
-        none = _estimate(arch, model_config, tcfg, tokens, world, "none", opt)
+        none = _estimate(arch, model_config, tcfg, tokens, world, shards, "none", opt)
         return count, every if count else none, "checkpointing as configured"
     if tcfg.method == "qlora" and tcfg.memory_limit_gb is None:
         return layers, every, "QLoRA checkpoints every layer (set train.memory_limit_gb to trade memory for speed)"
-    none = _estimate(arch, model_config, tcfg, tokens, world, "none", opt)
+    none = _estimate(arch, model_config, tcfg, tokens, world, shards, "none", opt)
     if none <= budget:
         return 0, none, "no checkpointing needed"
     if every > budget or layers == 0:
@@ -132,8 +159,10 @@ def _fixed_checkpointing(tcfg: TrainConfig, device: torch.device, layers: int) -
 # --- the memory model ----------------------------------------------------------------------------------------------
 
 
-def _estimate(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, checkpointing: str,
-              optimizer: str) -> float:
+def _estimate(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, shards: int,
+              checkpointing: str, optimizer: str) -> float:
+    """Peak GiB per GPU. Several processes use the model's own head (full logits) under FSDP2; ``shards`` is 1 when
+    each GPU holds the whole model (one process, or replicated)."""
     from ..advise.memory import estimate_memory, lora_trainable_params
 
     trainable, adapted = (0, 0)
@@ -142,7 +171,7 @@ def _estimate(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, worl
     est = estimate_memory(arch, tcfg.method, 1, tokens, lora_r=tcfg.lora.r, lora_trainable=trainable,
                           adapted_in_features=adapted, lora_dropout=tcfg.lora.dropout, checkpointing=checkpointing,
                           logits="chunked" if world == 1 else "full", optimizer=optimizer,
-                          full_precision="mixed", shards=world)
+                          full_precision="mixed", shards=shards)
     return est.total_gib
 
 
