@@ -62,6 +62,13 @@ elif [ "$phase" = D ]; then  # two GPUs: eager and compiled, one GPU then FSDP2 
   so 0,1 2 200 --shape 8b --method lora --label lora-2 --bs 4
   so 0,1 2 260 --shape 8b --method lora --label lora-2c --bs 4 --compile
   if [ $(( $(date +%s) - start )) -lt 460 ]; then timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/gpu; fi
+elif [ "$phase" = E ]; then  # two GPUs: eager one-GPU baselines, FSDP2 with the local-shard clip, tests/gpu
+  so 0 1 200 --shape 8b --method full --label full-1 --bs 2 > "$w/gpu0.log" 2>&1 &
+  so 1 1 200 --shape 8b --method lora --label lora-1 --bs 4 > "$w/gpu1.log" 2>&1 &
+  wait
+  so 0,1 2 200 --shape 8b --method full --label full-2 --bs 2
+  so 0,1 2 200 --shape 8b --method lora --label lora-2 --bs 4
+  timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/gpu
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))

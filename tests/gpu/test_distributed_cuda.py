@@ -28,9 +28,9 @@ def test_two_gpus_follow_the_one_gpu_loss_trajectory_and_save_an_ordinary_folder
                                                                                    tmp_path, method, sharding):
     lora = {"lora": {"dropout": 0.0}} if method == "lora" else {}
     one = run_config(tmp_path, tiny_model_dir, data_dir, "one", method=method, per_device_train_batch_size=8,
-                     gradient_accumulation_steps=2, **lora)
+                     gradient_accumulation_steps=2, compile=False, **lora)
     two = run_config(tmp_path, tiny_model_dir, data_dir, "two", method=method, per_device_train_batch_size=4,
-                     gradient_accumulation_steps=2, sharding=sharding, **lora)
+                     gradient_accumulation_steps=2, sharding=sharding, compile=False, **lora)
     finish(launch_train(1, str(one), "--out", str(tmp_path / "one")))
     finish(launch_train(2, str(two), "--out", str(tmp_path / "two")))
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -53,7 +53,7 @@ def test_two_gpus_follow_the_one_gpu_loss_trajectory_and_save_an_ordinary_folder
 
 def test_resume_on_two_gpus_keeps_the_loss_trajectory(tiny_model_dir, data_dir, tmp_path):
     cfg = run_config(tmp_path, tiny_model_dir, data_dir, "c", method="full", max_steps=6, sharding="shard",
-                     per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3)
+                     compile=False, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3)
     finish(launch_train(2, str(cfg), "--out", str(tmp_path / "straight")))
     run = tmp_path / "killed"
     kill_after_step(launch_train(2, str(cfg), "--out", str(run)), run, 3)

@@ -383,8 +383,25 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: 
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    """Global gradient norm (clipped to ``max_norm``). FSDP2's gradients are DTensors: the norm is taken on each
+    process's local shards with torch's own helpers and summed over the shard group once — the same number as
+    ``clip_grad_norm_`` on the DTensors, without dispatching hundreds of small DTensor ops every step."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not isinstance(grads[0], DTensor):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        return float(norm)
+    local = [g.to_local() for g in grads]
+    squares = torch.nn.utils.get_total_norm(local, 2.0).float() ** 2
+    mesh, placements = grads[0].device_mesh, grads[0].placements
+    for dim, placement in enumerate(placements):
+        if placement.is_shard() and mesh.size(dim) > 1:
+            torch.distributed.all_reduce(squares, group=mesh.get_group(dim))
+    total = float(squares.sqrt())
+    if max_norm and total > max_norm:
+        torch._foreach_mul_(grads, max_norm / (total + 1e-6))  # one op over the list (DTensor's foreach rule)
+    return total
 
 
 def _nan_error(step: int, what: str, ckpt_root: Path) -> RunError:

@@ -64,7 +64,7 @@ def build_sharded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, procs: P
     receives its shards from the main process — the only one that reads the weights (one CPU copy in all, not one
     per GPU: a 70B model loads on a node whose GPUs could not each hold it)."""
     skeleton = model_skeleton(model_cfg, dtype=precision.weights, path=path, attn_implementation=attn_implementation)
-    model = prepare_model(skeleton, train_cfg, procs.device, checkpointed_layers)
+    model = prepare_model(skeleton, train_cfg, procs.device, checkpointed_layers, compile_layers=False)
     full_state = None
     if procs.main:
         real = load_model(model_cfg, dtype=precision.weights, path=path, attn_implementation=attn_implementation)
@@ -74,11 +74,13 @@ def build_sharded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, procs: P
         full_state = real.state_dict()
     shard(model, procs, train_cfg.method, precision.autocast, replicate, reshard_after_forward)
     materialize(model, procs, full_state)
+    if _compiling(train_cfg, procs.device):
+        compile_decoder_layers(model)  # after sharding, as measured (bench/results/scale_out.md)
     return model
 
 
 def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
-                  checkpointed_layers: int | None = None) -> Any:
+                  checkpointed_layers: int | None = None, compile_layers: bool | None = None) -> Any:
     """Adapters and checkpointing on an already loaded base (benchmarks build random-weight bases themselves).
     ``checkpointed_layers``: how many decoder layers recompute their activations (the plan's choice); None: all or
     none, as ``train.gradient_checkpointing`` says."""
@@ -92,7 +94,7 @@ def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
         if train_cfg.method == "qlora":
             # the seed's QLoRA gotcha: inputs of frozen 4-bit layers must carry grad for checkpointed blocks
             model.enable_input_require_grads()
-    if _compiling(train_cfg, device):
+    if _compiling(train_cfg, device) if compile_layers is None else compile_layers:
         compile_decoder_layers(model)
     return model
 
@@ -155,9 +157,8 @@ def _checkpointing(cfg: TrainConfig, device: torch.device) -> bool:
 
 def _compiling(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.compile == "auto":
-        # measured on one GPU with LoRA only; under torchrun/FSDP2 and for 4-bit layers it is not measured yet
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return cfg.method == "lora" and device.type == "cuda" and not distributed
+        # measured on H200s for every method, one GPU and FSDP2 (bench/results/fast_engine.md, scale_out.md)
+        return device.type == "cuda"
     return bool(cfg.compile)
 
 
