@@ -75,3 +75,18 @@ def test_explicit_settings_are_kept_and_the_cpu_plans_nothing():
     cpu = plan_training(catalogue_config("llama-3.2-1b"), TrainConfig(method="full"), torch.device("cpu"), 1,
                         torch.float32)
     assert cpu.optimizer == "adamw_torch" and cpu.checkpointed_layers == 0 and cpu.budget_gib is None
+
+
+def test_several_gpus_replicate_a_run_that_fits_one_and_shard_one_that_does_not():
+    lora = _plan("llama-3.1-8b", gpus=2, method="lora", per_device_train_batch_size=4)
+    assert lora.sharding == "replicate" and not lora.reshard_after_forward
+    full = _plan("llama-3.1-8b", gpus=2, method="full", per_device_train_batch_size=2)
+    assert full.sharding == "shard" and full.reshard_after_forward  # 104 GiB: no room to keep gathered weights
+    roomy = _plan("llama-3.1-8b", gpus=4, method="full", per_device_train_batch_size=2)
+    assert roomy.sharding == "shard" and not roomy.reshard_after_forward
+    assert roomy.estimate_gib > _plan("llama-3.1-8b", gpus=4, method="full", per_device_train_batch_size=2,
+                                      memory_limit_gb=100).estimate_gib  # the kept weights are in the estimate
+    big = _plan("llama-3.1-70b", gpus=4, method="lora", per_device_train_batch_size=2)
+    assert big.sharding == "shard" and 0 < big.checkpointed_layers < 80
+    assert _plan("llama-3.1-8b", gpus=2, method="lora", sharding="shard").sharding == "shard"
+    assert _plan("llama-3.1-8b", method="lora").sharding is None
