@@ -169,28 +169,46 @@ def _max_all(value: float, procs: object) -> float:
 
 
 def report(a: argparse.Namespace) -> None:
-    rows = [json.loads(line) for f in a.files for line in Path(f).read_text().splitlines() if line.strip()]
-    single = {(r["shape"], r["method"]): r for r in rows if r["gpus"] == 1 and "tokens_per_s" in r}
-    lines = ["| shape | method | GPUs | optimizer (master weights) | checkpointed | tokens/s | per GPU "
-             "| scaling vs 1 GPU | MFU (989/GPU) | peak GiB/GPU (planned) |", "|---" * 10 + "|"]
-    for r in sorted(rows, key=lambda r: (r["shape"], r["method"], r["gpus"])):
-        if "tokens_per_s" not in r:
-            lines.append(f"| {r['shape']} | {r['method']} | {r['gpus']} | {r['optimizer']} | "
-                         f"{r['checkpointed_layers']}/{r['of_layers']} | {r.get('error', 'no result')[:80]} "
-                         "| | | | |")
-            continue
-        one = single.get((r["shape"], r["method"]))
-        scale = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}×" if one and r["gpus"] > 1 else ""
-        lines.append(f"| {r['shape']} | {r['method']} | {r['gpus']} | {r['optimizer']} ({r['master_weights']}) | "
-                     f"{r['checkpointed_layers']}/{r['of_layers']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['tokens_per_s_per_gpu']:,.0f} | {scale} | {r['mfu']:.1%} | {r['peak_alloc_gib']} "
-                     f"({r['planned_peak_gib']}) |")
-    table = "\n".join(lines)
-    print(table)
+    """One table per results file (one device call: ratios within it); a call without one-GPU rows takes them from
+    ``--baseline`` and says so."""
+    base = _rows(a.baseline) if a.baseline else []
+    tables, every = [], []
+    for f in a.files:
+        rows = _rows(f)
+        every += [{**r, "call": Path(f).stem} for r in rows]
+        own = {(r["shape"], r["method"], r["compile"]): r for r in rows if r["gpus"] == 1 and "tokens_per_s" in r}
+        ref = {(r["shape"], r["method"], r["compile"]): r for r in base if r["gpus"] == 1 and "tokens_per_s" in r}
+        lines = [f"### {Path(f).stem}", "",
+                 "| shape | method | GPUs | compile | optimizer (master weights) | FSDP2 layout | checkpointed "
+                 "| tokens/s | per GPU | × 1 GPU | MFU (989/GPU) | peak GiB/GPU (planned) |", "|---" * 12 + "|"]
+        for r in sorted(rows, key=lambda r: (r["shape"], r["method"], r["compile"], r["gpus"])):
+            layout = r.get("sharding") or ("shard, reshard" if r["gpus"] > 1 else "—")  # before the layout plan
+            if r.get("sharding") == "shard":
+                layout += ", keep gathered" if r.get("reshard_after_forward") is False else ", reshard"
+            head = (f"| {r['shape']} | {r['method']} | {r['gpus']} | {'yes' if r['compile'] else 'no'} | "
+                    f"{r['optimizer']} ({r['master_weights']}) | {layout} | "
+                    f"{r['checkpointed_layers']}/{r['of_layers']} |")
+            if "tokens_per_s" not in r:
+                lines.append(f"{head} {r.get('error', 'no result')[:80]} | | | | |")
+                continue
+            key = (r["shape"], r["method"], r["compile"])
+            one, mark = (own[key], "") if key in own else (ref.get(key), "†")
+            scale = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}×{mark}" if one and r["gpus"] > 1 else ""
+            lines.append(f"{head} {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {scale} | "
+                         f"{r['mfu']:.1%} | {r['peak_alloc_gib']} ({r['planned_peak_gib']}) |")
+        if any("†" in line for line in lines):
+            lines += ["", f"† against the one-GPU row of {Path(a.baseline).stem} (another call, same day)"]
+        tables.append("\n".join(lines))
+    text = "\n\n".join(tables)
+    print(text)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scale_out.json").write_text(json.dumps(rows, indent=1))
-    (out / "scale_out_table.md").write_text(table + "\n")
+    (out / "scale_out.json").write_text(json.dumps(every, indent=1))
+    (out / "scale_out_tables.md").write_text(text + "\n")
+
+
+def _rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def main() -> None:
@@ -211,6 +229,7 @@ def main() -> None:
     r.add_argument("--workdir", default="/tmp/scale_out")
     rep = sub.add_parser("report")
     rep.add_argument("--out", required=True)
+    rep.add_argument("--baseline", default=None, help="results file whose one-GPU rows serve calls without any")
     rep.add_argument("files", nargs="+")
     a = p.parse_args()
     run(a) if a.cmd == "run" else report(a)
