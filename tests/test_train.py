@@ -52,6 +52,9 @@ def test_lora_adapter_holds_only_adapter_weights_and_plain_peft_reproduces_its_l
     assert not torch.allclose(plain_logits, frozen_logits, atol=1e-5), "the adapter changes nothing"
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["method"] == "lora" and run["outputs"]["adapter"].endswith("adapter")
+    # the plan is recorded: on the CPU nothing is estimated, fp32 AdamW on the adapters, no checkpointing
+    assert run["plan"]["optimizer"] == "adamw_torch" and run["plan"]["checkpointed_layers"] == 0
+    assert run["plan"]["sharding"] is None and run["plan"]["estimate_gib"] is None
 
 
 def test_qlora_trains_on_the_cpu_with_bitsandbytes_nf4(tiny_model_dir, data_dir, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -50,8 +51,9 @@ def init_processes() -> Processes:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
+        # generous: the other processes wait in the first broadcast while the main one reads the checkpoint
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
     return Processes(dist.get_rank(), dist.get_world_size(), local, device)
 
 

@@ -49,9 +49,9 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
     """Resolve ``optim`` and ``gradient_checkpointing`` for this model, micro-batch, GPU and process count.
     ``gpu_gib``: the GPU's memory (read from the device when None)."""
     layers = int(getattr(model_config, "num_hidden_layers", 0) or 0)
-    master = "fp32" if weights_dtype == torch.float32 else "bf16"
+    master = str(weights_dtype).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
     if tcfg.method != "full":
-        master = f"fp32 adapters on a frozen {'NF4' if tcfg.method == 'qlora' else 'bf16'} base"
+        master = f"fp32 adapters on a frozen {'NF4' if tcfg.method == 'qlora' else master} base"
     budget = _budget_gib(tcfg, device, gpu_gib)
     arch = _architecture(model_config)
     if arch is None or budget is None:  # CPU, or an architecture the memory model does not know
