@@ -216,9 +216,12 @@ def _profile_summary(prof: object, marks: list) -> dict:
     count = sum(e.count for e in kernels)
     wall_s = marks[3][0] - marks[1][0] if len(marks) > 3 else None  # steps 3 and 4 (1-based) were profiled
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
+    host = sorted((e for e in prof.key_averages() if not str(e.device_type).endswith("CUDA")),
+                  key=lambda e: -e.self_cpu_time_total)[:15]
     return dict(profiled_steps=2, wall_s=round(wall_s, 3) if wall_s else None, gpu_kernel_s=round(gpu_us / 1e6, 3),
                 gpu_busy=round(gpu_us / 1e6 / wall_s, 3) if wall_s else None, kernel_launches=count,
-                top=[(e.key[:90], round(e.self_device_time_total / 1e3, 1), e.count) for e in top])
+                top=[(e.key[:90], round(e.self_device_time_total / 1e3, 1), e.count) for e in top],
+                top_host=[(e.key[:90], round(e.self_cpu_time_total / 1e3, 1), e.count) for e in host])
 
 
 # --- the seed recipe, unchanged, as a subprocess -------------------------------------------------------------------

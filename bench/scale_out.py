@@ -30,7 +30,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fast_engine import SHAPES, workload  # the same shapes and sequences as the fast-engine bench
+from fast_engine import (  # the same shapes and sequences as the fast-engine bench, and its profiler summary
+    SHAPES,
+    _profile_summary,
+    _profiler,
+    workload,
+)
 
 SHAPES = {**SHAPES,
           # Llama-3.1-70B
@@ -94,10 +99,13 @@ def run(a: argparse.Namespace) -> None:
     examples = [TokenizedChat(s, list(s)) for s in seqs]
     fpt = flops_per_token(cfg, [len(s) for s in seqs], a.method)
     marks: list[tuple[float, int, float]] = []
+    prof = _profiler() if a.profile and procs.main else None
 
     def on_event(e: dict) -> None:
         if e.get("event") == "step":
             marks.append((time.perf_counter(), e["tokens"], e["loss"]))
+            if prof is not None:
+                prof.step()
 
     cuda = device.type == "cuda"
     if cuda:
@@ -107,10 +115,15 @@ def run(a: argparse.Namespace) -> None:
                sharding=plan.sharding, reshard_after_forward=plan.reshard_after_forward,
                of_layers=plan.layers, compile=a.compile, planned_peak_gib=plan.estimate_gib,
                build_s=round(build_s, 1), sequences_per_step=per_gpu * procs.world, label=a.label)
+    if prof is not None:
+        prof.start()
     try:
         fit(model, 0, examples, [], tcfg, Path(a.workdir) / f"{a.label or a.method}-{procs.world}", device,
             precision, True, emit=on_event if procs.main else (lambda _e: None), procs=procs)
         peak = _max_all(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, procs)
+        if prof is not None:
+            prof.stop()
+            out["profile"] = _profile_summary(prof, marks)
         if procs.main:
             timed = marks[a.warmup:]
             dt = timed[-1][0] - marks[a.warmup - 1][0]
@@ -222,6 +235,8 @@ def main() -> None:
     r.add_argument("--warmup", type=int, default=2)
     r.add_argument("--ckpt", default=None, help="checkpointed layers (default: the memory plan's choice)")
     r.add_argument("--compile", action="store_true")
+    r.add_argument("--profile", action="store_true", help="torch.profiler over steps 3-4 on the main process (its "
+                   "timing is then slowed: use for where the time goes, not for tokens/s)")
     r.add_argument("--memory-limit", type=float, default=None, help="train.memory_limit_gb for the plan")
     r.add_argument("--sharding", default="auto", choices=["auto", "shard", "replicate"])
     r.add_argument("--label", default="")
