@@ -6,9 +6,11 @@
 #                                 #   full fine-tuning and LoRA of the 8B shape)
 #   bash bench/gpu_session.sh B   # 2 GPUs: FSDP2 full/LoRA 8B, LoRA 70B, tests/gpu (2-GPU NCCL tests)
 #   bash bench/gpu_session.sh C   # all GPUs of a 4- or 8-GPU machine: full 8B, LoRA 8B and 70B
+#   bash bench/gpu_session.sh D|E # 2 GPUs: compiled/eager one-GPU vs FSDP2 pairs; E adds tests/gpu
+#   bash bench/gpu_session.sh F   # 2 GPUs: profiles of one- and two-GPU steps
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -69,6 +71,10 @@ elif [ "$phase" = E ]; then  # two GPUs: eager one-GPU baselines, FSDP2 with the
   so 0,1 2 200 --shape 8b --method full --label full-2 --bs 2
   so 0,1 2 200 --shape 8b --method lora --label lora-2 --bs 4
   timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/gpu
+elif [ "$phase" = F ]; then  # two GPUs: where a 2-GPU LoRA step's extra ~0.35 s goes (profiles of steps 3-4)
+  so 0 1 200 --shape 8b --method lora --label lora-1-prof --bs 4 --profile
+  so 0,1 2 200 --shape 8b --method lora --label lora-2-prof --bs 4 --profile
+  so 0,1 2 200 --shape 8b --method full --label full-2-prof --bs 2 --profile
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))
