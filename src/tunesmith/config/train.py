@@ -124,8 +124,8 @@ class TrainConfig(Section):
     memory model says the run fits one GPU, else shard. One GPU: ignored."""
 
     memory_limit_gb: float | None = Field(None, gt=0)
-    """GPU memory (GB per GPU) the ``auto`` choices may plan for; None: the whole GPU. Set it to share a GPU or to
-    keep a run within a smaller card's memory."""
+    """GPU memory (GB per GPU) the ``auto`` choices may plan for; None: what is free on the GPU when training
+    starts. Set it to share a GPU or to keep a run within a smaller card's memory."""
 
     packing: Literal["auto"] | bool = "auto"
     """Padding-free packing: concatenate examples into one row with per-example position ids, so no token

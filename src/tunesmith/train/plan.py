@@ -7,7 +7,7 @@ Two ``auto`` choices are made here:
   GPU (16 bytes per parameter with the gradients), else 8-bit (bitsandbytes: 8-bit states, fp32 update maths; one
   GPU only). LoRA and QLoRA always use fp32 AdamW (their trainable parameters are few).
 - ``train.gradient_checkpointing: auto`` on a GPU — checkpoint only as many decoder layers as needed for the step to
-  fit in ``train.memory_limit_gb`` (default: the GPU's memory): each layer kept saves its forward recomputation
+  fit in ``train.memory_limit_gb`` (default: the GPU's free memory): each layer kept saves its forward recomputation
   (about a quarter of its training FLOPs), each layer checkpointed saves its activations. QLoRA, chosen to save
   memory, checkpoints every layer unless a limit is given. On the CPU nothing is checkpointed.
 """
@@ -47,7 +47,7 @@ class TrainPlan:
 def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, world: int,
                   weights_dtype: torch.dtype, gpu_gib: float | None = None) -> TrainPlan:
     """Resolve ``optim`` and ``gradient_checkpointing`` for this model, micro-batch, GPU and process count.
-    ``gpu_gib``: the GPU's memory (read from the device when None)."""
+    ``gpu_gib``: the GPU memory available (the device's free memory when None)."""
     layers = int(getattr(model_config, "num_hidden_layers", 0) or 0)
     master = str(weights_dtype).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
     if tcfg.method != "full":
@@ -194,6 +194,7 @@ def _architecture(model_config: Any) -> Any:
 def _budget_gib(tcfg: TrainConfig, device: torch.device, gpu_gib: float | None) -> float | None:
     if device.type != "cuda":
         return None
-    total = gpu_gib or torch.cuda.get_device_properties(device).total_memory / 2**30
+    # what is free now (another process may share the GPU), not the card's size
+    total = gpu_gib or torch.cuda.mem_get_info(device)[0] / 2**30
     limit = min(total, tcfg.memory_limit_gb) if tcfg.memory_limit_gb else total
     return limit * HEADROOM
