@@ -62,7 +62,7 @@ def run(a: argparse.Namespace) -> None:
     from tunesmith.chat import TokenizedChat
     from tunesmith.config import TrainConfig
     from tunesmith.train import fit
-    from tunesmith.train.distributed import init_processes, shard
+    from tunesmith.train.distributed import allocate, init_processes, max_all, shard
     from tunesmith.train.kernels import attention_implementation
     from tunesmith.train.model import compile_decoder_layers, prepare_model, resolve_precision
     from tunesmith.train.plan import describe, plan_training
@@ -89,6 +89,7 @@ def run(a: argparse.Namespace) -> None:
     model = prepare_model(model, tcfg, device, layers)
     if procs.distributed:
         shard(model, procs, a.method, precision.autocast, plan.sharding == "replicate", plan.reshard_after_forward)
+    allocate(model, device)
     _random_weights(model, device, procs.rank)
     if a.compile:
         compile_decoder_layers(model)
@@ -120,7 +121,7 @@ def run(a: argparse.Namespace) -> None:
     try:
         fit(model, 0, examples, [], tcfg, Path(a.workdir) / f"{a.label or a.method}-{procs.world}", device,
             precision, True, emit=on_event if procs.main else (lambda _e: None), procs=procs)
-        peak = _max_all(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, procs)
+        peak = max_all(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, procs)
         if prof is not None:
             prof.stop()
             out["profile"] = _profile_summary(prof, marks)
@@ -147,16 +148,12 @@ def run(a: argparse.Namespace) -> None:
 
 
 def _random_weights(model: object, device: object, rank: int) -> None:
-    """Real storage for a meta-device model (sharded or not): N(0, 0.02) weights drawn per local shard, unit norms,
-    zero LoRA B (an adapter starts as the identity), and the rotary buffers kept as the skeleton built them."""
+    """Random values for an allocated model (sharded or not): N(0, 0.02) weights drawn per local shard, unit norms,
+    zero LoRA B (an adapter starts as the identity)."""
     import torch
 
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(1234 + rank)
     with torch.no_grad():
-        for n, b in model.named_buffers():
-            b.copy_(buffers[n])
         for name, p in model.named_parameters():
             local = p.to_local() if hasattr(p, "to_local") else p
             if "lora_B" in name:
@@ -165,17 +162,6 @@ def _random_weights(model: object, device: object, rank: int) -> None:
                 local.fill_(1.0)
             else:
                 local.normal_(0.0, 0.02, generator=gen)
-
-
-def _max_all(value: float, procs: object) -> float:
-    import torch
-    import torch.distributed as dist
-
-    if not procs.distributed:
-        return value
-    t = torch.tensor([value], device=procs.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 # --- the report ----------------------------------------------------------------------------------------------------

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from train_fixtures import finish as _finish
-from train_fixtures import kill_after_step, metrics, write_arithmetic
-from train_fixtures import launch_train as _launch
-from train_fixtures import run_config as _cfg
+from train_fixtures import finish, launch_train, metrics, run_config, straight_and_resumed, write_arithmetic
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +21,12 @@ def test_two_fsdp2_processes_follow_the_single_process_loss_trajectory(tiny_mode
     # 16 sequences per optimizer step in both: 8 x 2 on one process, 4 x 2 on each of two.
     # LoRA dropout off: its random masks are drawn per process, so they differ between the layouts
     lora = {"lora": {"dropout": 0.0}} if method == "lora" else {}
-    one = _cfg(tmp_path, tiny_model_dir, data_dir, "one", method=method, per_device_train_batch_size=8,
-               gradient_accumulation_steps=2, **lora)
-    two = _cfg(tmp_path, tiny_model_dir, data_dir, "two", method=method, per_device_train_batch_size=4,
-               gradient_accumulation_steps=2, sharding=sharding, **lora)
-    _finish(_launch(1, str(one), "--out", str(tmp_path / "one")))
-    _finish(_launch(2, str(two), "--out", str(tmp_path / "two")))
+    one = run_config(tmp_path, tiny_model_dir, data_dir, "one", method=method, per_device_train_batch_size=8,
+                     gradient_accumulation_steps=2, **lora)
+    two = run_config(tmp_path, tiny_model_dir, data_dir, "two", method=method, per_device_train_batch_size=4,
+                     gradient_accumulation_steps=2, sharding=sharding, **lora)
+    finish(launch_train(1, str(one), "--out", str(tmp_path / "one")))
+    finish(launch_train(2, str(two), "--out", str(tmp_path / "two")))
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [m["supervised_tokens"] for m in a] == [m["supervised_tokens"] for m in b]
     for x, y in zip(a, b, strict=True):
@@ -44,14 +41,9 @@ def test_two_fsdp2_processes_follow_the_single_process_loss_trajectory(tiny_mode
 
 
 def test_resume_from_a_sharded_checkpoint_keeps_the_loss_trajectory(tiny_model_dir, data_dir, tmp_path):
-    cfg = _cfg(tmp_path, tiny_model_dir, data_dir, "c", method="lora", max_steps=6, per_device_train_batch_size=4,
-               gradient_accumulation_steps=2, learning_rate=1e-2)
-    _finish(_launch(2, str(cfg), "--out", str(tmp_path / "straight")))
-    run = tmp_path / "killed"
-    kill_after_step(_launch(2, str(cfg), "--out", str(run)), run, 3)
-    assert not (run / "adapter").exists()
-    _finish(_launch(2, str(cfg), "--out", str(run), "--resume"))
-    a, b = metrics(tmp_path / "straight"), metrics(run)
+    cfg = run_config(tmp_path, tiny_model_dir, data_dir, "c", method="lora", max_steps=6,
+                     per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-2)
+    a, b = straight_and_resumed(cfg, tmp_path, 2, "adapter")
     assert [m["step"] for m in b] == list(range(1, 7))
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), x["step"]

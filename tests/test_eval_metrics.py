@@ -265,25 +265,20 @@ def test_a_scorer_that_cannot_be_imported_is_a_user_error(scorer_module):
 
 # --- eval files ---------------------------------------------------------------------------------------------------
 
-def test_an_eval_file_with_a_broken_line_names_the_file_and_line(tmp_path):
+@pytest.mark.parametrize(("content", "message"), [
+    (b'{"input": "a", "expected": "b"}\n\n{"input": "c", "expected": \n', r"eval\.jsonl:3: invalid JSON at column"),
+    (b'{"input": "a", "expected": "b"}\n["not", "an", "object"]\n',
+     r"eval\.jsonl:2: expected a JSON object, got a JSON array"),
+    (b'{"input": "a"}\n', r"eval\.jsonl:1: expected: missing"),
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "hi"}]}\n',
+     r"eval\.jsonl:1: messages\[2\]: the last message must be the assistant"),
+    (b'{"input": "a", "expected": "\xff"}\n', r"eval\.jsonl:1: invalid UTF-8"),
+    (b"\n \n", "no examples"),
+])
+def test_an_eval_file_with_a_broken_line_names_the_file_and_line(tmp_path, content, message):
     path = tmp_path / "eval.jsonl"
-    path.write_text('{"input": "a", "expected": "b"}\n\n{"input": "c", "expected": \n')
-    with pytest.raises(UserError, match=r"eval\.jsonl:3: invalid JSON at column"):
-        load_eval_set(path)
-    path.write_text('{"input": "a", "expected": "b"}\n["not", "an", "object"]\n')
-    with pytest.raises(UserError, match=r"eval\.jsonl:2: expected a JSON object, got a JSON array"):
-        load_eval_set(path)
-    path.write_text('{"input": "a"}\n')
-    with pytest.raises(UserError, match=r"eval\.jsonl:1: expected: missing"):
-        load_eval_set(path)
-    path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "hi"}]}\n')
-    with pytest.raises(UserError, match=r"eval\.jsonl:1: messages\[2\]: the last message must be the assistant"):
-        load_eval_set(path)
-    path.write_bytes(b'{"input": "a", "expected": "\xff"}\n')
-    with pytest.raises(UserError, match=r"eval\.jsonl:1: invalid UTF-8"):
-        load_eval_set(path)
-    path.write_text("\n \n")
-    with pytest.raises(UserError, match="no examples"):
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
         load_eval_set(path)
 
 

@@ -87,3 +87,15 @@ def kill_after_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: f
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def straight_and_resumed(cfg: Path, tmp_path: Path, nproc: int, final: str, kill_at: int = 3
+                         ) -> tuple[list[dict], list[dict]]:
+    """Train ``cfg`` uninterrupted, then again killed (SIGKILL) after step ``kill_at`` and resumed; return both
+    runs' train metrics. The killed run must not have written its final ``final`` folder."""
+    finish(launch_train(nproc, str(cfg), "--out", str(tmp_path / "straight")))
+    run = tmp_path / "killed"
+    kill_after_step(launch_train(nproc, str(cfg), "--out", str(run)), run, kill_at)
+    assert not (run / final).exists()
+    finish(launch_train(nproc, str(cfg), "--out", str(run), "--resume"))
+    return metrics(tmp_path / "straight"), metrics(run)

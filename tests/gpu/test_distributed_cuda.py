@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import finish, kill_after_step, launch_train, metrics, run_config, write_arithmetic
+from train_fixtures import finish, launch_train, metrics, run_config, straight_and_resumed, write_arithmetic
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
@@ -54,12 +54,7 @@ def test_two_gpus_follow_the_one_gpu_loss_trajectory_and_save_an_ordinary_folder
 def test_resume_on_two_gpus_keeps_the_loss_trajectory(tiny_model_dir, data_dir, tmp_path):
     cfg = run_config(tmp_path, tiny_model_dir, data_dir, "c", method="full", max_steps=6, sharding="shard",
                      compile=False, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3)
-    finish(launch_train(2, str(cfg), "--out", str(tmp_path / "straight")))
-    run = tmp_path / "killed"
-    kill_after_step(launch_train(2, str(cfg), "--out", str(run)), run, 3)
-    assert not (run / "model").exists()
-    finish(launch_train(2, str(cfg), "--out", str(run), "--resume"))
-    a, b = metrics(tmp_path / "straight"), metrics(run)
+    a, b = straight_and_resumed(cfg, tmp_path, 2, "model")
     assert [m["step"] for m in b] == list(range(1, 7))
     worst = max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(a, b, strict=True))
     print(f"resume on 2 GPUs: largest relative loss difference vs the uninterrupted run: {worst:.2e}")

@@ -134,7 +134,7 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
     drift = None
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is not None:
         drift = _quantized_base_drift(base_name, settings, adapter_dir, batches, got, torch_dtype,
-                                      _find_dict(manifest_of(run), "quant"))
+                                      _find(manifest_of(run), "quant", dict))
     result = MergeResult(out_dir=str(out), base=base_name, adapter=str(adapter_dir), method=method, dtype=dtype,
                          parity=parity, quantized_base_drift=drift, warnings=_base_mismatch(adapter_dir, base_name))
     _write_manifest(staging, result)
@@ -388,23 +388,13 @@ def _manifest_base(manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def _find_dict(node: Any, key: str) -> dict[str, Any] | None:
+def _find(node: Any, key: str, kind: type = str) -> Any:
+    """The first value of type ``kind`` under ``key`` anywhere in nested dicts (depth first), or None."""
     if isinstance(node, dict):
-        if isinstance(node.get(key), dict):
+        if isinstance(node.get(key), kind):
             return node[key]
         for value in node.values():
-            found = _find_dict(value, key)
-            if found is not None:
-                return found
-    return None
-
-
-def _find(node: Any, key: str) -> Any:
-    if isinstance(node, dict):
-        if key in node and isinstance(node[key], str):
-            return node[key]
-        for value in node.values():
-            found = _find(value, key)
+            found = _find(value, key, kind)
             if found is not None:
                 return found
     return None

@@ -93,17 +93,22 @@ def shard(model: Any, procs: Processes, method: str, compute_dtype: torch.dtype 
 def materialize(model: Any, procs: Processes, full_state: dict[str, torch.Tensor] | None) -> None:
     """Give a sharded skeleton (parameters on the meta device) real storage on this process's device and fill each
     process's shards from ``full_state``, which only the main process holds (read once, broadcast tensor by tensor
-    by torch.distributed.checkpoint): no process ever holds a second full copy of the weights.
-    Buffers (rotary tables) were built for real in the skeleton and are kept."""
+    by torch.distributed.checkpoint): no process ever holds a second full copy of the weights."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    allocate(model, procs.device)
+    set_model_state_dict(model, full_state if procs.main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def allocate(model: Any, device: torch.device) -> None:
+    """Uninitialised storage on ``device`` for a model (sharded or not) whose parameters are on the meta device.
+    Buffers (rotary tables) were built for real in the skeleton and are kept."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    model.to_empty(device=procs.device)
+    model.to_empty(device=device)
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
-    set_model_state_dict(model, full_state if procs.main else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def sum_all(value: float | int, procs: Processes) -> float:
@@ -114,12 +119,12 @@ def sum_all(value: float | int, procs: Processes) -> float:
     return float(t.item())
 
 
-def max_all(value: int, procs: Processes) -> int:
+def max_all(value: int | float, procs: Processes) -> int | float:
     if not procs.distributed:
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=_comm_device(procs))
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device(procs))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return type(value)(t.item())
 
 
 def barrier(procs: Processes) -> None:

@@ -68,7 +68,6 @@ def build_sharded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, procs: P
     full_state = None
     if procs.main:
         real = load_model(model_cfg, dtype=precision.weights, path=path, attn_implementation=attn_implementation)
-        real.config.use_cache = False
         if train_cfg.method != "full":
             real = _add_lora(real, train_cfg)
         full_state = real.state_dict()
@@ -88,7 +87,7 @@ def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
     if train_cfg.method != "full":
         model = _add_lora(model, train_cfg)
     if checkpointed_layers is None:
-        checkpointed_layers = decoder_layer_count(model) if _checkpointing(train_cfg, device) else 0
+        checkpointed_layers = decoder_layer_count(model) if checkpointing_on(train_cfg, device) else 0
     if checkpointed_layers > 0:
         set_checkpointing(model, checkpointed_layers)
         if train_cfg.method == "qlora":
@@ -149,7 +148,8 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def _checkpointing(cfg: TrainConfig, device: torch.device) -> bool:
+def checkpointing_on(cfg: TrainConfig, device: torch.device) -> bool:
+    """All-or-nothing checkpointing where no layer count is planned: ``auto`` = on for qlora and on GPUs."""
     if cfg.gradient_checkpointing == "auto":
         return cfg.method == "qlora" or device.type == "cuda"
     return bool(cfg.gradient_checkpointing)

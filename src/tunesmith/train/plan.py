@@ -22,6 +22,9 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import UserError
+from .model import checkpointing_on
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 HEADROOM = 0.92
 """Share of the budget the estimate may fill: the memory model's blind error on GPUs was within +25%/-5%, and
@@ -32,7 +35,7 @@ the allocator needs slack for fragmentation."""
 class TrainPlan:
     optimizer: str                 # adamw_torch | adamw_8bit
     master_weights: str            # fp32 | bf16 (adapters: fp32) — the dtype the optimizer updates
-    checkpointed_layers: int | None  # None: all-or-nothing as configured (no layer count known)
+    checkpointed_layers: int | None  # decoder layers recomputed in backward; None: all (layer count unknown here)
     layers: int
     sharding: str | None           # several processes: shard | replicate; one process: None
     reshard_after_forward: bool    # FSDP2: free gathered weights after each layer's forward (gather again in backward)
@@ -49,14 +52,15 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
     """Resolve ``optim`` and ``gradient_checkpointing`` for this model, micro-batch, GPU and process count.
     ``gpu_gib``: the GPU memory available (the device's free memory when None)."""
     layers = int(getattr(model_config, "num_hidden_layers", 0) or 0)
-    master = str(weights_dtype).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
+    master = _DTYPE_NAMES.get(weights_dtype, str(weights_dtype))
     if tcfg.method != "full":
         master = f"fp32 adapters on a frozen {'NF4' if tcfg.method == 'qlora' else master} base"
     budget = _budget_gib(tcfg, device, gpu_gib)
     arch = _architecture(model_config)
     if arch is None or budget is None:  # CPU, or an architecture the memory model does not know
         optimizer = "adamw_torch" if tcfg.optim == "auto" else tcfg.optim
-        ckpt = _fixed_checkpointing(tcfg, device, layers)
+        # layers unknown (a config without num_hidden_layers): None lets the model count its own blocks
+        ckpt = (layers or None) if checkpointing_on(tcfg, device) else 0
         sharding = None if world == 1 else ("replicate" if tcfg.sharding == "replicate" else "shard")
         return TrainPlan(optimizer, master, ckpt, layers, sharding, sharding != "replicate", budget, None,
                          "no GPU memory to plan for" if budget is None else "architecture not in the memory model")
@@ -136,10 +140,10 @@ def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: i
 
 def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, shards: int,
                           budget: float, optimizer: str, layers: int, extra_gib: float = 0.0
-                          ) -> tuple[int | None, float, str]:
+                          ) -> tuple[int, float, str]:
     opt = "adamw_8bit" if optimizer == "adamw_8bit" else "adamw"
     every = _estimate(arch, model_config, tcfg, tokens, world, shards, "full", opt) + extra_gib
-    if tcfg.gradient_checkpointing is not None and tcfg.gradient_checkpointing != "auto":
+    if tcfg.gradient_checkpointing != "auto":
         count = layers if tcfg.gradient_checkpointing else 0
         none = _estimate(arch, model_config, tcfg, tokens, world, shards, "none", opt) + extra_gib
         return count, every if count else none, "checkpointing as configured"
@@ -153,14 +157,6 @@ def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, token
     per_layer = (none - every) / layers
     kept = min(layers, math.floor((budget - every) / per_layer))
     return layers - kept, every + kept * per_layer, f"{kept} layers kept un-checkpointed ({per_layer:.2f} GiB each)"
-
-
-def _fixed_checkpointing(tcfg: TrainConfig, device: torch.device, layers: int) -> int | None:
-    if tcfg.gradient_checkpointing == "auto":
-        on = tcfg.method == "qlora" or device.type == "cuda"
-    else:
-        on = bool(tcfg.gradient_checkpointing)
-    return (layers or None) if on else 0
 
 
 # --- the memory model ----------------------------------------------------------------------------------------------
