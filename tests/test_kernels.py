@@ -56,21 +56,44 @@ def _chat(n: int, rng: random.Random) -> TokenizedChat:
 
 
 def test_balanced_rows_fit_the_budget_use_every_sequence_once_and_leave_no_short_last_row():
-    rng = random.Random(0)
-    seqs = [_chat(n, rng) for n in (1900, 1200, 900, 700, 650, 600, 500, 480, 450, 400, 380, 300, 200, 120, 80, 40)]
-    total = sum(len(s.input_ids) for s in seqs)  # 8,900 tokens: greedy filling would give 8,192 + 708
-    rows = balanced_rows(seqs, 8192)
-    sizes = [sum(len(s.input_ids) for s in row) for row in rows]
-    assert len(rows) == 2 and max(sizes) <= 8192 and sum(sizes) == total
+    lengths = [1900, 1200, 900, 700, 650, 600, 500, 480, 450, 400, 380, 300, 200, 120, 80, 40]
+    rows = balanced_rows(lengths, 8192)  # 8,900 tokens: greedy filling would give 8,192 + 708
+    sizes = [sum(lengths[i] for i in row) for row in rows]
+    assert len(rows) == 2 and max(sizes) <= 8192 and sum(sizes) == sum(lengths)
     assert min(sizes) > 4000
-    assert sorted(id(s) for row in rows for s in row) == sorted(id(s) for s in seqs)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
 
 
 def test_balanced_rows_add_a_row_when_the_lengths_do_not_fit_the_minimum_count():
-    rng = random.Random(1)
-    seqs = [_chat(n, rng) for n in (600, 600, 600)]  # 1,800 tokens, budget 1,000: two rows cannot hold them
-    rows = balanced_rows(seqs, 1000)
+    rows = balanced_rows([600, 600, 600], 1000)  # 1,800 tokens, budget 1,000: two rows cannot hold them
     assert len(rows) == 3 and all(len(row) == 1 for row in rows)
+
+
+def test_a_step_is_laid_out_for_all_processes_at_once_with_the_same_rows_and_similar_tokens_each():
+    # the benchmark's chat lengths (median ~410, up to 2,048): 32 sequences, two processes, 8K-token rows
+    rng = random.Random(3)
+    seqs = [_chat(min(2048, max(32, int(rng.lognormvariate(6.0, 0.8)))), rng) for _ in range(32)]
+    for world in (3, 2):
+        shares = [micro_batches(seqs, range(32), 4, 2048, 0, True, rank, world) for rank in range(world)]
+        assert len({len(share) for share in shares}) == 1  # no process runs filler rows while another works
+        tokens = [sum(b.num_tokens for b in share) for share in shares]
+        assert sum(tokens) == sum(len(s.input_ids) for s in seqs)  # every sequence once
+        assert max(tokens) - min(tokens) <= max(len(s.input_ids) for s in seqs)  # balanced to one sequence
+        assert all(b.num_tokens <= 4 * 2048 for share in shares for b in share)
+    # laying out each process's share alone (the old way): one process got 1 row of 8.1K tokens, the other
+    # 2 rows; the first then ran its row again as filler — 14,014 tokens of compute against 8,105 now
+    alone = [micro_batches(seqs[rank::2], range(16), 4, 2048, 0, True) for rank in range(2)]
+    assert [len(a) for a in alone] == [2, 1]
+    assert 2 * alone[1][0].num_tokens > 1.7 * max(sum(b.num_tokens for b in share) for share in shares[:2])
+
+
+def test_a_process_with_no_row_is_told_so_and_padded_layouts_deal_sequences_in_turn():
+    rng = random.Random(4)
+    seqs = [_chat(100, rng)]
+    assert micro_batches(seqs, [0], 4, 2048, 0, True, 1, 2) == []  # one sequence, two processes
+    seqs = [_chat(n, rng) for n in (5, 6, 7, 8, 9)]
+    share = micro_batches(seqs, range(5), 2, 64, 0, False, 1, 2)  # sequences 1 and 3
+    assert [b.num_tokens for b in share] == [6 + 8]
 
 
 def test_a_packed_row_gives_each_sequence_the_loss_it_has_alone_on_the_cpu():

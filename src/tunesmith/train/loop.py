@@ -137,7 +137,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
     """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand.
     ``fused_loss`` / ``loss_kernel`` force the loss path (None: fused where the head allows; benchmarks ablate)."""
     procs = procs or Processes(0, 1, 0, device)
-    rank, world = procs.rank, procs.world
+    world = procs.world
     per_step = tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_examples) / (per_step * world))
     total_steps = tcfg.max_steps or math.ceil(tcfg.num_train_epochs * steps_per_epoch)
@@ -172,7 +172,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
     with stop, _adapter_inputs_in_compute_dtype(model, precision):
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            indices = step_groups(epoch_order(len(train_examples), tcfg.seed, epoch), per_step, rank, world)[in_epoch]
+            indices = step_groups(epoch_order(len(train_examples), tcfg.seed, epoch), per_step * world)[in_epoch]
             model.train()
             while True:
                 try:
@@ -235,12 +235,14 @@ def _accumulate(model: Any, examples: list[TokenizedChat], indices: list[int], m
                 pad_id: int, packed: bool, device: torch.device, precision: Precision, procs: Processes, fused: bool,
                 loss_kernel: bool, step: int, ckpt_root: Path) -> tuple[list[Any], int, float, float]:
     """Forward and backward over one step's micro-batches; gradients are left summed in ``.grad``."""
-    batches = micro_batches(examples, indices or [0], micro_size, max_length, pad_id, packed)
-    # every process runs the same number of micro-batches (FSDP2 gathers weights in each forward);
-    # filler micro-batches (and a process with no sequences this step) contribute zero loss
-    real = len(batches) if indices else 0
-    n_micro = max_all(len(batches), procs)
-    batches += [batches[0]] * (n_micro - len(batches))
+    batches = micro_batches(examples, indices, micro_size, max_length, pad_id, packed, procs.rank, procs.world)
+    # every process runs the same number of micro-batches (FSDP2 gathers weights in each forward): a process with
+    # fewer (only when the step has fewer sequences than rows) runs the step's shortest sequence with zero weight
+    real = len(batches)
+    n_micro = max_all(real, procs)
+    if real < n_micro:
+        shortest = min(indices, key=lambda i: len(examples[i].input_ids))
+        batches += micro_batches(examples, [shortest], 1, max_length, pad_id, packed) * (n_micro - real)
     n_targets = sum_all(sum(b.num_targets for b in batches[:real]), procs)
     step_loss = 0.0
     for i, batch in enumerate(batches):
@@ -292,11 +294,10 @@ def evaluate_loss(model: Any, examples: list[TokenizedChat], pad_id: int, tcfg: 
     model.eval()
     total = correct = 0.0
     count = 0
-    indices = list(range(procs.rank, len(examples), procs.world))
-    batches = micro_batches(examples, indices or [0], tcfg.per_device_train_batch_size, tcfg.max_length, pad_id,
-                            False)
-    real = len(batches) if indices else 0
-    batches += [batches[0]] * (max_all(len(batches), procs) - len(batches))
+    batches = micro_batches(examples, range(len(examples)), tcfg.per_device_train_batch_size, tcfg.max_length,
+                            pad_id, False, procs.rank, procs.world)
+    real = len(batches)
+    batches += micro_batches(examples, [0], 1, tcfg.max_length, pad_id, False) * (max_all(real, procs) - real)
     for i, batch in enumerate(batches):
         with _autocast(device, precision):
             loss, right = loss_sum(model, batch.to(device), fused=False)
