@@ -99,6 +99,7 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         build_model,
         compile_decoder_layers,
         decoder_layer_count,
+        embeddings_to,
         prepare_model,
         set_checkpointing,
     )
@@ -149,6 +150,8 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         set_checkpointing(model, layers)
         if a.method == "qlora" and layers:
             model.enable_input_require_grads()
+        emb = v.get("emb", "gpu")  # cpu: frozen input embeddings in CPU memory (train.embeddings_on_cpu)
+        embeddings_to(model, "cpu" if emb == "cpu" else device)
         loss = v.get("loss", "liger")
         bs = int(v.get("bs", 4))
         vcfg = TrainConfig(**{**base, "per_device_train_batch_size": bs, "gradient_accumulation_steps": 16 // bs})
@@ -167,7 +170,7 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         out = dict(tool="tunesmith", variant=name, method=a.method, shape=a.shape, packing=packed, attn=v_attn,
-                   checkpointed_layers=layers, of_layers=n_layers, loss=loss, bs=bs, ga=16 // bs,
+                   checkpointed_layers=layers, of_layers=n_layers, loss=loss, bs=bs, ga=16 // bs, embeddings=emb,
                    compile=v.get("compile", "off"), load_s=round(load_s, 1))
         try:
             if prof is not None:
@@ -382,7 +385,7 @@ def main() -> None:
     t.add_argument("--learnable", action="store_true", help="repeated-motif data, so the loss can fall")
     t.add_argument("--variant", action="append", default=[],
                    help="comma list: name=,packing=on|off,attn=,loss=liger|chunked|plain,ckpt=all|N,bs=,compile=on,"
-                        "profile=on")
+                        "emb=cpu,profile=on")
     t.add_argument("--workdir", default="/tmp/seedbench")
     al = sub.add_parser("all", help="seed baselines + tunesmith ablation + the ≥1B check; writes results")
     al.add_argument("--seed-script", required=True)

@@ -8,9 +8,10 @@
 #   bash bench/gpu_session.sh C   # all GPUs of a 4- or 8-GPU machine: full 8B, LoRA 8B and 70B
 #   bash bench/gpu_session.sh D|E # 2 GPUs: compiled/eager one-GPU vs FSDP2 pairs; E adds tests/gpu
 #   bash bench/gpu_session.sh F   # 2 GPUs: profiles of one- and two-GPU steps
+#   bash bench/gpu_session.sh H   # 2 GPUs, one job each: QLoRA variants vs the seed; full FT 4K vs 8K rows
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -75,6 +76,14 @@ elif [ "$phase" = F ]; then  # two GPUs: where a 2-GPU LoRA step's extra ~0.35 s
   so 0 1 200 --shape 8b --method lora --label lora-1-prof --bs 4 --profile
   so 0,1 2 200 --shape 8b --method lora --label lora-2-prof --bs 4 --profile
   so 0,1 2 200 --shape 8b --method full --label full-2-prof --bs 2 --profile
+elif [ "$phase" = H ]; then  # two GPUs, one job each: QLoRA in <= 8 GB (issue 8); full FT rows of 8K (issue 9)
+  ( fe 0 qlora --parts seed-qlora qlora --part-timeout 420 --qlora-variant "name=bs2+compile,bs=2,compile=on" \
+      --qlora-variant "name=bs2+compile+emb-cpu,bs=2,compile=on,emb=cpu" \
+      --qlora-variant "name=bs1+compile,bs=1,compile=on" ) > "$w/gpu0.log" 2>&1 &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_fast_path.py
+    so 1 1 260 --shape 8b --method full --label full-1c --bs 2 --compile
+    so 1 1 260 --shape 8b --method full --label full-1c-bs4 --bs 4 --compile ) > "$w/gpu1.log" 2>&1 &
+  wait
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))

@@ -90,3 +90,38 @@ def test_several_gpus_replicate_a_run_that_fits_one_and_shard_one_that_does_not(
     assert big.sharding == "shard" and 0 < big.checkpointed_layers < 80
     assert _plan("llama-3.1-8b", gpus=2, method="lora", sharding="shard").sharding == "shard"
     assert _plan("llama-3.1-8b", method="lora").sharding is None
+
+
+@pytest.fixture
+def liger_head(monkeypatch):
+    """Plan as on a GPU with Liger's fused loss kernel installed (the estimate counts its logit tiles)."""
+    monkeypatch.setattr("tunesmith.train.kernels.fused_loss_kernel_available", lambda: True)
+
+
+def test_the_plan_counts_the_fused_loss_kernels_tiles_not_pytorch_chunks(liger_head, monkeypatch):
+    # measured on an H200: 8B LoRA, 8K-token rows, every layer checkpointed, Liger's loss: 20.02 GiB allocated
+    fused = _plan("llama-3.1-8b", method="lora", per_device_train_batch_size=4, gradient_checkpointing=True)
+    monkeypatch.setattr("tunesmith.train.kernels.fused_loss_kernel_available", lambda: False)
+    chunked = _plan("llama-3.1-8b", method="lora", per_device_train_batch_size=4, gradient_checkpointing=True)
+    assert 20.0 < fused.estimate_gib < 23.0 < chunked.estimate_gib
+
+
+def test_frozen_input_embeddings_move_to_the_cpu_only_when_the_step_does_not_fit(liger_head):
+    roomy = _plan("llama-3.1-8b", method="qlora", per_device_train_batch_size=2)
+    assert roomy.embeddings_on_cpu is False
+    tight = _plan("llama-3.1-8b", method="qlora", per_device_train_batch_size=2, memory_limit_gb=10)
+    assert tight.embeddings_on_cpu is True and tight.checkpointed_layers == 32
+    assert "input embeddings in CPU memory" in describe(tight) and "-0.98 GiB" in tight.reason
+    without = _plan("llama-3.1-8b", method="qlora", per_device_train_batch_size=2, memory_limit_gb=10,
+                    embeddings_on_cpu=False)
+    assert without.embeddings_on_cpu is False and without.estimate_gib == pytest.approx(tight.estimate_gib + 0.98,
+                                                                                          abs=0.05)
+    # a step that fits by checkpointing layers keeps its embeddings on the GPU (no lookups on the CPU)
+    lora = _plan("llama-3.1-8b", method="lora", per_device_train_batch_size=4, memory_limit_gb=30)
+    assert not lora.embeddings_on_cpu and 0 < lora.checkpointed_layers < 32
+    # tied embeddings are the output head too, several GPUs shard them, full fine-tuning trains them: never
+    assert not _plan("llama-3.2-1b", method="lora", memory_limit_gb=2).embeddings_on_cpu
+    assert not _plan("llama-3.1-8b", gpus=2, method="lora", memory_limit_gb=10).embeddings_on_cpu
+    for bad in (dict(model="llama-3.2-1b", method="lora"), dict(model="llama-3.1-8b", method="full")):
+        with pytest.raises(UserError, match="embeddings_on_cpu"):
+            _plan(bad.pop("model"), embeddings_on_cpu=True, **bad)

@@ -141,3 +141,56 @@ def test_padded_evaluation_batches_give_the_same_loss_under_varlen_attention_as_
         a, _ = loss_sum(varlen_model, batch.to(torch.device("cuda")), fused=False)
         b, _ = loss_sum(sdpa_model, batch.to(torch.device("cuda")), fused=False)
     assert abs(a.item() - b.item()) / b.item() < 1e-2
+
+
+def test_input_embeddings_in_cpu_memory_give_the_same_loss_and_adapter_gradients():
+    from tunesmith.chat import TokenizedChat
+    from tunesmith.train.batching import micro_batches
+    from tunesmith.train.kernels import VARLEN_ATTENTION, attention_implementation
+    from tunesmith.train.loss import loss_sum
+    from tunesmith.train.model import embeddings_on, embeddings_to
+
+    attention_implementation("cuda", packing=True)  # registers the varlen attention
+    model = _tiny_lora_model(VARLEN_ATTENTION)
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (300, 41, 700, 9)]
+    (batch,) = micro_batches([TokenizedChat(s, list(s)) for s in seqs], range(4), 1, 2048, 0, packed=True)
+    batch = batch.to(torch.device("cuda"))
+
+    def run() -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss, _ = loss_sum(model, batch, fused=True)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    on_gpu, grads_gpu = run()
+    assert embeddings_to(model, "cpu").type == "cuda"
+    assert model.get_base_model().get_input_embeddings().weight.device.type == "cpu"
+    on_cpu, grads_cpu = run()
+    assert on_cpu == on_gpu
+    assert all(torch.equal(grads_cpu[n], grads_gpu[n]) for n in grads_gpu)
+    with embeddings_on(model, torch.device("cuda")):  # generation looks tokens up on the GPU
+        assert model.get_base_model().get_input_embeddings().weight.is_cuda
+    assert model.get_base_model().get_input_embeddings().weight.device.type == "cpu"
+
+
+def test_a_run_with_its_input_embeddings_in_cpu_memory_trains_as_with_them_on_the_gpu(tiny_model_dir, tmp_path):
+    import json
+
+    from train_fixtures import finish, launch_train, metrics, run_config, write_arithmetic
+
+    data = write_arithmetic(tmp_path / "data")
+    runs = {}
+    for where in ("gpu", "cpu"):
+        cfg = run_config(tmp_path, tiny_model_dir, data, where, method="lora", compile=False,
+                         embeddings_on_cpu=where == "cpu", eval_strategy="steps", eval_steps=2, task_eval_samples=2,
+                         save_strategy="no")
+        finish(launch_train(1, str(cfg), "--out", str(tmp_path / where)))
+        runs[where] = metrics(tmp_path / where)
+        plan = json.loads((tmp_path / where / "run.json").read_text())["plan"]
+        assert plan["embeddings_on_cpu"] is (where == "cpu")
+    for x, y in zip(runs["gpu"], runs["cpu"], strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), x["step"]
+    evals = metrics(tmp_path / "cpu", "eval")  # task eval generated with the embeddings back on the GPU
+    assert evals and all(any(k.startswith("task_") for k in e) for e in evals)

@@ -127,6 +127,12 @@ class TrainConfig(Section):
     """GPU memory (GB per GPU) the ``auto`` choices may plan for; None: what is free on the GPU when training
     starts. Set it to share a GPU or to keep a run within a smaller card's memory."""
 
+    embeddings_on_cpu: Literal["auto"] | bool = "auto"
+    """LoRA/QLoRA on one GPU: keep the frozen input-embedding matrix in CPU memory and look tokens up there, sending
+    only the looked-up rows to the GPU (frees vocabulary × hidden size × 2 bytes: 1 GiB for Llama-3's 128K × 4096).
+    ``auto``: only when the step would not fit ``memory_limit_gb`` otherwise; never with tied input/output
+    embeddings, full fine-tuning or several GPUs. Reported in run.json's plan."""
+
     packing: Literal["auto"] | bool = "auto"
     """Padding-free packing: concatenate examples into one row with per-example position ids, so no token
     attends across examples and no compute is spent on padding. ``auto``: on for CUDA, off on the CPU."""
@@ -181,7 +187,7 @@ class TrainConfig(Section):
         # YAML 1.1 reads a bare `no` as false
         return "no" if value is False else value
 
-    @field_validator("gradient_checkpointing", "packing", "compile", mode="before")
+    @field_validator("gradient_checkpointing", "packing", "compile", "embeddings_on_cpu", mode="before")
     @classmethod
     def _on_off(cls, value: Any) -> Any:
         return {"on": True, "off": False}.get(value, value) if isinstance(value, str) else value

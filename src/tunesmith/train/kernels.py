@@ -59,6 +59,11 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     return fused(hidden, weight, targets, reduction="sum")
 
 
+def fused_loss_kernel_available() -> bool:
+    """Whether ``linear_cross_entropy_sum`` has a kernel here (a CUDA build of torch with Liger installed)."""
+    return torch.cuda.is_available() and _liger_flce() is not None
+
+
 # --- variable-length attention -------------------------------------------------------------------------------------
 
 

@@ -34,7 +34,15 @@ from .dataset import read_records, split_paths, tokenize_split
 from .distributed import Processes, barrier, full_state_dict, init_processes, max_all, set_gradient_sync, sum_all
 from .kernels import attention_implementation
 from .loss import fused_head_supported, loss_sum
-from .model import Precision, build_model, build_sharded_model, count_parameters, resolve_precision
+from .model import (
+    Precision,
+    build_model,
+    build_sharded_model,
+    count_parameters,
+    embeddings_on,
+    embeddings_to,
+    resolve_precision,
+)
 from .plan import describe, plan_training
 
 Event = Callable[[dict[str, Any]], None]
@@ -97,6 +105,8 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
                                     plan.sharding == "replicate", plan.reshard_after_forward)
     else:
         model = build_model(config.model, tcfg, device, precision, attn, model_path, plan.checkpointed_layers)
+    if plan.embeddings_on_cpu:
+        embeddings_to(model, "cpu")
     trainable, total = count_parameters(model)
 
     task_eval = _task_eval(config, tokenizer, eval_file) if eval_file and tcfg.task_eval_samples else None
@@ -214,7 +224,8 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
             if eval_examples and _due(tcfg.eval_strategy, tcfg.eval_steps, step, end_of_epoch):
                 eval_metrics = evaluate_loss(model, eval_examples, pad_id, tcfg, device, precision, procs)
                 if task_eval is not None:
-                    eval_metrics |= task_eval(model)
+                    with embeddings_on(model, device):  # generation looks tokens up on the GPU
+                        eval_metrics |= task_eval(model)
                 log({"type": "eval", "step": step, "epoch": record["epoch"], **eval_metrics})
                 emit({"event": "eval", "step": step, **eval_metrics})
             if stop.raised or (step < total_steps and _due(tcfg.save_strategy, tcfg.save_steps, step, end_of_epoch)):

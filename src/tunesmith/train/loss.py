@@ -37,15 +37,15 @@ def fused_head_supported(model: Any) -> bool:
 def loss_sum(model: Any, batch: MicroBatch, fused: bool, kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token cross-entropies, number of correct argmax predictions) over the batch's supervised tokens.
     ``kernel=False`` keeps the fused path on plain PyTorch chunks even where a fused kernel is installed."""
-    kwargs = _attention_kwargs(batch)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = _attention_kwargs(batch) | _inputs(base, batch)
     if fused:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = base.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                    attention_mask=batch.attention_mask, use_cache=False, **kwargs).last_hidden_state
+        hidden = base.get_decoder()(position_ids=batch.position_ids, attention_mask=batch.attention_mask,
+                                    use_cache=False, **kwargs).last_hidden_state
         keep = batch.targets != IGNORE_INDEX
         return linear_cross_entropy(hidden[keep], base.get_output_embeddings().weight, batch.targets[keep], kernel)
-    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
-                   use_cache=False, **kwargs).logits.float()
+    logits = model(position_ids=batch.position_ids, attention_mask=batch.attention_mask, use_cache=False,
+                   **kwargs).logits.float()
     flat_t = batch.targets.reshape(-1)
     flat_l = logits.reshape(-1, logits.shape[-1])
     total = F.cross_entropy(flat_l, flat_t, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -77,6 +77,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = (h @ weight.t()).float()
     return F.cross_entropy(logits, t, reduction="sum"), (logits.argmax(-1) == t).sum()
+
+
+def _inputs(base: Any, batch: MicroBatch) -> dict[str, torch.Tensor]:
+    """The token ids — or, where the plan keeps the frozen input embeddings in CPU memory, their rows looked up
+    there and sent to the GPU (no gradient flows to frozen embeddings; checkpointing is non-reentrant)."""
+    embeddings = base.get_input_embeddings()
+    ids = batch.input_ids
+    if embeddings is None or embeddings.weight.device == ids.device:
+        return {"input_ids": ids}
+    return {"inputs_embeds": embeddings(ids.to(embeddings.weight.device)).to(ids.device).detach()}
 
 
 def _attention_kwargs(batch: MicroBatch) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +98,26 @@ def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
     if _compiling(train_cfg, device) if compile_layers is None else compile_layers:
         compile_decoder_layers(model)
     return model
+
+
+def embeddings_to(model: Any, device: torch.device | str) -> torch.device:
+    """Move the model's input-embedding module (frozen in LoRA/QLoRA) to ``device`` and say where it was: "cpu"
+    keeps it in CPU memory, where ``loss_sum`` looks tokens up (the plan's ``embeddings_on_cpu``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embeddings = base.get_input_embeddings()
+    was = embeddings.weight.device
+    embeddings.to(device)
+    return was
+
+
+@contextmanager
+def embeddings_on(model: Any, device: torch.device) -> Iterator[None]:
+    """The input embeddings on ``device`` inside the block (generation looks tokens up there), back after."""
+    was = embeddings_to(model, device)
+    try:
+        yield
+    finally:
+        embeddings_to(model, was)
 
 
 def compile_decoder_layers(model: Any) -> None:
