@@ -165,11 +165,13 @@ def test_input_embeddings_in_cpu_memory_give_the_same_loss_and_adapter_gradients
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     on_gpu, grads_gpu = run()
+    again, grads_again = run()  # the attention backward's atomics: the GPU's own run-to-run noise
+    noise = max(_rel(grads_again[n], grads_gpu[n]) for n in grads_gpu)
     assert embeddings_to(model, "cpu").type == "cuda"
     assert model.get_base_model().get_input_embeddings().weight.device.type == "cpu"
     on_cpu, grads_cpu = run()
-    assert on_cpu == on_gpu
-    assert all(torch.equal(grads_cpu[n], grads_gpu[n]) for n in grads_gpu)
+    assert on_cpu == on_gpu == again  # the same rows reach the first layer
+    assert max(_rel(grads_cpu[n], grads_gpu[n]) for n in grads_gpu) <= max(2 * noise, 1e-3)
     with embeddings_on(model, torch.device("cuda")):  # generation looks tokens up on the GPU
         assert model.get_base_model().get_input_embeddings().weight.is_cuda
     assert model.get_base_model().get_input_embeddings().weight.device.type == "cpu"

@@ -224,7 +224,9 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
             if eval_examples and _due(tcfg.eval_strategy, tcfg.eval_steps, step, end_of_epoch):
                 eval_metrics = evaluate_loss(model, eval_examples, pad_id, tcfg, device, precision, procs)
                 if task_eval is not None:
-                    with embeddings_on(model, device):  # generation looks tokens up on the GPU
+                    # generation as the training forward runs: bf16 autocast over fp32 adapters (whose inputs the
+                    # loop leaves in bf16), the tokens looked up on the GPU
+                    with embeddings_on(model, device), _autocast(device, precision):
                         eval_metrics |= task_eval(model)
                 log({"type": "eval", "step": step, "epoch": record["epoch"], **eval_metrics})
                 emit({"event": "eval", "step": step, **eval_metrics})
