@@ -9,9 +9,10 @@
 #   bash bench/gpu_session.sh D|E # 2 GPUs: compiled/eager one-GPU vs FSDP2 pairs; E adds tests/gpu
 #   bash bench/gpu_session.sh F   # 2 GPUs: profiles of one- and two-GPU steps
 #   bash bench/gpu_session.sh H   # 2 GPUs, one job each: QLoRA variants vs the seed; full FT 4K vs 8K rows
+#   bash bench/gpu_session.sh I   # 2 GPUs: H's QLoRA pair in both orders, then tests/gpu
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -84,6 +85,16 @@ elif [ "$phase" = H ]; then  # two GPUs, one job each: QLoRA in <= 8 GB (issue 8
     so 1 1 260 --shape 8b --method full --label full-1c --bs 2 --compile
     so 1 1 260 --shape 8b --method full --label full-1c-bs4 --bs 4 --compile ) > "$w/gpu1.log" 2>&1 &
   wait
+elif [ "$phase" = I ]; then  # H's QLoRA pair in both orders (the first compiled variant pays late recompiles),
+  # the one-GPU CUDA tests beside it, then the two-GPU ones
+  ( fe 0 qlora --parts seed-qlora qlora --part-timeout 420 \
+      --qlora-variant "name=bs2+compile+emb-cpu,bs=2,compile=on,emb=cpu" \
+      --qlora-variant "name=bs2+compile,bs=2,compile=on" \
+      --qlora-variant "name=bs2+compile+emb-cpu-again,bs=2,compile=on,emb=cpu" ) > "$w/gpu0.log" 2>&1 &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_fast_path.py
+  ) > "$w/gpu1.log" 2>&1 &
+  wait
+  timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_distributed_cuda.py
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))
