@@ -55,6 +55,21 @@ def _chat(n: int, rng: random.Random) -> TokenizedChat:
     return TokenizedChat(ids, list(ids))
 
 
+def test_decoding_steps_against_a_cache_go_to_sdpa_not_the_packed_kernel():
+    # generation on the training model (task eval during training): one new query against 5 cached keys, no mask,
+    # position ids that never restart — the packed-row kernel cannot take it (found on the GPU)
+    from tunesmith.train.kernels import varlen_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    out, _ = varlen_attention_forward(module, q, k, v, None, scaling=8**-0.5, position_ids=torch.tensor([[5]]))
+    keys, values = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    expected = torch.softmax(q @ keys.transpose(-1, -2) * 8**-0.5, dim=-1) @ values  # all cached keys visible
+    assert torch.allclose(out, expected.transpose(1, 2), atol=1e-5)
+
+
 def test_balanced_rows_fit_the_budget_use_every_sequence_once_and_leave_no_short_last_row():
     lengths = [1900, 1200, 900, 700, 650, 600, 500, 480, 450, 400, 380, 300, 200, 120, 80, 40]
     rows = balanced_rows(lengths, 8192)  # 8,900 tokens: greedy filling would give 8,192 + 708

@@ -109,8 +109,10 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     query [B, Hq, T, D], key/value [B, Hkv, T, D] → output [B, T, Hq, D]. Rows are flattened to one token stream with
     cumulative sequence starts, so examples are independent whatever row they share.
     """
-    if attention_mask is not None or dropout:
-        # padded rows with a mask (evaluation batches), or attention dropout: transformers' own SDPA path
+    if attention_mask is not None or dropout or key.shape[2] != query.shape[2]:
+        # padded rows with a mask (evaluation batches), attention dropout, or generation's decoding steps (queries
+        # for new tokens against a key/value cache — task eval during training runs on this model):
+        # transformers' own SDPA path
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
