@@ -198,3 +198,37 @@ def test_a_gguf_export_scores_like_the_hf_model_it_came_from(tiny_model_dir, pre
     assert ggml.metrics["exact"].correct == hf.metrics["exact"].correct == len(PAIRS)
     rows = [json.loads(line) for line in Path(report.files["predictions"]).read_text().splitlines()]
     assert [r["prediction"] for r in rows if r["model"] == str(gguf)] == [a for _, a in PAIRS]
+
+
+def test_task_eval_inside_the_training_loop_runs_under_its_mixed_precision(tiny_model_dir, tmp_path):
+    # bf16 base + fp32 adapters, as on a GPU: the loop keeps adapter inputs bf16, so generation must run under the
+    # loop's autocast (found on an H200: task eval during training stopped the run with a dtype error)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.chat import TokenizedChat
+    from tunesmith.config import TrainConfig
+    from tunesmith.train import fit
+    from tunesmith.train.model import Precision, prepare_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tcfg = TrainConfig(method="lora", max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                       eval_strategy="steps", eval_steps=1, save_strategy="no", logging_steps=1, compile=False,
+                       gradient_checkpointing=False)
+    device = torch.device("cpu")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = prepare_model(model, tcfg, device, 0)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    ids = [tok(tok.apply_chat_template(_chat(q, a)["messages"], tokenize=False))["input_ids"] for q, a in PAIRS]
+    examples = [TokenizedChat(i, list(i)) for i in ids]
+    calls = []
+
+    def scored(m):
+        calls.append(1)
+        return task_eval(m, tok, [_chat(q, a) for q, a in PAIRS[:2]], ["exact"], max_new_tokens=4)
+
+    history = fit(model, tok.pad_token_id, examples, examples, tcfg, tmp_path / "run", device,
+                  Precision(torch.bfloat16, torch.bfloat16), False, task_eval=scored)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "eval"]
+    assert history["steps"] == 2 and len(calls) == 2 and all("task_exact" in e for e in evals)
