@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from train_fixtures import finish, launch_train, metrics, run_config, straight_and_resumed, write_arithmetic
+from train_fixtures import one_and_two_processes, run_config, straight_and_resumed, write_arithmetic
 
 
 @pytest.fixture(scope="module")
@@ -19,17 +19,9 @@ def data_dir(tmp_path_factory):
                          [("full", "shard", False), ("lora", "shard", False), ("lora", "replicate", True)])
 def test_two_fsdp2_processes_follow_the_single_process_loss_trajectory(tiny_model_dir, data_dir, tmp_path, method,
                                                                         sharding, packing):
-    # 16 sequences per optimizer step in both: 8 x 2 on one process, 4 x 2 on each of two (packed: the step's
-    # sequences laid out for both processes at once, so each process's rows differ from a one-process layout).
-    # LoRA dropout off: its random masks are drawn per process, so they differ between the layouts
-    lora = {"lora": {"dropout": 0.0}} if method == "lora" else {}
-    one = run_config(tmp_path, tiny_model_dir, data_dir, "one", method=method, per_device_train_batch_size=8,
-                     gradient_accumulation_steps=2, packing=packing, **lora)
-    two = run_config(tmp_path, tiny_model_dir, data_dir, "two", method=method, per_device_train_batch_size=4,
-                     gradient_accumulation_steps=2, sharding=sharding, packing=packing, **lora)
-    finish(launch_train(1, str(one), "--out", str(tmp_path / "one")))
-    finish(launch_train(2, str(two), "--out", str(tmp_path / "two")))
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    # packed: the step's sequences are laid out for both processes at once, so each process's rows differ from the
+    # one-process layout; sharding is ignored by the one-process run
+    a, b = one_and_two_processes(tmp_path, tiny_model_dir, data_dir, method, sharding=sharding, packing=packing)
     assert [m["supervised_tokens"] for m in a] == [m["supervised_tokens"] for m in b]
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4), x["step"]

@@ -60,6 +60,20 @@ def run_config(tmp_path: Path, model_dir: Path, data_dir: Path, name: str, **tra
     return path
 
 
+def one_and_two_processes(tmp_path: Path, model_dir: Path, data_dir: Path, method: str,
+                          **train) -> tuple[list[dict], list[dict]]:
+    """The same 16 sequences per optimizer step on one process (8 × 2) and on two (4 × 2 each), launched as users
+    launch them: the two runs' train metrics. LoRA dropout is off (its masks are drawn per process)."""
+    lora = {"lora": {"dropout": 0.0}} if method == "lora" else {}
+    one = run_config(tmp_path, model_dir, data_dir, "one", method=method, per_device_train_batch_size=8,
+                     gradient_accumulation_steps=2, **lora, **train)
+    two = run_config(tmp_path, model_dir, data_dir, "two", method=method, per_device_train_batch_size=4,
+                     gradient_accumulation_steps=2, **lora, **train)
+    finish(launch_train(1, str(one), "--out", str(tmp_path / "one")))
+    finish(launch_train(2, str(two), "--out", str(tmp_path / "two")))
+    return metrics(tmp_path / "one"), metrics(tmp_path / "two")
+
+
 def launch_train(nproc: int, *args: str) -> subprocess.Popen:
     """``tunesmith train ARGS`` as its own process group: one process, or ``nproc`` under torchrun."""
     path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)

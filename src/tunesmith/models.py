@@ -116,6 +116,11 @@ def load_model_config(cfg: ModelConfig, path: str | None = None) -> Any:
                                                         trust_remote_code=cfg.trust_remote_code), path, cfg)
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _check_weights(path: Path, allow_pickle: bool) -> None:
     safetensors = list(path.glob("*.safetensors"))
     pickles = [p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]

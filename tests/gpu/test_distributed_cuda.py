@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import finish, launch_train, metrics, run_config, straight_and_resumed, write_arithmetic
+from train_fixtures import one_and_two_processes, run_config, straight_and_resumed, write_arithmetic
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
@@ -26,14 +26,7 @@ def data_dir(tmp_path_factory):
 @pytest.mark.parametrize(("method", "sharding"), [("full", "shard"), ("lora", "replicate")])
 def test_two_gpus_follow_the_one_gpu_loss_trajectory_and_save_an_ordinary_folder(tiny_model_dir, data_dir,
                                                                                    tmp_path, method, sharding):
-    lora = {"lora": {"dropout": 0.0}} if method == "lora" else {}
-    one = run_config(tmp_path, tiny_model_dir, data_dir, "one", method=method, per_device_train_batch_size=8,
-                     gradient_accumulation_steps=2, compile=False, **lora)
-    two = run_config(tmp_path, tiny_model_dir, data_dir, "two", method=method, per_device_train_batch_size=4,
-                     gradient_accumulation_steps=2, sharding=sharding, compile=False, **lora)
-    finish(launch_train(1, str(one), "--out", str(tmp_path / "one")))
-    finish(launch_train(2, str(two), "--out", str(tmp_path / "two")))
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    a, b = one_and_two_processes(tmp_path, tiny_model_dir, data_dir, method, sharding=sharding, compile=False)
     assert [m["supervised_tokens"] for m in a] == [m["supervised_tokens"] for m in b]
     worst = max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(a, b, strict=True))
     print(f"{method}: largest relative loss difference 1 GPU vs 2 GPUs over {len(a)} steps: {worst:.2e}")

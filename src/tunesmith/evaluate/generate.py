@@ -15,6 +15,7 @@ from typing import Any
 
 from ..chat import end_of_turn_ids, prompt_ids
 from ..errors import UserError
+from ..models import base_model
 from .evalset import EvalExample
 
 Progress = Callable[[int, int], None]
@@ -42,7 +43,7 @@ def generate_transformers(model: Any, tokenizer: Any, prompts: Sequence[Sequence
     model.eval()
     # generate() fills every field left unset in the config it is given from model.generation_config — a
     # checkpoint's repetition_penalty or no_repeat_ngram_size would leak into "greedy". Swap in ours meanwhile.
-    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    owner = base_model(model)
     saved_config = owner.generation_config
     owner.generation_config = gen_config
     try:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from ..models import base_model
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,10 @@ def shard(model: Any, procs: Processes, method: str, compute_dtype: torch.dtype 
                         "not FSDP2-shardable)", hint="use method: lora with several GPUs, or qlora on one GPU")
     mesh = init_device_mesh(procs.device.type, (procs.world, 1), mesh_dim_names=("replicate", "shard")) \
         if replicate else init_device_mesh(procs.device.type, (procs.world,))
-    block_names = set(getattr(_base(model), "_no_split_modules", None) or [])
+    block_names = set(getattr(base_model(model), "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     if not blocks:
-        raise UserError(f"cannot find the repeated blocks of {type(_base(model)).__name__} to shard",
+        raise UserError(f"cannot find the repeated blocks of {type(base_model(model)).__name__} to shard",
                         hint="train this architecture on one GPU")
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else \
         MixedPrecisionPolicy()
@@ -149,6 +150,3 @@ def full_state_dict(model: Any, procs: Processes) -> dict[str, torch.Tensor] | N
 def _comm_device(procs: Processes) -> torch.device:
     return procs.device if procs.device.type == "cuda" else torch.device("cpu")
 
-
-def _base(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

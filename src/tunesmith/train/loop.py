@@ -27,7 +27,7 @@ from ..chat import TokenizedChat
 from ..config import Config, TrainConfig, dump_config
 from ..errors import Interrupted, RunError, UserError
 from ..manifest import sha256_file, write_manifest
-from ..models import load_model_config, load_tokenizer, resolve_model_path
+from ..models import base_model, load_model_config, load_tokenizer, resolve_model_path
 from . import checkpoint
 from .batching import epoch_order, micro_batches, step_groups
 from .dataset import read_records, split_paths, tokenize_split
@@ -277,7 +277,7 @@ def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, device: torch.dev
     have = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     detail = ""
     try:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         arch = architecture_from_config(base.config)
         est = estimate_memory(arch, tcfg.method, micro_size, tcfg.max_length,
                               checkpointing="full" if tcfg.gradient_checkpointing is not False else "none",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..chat import IGNORE_INDEX
+from ..models import base_model
 from .batching import MicroBatch
 
 CHUNK_TOKENS = 4096
@@ -24,7 +25,7 @@ CHUNK_TOKENS = 4096
 
 def fused_head_supported(model: Any) -> bool:
     """True if logits are exactly ``hidden @ lm_head.weight.T`` (so the fused path is numerically the same)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     cfg = getattr(base, "config", None)
     if head is None or type(head) is not torch.nn.Linear or getattr(head, "bias", None) is not None:
@@ -37,7 +38,7 @@ def fused_head_supported(model: Any) -> bool:
 def loss_sum(model: Any, batch: MicroBatch, fused: bool, kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token cross-entropies, number of correct argmax predictions) over the batch's supervised tokens.
     ``kernel=False`` keeps the fused path on plain PyTorch chunks even where a fused kernel is installed."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     kwargs = _attention_kwargs(batch) | _inputs(base, batch)
     if fused:
         hidden = base.get_decoder()(position_ids=batch.position_ids, attention_mask=batch.attention_mask,

@@ -11,7 +11,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import UserError
-from ..models import load_model, model_skeleton
+from ..models import base_model, load_model, model_skeleton
 from .distributed import Processes, materialize, shard
 
 
@@ -103,7 +103,7 @@ def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
 def embeddings_to(model: Any, device: torch.device | str) -> torch.device:
     """Move the model's input-embedding module (frozen in LoRA/QLoRA) to ``device`` and say where it was: "cpu"
     keeps it in CPU memory, where ``loss_sum`` looks tokens up (the plan's ``embeddings_on_cpu``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     embeddings = base.get_input_embeddings()
     was = embeddings.weight.device
     embeddings.to(device)
