@@ -10,9 +10,11 @@
 #   bash bench/gpu_session.sh F   # 2 GPUs: profiles of one- and two-GPU steps
 #   bash bench/gpu_session.sh H   # 2 GPUs, one job each: QLoRA variants vs the seed; full FT 4K vs 8K rows
 #   bash bench/gpu_session.sh I   # 2 GPUs: H's QLoRA pair in both orders, then tests/gpu
+#   bash bench/gpu_session.sh J   # 2 GPUs: NCCL tests, compiled 1- vs 2-GPU LoRA and 2-GPU full FT (fused loss)
+#   bash bench/gpu_session.sh K   # 2 GPUs: J's runs again (decoder output by hook), a model-head control, NCCL tests
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -95,6 +97,23 @@ elif [ "$phase" = I ]; then  # H's QLoRA pair in both orders (the first compiled
   ) > "$w/gpu1.log" 2>&1 &
   wait
   timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_distributed_cuda.py
+elif [ "$phase" = J ]; then  # two GPUs: FSDP2 with the fused loss and replicated LoRA's frozen weights outside
+  # FSDP2 — the NCCL tests first, then the compiled one- and two-GPU pairs alone on the host
+  timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_distributed_cuda.py
+  so 0 1 200 --shape 8b --method lora --label lora-1c --bs 4 --compile
+  so 0,1 2 200 --shape 8b --method lora --label lora-2c --bs 4 --compile
+  so 0,1 2 200 --shape 8b --method full --label full-2c --bs 2 --compile
+  if [ $(( $(date +%s) - start )) -lt 420 ]; then
+    CUDA_VISIBLE_DEVICES=0 timeout $(( 520 - $(date +%s) + start )) python3 -m pytest -q -s -p no:cacheprovider \
+      tests/gpu/test_fast_path.py
+  fi
+elif [ "$phase" = K ]; then  # J again with the decoder's output read by a hook (J's output_hidden_states path
+  # ran 2-GPU steps 2.5x slower), the model-head loss as a control, then the NCCL tests
+  so 0 1 200 --shape 8b --method lora --label lora-1c --bs 4 --compile
+  so 0,1 2 200 --shape 8b --method lora --label lora-2c --bs 4 --compile
+  so 0,1 2 200 --shape 8b --method full --label full-2c --bs 2 --compile
+  so 0,1 2 200 --shape 8b --method lora --label lora-2c-head --bs 4 --compile --loss model-head
+  timeout $(( 540 - $(date +%s) + start )) python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_distributed_cuda.py
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))

@@ -115,12 +115,13 @@ def run(a: argparse.Namespace) -> None:
                optimizer=plan.optimizer, master_weights=plan.master_weights, checkpointed_layers=layers,
                sharding=plan.sharding, reshard_after_forward=plan.reshard_after_forward,
                of_layers=plan.layers, compile=a.compile, planned_peak_gib=plan.estimate_gib,
-               build_s=round(build_s, 1), sequences_per_step=per_gpu * procs.world, label=a.label)
+               build_s=round(build_s, 1), sequences_per_step=per_gpu * procs.world, label=a.label, loss=a.loss)
     if prof is not None:
         prof.start()
     try:
         fit(model, 0, examples, [], tcfg, Path(a.workdir) / f"{a.label or a.method}-{procs.world}", device,
-            precision, True, emit=on_event if procs.main else (lambda _e: None), procs=procs)
+            precision, True, emit=on_event if procs.main else (lambda _e: None), procs=procs,
+            fused_loss=False if a.loss == "model-head" else None)
         peak = max_all(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, procs)
         if prof is not None:
             prof.stop()
@@ -149,19 +150,22 @@ def run(a: argparse.Namespace) -> None:
 
 def _random_weights(model: object, device: object, rank: int) -> None:
     """Random values for an allocated model (sharded or not): N(0, 0.02) weights drawn per local shard, unit norms,
-    zero LoRA B (an adapter starts as the identity)."""
+    zero LoRA B (an adapter starts as the identity). Weights FSDP2 leaves whole on every process (a replicated
+    run's frozen base) are drawn from one seed, so every process holds the same model."""
     import torch
 
-    gen = torch.Generator(device=device).manual_seed(1234 + rank)
+    per_rank = torch.Generator(device=device).manual_seed(1234 + rank)
+    shared = torch.Generator(device=device).manual_seed(1234)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p
+            sharded = hasattr(p, "to_local")
+            local = p.to_local() if sharded else p
             if "lora_B" in name:
                 local.zero_()
             elif "norm" in name:
                 local.fill_(1.0)
             else:
-                local.normal_(0.0, 0.02, generator=gen)
+                local.normal_(0.0, 0.02, generator=per_rank if sharded else shared)
 
 
 # --- the report ----------------------------------------------------------------------------------------------------
@@ -221,6 +225,8 @@ def main() -> None:
     r.add_argument("--warmup", type=int, default=2)
     r.add_argument("--ckpt", default=None, help="checkpointed layers (default: the memory plan's choice)")
     r.add_argument("--compile", action="store_true")
+    r.add_argument("--loss", default="auto", choices=["auto", "model-head"],
+                   help="auto: the loop's choice (fused head + cross-entropy); model-head: the model's own logits")
     r.add_argument("--profile", action="store_true", help="torch.profiler over steps 3-4 on the main process (its "
                    "timing is then slowed: use for where the time goes, not for tokens/s)")
     r.add_argument("--memory-limit", type=float, default=None, help="train.memory_limit_gb for the plan")

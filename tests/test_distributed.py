@@ -41,3 +41,27 @@ def test_resume_from_a_sharded_checkpoint_keeps_the_loss_trajectory(tiny_model_d
     assert [m["step"] for m in b] == list(range(1, 7))
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), x["step"]
+
+
+@pytest.mark.parametrize(("method", "replicate"), [("lora", True), ("full", False)])
+def test_fsdp2_processes_compute_the_fused_loss_from_the_gathered_head(tiny_model_dir, tmp_path, method, replicate):
+    """Under FSDP2 the loss multiplies the final hidden states by the head outside the model's forward (no logits
+    tensor); the loss and every gradient equal an unwrapped model's on the same batch. Replicated LoRA leaves the
+    frozen weights out of FSDP2 (plain tensors: nothing copied into gather buffers); FSDP2 manages the adapters."""
+    import torch.multiprocessing as mp
+
+    import fsdp_probe
+
+    mp.spawn(fsdp_probe.run, args=(2, str(tiny_model_dir), str(tmp_path), method, replicate), nprocs=2)
+    seen = json.loads((tmp_path / "probe.json").read_text())
+    assert seen["sharded"]
+    assert seen["loss"] == pytest.approx(seen["loss_alone"], rel=1e-5)
+    assert seen["max_grad_diff"] < 1e-5
+    assert seen["grads"] == len(seen["trainable"]) > 0
+    if replicate:
+        assert seen["frozen_plain"]
+        assert sorted(seen["managed"]) == sorted(seen["trainable"])
+        assert all("lora_" in n for n in seen["managed"])
+    else:  # full fine-tuning: every weight sharded, the head's gradient included
+        assert sorted(seen["managed"]) == sorted(seen["trainable"])
+        assert any("lm_head" in n for n in seen["managed"])

@@ -125,3 +125,19 @@ def test_frozen_input_embeddings_move_to_the_cpu_only_when_the_step_does_not_fit
     for bad in (dict(model="llama-3.2-1b", method="lora"), dict(model="llama-3.1-8b", method="full")):
         with pytest.raises(UserError, match="embeddings_on_cpu"):
             _plan(bad.pop("model"), embeddings_on_cpu=True, **bad)
+
+
+def test_fsdp2_plans_count_the_fused_loss_and_what_fsdp2_keeps_gathered(liger_head):
+    one = _plan("llama-3.1-8b", method="lora", per_device_train_batch_size=4, gradient_checkpointing=True)
+    # replicated LoRA: frozen weights are left out of FSDP2 (no gathered copies) and the loss is fused as on one GPU
+    two = _plan("llama-3.1-8b", gpus=2, method="lora", per_device_train_batch_size=4, gradient_checkpointing=True)
+    assert two.sharding == "replicate" and two.estimate_gib == pytest.approx(one.estimate_gib, abs=0.2)
+    # sharded: each GPU holds half the layers but the whole gathered embeddings and head (2 x 0.98 GiB, bf16)
+    sharded = _plan("llama-3.1-8b", gpus=2, method="lora", per_device_train_batch_size=4,
+                    gradient_checkpointing=True, sharding="shard")
+    assert sharded.estimate_gib == pytest.approx(one.estimate_gib - 14.96 / 2 + 1.96, abs=0.3)
+    # replicated full fine-tuning still pays FSDP2's gathered copy of every weight (bf16, 15 GiB for 8B)
+    small = _plan("llama-3.2-1b", gpus=2, method="full", per_device_train_batch_size=2)
+    alone = _plan("llama-3.2-1b", method="full", per_device_train_batch_size=2)
+    assert small.sharding == "replicate"
+    assert small.estimate_gib - alone.estimate_gib == pytest.approx(1.24e9 * 2 / 2**30, abs=0.1)

@@ -63,10 +63,14 @@ def shard(model: Any, procs: Processes, method: str, compute_dtype: torch.dtype 
     """Wrap each decoder layer and the whole model with FSDP2.
 
     ``replicate=False``: parameters, gradients and optimizer states are split across the processes (each layer's
-    weights gathered when it runs). ``replicate=True``: FSDP2's hybrid layout with one shard per replica — every
-    process holds the whole model and only gradients are averaged (no weight gathers; for a model whose run fits
-    one GPU, like LoRA of an 8B model). ``reshard_after_forward=False`` keeps each layer's gathered weights from its
-    forward to its backward (one gather per micro-batch instead of two, for the memory of the unsharded weights).
+    weights gathered when it runs). ``replicate=True``: every process holds the whole model and only gradients are
+    averaged (FSDP2's hybrid layout with one shard per replica), for a run that fits one GPU, like LoRA of an 8B
+    model; there the frozen weights are left out of FSDP2 altogether (``ignored_params``): plain tensors on every
+    GPU, used where they are — no per-layer copy into gather buffers, no memory for those copies.
+    ``reshard_after_forward=False`` keeps each layer's gathered weights from its forward to its backward (one gather
+    per micro-batch instead of two, for the memory of the unsharded weights). The root (embeddings, final norm,
+    head) always stays gathered from forward to backward, as FSDP2 does by default: the loss multiplies the final
+    hidden states by the head's weight outside the model's forward (src/tunesmith/train/loss.py).
     With a compute dtype (bf16 on GPUs), FSDP2's mixed precision gathers weights in that dtype and reduces gradients
     in fp32: full fine-tuning keeps fp32 master weights and fp32 optimizer maths in the shards, LoRA's bf16 base and
     fp32 adapters share one gathered dtype."""
@@ -85,10 +89,19 @@ def shard(model: Any, procs: Processes, method: str, compute_dtype: torch.dtype 
                         hint="train this architecture on one GPU")
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else \
         MixedPrecisionPolicy()
+    frozen = {p for p in model.parameters() if not p.requires_grad} if replicate else None
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                    ignored_params=frozen)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False, ignored_params=frozen)
     return model
+
+
+def is_sharded(model: Any) -> bool:
+    """True for a model wrapped by FSDP2 (its own forward must run: it gathers weights and drives the collectives)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def materialize(model: Any, procs: Processes, full_state: dict[str, torch.Tensor] | None) -> None:

@@ -152,7 +152,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
     steps_per_epoch = math.ceil(len(train_examples) / (per_step * world))
     total_steps = tcfg.max_steps or math.ceil(tcfg.num_train_epochs * steps_per_epoch)
     # FSDP2 shards the head: use the model's own forward there
-    fused = (fused_head_supported(model) and world == 1) if fused_loss is None else fused_loss
+    fused = fused_head_supported(model) if fused_loss is None else fused_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, tcfg, device)

@@ -72,15 +72,13 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
     sharding, shard_why = _choose_sharding(arch, model_config, tcfg, tokens, world, budget)
     shards = world if sharding == "shard" else 1
     optimizer, why = _choose_optimizer(arch, model_config, tcfg, tokens, world, shards, budget)
-    # FSDP2 keeps a compute-dtype copy of the weights it gathers: replicated, every layer's copy lives all step
-    # (measured +12 GiB on two H200s for an 8B LoRA)
-    copy_gib = arch.total_params * 2 / 2**30 if sharding == "replicate" else 0.0
-    ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, world, shards, budget,
+    copy_gib = _fsdp_copies_gib(arch, model_config, tcfg, sharding)
+    ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget,
                                                      optimizer, layers, copy_gib)
     on_cpu = _embeddings_on_cpu(model_config, tcfg, world, estimate > budget)
     if on_cpu:
         freed = model_config.vocab_size * model_config.hidden_size * 2 / 2**30
-        ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, world, shards, budget,
+        ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget,
                                                          optimizer, layers, copy_gib - freed)
         ckpt_why += f"; frozen input embeddings in CPU memory (-{freed:.2f} GiB)"
     reshard, reshard_why = True, ""
@@ -118,7 +116,8 @@ def _choose_sharding(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: in
     if tcfg.sharding != "auto":
         return tcfg.sharding, " (as configured)"
     # replicated, each GPU holds what one GPU would (full fine-tuning: fp32 masters and AdamW states, unsharded)
-    whole = _estimate(arch, model_config, tcfg, tokens, world, 1, "full", "adamw") + arch.total_params * 2 / 2**30
+    whole = (_estimate(arch, model_config, tcfg, tokens, 1, "full", "adamw")
+             + _fsdp_copies_gib(arch, model_config, tcfg, "replicate"))
     if whole <= budget:
         return "replicate", f" (the whole run fits one GPU: {whole:.1f} GiB)"
     return "shard", f" (the whole run needs {whole:.0f} GiB on one GPU)"
@@ -134,13 +133,13 @@ def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: i
         return tcfg.optim, f"optimizer {tcfg.optim} as configured"
     if tcfg.method != "full":
         return "adamw_torch", "fp32 AdamW for the adapters"
-    fp32 = _estimate(arch, model_config, tcfg, tokens, world, shards, "full", "adamw")
+    fp32 = _estimate(arch, model_config, tcfg, tokens, shards, "full", "adamw")
     if fp32 <= budget:
         return "adamw_torch", f"fp32 AdamW fits ({fp32:.1f} GiB with every layer checkpointed)"
     if world > 1:
         raise UserError(f"full fine-tuning with fp32 AdamW needs ~{fp32:.0f} GiB per GPU on {world} GPUs; "
                         f"{budget:.0f} GiB is available", hint="use more GPUs, method: lora, or a smaller model")
-    eight = _estimate(arch, model_config, tcfg, tokens, world, shards, "full", "adamw_8bit")
+    eight = _estimate(arch, model_config, tcfg, tokens, shards, "full", "adamw_8bit")
     if eight <= budget:
         return "adamw_8bit", (f"fp32 AdamW needs ~{fp32:.0f} GiB > {budget:.0f}: 8-bit AdamW states with fp32 "
                               f"update maths on fp32 master weights ({eight:.1f} GiB)")
@@ -148,18 +147,18 @@ def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: i
                     hint="use method: lora or qlora, several GPUs (tunesmith train --gpus N), or a smaller model")
 
 
-def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, shards: int,
+def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
                           budget: float, optimizer: str, layers: int, extra_gib: float = 0.0
                           ) -> tuple[int, float, str]:
     opt = "adamw_8bit" if optimizer == "adamw_8bit" else "adamw"
-    every = _estimate(arch, model_config, tcfg, tokens, world, shards, "full", opt) + extra_gib
+    every = _estimate(arch, model_config, tcfg, tokens, shards, "full", opt) + extra_gib
     if tcfg.gradient_checkpointing != "auto":
         count = layers if tcfg.gradient_checkpointing else 0
-        none = _estimate(arch, model_config, tcfg, tokens, world, shards, "none", opt) + extra_gib
+        none = _estimate(arch, model_config, tcfg, tokens, shards, "none", opt) + extra_gib
         return count, every if count else none, "checkpointing as configured"
     if tcfg.method == "qlora" and tcfg.memory_limit_gb is None:
         return layers, every, "QLoRA checkpoints every layer (set train.memory_limit_gb to trade memory for speed)"
-    none = _estimate(arch, model_config, tcfg, tokens, world, shards, "none", opt) + extra_gib
+    none = _estimate(arch, model_config, tcfg, tokens, shards, "none", opt) + extra_gib
     if none <= budget:
         return 0, none, "no checkpointing needed"
     if every > budget or layers == 0:
@@ -167,6 +166,19 @@ def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, token
     per_layer = (none - every) / layers
     kept = min(layers, math.floor((budget - every) / per_layer))
     return layers - kept, every + kept * per_layer, f"{kept} layers kept un-checkpointed ({per_layer:.2f} GiB each)"
+
+
+def _fsdp_copies_gib(arch: Any, model_config: Any, tcfg: TrainConfig, sharding: str | None) -> float:
+    """Compute-dtype weights FSDP2 holds beyond the memory model's per-GPU share (src/tunesmith/train/distributed.py).
+    Replicated full fine-tuning: every layer's gathered copy lives all step (measured +12 GiB on two H200s for an 8B
+    model); replicated LoRA leaves its frozen weights out of FSDP2, so nothing is copied. Sharded: the root's
+    embeddings and head stay gathered from forward to backward (the loss reads the head)."""
+    if sharding == "replicate":
+        return arch.total_params * 2 / 2**30 if tcfg.method == "full" else 0.0
+    if sharding == "shard":
+        heads = 1 if getattr(model_config, "tie_word_embeddings", False) else 2
+        return heads * model_config.vocab_size * model_config.hidden_size * 2 / 2**30
+    return 0.0
 
 
 def _embeddings_on_cpu(model_config: Any, tcfg: TrainConfig, world: int, short_of_memory: bool) -> bool:
@@ -183,7 +195,7 @@ def _embeddings_on_cpu(model_config: Any, tcfg: TrainConfig, world: int, short_o
 # --- the memory model ----------------------------------------------------------------------------------------------
 
 
-def _estimate(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, shards: int,
+def _estimate(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
               checkpointing: str, optimizer: str) -> float:
     """Peak GiB per GPU; ``shards`` is 1 when each GPU holds the whole model (one process, or replicated)."""
     from ..advise.memory import estimate_memory, lora_trainable_params
@@ -193,19 +205,17 @@ def _estimate(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, worl
         trainable, adapted = lora_trainable_params(model_config, tcfg.lora.r, tcfg.lora.target_modules)
     est = estimate_memory(arch, tcfg.method, 1, tokens, lora_r=tcfg.lora.r, lora_trainable=trainable,
                           adapted_in_features=adapted, lora_dropout=tcfg.lora.dropout, checkpointing=checkpointing,
-                          logits=_head(world), optimizer=optimizer,
+                          logits=_head(), optimizer=optimizer,
                           full_precision="mixed", shards=shards)
     return est.total_gib
 
 
-def _head(world: int) -> str:
-    """How the loss meets the vocabulary: one process uses Liger's fused kernel where installed (tiles of logits;
-    measured 20.0 GiB for an 8B LoRA step of 8K tokens against 20.4 estimated), else our PyTorch chunks; FSDP2
-    processes the model's own head (full logits)."""
+def _head() -> str:
+    """How the loss meets the vocabulary: Liger's fused kernel where installed (tiles of logits; measured 20.0 GiB
+    for an 8B LoRA step of 8K tokens against 20.4 estimated), else our PyTorch chunks — on one GPU and under FSDP2
+    alike (src/tunesmith/train/loss.py)."""
     from .kernels import fused_loss_kernel_available
 
-    if world > 1:
-        return "full"
     return "fused" if fused_loss_kernel_available() else "chunked"
 
 
