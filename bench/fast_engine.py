@@ -157,8 +157,9 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         # untimed steps first: 2 by default; more for a call's first compiled variant, whose late recompiles
         # otherwise land in its timed steps (third run, calls 3 and 4: the first compiled variant ran slowest)
         warm = max(2, int(v.get("warmup", 2)))
+        rows = int(v["rows"]) if "rows" in v else None  # train.packed_row_tokens (default bs × 2048)
         vcfg = TrainConfig(**{**base, "per_device_train_batch_size": bs, "gradient_accumulation_steps": 16 // bs,
-                              "max_steps": a.steps + warm})
+                              "max_steps": a.steps + warm, "packed_row_tokens": rows})
         if v.get("compile") == "on":
             compile_decoder_layers(model)
         marks: list[tuple[float, int, float]] = []
@@ -175,6 +176,7 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
         out = dict(tool="tunesmith", variant=name, method=a.method, shape=a.shape, packing=packed, attn=v_attn,
                    checkpointed_layers=layers, of_layers=n_layers, loss=loss, bs=bs, ga=16 // bs, embeddings=emb,
+                   row_tokens=rows or bs * 2048,
                    warmup_steps=warm,
                    compile=v.get("compile", "off"), load_s=round(load_s, 1))
         try:
@@ -390,7 +392,7 @@ def main() -> None:
     t.add_argument("--learnable", action="store_true", help="repeated-motif data, so the loss can fall")
     t.add_argument("--variant", action="append", default=[],
                    help="comma list: name=,packing=on|off,attn=,loss=liger|chunked|plain,ckpt=all|N,bs=,compile=on,"
-                        "emb=cpu,warmup=N,profile=on")
+                        "emb=cpu,warmup=N,rows=N (packed row tokens),profile=on")
     t.add_argument("--workdir", default="/tmp/seedbench")
     al = sub.add_parser("all", help="seed baselines + tunesmith ablation + the ≥1B check; writes results")
     al.add_argument("--seed-script", required=True)

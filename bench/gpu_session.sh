@@ -12,9 +12,10 @@
 #   bash bench/gpu_session.sh I   # 2 GPUs: H's QLoRA pair in both orders, then tests/gpu
 #   bash bench/gpu_session.sh J   # 2 GPUs: NCCL tests, compiled 1- vs 2-GPU LoRA and 2-GPU full FT (fused loss)
 #   bash bench/gpu_session.sh K   # 2 GPUs: J's runs again (decoder output by hook), a model-head control, NCCL tests
+#   bash bench/gpu_session.sh L   # 1 GPU: tests/gpu/test_fast_path.py, QLoRA rows of 4096/5120/5632 tokens vs the seed
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -114,6 +115,15 @@ elif [ "$phase" = K ]; then  # J again with the decoder's output read by a hook 
   so 0,1 2 200 --shape 8b --method full --label full-2c --bs 2 --compile
   so 0,1 2 200 --shape 8b --method lora --label lora-2c-head --bs 4 --compile --loss model-head
   timeout $(( 540 - $(date +%s) + start )) python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_distributed_cuda.py
+elif [ "$phase" = L ]; then  # one GPU: the CUDA fast-path tests, then QLoRA with packed rows between 4K and 6K
+  # tokens (train.packed_row_tokens) against the seed, the first compiled variant given 4 untimed steps
+  CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_fast_path.py
+  CUDA_VISIBLE_DEVICES=0 timeout $(( 550 - $(date +%s) + start )) python3 bench/fast_engine.py all \
+    --seed-script .gpu/seed_recipe.py --out "$w/fe_qlora" --part-timeout 300 --parts seed-qlora qlora \
+    --qlora-variant "name=rows4096+emb-cpu,bs=2,compile=on,emb=cpu,warmup=4" \
+    --qlora-variant "name=rows5120+emb-cpu,bs=2,rows=5120,compile=on,emb=cpu" \
+    --qlora-variant "name=rows5632+emb-cpu,bs=2,rows=5632,compile=on,emb=cpu"
+  cp "$w/fe_qlora/fast_engine.json" "$out/fast_engine_qlora.json" 2>/dev/null
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))

@@ -133,3 +133,19 @@ def test_a_packed_row_gives_each_sequence_the_loss_it_has_alone_on_the_cpu():
             packed_loss = F.cross_entropy(logits[start:end][keep], targets[keep])
             alone_loss = F.cross_entropy(alone[:-1], torch.tensor(seq.input_ids[1:]))
             assert torch.allclose(packed_loss, alone_loss, atol=1e-5)
+
+
+def test_packed_rows_take_a_token_budget_between_multiples_of_max_length():
+    from tunesmith.config import TrainConfig
+    from tunesmith.train.loop import _row_tokens
+
+    rng = random.Random(5)
+    seqs = [_chat(n, rng) for n in (1900, 1800, 1500, 1400, 900, 700, 500, 300)]  # 9,000 tokens
+    assert len(micro_batches(seqs, range(8), 2, 2048, 0, True)) == 3  # rows of at most 4,096
+    rows = micro_batches(seqs, range(8), 2, 2048, 0, True, row_tokens=5120)
+    assert len(rows) == 2 and all(b.num_tokens <= 5120 for b in rows)
+    assert sum(b.num_tokens for b in rows) == 9000
+    tcfg = TrainConfig(per_device_train_batch_size=2, packed_row_tokens=5120)
+    assert [_row_tokens(tcfg, m) for m in (2, 1)] == [5120, 2560]  # on_oom: shrink halves the row too
+    assert _row_tokens(TrainConfig(per_device_train_batch_size=4, packed_row_tokens=2100), 1) == 2048
+    assert _row_tokens(TrainConfig(), 4) is None

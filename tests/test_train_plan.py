@@ -141,3 +141,12 @@ def test_fsdp2_plans_count_the_fused_loss_and_what_fsdp2_keeps_gathered(liger_he
     alone = _plan("llama-3.2-1b", method="full", per_device_train_batch_size=2)
     assert small.sharding == "replicate"
     assert small.estimate_gib - alone.estimate_gib == pytest.approx(1.24e9 * 2 / 2**30, abs=0.1)
+
+
+def test_a_packed_row_budget_between_multiples_of_max_length_is_planned_as_given(liger_head):
+    four = _plan("llama-3.1-8b", method="qlora", per_device_train_batch_size=2)
+    five = _plan("llama-3.1-8b", method="qlora", per_device_train_batch_size=2, packed_row_tokens=5120)
+    six = _plan("llama-3.1-8b", method="qlora", per_device_train_batch_size=3)
+    assert four.estimate_gib < five.estimate_gib < six.estimate_gib
+    with pytest.raises(ValueError, match="at least max_length"):
+        TrainConfig(packed_row_tokens=1024)

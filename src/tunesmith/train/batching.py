@@ -55,7 +55,8 @@ def shifted_targets(chat: TokenizedChat) -> list[int]:
 
 
 def micro_batches(examples: Sequence[TokenizedChat], indices: Sequence[int], batch_size: int, max_length: int,
-                  pad_id: int, packed: bool, rank: int = 0, world: int = 1) -> list[MicroBatch]:
+                  pad_id: int, packed: bool, rank: int = 0, world: int = 1,
+                  row_tokens: int | None = None) -> list[MicroBatch]:
     """This process's micro-batches (padded or packed) of one optimizer step's sequences ``indices``.
 
     Padded: every ``world``-th sequence, ``batch_size`` to a micro-batch. Packed: the whole step is laid out at once
@@ -63,12 +64,13 @@ def micro_batches(examples: Sequence[TokenizedChat], indices: Sequence[int], bat
     its rows — a process never waits on another with more tokens, and no process pads its step with filler rows
     while another still has sequences (laying out each process's share alone did both: 2 processes spent ~27% of
     their compute waiting or on filler rows on the benchmark's chat lengths). A process can get no row when the step
-    has fewer sequences than rows to fill; the caller gives it a filler."""
+    has fewer sequences than rows to fill; the caller gives it a filler. ``row_tokens``: a packed row's budget
+    (default ``batch_size × max_length``)."""
     if not packed:
         mine = [examples[i] for i in indices[rank::world]]
         return [_padded(mine[i:i + batch_size], pad_id) for i in range(0, len(mine), batch_size)]
     seqs = [examples[i] for i in indices]
-    rows = balanced_rows([len(s.input_ids) for s in seqs], batch_size * max_length, world)
+    rows = balanced_rows([len(s.input_ids) for s in seqs], row_tokens or batch_size * max_length, world)
     return [_packed([seqs[k] for k in row]) for row in rows[rank::world] if row]
 
 

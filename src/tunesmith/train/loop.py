@@ -188,7 +188,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
                 try:
                     batches, real, n_targets, step_loss = _accumulate(
                         model, train_examples, indices, micro_size, tcfg.max_length, pad_id, packed, device,
-                        precision, procs, fused, loss_kernel, step + 1, ckpt_root)
+                        precision, procs, fused, loss_kernel, step + 1, ckpt_root, _row_tokens(tcfg, micro_size))
                     break
                 except torch.OutOfMemoryError:
                     optimizer.zero_grad(set_to_none=True)
@@ -244,11 +244,21 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
             "tokens_per_s": total_tokens / max(elapsed, 1e-9)}
 
 
+def _row_tokens(tcfg: TrainConfig, micro_size: int) -> int | None:
+    """``train.packed_row_tokens``, scaled down with the micro-batch when ``on_oom: shrink`` halved it (never below
+    one sequence of ``max_length``); None: the default ``micro_size × max_length``."""
+    if tcfg.packed_row_tokens is None:
+        return None
+    return max(tcfg.max_length, tcfg.packed_row_tokens * micro_size // tcfg.per_device_train_batch_size)
+
+
 def _accumulate(model: Any, examples: list[TokenizedChat], indices: list[int], micro_size: int, max_length: int,
                 pad_id: int, packed: bool, device: torch.device, precision: Precision, procs: Processes, fused: bool,
-                loss_kernel: bool, step: int, ckpt_root: Path) -> tuple[list[Any], int, float, float]:
+                loss_kernel: bool, step: int, ckpt_root: Path, row_tokens: int | None = None
+                ) -> tuple[list[Any], int, float, float]:
     """Forward and backward over one step's micro-batches; gradients are left summed in ``.grad``."""
-    batches = micro_batches(examples, indices, micro_size, max_length, pad_id, packed, procs.rank, procs.world)
+    batches = micro_batches(examples, indices, micro_size, max_length, pad_id, packed, procs.rank, procs.world,
+                            row_tokens)
     # every process runs the same number of micro-batches (FSDP2 gathers weights in each forward): a process with
     # fewer (only when the step has fewer sequences than rows) runs the step's shortest sequence with zero weight
     real = len(batches)

@@ -68,7 +68,8 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
         return TrainPlan(optimizer, master, ckpt, layers, sharding, sharding != "replicate", budget, None,
                          "no GPU memory to plan for" if budget is None else "architecture not in the memory model")
 
-    tokens = tcfg.per_device_train_batch_size * tcfg.max_length  # a packed row's budget, or a padded micro-batch
+    # a packed row's budget, or a padded micro-batch
+    tokens = tcfg.packed_row_tokens or tcfg.per_device_train_batch_size * tcfg.max_length
     sharding, shard_why = _choose_sharding(arch, model_config, tcfg, tokens, world, budget)
     shards = world if sharding == "shard" else 1
     optimizer, why = _choose_optimizer(arch, model_config, tcfg, tokens, world, shards, budget)
