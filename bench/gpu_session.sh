@@ -13,9 +13,10 @@
 #   bash bench/gpu_session.sh J   # 2 GPUs: NCCL tests, compiled 1- vs 2-GPU LoRA and 2-GPU full FT (fused loss)
 #   bash bench/gpu_session.sh K   # 2 GPUs: J's runs again (decoder output by hook), a model-head control, NCCL tests
 #   bash bench/gpu_session.sh L   # 1 GPU: tests/gpu/test_fast_path.py, QLoRA rows of 4096/5120/5632 tokens vs the seed
+#   bash bench/gpu_session.sh M   # 1 GPU: the seed's QLoRA, then QLoRA rows of 5632 tokens alone
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -123,6 +124,12 @@ elif [ "$phase" = L ]; then  # one GPU: the CUDA fast-path tests, then QLoRA wit
     --qlora-variant "name=rows4096+emb-cpu,bs=2,compile=on,emb=cpu,warmup=4" \
     --qlora-variant "name=rows5120+emb-cpu,bs=2,rows=5120,compile=on,emb=cpu" \
     --qlora-variant "name=rows5632+emb-cpu,bs=2,rows=5632,compile=on,emb=cpu"
+  cp "$w/fe_qlora/fast_engine.json" "$out/fast_engine_qlora.json" 2>/dev/null
+elif [ "$phase" = M ]; then  # one GPU: L's fastest QLoRA row size again, alone after the seed (first compiled
+  # variant of the call, 4 untimed steps)
+  CUDA_VISIBLE_DEVICES=0 timeout 220 python3 bench/fast_engine.py all \
+    --seed-script .gpu/seed_recipe.py --out "$w/fe_qlora" --part-timeout 150 --parts seed-qlora qlora \
+    --qlora-variant "name=rows5632+emb-cpu,bs=2,rows=5632,compile=on,emb=cpu,warmup=4"
   cp "$w/fe_qlora/fast_engine.json" "$out/fast_engine_qlora.json" 2>/dev/null
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")

@@ -182,15 +182,15 @@ def report(a: argparse.Namespace) -> None:
         own = {(r["shape"], r["method"], r["compile"]): r for r in rows if r["gpus"] == 1 and "tokens_per_s" in r}
         ref = {(r["shape"], r["method"], r["compile"]): r for r in base if r["gpus"] == 1 and "tokens_per_s" in r}
         lines = [f"### {Path(f).stem}", "",
-                 "| shape | method | GPUs | compile | optimizer (master weights) | FSDP2 layout | checkpointed "
-                 "| tokens/s | per GPU | × 1 GPU | MFU (989/GPU) | peak GiB/GPU (planned) |", "|---" * 12 + "|"]
+                 "| shape | method | GPUs | compile | optimizer (master weights) | FSDP2 layout | checkpointed | loss "
+                 "| tokens/s | per GPU | × 1 GPU | MFU (989/GPU) | peak GiB/GPU (planned) |", "|---" * 13 + "|"]
         for r in sorted(rows, key=lambda r: (r["shape"], r["method"], r["compile"], r["gpus"])):
             layout = r.get("sharding") or ("shard, reshard" if r["gpus"] > 1 else "—")  # before the layout plan
             if r.get("sharding") == "shard":
                 layout += ", keep gathered" if r.get("reshard_after_forward") is False else ", reshard"
             head = (f"| {r['shape']} | {r['method']} | {r['gpus']} | {'yes' if r['compile'] else 'no'} | "
                     f"{r['optimizer']} ({r['master_weights']}) | {layout} | "
-                    f"{r['checkpointed_layers']}/{r['of_layers']} |")
+                    f"{r['checkpointed_layers']}/{r['of_layers']} | {_loss(r, Path(f).stem)} |")
             if "tokens_per_s" not in r:
                 lines.append(f"{head} {r.get('error', 'no result')[:80]} | | | | |")
                 continue
@@ -208,6 +208,17 @@ def report(a: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale_out.json").write_text(json.dumps(every, indent=1))
     (out / "scale_out_tables.md").write_text(text + "\n")
+
+
+def _loss(r: dict, call: str) -> str:
+    """Which loss a row ran: the fused head + cross-entropy, or the model's own logits. Rows before ``--loss``
+    existed: one GPU fused, FSDP2 the model's head — except call8, the first fused FSDP2 version (decoder output read
+    through ``output_hidden_states``)."""
+    if r.get("loss") == "model-head":
+        return "model head"
+    if "loss" in r or r["gpus"] == 1:
+        return "fused"
+    return "fused (hidden states)" if call.startswith("call8") else "model head"
 
 
 def _rows(path: str) -> list[dict]:
