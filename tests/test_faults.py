@@ -278,3 +278,17 @@ def test_debug_shows_the_traceback_that_is_otherwise_hidden(tmp_path):
     assert "Traceback" not in _run("validate", str(bad)).stderr
     debug = _run("--debug", "validate", str(bad))
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr
+
+
+def test_the_out_of_memory_estimate_uses_the_packed_row_budget_when_one_is_set(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.config import TrainConfig
+    from tunesmith.train.loop import _oom_error
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cpu = torch.device("cpu")
+    rows = _oom_error(model, TrainConfig(per_device_train_batch_size=2, packed_row_tokens=5120), 2, cpu).message
+    plain = _oom_error(model, TrainConfig(per_device_train_batch_size=2), 2, cpu).message
+    assert "micro-batches of 1 × 5120 tokens" in rows
+    assert "micro-batches of 2 × 2048 tokens" in plain

@@ -151,7 +151,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
     per_step = tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_examples) / (per_step * world))
     total_steps = tcfg.max_steps or math.ceil(tcfg.num_train_epochs * steps_per_epoch)
-    # FSDP2 shards the head: use the model's own forward there
+    # one process and FSDP2 alike (src/tunesmith/train/loss.py)
     fused = fused_head_supported(model) if fused_loss is None else fused_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -289,12 +289,14 @@ def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, device: torch.dev
     try:
         base = base_model(model)
         arch = architecture_from_config(base.config)
-        est = estimate_memory(arch, tcfg.method, micro_size, tcfg.max_length,
+        row = _row_tokens(tcfg, micro_size)  # a packed row's own budget, when one is set
+        batch, length = (1, row) if row else (micro_size, tcfg.max_length)
+        est = estimate_memory(arch, tcfg.method, batch, length,
                               checkpointing="full" if tcfg.gradient_checkpointing is not False else "none",
                               optimizer="adamw_8bit" if tcfg.optim == "adamw_8bit" else "adamw",
                               full_precision="mixed", lora_r=tcfg.lora.r)
-        detail = f" (the memory model estimates {est.total_gib:.1f} GiB for micro-batches of {micro_size} × " \
-                 f"{tcfg.max_length} tokens" + (f"; this GPU has {have:.1f} GiB)" if have else ")")
+        detail = f" (the memory model estimates {est.total_gib:.1f} GiB for micro-batches of {batch} × " \
+                 f"{length} tokens" + (f"; this GPU has {have:.1f} GiB)" if have else ")")
     except (AttributeError, KeyError, TypeError, ValueError):  # an architecture the model does not know
         detail = ""
     return RunError(f"out of GPU memory{detail}",

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..chat import IGNORE_INDEX
 from ..models import base_model
 from .batching import MicroBatch
+from .distributed import is_sharded
 
 CHUNK_TOKENS = 4096
 """Supervised tokens per chunk of the fused path: 4096 × 128,256 × 4 bytes = 2.1 GB of fp32 logits at most."""
@@ -62,8 +63,6 @@ def _final_hidden_states(model: Any, base: Any, batch: MicroBatch, kwargs: dict[
     run inside each compiled layer (measured on two H200s: 2.5× slower steps). The head's weight stays gathered
     after the root's forward (src/tunesmith/train/distributed.py), so the loss reads it as a plain tensor and its
     gradient reaches FSDP2's reduction like any other."""
-    from .distributed import is_sharded
-
     decoder = base.get_decoder()
     if not is_sharded(model):
         return decoder(position_ids=batch.position_ids, attention_mask=batch.attention_mask, use_cache=False,

@@ -78,7 +78,7 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
                                                      optimizer, layers, copy_gib)
     on_cpu = _embeddings_on_cpu(model_config, tcfg, world, estimate > budget)
     if on_cpu:
-        freed = model_config.vocab_size * model_config.hidden_size * 2 / 2**30
+        freed = _embedding_gib(model_config)
         ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget,
                                                          optimizer, layers, copy_gib - freed)
         ckpt_why += f"; frozen input embeddings in CPU memory (-{freed:.2f} GiB)"
@@ -171,15 +171,20 @@ def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, token
 
 def _fsdp_copies_gib(arch: Any, model_config: Any, tcfg: TrainConfig, sharding: str | None) -> float:
     """Compute-dtype weights FSDP2 holds beyond the memory model's per-GPU share (src/tunesmith/train/distributed.py).
-    Replicated full fine-tuning: every layer's gathered copy lives all step (measured +12 GiB on two H200s for an 8B
-    model); replicated LoRA leaves its frozen weights out of FSDP2, so nothing is copied. Sharded: the root's
-    embeddings and head stay gathered from forward to backward (the loss reads the head)."""
+    Replicated full fine-tuning: every layer's gathered copy lives all step (measured +12 GiB on two H200s for 8B LoRA
+    while its frozen weights still went through FSDP2); replicated LoRA leaves its frozen weights out of FSDP2, so
+    nothing is copied. Sharded: the root's embeddings and head stay gathered from forward to backward (the loss
+    reads the head)."""
     if sharding == "replicate":
         return arch.total_params * 2 / 2**30 if tcfg.method == "full" else 0.0
     if sharding == "shard":
-        heads = 1 if getattr(model_config, "tie_word_embeddings", False) else 2
-        return heads * model_config.vocab_size * model_config.hidden_size * 2 / 2**30
+        return (1 if getattr(model_config, "tie_word_embeddings", False) else 2) * _embedding_gib(model_config)
     return 0.0
+
+
+def _embedding_gib(model_config: Any) -> float:
+    """One vocabulary × hidden matrix in bf16 (the input embeddings, or the output head)."""
+    return model_config.vocab_size * model_config.hidden_size * 2 / 2**30
 
 
 def _embeddings_on_cpu(model_config: Any, tcfg: TrainConfig, world: int, short_of_memory: bool) -> bool:
