@@ -147,7 +147,10 @@ def run_tunesmith(a: argparse.Namespace) -> None:
             base_model.config._attn_implementation = v_attn
         ckpt = v.get("ckpt", "all")
         layers = n_layers if ckpt == "all" else int(ckpt)
-        set_checkpointing(model, layers)
+        # offload: on = the checkpointed layers' inputs in CPU memory (train.offload_checkpoints), sync = torch's
+        # save_on_cpu in the same place (the control arm)
+        offload = {"on": True, "sync": "synchronous"}.get(v.get("offload", "off"), False)
+        set_checkpointing(model, layers, offload)
         if a.method == "qlora" and layers:
             model.enable_input_require_grads()
         emb = v.get("emb", "gpu")  # cpu: frozen input embeddings in CPU memory (train.embeddings_on_cpu)
@@ -176,7 +179,7 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
         out = dict(tool="tunesmith", variant=name, method=a.method, shape=a.shape, packing=packed, attn=v_attn,
                    checkpointed_layers=layers, of_layers=n_layers, loss=loss, bs=bs, ga=16 // bs, embeddings=emb,
-                   row_tokens=rows or bs * 2048,
+                   row_tokens=rows or bs * 2048, offload=v.get("offload", "off"),
                    warmup_steps=warm,
                    compile=v.get("compile", "off"), load_s=round(load_s, 1))
         try:
@@ -392,7 +395,7 @@ def main() -> None:
     t.add_argument("--learnable", action="store_true", help="repeated-motif data, so the loss can fall")
     t.add_argument("--variant", action="append", default=[],
                    help="comma list: name=,packing=on|off,attn=,loss=liger|chunked|plain,ckpt=all|N,bs=,compile=on,"
-                        "emb=cpu,warmup=N,rows=N (packed row tokens),profile=on")
+                        "emb=cpu,warmup=N,rows=N (packed row tokens),offload=on|sync,profile=on")
     t.add_argument("--workdir", default="/tmp/seedbench")
     al = sub.add_parser("all", help="seed baselines + tunesmith ablation + the ≥1B check; writes results")
     al.add_argument("--seed-script", required=True)

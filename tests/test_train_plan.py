@@ -109,11 +109,12 @@ def test_the_plan_counts_the_fused_loss_kernels_tiles_not_pytorch_chunks(liger_h
 def test_frozen_input_embeddings_move_to_the_cpu_only_when_the_step_does_not_fit(liger_head):
     roomy = _plan("llama-3.1-8b", method="qlora", per_device_train_batch_size=2)
     assert roomy.embeddings_on_cpu is False
-    tight = _plan("llama-3.1-8b", method="qlora", per_device_train_batch_size=2, memory_limit_gb=10)
+    tight = _plan("llama-3.1-8b", method="qlora", per_device_train_batch_size=2, memory_limit_gb=10,
+                  offload_checkpoints=False)
     assert tight.embeddings_on_cpu is True and tight.checkpointed_layers == 32
     assert "input embeddings in CPU memory" in describe(tight) and "-0.98 GiB" in tight.reason
     without = _plan("llama-3.1-8b", method="qlora", per_device_train_batch_size=2, memory_limit_gb=10,
-                    embeddings_on_cpu=False)
+                    embeddings_on_cpu=False, offload_checkpoints=False)
     assert without.embeddings_on_cpu is False and without.estimate_gib == pytest.approx(tight.estimate_gib + 0.98,
                                                                                           abs=0.05)
     # a step that fits by checkpointing layers keeps its embeddings on the GPU (no lookups on the CPU)
@@ -150,3 +151,33 @@ def test_a_packed_row_budget_between_multiples_of_max_length_is_planned_as_given
     assert four.estimate_gib < five.estimate_gib < six.estimate_gib
     with pytest.raises(ValueError, match="at least max_length"):
         TrainConfig(packed_row_tokens=1024)
+
+
+def test_checkpointed_inputs_go_to_cpu_memory_only_when_the_budget_forces_checkpointing(liger_head):
+    # 8B LoRA, rows of 8K tokens: every checkpointed layer's 64 MiB input but two leaves the GPU; in 24 GB the
+    # freed memory keeps one more layer un-checkpointed (the model's ~2 GiB per layer at 8K tokens)
+    tight = dict(method="lora", per_device_train_batch_size=4, memory_limit_gb=24)
+    on = _plan("llama-3.1-8b", **tight)
+    off = _plan("llama-3.1-8b", **tight, offload_checkpoints=False)
+    assert on.offload_checkpoints and not off.offload_checkpoints
+    assert "inputs in CPU memory" in describe(on) and "inputs in CPU memory" not in describe(off)
+    assert on.checkpointed_layers == off.checkpointed_layers - 1
+    assert on.estimate_gib <= on.budget_gib and off.estimate_gib <= off.budget_gib
+    # where it buys nothing (the step fits, and the freed 1.9 GiB keeps no layer), auto leaves it off
+    assert not _plan("llama-3.1-8b", method="lora", per_device_train_batch_size=4,
+                     memory_limit_gb=23).offload_checkpoints
+    # QLoRA rows of 8K tokens within 8 GB: only with the inputs in CPU memory does the estimate come down
+    qlora = dict(method="qlora", packed_row_tokens=8192, memory_limit_gb=8 / 0.92)
+    assert _plan("llama-3.1-8b", **qlora).offload_checkpoints
+    assert (_plan("llama-3.1-8b", **qlora, offload_checkpoints=False).estimate_gib
+            - _plan("llama-3.1-8b", **qlora).estimate_gib) == pytest.approx(30 * 4096 * 8192 * 2 / 2**30, abs=0.1)
+    forced = dict(method="lora", per_device_train_batch_size=4, gradient_checkpointing=True)
+    kept = _plan("llama-3.1-8b", **forced)
+    moved = _plan("llama-3.1-8b", **forced, offload_checkpoints=True)
+    assert kept.estimate_gib - moved.estimate_gib == pytest.approx(30 * 4096 * 8192 * 2 / 2**30, abs=0.1)
+    # nothing checkpointed, QLoRA's every-layer policy without a limit, several GPUs: not on by itself
+    assert not _plan("llama-3.1-8b", method="lora", per_device_train_batch_size=4).offload_checkpoints
+    assert not _plan("llama-3.1-8b", method="qlora", per_device_train_batch_size=2).offload_checkpoints
+    assert not _plan("llama-3.1-8b", gpus=2, method="lora", memory_limit_gb=30).offload_checkpoints
+    with pytest.raises(UserError, match="offload_checkpoints: true runs on one GPU"):
+        _plan("llama-3.1-8b", gpus=2, method="lora", offload_checkpoints=True)

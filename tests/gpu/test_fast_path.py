@@ -3,6 +3,8 @@
 - Liger's fused linear + cross-entropy vs the chunked PyTorch path: loss and gradients.
 - Packed rows through our variable-length attention vs each sequence on its own: per-sequence loss and the
   gradients of the LoRA adapters over a whole optimizer step.
+- Input embeddings in CPU memory, and checkpointed layers' inputs in CPU memory: same loss and gradients, less
+  GPU memory.
 """
 
 from __future__ import annotations
@@ -47,12 +49,12 @@ def test_attention_choice_is_varlen_on_cuda_with_packing_and_default_otherwise()
     assert attention_implementation("cpu", packing=True) is None
 
 
-def _tiny_lora_model(attn: str):
+def _tiny_lora_model(attn: str, layers: int = 2):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048)
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
     model.config._attn_implementation = attn
@@ -196,3 +198,46 @@ def test_a_run_with_its_input_embeddings_in_cpu_memory_trains_as_with_them_on_th
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), x["step"]
     evals = metrics(tmp_path / "cpu", "eval")  # task eval generated with the embeddings back on the GPU
     assert evals and all(any(k.startswith("task_") for k in e) for e in evals)
+
+
+def test_checkpointed_inputs_in_cpu_memory_free_the_gpu_and_keep_loss_and_gradients():
+    from tunesmith.chat import TokenizedChat
+    from tunesmith.train.batching import micro_batches
+    from tunesmith.train.kernels import VARLEN_ATTENTION, attention_implementation
+    from tunesmith.train.loss import loss_sum
+    from tunesmith.train.model import compile_decoder_layers, set_checkpointing
+
+    attention_implementation("cuda", packing=True)
+    layers = 6
+    model = _tiny_lora_model(VARLEN_ATTENTION, layers)
+    compile_decoder_layers(model)  # as trained on a GPU: compiled layers inside the checkpoint function
+    gen = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (900, 1500, 333, 1267)]
+    (batch,) = micro_batches([TokenizedChat(s, list(s)) for s in seqs], range(4), 2, 2048, 0, packed=True)
+    batch = batch.to(torch.device("cuda"))
+    boundary = 4000 * 256 * 2  # one layer's bf16 input: 2 MB, over the 1 MiB floor
+
+    def run(offload: bool) -> tuple[float, dict[str, torch.Tensor], int, object]:
+        offloader = set_checkpointing(model, layers, offload)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", torch.bfloat16):
+            loss, _ = loss_sum(model, batch, fused=False)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before  # what forward leaves for backward
+        loss.backward()
+        torch.cuda.synchronize()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, held, \
+            offloader
+
+    for _ in range(2):  # compile and warm up both paths
+        run(False), run(True)
+    plain, grads, held_plain, _ = run(False)
+    again, grads_again, _, _ = run(False)
+    noise = max(_rel(grads_again[n], grads[n]) for n in grads)
+    moved, grads_moved, held_moved, offloader = run(True)
+    assert offloader.offloaded == layers
+    assert moved == plain == again
+    assert max(_rel(grads_moved[n], grads[n]) for n in grads) <= max(2 * noise, 1e-3)
+    assert held_plain - held_moved >= (layers - 2) * boundary, (held_plain, held_moved)

@@ -139,6 +139,13 @@ class TrainConfig(Section):
     ``auto``: only when the step would not fit ``memory_limit_gb`` otherwise; never with tied input/output
     embeddings, full fine-tuning or several GPUs. Reported in run.json's plan."""
 
+    offload_checkpoints: Literal["auto"] | bool = "auto"
+    """One GPU: the inputs of checkpointed decoder layers (the one tensor each keeps for backward: tokens × hidden
+    × 2 bytes, 2 GiB for an 8B model's 32 layers at 8K tokens) wait for backward in pinned CPU memory, copied out
+    and back on side streams while the GPU computes (src/tunesmith/train/offload.py). ``auto``: when layers must
+    be checkpointed to fit ``memory_limit_gb`` and the freed memory lets fewer be checkpointed or the step fit.
+    Reported in run.json's plan."""
+
     packing: Literal["auto"] | bool = "auto"
     """Padding-free packing: concatenate examples into one row with per-example position ids, so no token
     attends across examples and no compute is spent on padding. ``auto``: on for CUDA, off on the CPU."""
@@ -193,7 +200,8 @@ class TrainConfig(Section):
         # YAML 1.1 reads a bare `no` as false
         return "no" if value is False else value
 
-    @field_validator("gradient_checkpointing", "packing", "compile", "embeddings_on_cpu", mode="before")
+    @field_validator("gradient_checkpointing", "packing", "compile", "embeddings_on_cpu", "offload_checkpoints",
+                     mode="before")
     @classmethod
     def _on_off(cls, value: Any) -> Any:
         return {"on": True, "off": False}.get(value, value) if isinstance(value, str) else value

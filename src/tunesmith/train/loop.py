@@ -104,7 +104,8 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
         model = build_sharded_model(config.model, tcfg, procs, precision, attn, model_path, plan.checkpointed_layers,
                                     plan.sharding == "replicate", plan.reshard_after_forward)
     else:
-        model = build_model(config.model, tcfg, device, precision, attn, model_path, plan.checkpointed_layers)
+        model = build_model(config.model, tcfg, device, precision, attn, model_path, plan.checkpointed_layers,
+                            plan.offload_checkpoints)
     if plan.embeddings_on_cpu:
         embeddings_to(model, "cpu")
     trainable, total = count_parameters(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -13,6 +13,7 @@ from ..config import ModelConfig, TrainConfig
 from ..errors import UserError
 from ..models import base_model, load_model, model_skeleton
 from .distributed import Processes, materialize, shard
+from .offload import InputOffloader, offloaded_checkpoint, synchronous_offloaded_checkpoint
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ def resolve_precision(choice: str, method: str, device: torch.device) -> Precisi
 
 
 def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, precision: Precision,
-                attn_implementation: str | None, path: str, checkpointed_layers: int | None = None) -> Any:
+                attn_implementation: str | None, path: str, checkpointed_layers: int | None = None,
+                offload_checkpoints: bool = False) -> Any:
     """Load the base and make exactly the intended parameters trainable."""
     method = train_cfg.method
     quant = _bnb_config(train_cfg, precision) if method == "qlora" else None
@@ -56,7 +58,7 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.de
                        path=path, attn_implementation=attn_implementation)
     if quant is None:
         model.to(device)
-    return prepare_model(model, train_cfg, device, checkpointed_layers)
+    return prepare_model(model, train_cfg, device, checkpointed_layers, offload_checkpoints=offload_checkpoints)
 
 
 def build_sharded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, procs: Processes, precision: Precision,
@@ -81,17 +83,18 @@ def build_sharded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, procs: P
 
 
 def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
-                  checkpointed_layers: int | None = None, compile_layers: bool | None = None) -> Any:
+                  checkpointed_layers: int | None = None, compile_layers: bool | None = None,
+                  offload_checkpoints: bool = False) -> Any:
     """Adapters and checkpointing on an already loaded base (benchmarks build random-weight bases themselves).
     ``checkpointed_layers``: how many decoder layers recompute their activations (the plan's choice); None: all or
-    none, as ``train.gradient_checkpointing`` says."""
+    none, as ``train.gradient_checkpointing`` says. ``offload_checkpoints``: their inputs wait in CPU memory."""
     model.config.use_cache = False
     if train_cfg.method != "full":
         model = _add_lora(model, train_cfg)
     if checkpointed_layers is None:
         checkpointed_layers = decoder_layer_count(model) if checkpointing_on(train_cfg, device) else 0
     if checkpointed_layers > 0:
-        set_checkpointing(model, checkpointed_layers)
+        set_checkpointing(model, checkpointed_layers, offload_checkpoints)
         if train_cfg.method == "qlora":
             # the seed's QLoRA gotcha: inputs of frozen 4-bit layers must carry grad for checkpointed blocks
             model.enable_input_require_grads()
@@ -132,12 +135,16 @@ def decoder_layer_count(model: Any) -> int:
     return len(_decoder_layers(model))
 
 
-def set_checkpointing(model: Any, layers: int) -> None:
+def set_checkpointing(model: Any, layers: int, offload: bool | Literal["synchronous"] = False
+                      ) -> InputOffloader | None:
     """Recompute the activations of the first ``layers`` decoder layers in backward; keep the others' in memory.
 
     A layer kept costs ~tokens × (its activations) of memory and saves its forward recomputation (about a third of
     its training FLOPs), so on a large GPU the best policy is "as many un-checkpointed layers as fit". Uses
-    transformers' own per-layer switch (``GradientCheckpointingLayer.gradient_checkpointing``).
+    transformers' own per-layer switch (``GradientCheckpointingLayer.gradient_checkpointing``) and, with
+    ``offload``, its per-layer checkpoint function: the checkpointed layers' inputs wait for backward in CPU
+    memory (src/tunesmith/train/offload.py); the offloader is returned. ``synchronous``: torch's ``save_on_cpu``
+    in the same place instead (the benchmark's control arm; what transformers ≥ 5.2x does with offload=True).
     """
     blocks = _decoder_layers(model)
     if layers <= 0:
@@ -145,10 +152,17 @@ def set_checkpointing(model: Any, layers: int) -> None:
             model.activation_checkpointing_disable()
         else:
             model.gradient_checkpointing_disable()
-        return
+        return None
     _enable_checkpointing(model)
+    offloader = InputOffloader() if offload is True else None
+    run = offloaded_checkpoint(offloader) if offloader is not None else None
+    if offload == "synchronous":
+        run = synchronous_offloaded_checkpoint()
     for i, block in enumerate(blocks):
         block.gradient_checkpointing = i < layers
+        if run is not None and i < layers:
+            block._gradient_checkpointing_func = run
+    return offloader
 
 
 def _decoder_layers(model: Any) -> list[Any]:

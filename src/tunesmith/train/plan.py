@@ -12,11 +12,12 @@ Two ``auto`` choices are made here:
   memory, checkpoints every layer unless a limit is given. On the CPU nothing is checkpointed.
 - ``train.embeddings_on_cpu: auto`` — LoRA/QLoRA on one GPU whose step does not fit the budget: the frozen input
   embeddings move to CPU memory (1 GiB for a 128K vocabulary), and the checkpointing choice is made again with it.
+- ``train.offload_checkpoints: auto`` — one GPU whose layers must be checkpointed to fit the budget: their inputs
+  wait for backward in CPU memory (all but the two in flight), and the checkpointing choice is made again with it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ from ..errors import UserError
 from .model import checkpointing_on
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+OFFLOAD_IN_FLIGHT = 2
+"""Checkpointed inputs on the GPU at once with offload_checkpoints: the one being copied and the one prefetched."""
 
 HEADROOM = 0.92
 """Share of the budget the estimate may fill: the memory model's blind error on GPUs was within +25%/-5%, and
@@ -45,6 +49,7 @@ class TrainPlan:
     estimate_gib: float | None
     reason: str
     embeddings_on_cpu: bool = False  # frozen input embeddings looked up in CPU memory
+    offload_checkpoints: bool = False  # checkpointed layers' inputs kept in CPU memory until backward
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,8 +70,10 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
         # layers unknown (a config without num_hidden_layers): None lets the model count its own blocks
         ckpt = (layers or None) if checkpointing_on(tcfg, device) else 0
         sharding = None if world == 1 else ("replicate" if tcfg.sharding == "replicate" else "shard")
+        offload = tcfg.offload_checkpoints is True and _offload_checkpoints(tcfg, world, 1 if ckpt is None else ckpt)
         return TrainPlan(optimizer, master, ckpt, layers, sharding, sharding != "replicate", budget, None,
-                         "no GPU memory to plan for" if budget is None else "architecture not in the memory model")
+                         "no GPU memory to plan for" if budget is None else "architecture not in the memory model",
+                         offload_checkpoints=offload)
 
     # a packed row's budget, or a padded micro-batch
     tokens = tcfg.packed_row_tokens or tcfg.per_device_train_batch_size * tcfg.max_length
@@ -79,9 +86,19 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
     on_cpu = _embeddings_on_cpu(model_config, tcfg, world, estimate > budget)
     if on_cpu:
         freed = _embedding_gib(model_config)
+        copy_gib -= freed
         ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget,
-                                                         optimizer, layers, copy_gib - freed)
+                                                         optimizer, layers, copy_gib)
         ckpt_why += f"; frozen input embeddings in CPU memory (-{freed:.2f} GiB)"
+    offload = False
+    if _offload_checkpoints(tcfg, world, ckpt):
+        moved = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget, optimizer, layers,
+                                      copy_gib, offload=True)
+        # auto: only if it buys something — fewer layers recomputed, or a step that did not fit
+        if tcfg.offload_checkpoints is True or moved[0] < ckpt or estimate > budget:
+            ckpt, estimate, ckpt_why = moved
+            offload = ckpt > 0
+            ckpt_why += "; checkpointed layers' inputs in CPU memory" if offload else ""
     reshard, reshard_why = True, ""
     if sharding is not None:
         # keeping every layer's gathered weights (compute dtype) from forward to backward saves one gather per
@@ -94,7 +111,7 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
         reshard_why = f"; {sharding}" + ("" if sharding == "replicate" or reshard else
                                          ", gathered weights kept from forward to backward") + shard_why
     return TrainPlan(optimizer, master, ckpt, layers, sharding, reshard, round(budget, 1), round(estimate, 1),
-                     f"{why}; {ckpt_why}{reshard_why}", on_cpu)
+                     f"{why}; {ckpt_why}{reshard_why}", on_cpu, offload)
 
 
 def describe(plan: TrainPlan) -> str:
@@ -104,6 +121,8 @@ def describe(plan: TrainPlan) -> str:
         ckpt = "none"
     est = f", estimated peak {plan.estimate_gib:.1f} of {plan.budget_gib:.1f} GiB" if plan.estimate_gib else ""
     cpu = ", input embeddings in CPU memory" if plan.embeddings_on_cpu else ""
+    if plan.offload_checkpoints:
+        ckpt += " (inputs in CPU memory)"
     return f"optimizer {plan.optimizer}, master weights {plan.master_weights}, checkpointing {ckpt}{cpu}{est}"
 
 
@@ -149,24 +168,43 @@ def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: i
 
 
 def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
-                          budget: float, optimizer: str, layers: int, extra_gib: float = 0.0
+                          budget: float, optimizer: str, layers: int, extra_gib: float = 0.0, offload: bool = False
                           ) -> tuple[int, float, str]:
     opt = "adamw_8bit" if optimizer == "adamw_8bit" else "adamw"
     every = _estimate(arch, model_config, tcfg, tokens, shards, "full", opt) + extra_gib
+    none = _estimate(arch, model_config, tcfg, tokens, shards, "none", opt) + extra_gib
+    per_layer = (none - every) / layers if layers else 0.0  # a kept layer's activations beyond its input
+    # offloaded: a checkpointed layer's bf16 input leaves the GPU, except the ones being copied out and back
+    boundary = model_config.hidden_size * tokens * 2 / 2**30 if offload else 0.0
+
+    def peak(checkpointed: int) -> float:
+        return every + (layers - checkpointed) * per_layer - max(0, checkpointed - OFFLOAD_IN_FLIGHT) * boundary
+
     if tcfg.gradient_checkpointing != "auto":
         count = layers if tcfg.gradient_checkpointing else 0
-        none = _estimate(arch, model_config, tcfg, tokens, shards, "none", opt) + extra_gib
-        return count, every if count else none, "checkpointing as configured"
+        return count, peak(count) if count else none, "checkpointing as configured"
     if tcfg.method == "qlora" and tcfg.memory_limit_gb is None:
-        return layers, every, "QLoRA checkpoints every layer (set train.memory_limit_gb to trade memory for speed)"
-    none = _estimate(arch, model_config, tcfg, tokens, shards, "none", opt) + extra_gib
+        return layers, peak(layers), ("QLoRA checkpoints every layer (set train.memory_limit_gb to trade memory "
+                                      "for speed)")
     if none <= budget:
         return 0, none, "no checkpointing needed"
-    if every > budget or layers == 0:
-        return layers, every, "every layer checkpointed (the step may not fit: see the estimate)"
-    per_layer = (none - every) / layers
-    kept = min(layers, math.floor((budget - every) / per_layer))
-    return layers - kept, every + kept * per_layer, f"{kept} layers kept un-checkpointed ({per_layer:.2f} GiB each)"
+    if peak(layers) > budget or layers == 0:
+        return layers, peak(layers), "every layer checkpointed (the step may not fit: see the estimate)"
+    checkpointed = next(c for c in range(layers + 1) if peak(c) <= budget)
+    return checkpointed, peak(checkpointed), (f"{layers - checkpointed} layers kept un-checkpointed "
+                                              f"({per_layer + boundary:.2f} GiB each)")
+
+
+def _offload_checkpoints(tcfg: TrainConfig, world: int, checkpointed: int) -> bool:
+    if tcfg.offload_checkpoints is True and world > 1:
+        raise UserError("train.offload_checkpoints: true runs on one GPU (not measured under FSDP2)",
+                        hint="set train.offload_checkpoints: auto (off with several GPUs)")
+    if tcfg.offload_checkpoints != "auto":
+        return bool(tcfg.offload_checkpoints) and checkpointed > 0
+    # only where the budget forced checkpointing (QLoRA without a limit checkpoints every layer by policy)
+    budget_bound = tcfg.gradient_checkpointing == "auto" and not (tcfg.method == "qlora" and
+                                                                  tcfg.memory_limit_gb is None)
+    return world == 1 and checkpointed > 0 and budget_bound
 
 
 def _fsdp_copies_gib(arch: Any, model_config: Any, tcfg: TrainConfig, sharding: str | None) -> float:
