@@ -14,9 +14,13 @@
 #   bash bench/gpu_session.sh K   # 2 GPUs: J's runs again (decoder output by hook), a model-head control, NCCL tests
 #   bash bench/gpu_session.sh L   # 1 GPU: tests/gpu/test_fast_path.py, QLoRA rows of 4096/5120/5632 tokens vs the seed
 #   bash bench/gpu_session.sh M   # 1 GPU: the seed's QLoRA, then QLoRA rows of 5632 tokens alone
+#   bash bench/gpu_session.sh N   # 2 GPUs, one job each: QLoRA / LoRA with checkpointed inputs in CPU memory and
+#                                 #   longer rows vs their seeds; tests/gpu/test_fast_path.py
+#   bash bench/gpu_session.sh O   # 2 GPUs, one job each: N's closest variants twice each, LoRA with 1-3 layers kept
+#   bash bench/gpu_session.sh P   # 2 GPUs, one job each: O again after the loop's sync fixes; tests/gpu/test_fast_path.py
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -131,6 +135,65 @@ elif [ "$phase" = M ]; then  # one GPU: L's fastest QLoRA row size again, alone 
     --seed-script .gpu/seed_recipe.py --out "$w/fe_qlora" --part-timeout 150 --parts seed-qlora qlora \
     --qlora-variant "name=rows5632+emb-cpu,bs=2,rows=5632,compile=on,emb=cpu,warmup=4"
   cp "$w/fe_qlora/fast_engine.json" "$out/fast_engine_qlora.json" 2>/dev/null
+elif [ "$phase" = N ]; then  # two GPUs, one job each: checkpointed inputs in CPU memory (train.offload_checkpoints)
+  # with longer rows, QLoRA on GPU 0 and LoRA on GPU 1 against their seeds; then the CUDA fast-path tests on GPU 1
+  ( CUDA_VISIBLE_DEVICES=0 timeout 530 python3 bench/fast_engine.py all \
+      --seed-script .gpu/seed_recipe.py --out "$w/fe_qlora" --part-timeout 420 --parts seed-qlora qlora \
+      --qlora-variant "name=rows8192+offload,bs=2,rows=8192,compile=on,emb=cpu,offload=on,warmup=4" \
+      --qlora-variant "name=rows12288+offload,bs=2,rows=12288,compile=on,emb=cpu,offload=on" \
+      --qlora-variant "name=rows10240+offload,bs=2,rows=10240,compile=on,emb=cpu,offload=on" \
+      --qlora-variant "name=rows5632,bs=2,rows=5632,compile=on,emb=cpu" \
+      --qlora-variant "name=rows12288+sync-offload,bs=2,rows=12288,compile=on,emb=cpu,offload=sync"
+    cp "$w/fe_qlora/fast_engine.json" "$out/fast_engine_qlora.json" ) > "$w/gpu0.log" 2>&1 &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 400 python3 bench/fast_engine.py all \
+      --seed-script .gpu/seed_recipe.py --out "$w/fe_lora" --part-timeout 300 --parts seed-lora lora \
+      --lora-variant "name=rows8192,compile=on,warmup=4" \
+      --lora-variant "name=rows12288+offload,rows=12288,compile=on,emb=cpu,offload=on" \
+      --lora-variant "name=rows12288+offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=on,ckpt=31" \
+      --lora-variant "name=rows12288+sync-offload,rows=12288,compile=on,emb=cpu,offload=sync"
+    cp "$w/fe_lora/fast_engine.json" "$out/fast_engine_lora.json"
+    CUDA_VISIBLE_DEVICES=1 timeout $(( 560 - $(date +%s) + start )) python3 -m pytest -q -s -p no:cacheprovider \
+      tests/gpu/test_fast_path.py ) > "$w/gpu1.log" 2>&1 &
+  wait
+elif [ "$phase" = O ]; then  # two GPUs, one job each: N's closest QLoRA and LoRA variants again, each measured
+  # twice in the call (the first compiled variant of a call runs slowest), and un-checkpointed layers under the
+  # LoRA seed's memory
+  ( CUDA_VISIBLE_DEVICES=0 timeout 540 python3 bench/fast_engine.py all \
+      --seed-script .gpu/seed_recipe.py --out "$w/fe_qlora" --part-timeout 440 --parts seed-qlora qlora \
+      --qlora-variant "name=rows9216+offload,bs=2,rows=9216,compile=on,emb=cpu,offload=on,warmup=4" \
+      --qlora-variant "name=rows8192+offload,bs=2,rows=8192,compile=on,emb=cpu,offload=on,warmup=3" \
+      --qlora-variant "name=rows9216+offload(again),bs=2,rows=9216,compile=on,emb=cpu,offload=on,warmup=3" \
+      --qlora-variant "name=rows8192+offload(again),bs=2,rows=8192,compile=on,emb=cpu,offload=on,warmup=3"
+    cp "$w/fe_qlora/fast_engine.json" "$out/fast_engine_qlora.json" ) > "$w/gpu0.log" 2>&1 &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 540 python3 bench/fast_engine.py all \
+      --seed-script .gpu/seed_recipe.py --out "$w/fe_lora" --part-timeout 440 --parts seed-lora lora \
+      --lora-variant "name=rows12288+offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=on,ckpt=31,warmup=4" \
+      --lora-variant "name=rows12288+offload+ckpt30,rows=12288,compile=on,emb=cpu,offload=on,ckpt=30,warmup=3" \
+      --lora-variant "name=rows12288+offload+ckpt29,rows=12288,compile=on,emb=cpu,offload=on,ckpt=29,warmup=3" \
+      --lora-variant "name=rows12288+offload,rows=12288,compile=on,emb=cpu,offload=on,warmup=3" \
+      --lora-variant "name=rows12288+sync-offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=sync,ckpt=31,warmup=3" \
+      --lora-variant "name=rows12288+offload+ckpt31(again),rows=12288,compile=on,emb=cpu,offload=on,ckpt=31,warmup=3"
+    cp "$w/fe_lora/fast_engine.json" "$out/fast_engine_lora.json" ) > "$w/gpu1.log" 2>&1 &
+  wait
+elif [ "$phase" = P ]; then  # two GPUs, one job each: O's variants after the loop stopped reading the loss per
+  # micro-batch and the CPU-memory embeddings stopped waiting for the GPU; then the CUDA fast-path tests on GPU 1
+  ( CUDA_VISIBLE_DEVICES=0 timeout 540 python3 bench/fast_engine.py all \
+      --seed-script .gpu/seed_recipe.py --out "$w/fe_qlora" --part-timeout 440 --parts seed-qlora qlora \
+      --qlora-variant "name=rows9216+offload,bs=2,rows=9216,compile=on,emb=cpu,offload=on,warmup=4" \
+      --qlora-variant "name=rows8192+offload,bs=2,rows=8192,compile=on,emb=cpu,offload=on,warmup=3" \
+      --qlora-variant "name=rows9216+offload(again),bs=2,rows=9216,compile=on,emb=cpu,offload=on,warmup=3" \
+      --qlora-variant "name=rows8192+offload(again),bs=2,rows=8192,compile=on,emb=cpu,offload=on,warmup=3"
+    cp "$w/fe_qlora/fast_engine.json" "$out/fast_engine_qlora.json" ) > "$w/gpu0.log" 2>&1 &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 330 python3 bench/fast_engine.py all \
+      --seed-script .gpu/seed_recipe.py --out "$w/fe_lora" --part-timeout 250 --parts seed-lora lora \
+      --lora-variant "name=rows12288+offload+ckpt30,rows=12288,compile=on,emb=cpu,offload=on,ckpt=30,warmup=4" \
+      --lora-variant "name=rows12288+offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=on,ckpt=31,warmup=3" \
+      --lora-variant "name=rows12288+offload+ckpt30(again),rows=12288,compile=on,emb=cpu,offload=on,ckpt=30,warmup=3" \
+      --lora-variant "name=rows12288+offload+ckpt30+emb-gpu,rows=12288,compile=on,offload=on,ckpt=30,warmup=3"
+    cp "$w/fe_lora/fast_engine.json" "$out/fast_engine_lora.json"
+    CUDA_VISIBLE_DEVICES=1 timeout $(( 560 - $(date +%s) + start )) python3 -m pytest -q -s -p no:cacheprovider \
+      tests/gpu/test_fast_path.py ) > "$w/gpu1.log" 2>&1 &
+  wait
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))

@@ -31,12 +31,14 @@ class MicroBatch:
     max_seq_len: int
     num_tokens: int                # real (non-pad) tokens
     num_targets: int               # supervised tokens
+    host_input_ids: torch.Tensor | None = None  # the ids still in CPU memory after ``to(gpu)`` (CPU lookups)
 
     def to(self, device: torch.device) -> MicroBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        host = self.input_ids if self.input_ids.device.type == "cpu" else self.host_input_ids
         return MicroBatch(move(self.input_ids), move(self.targets), move(self.position_ids),
                           move(self.attention_mask), move(self.cu_seq_lens), self.max_seq_len, self.num_tokens,
-                          self.num_targets)
+                          self.num_targets, host)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -268,17 +268,21 @@ def _accumulate(model: Any, examples: list[TokenizedChat], indices: list[int], m
         shortest = min(indices, key=lambda i: len(examples[i].input_ids))
         batches += micro_batches(examples, [shortest], 1, max_length, pad_id, packed) * (n_micro - real)
     n_targets = sum_all(sum(b.num_targets for b in batches[:real]), procs)
-    step_loss = 0.0
+    # the step's loss is summed on the GPU and read once at the end: reading it per micro-batch would make the CPU
+    # wait for each backward before preparing the next micro-batch
+    step_loss = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
         set_gradient_sync(model, i == n_micro - 1)
         with _autocast(device, precision):
             loss, _ = loss_sum(model, batch.to(device), fused, loss_kernel)
-        if not torch.isfinite(loss):
-            raise _nan_error(step, "loss", ckpt_root)
         weight = procs.world / n_targets if i < real else 0.0  # FSDP2 averages gradients over processes
         (loss * weight).backward()
-        step_loss += loss.item() if i < real else 0.0
-    return batches, real, n_targets, sum_all(step_loss, procs)
+        if i < real:
+            step_loss += loss.detach().float()
+    total = step_loss.item()
+    if not math.isfinite(total):  # a non-finite micro-batch loss makes the sum non-finite
+        raise _nan_error(step, "loss", ckpt_root)
+    return batches, real, n_targets, sum_all(total, procs)
 
 
 def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, device: torch.device) -> RunError:

@@ -104,12 +104,24 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple
 
 def _inputs(base: Any, batch: MicroBatch) -> dict[str, torch.Tensor]:
     """The token ids — or, where the plan keeps the frozen input embeddings in CPU memory, their rows looked up
-    there and sent to the GPU (no gradient flows to frozen embeddings; checkpointing is non-reentrant)."""
+    there and sent to the GPU (no gradient flows to frozen embeddings; checkpointing is non-reentrant).
+
+    The lookup reads the batch's own CPU copy of the ids (asking the GPU for them would wait for all its queued
+    work), a plain ``nn.Embedding`` gathers straight into pinned memory, and the copy to the GPU is queued without
+    waiting: the GPU keeps working on what came before while the CPU looks tokens up."""
     embeddings = base.get_input_embeddings()
     ids = batch.input_ids
     if embeddings is None or embeddings.weight.device == ids.device:
         return {"input_ids": ids}
-    return {"inputs_embeds": embeddings(ids.to(embeddings.weight.device)).to(ids.device).detach()}
+    host = batch.host_input_ids if batch.host_input_ids is not None else ids.to(embeddings.weight.device)
+    with torch.no_grad():
+        if type(embeddings) is torch.nn.Embedding and ids.device.type == "cuda":
+            rows = torch.empty((*host.shape, embeddings.embedding_dim), dtype=embeddings.weight.dtype,
+                               pin_memory=True)
+            torch.index_select(embeddings.weight, 0, host.reshape(-1), out=rows.view(-1, rows.shape[-1]))
+        else:  # a subclass may scale or otherwise transform its rows: its own forward
+            rows = embeddings(host)
+    return {"inputs_embeds": rows.to(ids.device, non_blocking=rows.is_pinned())}
 
 
 def _attention_kwargs(batch: MicroBatch) -> dict[str, Any]:
