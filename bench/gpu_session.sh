@@ -18,9 +18,10 @@
 #                                 #   longer rows vs their seeds; tests/gpu/test_fast_path.py
 #   bash bench/gpu_session.sh O   # 2 GPUs, one job each: N's closest variants twice each, LoRA with 1-3 layers kept
 #   bash bench/gpu_session.sh P   # 2 GPUs, one job each: O again after the loop's sync fixes; tests/gpu/test_fast_path.py
+#   bash bench/gpu_session.sh Q   # 2 GPUs, one job each: 8B LoRA as planned within the seed's memory, offload vs not
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -193,6 +194,14 @@ elif [ "$phase" = P ]; then  # two GPUs, one job each: O's variants after the lo
     cp "$w/fe_lora/fast_engine.json" "$out/fast_engine_lora.json"
     CUDA_VISIBLE_DEVICES=1 timeout $(( 560 - $(date +%s) + start )) python3 -m pytest -q -s -p no:cacheprovider \
       tests/gpu/test_fast_path.py ) > "$w/gpu1.log" 2>&1 &
+  wait
+elif [ "$phase" = Q ]; then  # two GPUs, one job each: 8B LoRA as `tunesmith train` plans it within the LoRA seed's
+  # 21.15 GiB (memory limit 22.99 × the plan's 0.92 headroom), rows of 12288 tokens, with and without
+  # offload_checkpoints
+  so 0 1 250 --shape 8b --method lora --bs 4 --rows 12288 --memory-limit 22.99 --compile \
+    --label lora-seed-budget > "$w/gpu0.log" 2>&1 &
+  so 1 1 250 --shape 8b --method lora --bs 4 --rows 12288 --memory-limit 22.99 --compile --offload off \
+    --label lora-seed-budget-no-offload > "$w/gpu1.log" 2>&1 &
   wait
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")

@@ -64,7 +64,7 @@ def run(a: argparse.Namespace) -> None:
     from tunesmith.train import fit
     from tunesmith.train.distributed import allocate, init_processes, max_all, shard
     from tunesmith.train.kernels import attention_implementation
-    from tunesmith.train.model import compile_decoder_layers, prepare_model, resolve_precision
+    from tunesmith.train.model import compile_decoder_layers, embeddings_to, prepare_model, resolve_precision
     from tunesmith.train.plan import describe, plan_training
 
     procs = init_processes()
@@ -74,7 +74,9 @@ def run(a: argparse.Namespace) -> None:
     tcfg = TrainConfig(method=a.method, per_device_train_batch_size=a.bs, gradient_accumulation_steps=16 // a.bs,
                        max_length=2048, max_steps=a.steps + a.warmup, logging_steps=1, save_strategy="no",
                        eval_strategy="no", learning_rate=1e-5 if a.method == "full" else 2e-4, seed=0,
-                       compile=False, memory_limit_gb=a.memory_limit, sharding=a.sharding, **overrides)
+                       compile=False, memory_limit_gb=a.memory_limit, sharding=a.sharding,
+                       packed_row_tokens=a.rows, offload_checkpoints="auto" if a.offload == "auto" else False,
+                       **overrides)
     precision = resolve_precision("auto", a.method, device)
     plan = plan_training(cfg, tcfg, device, procs.world, precision.weights)
     layers = plan.checkpointed_layers if a.ckpt in (None, "0") else int(a.ckpt)
@@ -86,11 +88,13 @@ def run(a: argparse.Namespace) -> None:
     attn = attention_implementation(device.type, packing=True)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(cfg, dtype=precision.weights, attn_implementation=attn)
-    model = prepare_model(model, tcfg, device, layers)
+    model = prepare_model(model, tcfg, device, layers, offload_checkpoints=plan.offload_checkpoints)
     if procs.distributed:
         shard(model, procs, a.method, precision.autocast, plan.sharding == "replicate", plan.reshard_after_forward)
     allocate(model, device)
     _random_weights(model, device, procs.rank)
+    if plan.embeddings_on_cpu:
+        embeddings_to(model, "cpu")
     if a.compile:
         compile_decoder_layers(model)
     build_s = time.perf_counter() - t0
@@ -111,7 +115,8 @@ def run(a: argparse.Namespace) -> None:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    out = dict(shape=a.shape, method=a.method, gpus=procs.world, bs=a.bs, rows_tokens=a.bs * 2048,
+    out = dict(shape=a.shape, method=a.method, gpus=procs.world, bs=a.bs, rows_tokens=a.rows or a.bs * 2048,
+               offload_checkpoints=plan.offload_checkpoints, embeddings_on_cpu=plan.embeddings_on_cpu,
                optimizer=plan.optimizer, master_weights=plan.master_weights, checkpointed_layers=layers,
                sharding=plan.sharding, reshard_after_forward=plan.reshard_after_forward,
                of_layers=plan.layers, compile=a.compile, planned_peak_gib=plan.estimate_gib,
@@ -242,6 +247,8 @@ def main() -> None:
                    "timing is then slowed: use for where the time goes, not for tokens/s)")
     r.add_argument("--memory-limit", type=float, default=None, help="train.memory_limit_gb for the plan")
     r.add_argument("--sharding", default="auto", choices=["auto", "shard", "replicate"])
+    r.add_argument("--rows", type=int, default=None, help="train.packed_row_tokens (default bs × 2048)")
+    r.add_argument("--offload", default="auto", choices=["auto", "off"], help="train.offload_checkpoints")
     r.add_argument("--label", default="")
     r.add_argument("--jsonl", default=None, help="append the result row to this file")
     r.add_argument("--workdir", default="/tmp/scale_out")
