@@ -19,9 +19,10 @@
 #   bash bench/gpu_session.sh O   # 2 GPUs, one job each: N's closest variants twice each, LoRA with 1-3 layers kept
 #   bash bench/gpu_session.sh P   # 2 GPUs, one job each: O again after the loop's sync fixes; tests/gpu/test_fast_path.py
 #   bash bench/gpu_session.sh Q   # 2 GPUs, one job each: 8B LoRA as planned within the seed's memory, offload vs not
+#   bash bench/gpu_session.sh R   # Q with 5 untimed steps
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -202,6 +203,13 @@ elif [ "$phase" = Q ]; then  # two GPUs, one job each: 8B LoRA as `tunesmith tra
     --label lora-seed-budget > "$w/gpu0.log" 2>&1 &
   so 1 1 250 --shape 8b --method lora --bs 4 --rows 12288 --memory-limit 22.99 --compile --offload off \
     --label lora-seed-budget-no-offload > "$w/gpu1.log" 2>&1 &
+  wait
+elif [ "$phase" = R ]; then  # Q again with 5 untimed steps instead of 2 (pinned-memory allocations of the first
+  # steps), offload on GPU 0, the control on GPU 1
+  so 0 1 200 --shape 8b --method lora --bs 4 --rows 12288 --memory-limit 22.99 --compile --warmup 5 \
+    --label lora-seed-budget-warm5 > "$w/gpu0.log" 2>&1 &
+  so 1 1 200 --shape 8b --method lora --bs 4 --rows 12288 --memory-limit 22.99 --compile --offload off --warmup 5 \
+    --label lora-seed-budget-no-offload-warm5 > "$w/gpu1.log" 2>&1 &
   wait
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
