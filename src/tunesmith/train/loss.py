@@ -115,7 +115,7 @@ def _inputs(base: Any, batch: MicroBatch) -> dict[str, torch.Tensor]:
         return {"input_ids": ids}
     host = batch.host_input_ids if batch.host_input_ids is not None else ids.to(embeddings.weight.device)
     with torch.no_grad():
-        if type(embeddings) is torch.nn.Embedding and ids.device.type == "cuda":
+        if type(embeddings) is torch.nn.Embedding and embeddings.max_norm is None and ids.device.type == "cuda":
             rows = torch.empty((*host.shape, embeddings.embedding_dim), dtype=embeddings.weight.dtype,
                                pin_memory=True)
             torch.index_select(embeddings.weight, 0, host.reshape(-1), out=rows.view(-1, rows.shape[-1]))

@@ -191,8 +191,9 @@ def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, token
     if peak(layers) > budget or layers == 0:
         return layers, peak(layers), "every layer checkpointed (the step may not fit: see the estimate)"
     checkpointed = next(c for c in range(layers + 1) if peak(c) <= budget)
-    return checkpointed, peak(checkpointed), (f"{layers - checkpointed} layers kept un-checkpointed "
-                                              f"({per_layer + boundary:.2f} GiB each)")
+    kept = (f"{layers - checkpointed} layers kept un-checkpointed ({per_layer + boundary:.2f} GiB each)"
+            if checkpointed < layers else "every layer checkpointed")
+    return checkpointed, peak(checkpointed), kept
 
 
 def _offload_checkpoints(tcfg: TrainConfig, world: int, checkpointed: int) -> bool:
