@@ -17,7 +17,7 @@
 #   bash bench/gpu_session.sh N   # 2 GPUs, one job each: QLoRA / LoRA with checkpointed inputs in CPU memory and
 #                                 #   longer rows vs their seeds; tests/gpu/test_fast_path.py
 #   bash bench/gpu_session.sh O   # 2 GPUs, one job each: N's closest variants twice each, LoRA with 1-3 layers kept
-#   bash bench/gpu_session.sh P   # 2 GPUs, one job each: O again after the loop's sync fixes; tests/gpu/test_fast_path.py
+#   bash bench/gpu_session.sh P   # 2 GPUs, one job each: O again after the loop's sync fixes; tests/gpu
 #   bash bench/gpu_session.sh Q   # 2 GPUs, one job each: 8B LoRA as planned within the seed's memory, offload vs not
 #   bash bench/gpu_session.sh R   # Q with 5 untimed steps
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
@@ -46,6 +46,24 @@ fe() {  # fe GPU NAME ARGS...: fast-engine parts (seed recipe unchanged + tunesm
     --out "$w/fe_$name" --part-timeout 300 "$@"
   cp "$w/fe_$name/fast_engine.json" "$out/fast_engine_$name.json" 2>/dev/null
 }
+fe_part() {  # fe_part GPU METHOD TIMEOUT PART_TIMEOUT VARIANT...: the seed's METHOD, then tunesmith's variants
+  local gpu=$1 m=$2 t=$3 pt=$4 v args=()
+  shift 4
+  for v in "$@"; do args+=("--$m-variant" "$v"); done
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$t" python3 bench/fast_engine.py all --seed-script .gpu/seed_recipe.py \
+    --out "$w/fe_$m" --part-timeout "$pt" --parts "seed-$m" "$m" "${args[@]}"
+  cp "$w/fe_$m/fast_engine.json" "$out/fast_engine_$m.json"
+}
+gpu_tests_until() {  # tests/gpu/test_fast_path.py on GPU 1 until second $1 of the phase
+  CUDA_VISIBLE_DEVICES=1 timeout $(( $1 - $(date +%s) + start )) python3 -m pytest -q -s -p no:cacheprovider \
+    tests/gpu/test_fast_path.py
+}
+qlora_twice=(  # phases O and P: QLoRA rows of 9216 and 8192 tokens, each measured twice
+  "name=rows9216+offload,bs=2,rows=9216,compile=on,emb=cpu,offload=on,warmup=4"
+  "name=rows8192+offload,bs=2,rows=8192,compile=on,emb=cpu,offload=on,warmup=3"
+  "name=rows9216+offload(again),bs=2,rows=9216,compile=on,emb=cpu,offload=on,warmup=3"
+  "name=rows8192+offload(again),bs=2,rows=8192,compile=on,emb=cpu,offload=on,warmup=3"
+)
 start=$(date +%s)
 if [ "$phase" = A ]; then  # two GPUs, one job each
   nvidia-smi topo -m > "$w/topo.txt" 2>&1
@@ -139,62 +157,37 @@ elif [ "$phase" = M ]; then  # one GPU: L's fastest QLoRA row size again, alone 
   cp "$w/fe_qlora/fast_engine.json" "$out/fast_engine_qlora.json" 2>/dev/null
 elif [ "$phase" = N ]; then  # two GPUs, one job each: checkpointed inputs in CPU memory (train.offload_checkpoints)
   # with longer rows, QLoRA on GPU 0 and LoRA on GPU 1 against their seeds; then the CUDA fast-path tests on GPU 1
-  ( CUDA_VISIBLE_DEVICES=0 timeout 530 python3 bench/fast_engine.py all \
-      --seed-script .gpu/seed_recipe.py --out "$w/fe_qlora" --part-timeout 420 --parts seed-qlora qlora \
-      --qlora-variant "name=rows8192+offload,bs=2,rows=8192,compile=on,emb=cpu,offload=on,warmup=4" \
-      --qlora-variant "name=rows12288+offload,bs=2,rows=12288,compile=on,emb=cpu,offload=on" \
-      --qlora-variant "name=rows10240+offload,bs=2,rows=10240,compile=on,emb=cpu,offload=on" \
-      --qlora-variant "name=rows5632,bs=2,rows=5632,compile=on,emb=cpu" \
-      --qlora-variant "name=rows12288+sync-offload,bs=2,rows=12288,compile=on,emb=cpu,offload=sync"
-    cp "$w/fe_qlora/fast_engine.json" "$out/fast_engine_qlora.json" ) > "$w/gpu0.log" 2>&1 &
-  ( CUDA_VISIBLE_DEVICES=1 timeout 400 python3 bench/fast_engine.py all \
-      --seed-script .gpu/seed_recipe.py --out "$w/fe_lora" --part-timeout 300 --parts seed-lora lora \
-      --lora-variant "name=rows8192,compile=on,warmup=4" \
-      --lora-variant "name=rows12288+offload,rows=12288,compile=on,emb=cpu,offload=on" \
-      --lora-variant "name=rows12288+offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=on,ckpt=31" \
-      --lora-variant "name=rows12288+sync-offload,rows=12288,compile=on,emb=cpu,offload=sync"
-    cp "$w/fe_lora/fast_engine.json" "$out/fast_engine_lora.json"
-    CUDA_VISIBLE_DEVICES=1 timeout $(( 560 - $(date +%s) + start )) python3 -m pytest -q -s -p no:cacheprovider \
-      tests/gpu/test_fast_path.py ) > "$w/gpu1.log" 2>&1 &
+  fe_part 0 qlora 530 420 "name=rows8192+offload,bs=2,rows=8192,compile=on,emb=cpu,offload=on,warmup=4" \
+    "name=rows12288+offload,bs=2,rows=12288,compile=on,emb=cpu,offload=on" \
+    "name=rows10240+offload,bs=2,rows=10240,compile=on,emb=cpu,offload=on" \
+    "name=rows5632,bs=2,rows=5632,compile=on,emb=cpu" \
+    "name=rows12288+sync-offload,bs=2,rows=12288,compile=on,emb=cpu,offload=sync" > "$w/gpu0.log" 2>&1 &
+  ( fe_part 1 lora 400 300 "name=rows8192,compile=on,warmup=4" \
+      "name=rows12288+offload,rows=12288,compile=on,emb=cpu,offload=on" \
+      "name=rows12288+offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=on,ckpt=31" \
+      "name=rows12288+sync-offload,rows=12288,compile=on,emb=cpu,offload=sync"
+    gpu_tests_until 560 ) > "$w/gpu1.log" 2>&1 &
   wait
 elif [ "$phase" = O ]; then  # two GPUs, one job each: N's closest QLoRA and LoRA variants again, each measured
   # twice in the call (the first compiled variant of a call runs slowest), and un-checkpointed layers under the
   # LoRA seed's memory
-  ( CUDA_VISIBLE_DEVICES=0 timeout 540 python3 bench/fast_engine.py all \
-      --seed-script .gpu/seed_recipe.py --out "$w/fe_qlora" --part-timeout 440 --parts seed-qlora qlora \
-      --qlora-variant "name=rows9216+offload,bs=2,rows=9216,compile=on,emb=cpu,offload=on,warmup=4" \
-      --qlora-variant "name=rows8192+offload,bs=2,rows=8192,compile=on,emb=cpu,offload=on,warmup=3" \
-      --qlora-variant "name=rows9216+offload(again),bs=2,rows=9216,compile=on,emb=cpu,offload=on,warmup=3" \
-      --qlora-variant "name=rows8192+offload(again),bs=2,rows=8192,compile=on,emb=cpu,offload=on,warmup=3"
-    cp "$w/fe_qlora/fast_engine.json" "$out/fast_engine_qlora.json" ) > "$w/gpu0.log" 2>&1 &
-  ( CUDA_VISIBLE_DEVICES=1 timeout 540 python3 bench/fast_engine.py all \
-      --seed-script .gpu/seed_recipe.py --out "$w/fe_lora" --part-timeout 440 --parts seed-lora lora \
-      --lora-variant "name=rows12288+offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=on,ckpt=31,warmup=4" \
-      --lora-variant "name=rows12288+offload+ckpt30,rows=12288,compile=on,emb=cpu,offload=on,ckpt=30,warmup=3" \
-      --lora-variant "name=rows12288+offload+ckpt29,rows=12288,compile=on,emb=cpu,offload=on,ckpt=29,warmup=3" \
-      --lora-variant "name=rows12288+offload,rows=12288,compile=on,emb=cpu,offload=on,warmup=3" \
-      --lora-variant "name=rows12288+sync-offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=sync,ckpt=31,warmup=3" \
-      --lora-variant "name=rows12288+offload+ckpt31(again),rows=12288,compile=on,emb=cpu,offload=on,ckpt=31,warmup=3"
-    cp "$w/fe_lora/fast_engine.json" "$out/fast_engine_lora.json" ) > "$w/gpu1.log" 2>&1 &
+  fe_part 0 qlora 540 440 "${qlora_twice[@]}" > "$w/gpu0.log" 2>&1 &
+  fe_part 1 lora 540 440 "name=rows12288+offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=on,ckpt=31,warmup=4" \
+    "name=rows12288+offload+ckpt30,rows=12288,compile=on,emb=cpu,offload=on,ckpt=30,warmup=3" \
+    "name=rows12288+offload+ckpt29,rows=12288,compile=on,emb=cpu,offload=on,ckpt=29,warmup=3" \
+    "name=rows12288+offload,rows=12288,compile=on,emb=cpu,offload=on,warmup=3" \
+    "name=rows12288+sync-offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=sync,ckpt=31,warmup=3" \
+    "name=rows12288+offload+ckpt31(again),rows=12288,compile=on,emb=cpu,offload=on,ckpt=31,warmup=3" \
+    > "$w/gpu1.log" 2>&1 &
   wait
 elif [ "$phase" = P ]; then  # two GPUs, one job each: O's variants after the loop stopped reading the loss per
   # micro-batch and the CPU-memory embeddings stopped waiting for the GPU; then the CUDA fast-path tests on GPU 1
-  ( CUDA_VISIBLE_DEVICES=0 timeout 540 python3 bench/fast_engine.py all \
-      --seed-script .gpu/seed_recipe.py --out "$w/fe_qlora" --part-timeout 440 --parts seed-qlora qlora \
-      --qlora-variant "name=rows9216+offload,bs=2,rows=9216,compile=on,emb=cpu,offload=on,warmup=4" \
-      --qlora-variant "name=rows8192+offload,bs=2,rows=8192,compile=on,emb=cpu,offload=on,warmup=3" \
-      --qlora-variant "name=rows9216+offload(again),bs=2,rows=9216,compile=on,emb=cpu,offload=on,warmup=3" \
-      --qlora-variant "name=rows8192+offload(again),bs=2,rows=8192,compile=on,emb=cpu,offload=on,warmup=3"
-    cp "$w/fe_qlora/fast_engine.json" "$out/fast_engine_qlora.json" ) > "$w/gpu0.log" 2>&1 &
-  ( CUDA_VISIBLE_DEVICES=1 timeout 330 python3 bench/fast_engine.py all \
-      --seed-script .gpu/seed_recipe.py --out "$w/fe_lora" --part-timeout 250 --parts seed-lora lora \
-      --lora-variant "name=rows12288+offload+ckpt30,rows=12288,compile=on,emb=cpu,offload=on,ckpt=30,warmup=4" \
-      --lora-variant "name=rows12288+offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=on,ckpt=31,warmup=3" \
-      --lora-variant "name=rows12288+offload+ckpt30(again),rows=12288,compile=on,emb=cpu,offload=on,ckpt=30,warmup=3" \
-      --lora-variant "name=rows12288+offload+ckpt30+emb-gpu,rows=12288,compile=on,offload=on,ckpt=30,warmup=3"
-    cp "$w/fe_lora/fast_engine.json" "$out/fast_engine_lora.json"
-    CUDA_VISIBLE_DEVICES=1 timeout $(( 560 - $(date +%s) + start )) python3 -m pytest -q -s -p no:cacheprovider \
-      tests/gpu/test_fast_path.py ) > "$w/gpu1.log" 2>&1 &
+  fe_part 0 qlora 540 440 "${qlora_twice[@]}" > "$w/gpu0.log" 2>&1 &
+  ( fe_part 1 lora 330 250 "name=rows12288+offload+ckpt30,rows=12288,compile=on,emb=cpu,offload=on,ckpt=30,warmup=4" \
+      "name=rows12288+offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=on,ckpt=31,warmup=3" \
+      "name=rows12288+offload+ckpt30(again),rows=12288,compile=on,emb=cpu,offload=on,ckpt=30,warmup=3" \
+      "name=rows12288+offload+ckpt30+emb-gpu,rows=12288,compile=on,offload=on,ckpt=30,warmup=3"
+    gpu_tests_until 560 ) > "$w/gpu1.log" 2>&1 &
   wait
 elif [ "$phase" = Q ]; then  # two GPUs, one job each: 8B LoRA as `tunesmith train` plans it within the LoRA seed's
   # 21.15 GiB (memory limit 22.99 × the plan's 0.92 headroom), rows of 12288 tokens, with and without
