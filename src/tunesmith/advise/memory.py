@@ -40,6 +40,15 @@ CUDA_CONTEXT_GIB = 0.75
 ALLOCATOR_SLACK = 0.05
 """The caching allocator's fragmentation: reserved memory runs a few percent above the allocated peak."""
 
+COMPILED_LAYER_SHARE = 0.85
+"""LoRA/QLoRA decoder layers compiled with torch.compile keep less than the eager measurements below give (the
+compiler saves bf16 where eager keeps fp32 copies, and recomputes cheap elementwise results). Measured on 8B runs on
+an H200 (bench/results/fast_engine.md): un-checkpointed and compiled at 8K-token rows 70.4 GiB allocated against
+81.1 eager (0.84 of the layers' eager activations); with checkpointing the compiled layers keep less still (a kept
+layer at 12,288 tokens cost 1.94-2.20 GiB against 2.84 eager), so 0.85 overestimates those peaks by at most 0.5 GiB
+(every-layer-checkpointed LoRA/QLoRA steps of 8K-12K tokens) rather than underestimate the un-checkpointed ones.
+Full fine-tuning's compiled layers were not measured this way: they keep the eager estimate."""
+
 NF4_BYTES_PER_PARAM = 0.5
 NF4_BLOCK = 64
 """bitsandbytes NF4 stores one absmax per 64 weights: fp32 (4 bytes), or with double quantization an 8-bit code
@@ -112,6 +121,12 @@ class MemoryEstimate:
     """Saved activations: checkpoints, plus every layer (checkpointing off) or one recomputed layer (on)."""
     head_and_transients_gib: float
     """The worst backward moment beyond saved activations: the LM head's tiles or logits, or a layer's gradients."""
+    layer_gib: float
+    """One decoder layer's saved activations (what keeping it un-checkpointed costs, its input included)."""
+    layer_backward_gib: float
+    """A checkpointed layer's backward: its recomputed activations and the gradients alive meanwhile."""
+    head_gib: float
+    """The LM head's worst moment (tiles or logits and their gradients)."""
     peak_allocated_gib: float
     """Comparable with torch.cuda.max_memory_allocated()."""
     overhead_gib: float
@@ -223,14 +238,15 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
                     lora_dropout: float = 0.05, checkpointing: Checkpointing = "full",
                     logits: LogitsPolicy = "chunked", optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
                     full_precision: Literal["bf16", "mixed"] = "bf16", dropout_mask_bytes: int = 1,
-                    double_quant: bool = True, shards: int = 1) -> MemoryEstimate:
+                    double_quant: bool = True, shards: int = 1, compiled: bool = False) -> MemoryEstimate:
     """Peak memory of one training step with ``micro_batch_size`` rows of ``seq_len`` tokens (padded or packed).
 
     ``full_precision``: ``bf16`` keeps weights, gradients and AdamW states in bf16 (what the seed's code does: it
     loads the model in bf16); ``mixed`` keeps fp32 master weights, fp32 gradients and fp32 states (16 bytes/param).
     ``shards``: full or LoRA fine-tuning over that many GPUs with FSDP2, as tunesmith trains (weights, gradients
     and states split evenly, one block gathered at a time; the estimate is per GPU). QLoRA is not shardable
-    (bitsandbytes 4-bit weights): it trains on one GPU.
+    (bitsandbytes 4-bit weights): it trains on one GPU. ``compiled``: the decoder layers run under torch.compile
+    (``COMPILED_LAYER_SHARE`` of the eager activations for LoRA/QLoRA).
     """
     n, tokens = arch.total_params, micro_batch_size * seq_len
     d, i, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
@@ -266,6 +282,8 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
     # -- saved activations ------------------------------------------------------------------------------------
     per_layer = layer_activation_bytes_per_token(arch, method, lora_r, adapted_in_features, lora_dropout,
                                                  dropout_mask_bytes) * tokens
+    if compiled and method != "full":
+        per_layer *= COMPILED_LAYER_SHARE
     outside_layers = 6 * d * tokens  # embedding output, final norm (fp32 input + bf16 output)
     if checkpointing == "full":
         activations = arch.num_layers * 2 * d * tokens + outside_layers  # each block's bf16 input
@@ -300,7 +318,8 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
         method=method, micro_batch_size=micro_batch_size, seq_len=seq_len, checkpointing=checkpointing,
         logits=logits, trainable_params=trainable, weights_gib=_r(weights), trainable_gib=_r(trainable_copy),
         gradients_gib=_r(gradients), optimizer_gib=_r(optimizer_states), activations_gib=_r(activations),
-        head_and_transients_gib=_r(max(layer_backward, head)), peak_allocated_gib=round(peak_gib, 3),
+        head_and_transients_gib=_r(max(layer_backward, head)), layer_gib=_r(per_layer),
+        layer_backward_gib=_r(layer_backward), head_gib=_r(head), peak_allocated_gib=round(peak_gib, 3),
         overhead_gib=round(overhead, 3), total_gib=round(peak_gib + overhead, 3),
     )
 

@@ -170,15 +170,24 @@ def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: i
 def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
                           budget: float, optimizer: str, layers: int, extra_gib: float = 0.0, offload: bool = False
                           ) -> tuple[int, float, str]:
+    from ..advise.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB
+
     opt = "adamw_8bit" if optimizer == "adamw_8bit" else "adamw"
-    every = _estimate(arch, model_config, tcfg, tokens, shards, "full", opt) + extra_gib
-    none = _estimate(arch, model_config, tcfg, tokens, shards, "none", opt) + extra_gib
-    per_layer = (none - every) / layers if layers else 0.0  # a kept layer's activations beyond its input
-    # offloaded: a checkpointed layer's bf16 input leaves the GPU, except the ones being copied out and back
-    boundary = model_config.hidden_size * tokens * 2 / 2**30 if offload else 0.0
+    full = _memory(arch, model_config, tcfg, tokens, shards, "full", opt)
+    none = _memory(arch, model_config, tcfg, tokens, shards, "none", opt).total_gib + extra_gib
+    # a kept layer holds its activations in place of its bf16 input; offloaded, a checkpointed layer's input leaves
+    # the GPU, except the ones being copied out and back
+    boundary = model_config.hidden_size * tokens * 2 / 2**30
+    without_layers = full.peak_allocated_gib - full.head_and_transients_gib
 
     def peak(checkpointed: int) -> float:
-        return every + (layers - checkpointed) * per_layer - max(0, checkpointed - OFFLOAD_IN_FLIGHT) * boundary
+        kept = layers - checkpointed
+        moved = max(0, checkpointed - OFFLOAD_IN_FLIGHT) * boundary if offload else 0.0
+        # the kept layers (the last ones) are alive from their forward to their backward, which comes before any
+        # checkpointed layer's: the worst moment is either the loss with every kept layer alive, or a recomputation
+        worst = max(kept * full.layer_gib + full.head_gib, full.layer_backward_gib)
+        allocated = without_layers - kept * boundary - moved + worst
+        return allocated * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB + extra_gib
 
     if tcfg.gradient_checkpointing != "auto":
         count = layers if tcfg.gradient_checkpointing else 0
@@ -191,7 +200,7 @@ def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, token
     if peak(layers) > budget or layers == 0:
         return layers, peak(layers), "every layer checkpointed (the step may not fit: see the estimate)"
     checkpointed = next(c for c in range(layers + 1) if peak(c) <= budget)
-    kept = (f"{layers - checkpointed} layers kept un-checkpointed ({per_layer + boundary:.2f} GiB each)"
+    kept = (f"{layers - checkpointed} layers kept un-checkpointed ({full.layer_gib:.2f} GiB each)"
             if checkpointed < layers else "every layer checkpointed")
     return checkpointed, peak(checkpointed), kept
 
@@ -243,6 +252,12 @@ def _embeddings_on_cpu(model_config: Any, tcfg: TrainConfig, world: int, short_o
 def _estimate(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
               checkpointing: str, optimizer: str) -> float:
     """Peak GiB per GPU; ``shards`` is 1 when each GPU holds the whole model (one process, or replicated)."""
+    return _memory(arch, model_config, tcfg, tokens, shards, checkpointing, optimizer).total_gib
+
+
+def _memory(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
+            checkpointing: str, optimizer: str) -> Any:
+    """The memory model's estimate (src/tunesmith/advise/memory.py) for this run, its terms included."""
     from ..advise.memory import estimate_memory, lora_trainable_params
 
     trainable, adapted = (0, 0)
@@ -251,8 +266,8 @@ def _estimate(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shar
     est = estimate_memory(arch, tcfg.method, 1, tokens, lora_r=tcfg.lora.r, lora_trainable=trainable,
                           adapted_in_features=adapted, lora_dropout=tcfg.lora.dropout, checkpointing=checkpointing,
                           logits=_head(), optimizer=optimizer,
-                          full_precision="mixed", shards=shards)
-    return est.total_gib
+                          full_precision="mixed", shards=shards, compiled=tcfg.compile is not False)
+    return est
 
 
 def _head() -> str:
