@@ -54,8 +54,9 @@ fe_part() {  # fe_part GPU METHOD TIMEOUT PART_TIMEOUT VARIANT...: the seed's ME
     --out "$w/fe_$m" --part-timeout "$pt" --parts "seed-$m" "$m" "${args[@]}"
   cp "$w/fe_$m/fast_engine.json" "$out/fast_engine_$m.json"
 }
-gpu_tests_until() {  # tests/gpu/test_fast_path.py on GPU 1 until second $1 of the phase
-  CUDA_VISIBLE_DEVICES=1 timeout $(( $1 - $(date +%s) + start )) python3 -m pytest -q -s -p no:cacheprovider \
+lora_then_tests() {  # lora_then_tests TIMEOUT PART_TIMEOUT VARIANT...: GPU 1: LoRA part, then tests/gpu
+  fe_part 1 lora "$@"  # until second 560 of the phase
+  CUDA_VISIBLE_DEVICES=1 timeout $(( 560 - $(date +%s) + start )) python3 -m pytest -q -s -p no:cacheprovider \
     tests/gpu/test_fast_path.py
 }
 qlora_twice=(  # phases O and P: QLoRA rows of 9216 and 8192 tokens, each measured twice
@@ -162,11 +163,10 @@ elif [ "$phase" = N ]; then  # two GPUs, one job each: checkpointed inputs in CP
     "name=rows10240+offload,bs=2,rows=10240,compile=on,emb=cpu,offload=on" \
     "name=rows5632,bs=2,rows=5632,compile=on,emb=cpu" \
     "name=rows12288+sync-offload,bs=2,rows=12288,compile=on,emb=cpu,offload=sync" > "$w/gpu0.log" 2>&1 &
-  ( fe_part 1 lora 400 300 "name=rows8192,compile=on,warmup=4" \
-      "name=rows12288+offload,rows=12288,compile=on,emb=cpu,offload=on" \
-      "name=rows12288+offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=on,ckpt=31" \
-      "name=rows12288+sync-offload,rows=12288,compile=on,emb=cpu,offload=sync"
-    gpu_tests_until 560 ) > "$w/gpu1.log" 2>&1 &
+  lora_then_tests 400 300 "name=rows8192,compile=on,warmup=4" \
+    "name=rows12288+offload,rows=12288,compile=on,emb=cpu,offload=on" \
+    "name=rows12288+offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=on,ckpt=31" \
+    "name=rows12288+sync-offload,rows=12288,compile=on,emb=cpu,offload=sync" > "$w/gpu1.log" 2>&1 &
   wait
 elif [ "$phase" = O ]; then  # two GPUs, one job each: N's closest QLoRA and LoRA variants again, each measured
   # twice in the call (the first compiled variant of a call runs slowest), and un-checkpointed layers under the
@@ -183,11 +183,10 @@ elif [ "$phase" = O ]; then  # two GPUs, one job each: N's closest QLoRA and LoR
 elif [ "$phase" = P ]; then  # two GPUs, one job each: O's variants after the loop stopped reading the loss per
   # micro-batch and the CPU-memory embeddings stopped waiting for the GPU; then the CUDA fast-path tests on GPU 1
   fe_part 0 qlora 540 440 "${qlora_twice[@]}" > "$w/gpu0.log" 2>&1 &
-  ( fe_part 1 lora 330 250 "name=rows12288+offload+ckpt30,rows=12288,compile=on,emb=cpu,offload=on,ckpt=30,warmup=4" \
-      "name=rows12288+offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=on,ckpt=31,warmup=3" \
-      "name=rows12288+offload+ckpt30(again),rows=12288,compile=on,emb=cpu,offload=on,ckpt=30,warmup=3" \
-      "name=rows12288+offload+ckpt30+emb-gpu,rows=12288,compile=on,offload=on,ckpt=30,warmup=3"
-    gpu_tests_until 560 ) > "$w/gpu1.log" 2>&1 &
+  lora_then_tests 330 250 "name=rows12288+offload+ckpt30,rows=12288,compile=on,emb=cpu,offload=on,ckpt=30,warmup=4" \
+    "name=rows12288+offload+ckpt31,rows=12288,compile=on,emb=cpu,offload=on,ckpt=31,warmup=3" \
+    "name=rows12288+offload+ckpt30(again),rows=12288,compile=on,emb=cpu,offload=on,ckpt=30,warmup=3" \
+    "name=rows12288+offload+ckpt30+emb-gpu,rows=12288,compile=on,offload=on,ckpt=30,warmup=3" > "$w/gpu1.log" 2>&1 &
   wait
 elif [ "$phase" = Q ]; then  # two GPUs, one job each: 8B LoRA as `tunesmith train` plans it within the LoRA seed's
   # 21.15 GiB (memory limit 22.99 × the plan's 0.92 headroom), rows of 12288 tokens, with and without
