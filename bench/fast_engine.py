@@ -153,6 +153,11 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         set_checkpointing(model, layers, offload)
         if a.method == "qlora" and layers:
             model.enable_input_require_grads()
+        if v.get("dropout") == "0":  # information only: what the adapters' dropout costs (not a recipe change)
+            for module in model.modules():
+                if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+                    for key in module.lora_dropout:
+                        module.lora_dropout[key] = torch.nn.Identity()
         emb = v.get("emb", "gpu")  # cpu: frozen input embeddings in CPU memory (train.embeddings_on_cpu)
         embeddings_to(model, "cpu" if emb == "cpu" else device)
         loss = v.get("loss", "liger")
@@ -228,13 +233,27 @@ def _profile_summary(prof: object, marks: list) -> dict:
     gpu_us = sum(e.self_device_time_total for e in kernels)
     count = sum(e.count for e in kernels)
     wall_s = marks[3][0] - marks[1][0] if len(marks) > 3 else None  # steps 3 and 4 (1-based) were profiled
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        kind = _kernel_kind(e.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1e6
     host = sorted((e for e in prof.key_averages() if not str(e.device_type).endswith("CUDA")),
                   key=lambda e: -e.self_cpu_time_total)[:15]
     return dict(profiled_steps=2, wall_s=round(wall_s, 3) if wall_s else None, gpu_kernel_s=round(gpu_us / 1e6, 3),
                 gpu_busy=round(gpu_us / 1e6 / wall_s, 3) if wall_s else None, kernel_launches=count,
+                kernel_s_by_kind={k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
                 top=[(e.key[:90], round(e.self_device_time_total / 1e3, 1), e.count) for e in top],
                 top_host=[(e.key[:90], round(e.self_cpu_time_total / 1e3, 1), e.count) for e in host])
+
+
+def _kernel_kind(name: str) -> str:
+    """A kernel's family by its name: matmuls (cuBLAS/CUTLASS), attention, Triton (compiled or Liger), copies."""
+    low = name.lower()
+    kinds = (("memcpy", ("memcpy",)), ("memset", ("memset",)), ("attention", ("flash", "fmha", "attn")),
+             ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "cublas")), ("triton", ("triton",)),
+             ("nccl", ("nccl",)), ("bitsandbytes", ("kdequant", "kquant", "optimizer")))
+    return next((kind for kind, marks in kinds if any(m in low for m in marks)), "other")
 
 
 # --- the seed recipe, unchanged, as a subprocess -------------------------------------------------------------------

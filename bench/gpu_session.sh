@@ -20,9 +20,11 @@
 #   bash bench/gpu_session.sh P   # 2 GPUs, one job each: O again after the loop's sync fixes; tests/gpu
 #   bash bench/gpu_session.sh Q   # 2 GPUs, one job each: 8B LoRA as planned within the seed's memory, offload vs not
 #   bash bench/gpu_session.sh R   # Q with 5 untimed steps
+#   bash bench/gpu_session.sh S   # 1 GPU: LoRA's best configuration vs the seed, profiled, and without the adapters'
+#                                 #   dropout (what it costs); a profiled one-GPU full fine-tuning run
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -203,6 +205,13 @@ elif [ "$phase" = R ]; then  # Q again with 5 untimed steps instead of 2 (pinned
   so 1 1 200 --shape 8b --method lora --bs 4 --rows 12288 --memory-limit 22.99 --compile --offload off --warmup 5 \
     --label lora-seed-budget-no-offload-warm5 > "$w/gpu1.log" 2>&1 &
   wait
+elif [ "$phase" = S ]; then  # one GPU: where LoRA's step time goes (profile by kernel family), what the adapters'
+  # dropout costs in time and memory (information only: the workload keeps dropout 0.05), and full FT's profile
+  ckpt30="rows=12288,compile=on,emb=cpu,offload=on,ckpt=30"
+  fe_part 0 lora 340 270 "name=ckpt30,$ckpt30,warmup=4" "name=ckpt30(again),$ckpt30,warmup=3" \
+    "name=ckpt30+profile,$ckpt30,profile=on" "name=ckpt30+no-dropout,$ckpt30,dropout=0,warmup=3" \
+    "name=ckpt28+no-dropout,rows=12288,compile=on,emb=cpu,offload=on,ckpt=28,dropout=0,warmup=3" > "$w/gpu0.log" 2>&1
+  so 0 1 160 --shape 8b --method full --bs 2 --compile --profile --label full-1c-profile >> "$w/gpu0.log" 2>&1
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))
