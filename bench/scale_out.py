@@ -65,7 +65,7 @@ def run(a: argparse.Namespace) -> None:
     from tunesmith.train.distributed import allocate, init_processes, max_all, shard
     from tunesmith.train.kernels import attention_implementation
     from tunesmith.train.model import compile_decoder_layers, embeddings_to, prepare_model, resolve_precision
-    from tunesmith.train.plan import describe, plan_training
+    from tunesmith.train.plan import describe, plan_training, weights_precision
 
     procs = init_processes()
     device = procs.device
@@ -76,9 +76,11 @@ def run(a: argparse.Namespace) -> None:
                        eval_strategy="no", learning_rate=1e-5 if a.method == "full" else 2e-4, seed=0,
                        compile=False, memory_limit_gb=a.memory_limit, sharding=a.sharding,
                        packed_row_tokens=a.rows, offload_checkpoints="auto" if a.offload == "auto" else False,
+                       optim=a.optim,
                        **overrides)
     precision = resolve_precision("auto", a.method, device)
     plan = plan_training(cfg, tcfg, device, procs.world, precision.weights)
+    precision = weights_precision(plan, precision)
     layers = plan.checkpointed_layers if a.ckpt in (None, "0") else int(a.ckpt)
     tcfg = tcfg.model_copy(update={"optim": plan.optimizer})
     if procs.main:
@@ -249,6 +251,8 @@ def main() -> None:
     r.add_argument("--sharding", default="auto", choices=["auto", "shard", "replicate"])
     r.add_argument("--rows", type=int, default=None, help="train.packed_row_tokens (default bs × 2048)")
     r.add_argument("--offload", default="auto", choices=["auto", "off"], help="train.offload_checkpoints")
+    r.add_argument("--optim", default="auto", choices=["auto", "adamw_torch", "adamw_8bit", "adamw_8bit_bf16"],
+                   help="train.optim")
     r.add_argument("--label", default="")
     r.add_argument("--jsonl", default=None, help="append the result row to this file")
     r.add_argument("--workdir", default="/tmp/scale_out")

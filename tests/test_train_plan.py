@@ -8,7 +8,8 @@ import torch
 from advise_fixtures import catalogue_config
 from tunesmith.config import TrainConfig
 from tunesmith.errors import UserError
-from tunesmith.train.plan import describe, plan_training
+from tunesmith.train.model import Precision
+from tunesmith.train.plan import STOCHASTIC_BF16, describe, plan_training, weights_precision
 
 CUDA = torch.device("cuda", 0)  # never touched: the GPU's memory is passed in
 H200 = 139.8
@@ -19,13 +20,45 @@ def _plan(model: str, gpus: int = 1, gib: float = H200, **train):
                          if train.get("method") == "full" else torch.bfloat16, gpu_gib=gib)
 
 
-def test_full_fine_tuning_of_8b_on_one_h200_keeps_fp32_masters_with_8bit_states():
+@pytest.fixture
+def bf16_gpu(monkeypatch):
+    """The plan asks whether the GPU has bf16 (this CPU machine has no GPU to ask)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+
+
+def test_full_fine_tuning_of_8b_on_one_h200_trains_bf16_weights_rounded_stochastically(bf16_gpu):
+    pytest.importorskip("torchao")
     plan = _plan("llama-3.1-8b", method="full", per_device_train_batch_size=2)
     # fp32 weights + fp32 grads + fp32 AdamW = 16 bytes/param = 120 GiB before activations: over 92% of 139.8
+    assert plan.optimizer == "adamw_8bit_bf16"
+    assert plan.master_weights == STOCHASTIC_BF16
+    assert "bf16 weights rounded stochastically, 8-bit AdamW states with fp32 update maths" in plan.reason
+    assert plan.estimate_gib <= plan.budget_gib <= 0.92 * H200 + 0.1
+    assert weights_precision(plan, Precision(torch.float32, torch.bfloat16)) == Precision(torch.bfloat16,
+                                                                                           torch.bfloat16)
+    # 6 bytes per parameter instead of 12 (fp32 masters and gradients, 8-bit states, autocast's bf16 copy of every
+    # weight): ~45 GiB less for 8B parameters
+    masters = _plan("llama-3.1-8b", method="full", per_device_train_batch_size=2, optim="adamw_8bit")
+    assert masters.master_weights == "fp32"
+    assert 42 < masters.estimate_gib - plan.estimate_gib < 50, (masters.estimate_gib, plan.estimate_gib)
+    assert weights_precision(masters, Precision(torch.float32, torch.bfloat16)).weights == torch.float32
+
+
+def test_without_bf16_full_fine_tuning_of_8b_keeps_fp32_masters_with_8bit_states():
+    plan = _plan("llama-3.1-8b", method="full", per_device_train_batch_size=2)  # the CPU build says: no bf16 GPU
     assert plan.optimizer == "adamw_8bit"
     assert plan.master_weights == "fp32"
-    assert "8-bit AdamW states with fp32 update maths" in plan.reason
+    assert "8-bit AdamW states with fp32 update maths on fp32 master weights" in plan.reason
+    assert "need a bf16 GPU and torchao" in plan.reason
     assert plan.estimate_gib <= plan.budget_gib <= 0.92 * H200 + 0.1
+
+
+def test_stochastic_bf16_is_refused_where_it_cannot_run(bf16_gpu):
+    with pytest.raises(UserError, match="one GPU only"):
+        _plan("llama-3.2-1b", gpus=2, method="full", optim="adamw_8bit_bf16")
+    with pytest.raises(UserError, match="needs a CUDA GPU with bf16"):
+        plan_training(catalogue_config("llama-3.2-1b"), TrainConfig(method="full", optim="adamw_8bit_bf16"),
+                      torch.device("cpu"), 1, torch.float32)
 
 
 def test_full_fine_tuning_of_8b_on_two_gpus_shards_fp32_adamw():

@@ -43,7 +43,7 @@ from .model import (
     embeddings_to,
     resolve_precision,
 )
-from .plan import describe, plan_training
+from .plan import OPTIMIZER_MEMORY, describe, plan_training, weights_precision
 
 Event = Callable[[dict[str, Any]], None]
 
@@ -98,6 +98,7 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
     fingerprint = _fingerprint(tcfg, config.model.name_or_path, [train_file, eval_file])
     plan = plan_training(load_model_config(config.model, model_path), tcfg, device, procs.world, precision.weights)
     emit({"event": "plan", "message": describe(plan), **plan.to_dict()})
+    precision = weights_precision(plan, precision)
     tcfg = tcfg.model_copy(update={"optim": plan.optimizer})
     attn = attention_implementation(device.type, packed)
     if procs.distributed:
@@ -296,10 +297,10 @@ def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, device: torch.dev
         arch = architecture_from_config(base.config)
         row = _row_tokens(tcfg, micro_size)  # a packed row's own budget, when one is set
         batch, length = (1, row) if row else (micro_size, tcfg.max_length)
+        optimizer, weights = OPTIMIZER_MEMORY.get(tcfg.optim, OPTIMIZER_MEMORY["adamw_torch"])
         est = estimate_memory(arch, tcfg.method, batch, length,
                               checkpointing="full" if tcfg.gradient_checkpointing is not False else "none",
-                              optimizer="adamw_8bit" if tcfg.optim == "adamw_8bit" else "adamw",
-                              full_precision="mixed", lora_r=tcfg.lora.r)
+                              optimizer=optimizer, full_precision=weights, lora_r=tcfg.lora.r)
         detail = f" (the memory model estimates {est.total_gib:.1f} GiB for micro-batches of {batch} × " \
                  f"{length} tokens" + (f"; this GPU has {have:.1f} GiB)" if have else ")")
     except (AttributeError, KeyError, TypeError, ValueError):  # an architecture the model does not know
@@ -403,6 +404,11 @@ def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch
         except ImportError:
             raise UserError("train.optim: adamw_8bit needs bitsandbytes", hint="pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate)
+    if cfg.optim == "adamw_8bit_bf16":
+        from torchao.optim import AdamW8bit  # the plan checked that it is installed
+
+        # its update compiles once per parameter shape; the same hyper-parameters as the other AdamWs
+        return AdamW8bit(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, bf16_stochastic_round=True)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device.type == "cuda")
 
 

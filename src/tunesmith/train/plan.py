@@ -3,9 +3,11 @@ is loaded, and reported in run.json and on the console — never a silent fall-b
 
 Two ``auto`` choices are made here:
 
-- ``train.optim: auto`` — full fine-tuning keeps fp32 master weights; its AdamW states are fp32 when they fit on the
-  GPU (16 bytes per parameter with the gradients), else 8-bit (bitsandbytes: 8-bit states, fp32 update maths; one
-  GPU only). LoRA and QLoRA always use fp32 AdamW (their trainable parameters are few).
+- ``train.optim: auto`` — full fine-tuning keeps fp32 master weights and fp32 AdamW states when they fit on the
+  GPU (16 bytes per parameter with the gradients); else, on one GPU, bf16 weights rounded stochastically with 8-bit
+  states and fp32 update maths (torchao, 6 bytes per parameter; measured faster than the next choice), or fp32
+  master weights with 8-bit states (bitsandbytes, 10 bytes) where torchao or bf16 is missing. LoRA and QLoRA always
+  use fp32 AdamW (their trainable parameters are few).
 - ``train.gradient_checkpointing: auto`` on a GPU — checkpoint only as many decoder layers as needed for the step to
   fit in ``train.memory_limit_gb`` (default: the GPU's free memory): each layer kept saves its forward recomputation
   (about a quarter of its training FLOPs), each layer checkpointed saves its activations. QLoRA, chosen to save
@@ -25,9 +27,16 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import UserError
-from .model import checkpointing_on
+from .model import Precision, checkpointing_on
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+OPTIMIZER_MEMORY = {"adamw_torch": ("adamw", "mixed"), "adamw_8bit": ("adamw_8bit", "mixed"),
+                    "adamw_8bit_bf16": ("adamw_8bit", "bf16")}
+"""Each optimizer's terms in the memory model: its states, and full fine-tuning's weights and gradients (``mixed``:
+fp32 master weights and gradients with a bf16 autocast copy; ``bf16``: bf16 weights and gradients, no copy)."""
+
+STOCHASTIC_BF16 = "bf16, rounded stochastically"
 
 OFFLOAD_IN_FLIGHT = 2
 """Checkpointed inputs on the GPU at once with offload_checkpoints: the one being copied and the one prefetched."""
@@ -40,7 +49,7 @@ the allocator needs slack for fragmentation."""
 @dataclass(frozen=True)
 class TrainPlan:
     optimizer: str                 # adamw_torch | adamw_8bit
-    master_weights: str            # fp32 | bf16 (adapters: fp32) — the dtype the optimizer updates
+    master_weights: str            # fp32 | bf16 | STOCHASTIC_BF16 (adapters: fp32) — what the optimizer updates
     checkpointed_layers: int | None  # decoder layers recomputed in backward; None: all (layer count unknown here)
     layers: int
     sharding: str | None           # several processes: shard | replicate; one process: None
@@ -67,6 +76,9 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
     arch = _architecture(model_config)
     if arch is None or budget is None:  # CPU, or an architecture the memory model does not know
         optimizer = "adamw_torch" if tcfg.optim == "auto" else tcfg.optim
+        if optimizer == "adamw_8bit_bf16":
+            _stochastic_bf16_available(device, required=True)
+            master = STOCHASTIC_BF16
         # layers unknown (a config without num_hidden_layers): None lets the model count its own blocks
         ckpt = (layers or None) if checkpointing_on(tcfg, device) else 0
         sharding = None if world == 1 else ("replicate" if tcfg.sharding == "replicate" else "shard")
@@ -79,7 +91,9 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
     tokens = tcfg.packed_row_tokens or tcfg.per_device_train_batch_size * tcfg.max_length
     sharding, shard_why = _choose_sharding(arch, model_config, tcfg, tokens, world, budget)
     shards = world if sharding == "shard" else 1
-    optimizer, why = _choose_optimizer(arch, model_config, tcfg, tokens, world, shards, budget)
+    optimizer, why = _choose_optimizer(arch, model_config, tcfg, tokens, world, shards, budget, device)
+    if optimizer == "adamw_8bit_bf16":
+        master = STOCHASTIC_BF16
     copy_gib = _fsdp_copies_gib(arch, model_config, tcfg, sharding)
     ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget,
                                                      optimizer, layers, copy_gib)
@@ -114,6 +128,14 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
                      f"{why}; {ckpt_why}{reshard_why}", on_cpu, offload)
 
 
+def weights_precision(plan: TrainPlan, precision: Precision) -> Precision:
+    """The precision the model is built in: adamw_8bit_bf16 trains bf16 weights (no fp32 masters, no autocast
+    copies); every other choice keeps ``precision``."""
+    if plan.optimizer == "adamw_8bit_bf16":
+        return Precision(torch.bfloat16, torch.bfloat16)
+    return precision
+
+
 def describe(plan: TrainPlan) -> str:
     ckpt = "all layers" if plan.checkpointed_layers is None or plan.checkpointed_layers >= plan.layers else \
         f"{plan.checkpointed_layers} of {plan.layers} layers"
@@ -136,7 +158,7 @@ def _choose_sharding(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: in
     if tcfg.sharding != "auto":
         return tcfg.sharding, " (as configured)"
     # replicated, each GPU holds what one GPU would (full fine-tuning: fp32 masters and AdamW states, unsharded)
-    whole = (_estimate(arch, model_config, tcfg, tokens, 1, "full", "adamw")
+    whole = (_estimate(arch, model_config, tcfg, tokens, 1, "full", "adamw_torch")
              + _fsdp_copies_gib(arch, model_config, tcfg, "replicate"))
     if whole <= budget:
         return "replicate", f" (the whole run fits one GPU: {whole:.1f} GiB)"
@@ -144,27 +166,51 @@ def _choose_sharding(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: in
 
 
 def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, shards: int,
-                      budget: float) -> tuple[str, str]:
-    if tcfg.optim == "adamw_8bit" and world > 1:
-        raise UserError("train.optim: adamw_8bit does not run on FSDP2's sharded parameters (bitsandbytes' kernels "
-                        "take plain tensors)", hint="use optim: auto or adamw_torch with several GPUs (the states are "
-                                                    "sharded, so fp32 AdamW fits where 8-bit was needed on one GPU)")
+                      budget: float, device: torch.device) -> tuple[str, str]:
+    if tcfg.optim in ("adamw_8bit", "adamw_8bit_bf16") and world > 1:
+        raise UserError(f"train.optim: {tcfg.optim} runs on one GPU only (not measured on FSDP2's sharded "
+                        "parameters)", hint="use optim: auto or adamw_torch with several GPUs (the states are "
+                                            "sharded, so fp32 AdamW fits where 8-bit was needed on one GPU)")
+    if tcfg.optim == "adamw_8bit_bf16":
+        _stochastic_bf16_available(device, required=True)
     if tcfg.optim != "auto":
         return tcfg.optim, f"optimizer {tcfg.optim} as configured"
     if tcfg.method != "full":
         return "adamw_torch", "fp32 AdamW for the adapters"
-    fp32 = _estimate(arch, model_config, tcfg, tokens, shards, "full", "adamw")
+    fp32 = _estimate(arch, model_config, tcfg, tokens, shards, "full", "adamw_torch")
     if fp32 <= budget:
         return "adamw_torch", f"fp32 AdamW fits ({fp32:.1f} GiB with every layer checkpointed)"
     if world > 1:
         raise UserError(f"full fine-tuning with fp32 AdamW needs ~{fp32:.0f} GiB per GPU on {world} GPUs; "
                         f"{budget:.0f} GiB is available", hint="use more GPUs, method: lora, or a smaller model")
-    eight = _estimate(arch, model_config, tcfg, tokens, shards, "full", "adamw_8bit")
-    if eight <= budget:
-        return "adamw_8bit", (f"fp32 AdamW needs ~{fp32:.0f} GiB > {budget:.0f}: 8-bit AdamW states with fp32 "
-                              f"update maths on fp32 master weights ({eight:.1f} GiB)")
-    raise UserError(f"full fine-tuning needs ~{eight:.0f} GiB even with 8-bit AdamW; {budget:.0f} GiB is available",
-                    hint="use method: lora or qlora, several GPUs (tunesmith train --gpus N), or a smaller model")
+    choice = "adamw_8bit_bf16" if _stochastic_bf16_available(device) else "adamw_8bit"
+    eight = _estimate(arch, model_config, tcfg, tokens, shards, "full", choice)
+    if eight > budget:
+        raise UserError(f"full fine-tuning needs ~{eight:.0f} GiB even with 8-bit AdamW; {budget:.0f} GiB is "
+                        "available", hint="use method: lora or qlora, several GPUs (tunesmith train --gpus N), or a "
+                                          "smaller model")
+    if choice == "adamw_8bit_bf16":
+        return choice, (f"fp32 AdamW needs ~{fp32:.0f} GiB > {budget:.0f}: bf16 weights rounded stochastically, "
+                        f"8-bit AdamW states with fp32 update maths ({eight:.1f} GiB)")
+    return choice, (f"fp32 AdamW needs ~{fp32:.0f} GiB > {budget:.0f}: 8-bit AdamW states with fp32 update maths "
+                    f"on fp32 master weights ({eight:.1f} GiB; bf16 weights with stochastic rounding need a bf16 GPU "
+                    "and torchao)")
+
+
+def _stochastic_bf16_available(device: torch.device, required: bool = False) -> bool:
+    """adamw_8bit_bf16 needs bf16 weights (a CUDA GPU with bf16) and torchao's optimizer."""
+    import importlib.util
+
+    if device.type != "cuda" or not torch.cuda.is_bf16_supported():
+        if required:
+            raise UserError("train.optim: adamw_8bit_bf16 trains bf16 weights, which needs a CUDA GPU with bf16",
+                            hint="use optim: auto, adamw_torch or adamw_8bit")
+        return False
+    if importlib.util.find_spec("torchao") is None:
+        if required:
+            raise UserError("train.optim: adamw_8bit_bf16 needs torchao", hint="pip install 'tunesmith[gpu]'")
+        return False
+    return True
 
 
 def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
@@ -172,9 +218,8 @@ def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, token
                           ) -> tuple[int, float, str]:
     from ..advise.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB
 
-    opt = "adamw_8bit" if optimizer == "adamw_8bit" else "adamw"
-    full = _memory(arch, model_config, tcfg, tokens, shards, "full", opt)
-    none = _memory(arch, model_config, tcfg, tokens, shards, "none", opt).total_gib + extra_gib
+    full = _memory(arch, model_config, tcfg, tokens, shards, "full", optimizer)
+    none = _memory(arch, model_config, tcfg, tokens, shards, "none", optimizer).total_gib + extra_gib
     # a kept layer holds its activations in place of its bf16 input; offloaded, a checkpointed layer's input leaves
     # the GPU, except the ones being copied out and back
     boundary = model_config.hidden_size * tokens * 2 / 2**30
@@ -257,7 +302,8 @@ def _estimate(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shar
 
 def _memory(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
             checkpointing: str, optimizer: str) -> Any:
-    """The memory model's estimate (src/tunesmith/advise/memory.py) for this run, its terms included."""
+    """The memory model's estimate (src/tunesmith/advise/memory.py) for this run, its terms included;
+    ``optimizer`` is one of OPTIMIZER_MEMORY's names."""
     from ..advise.memory import estimate_memory, lora_trainable_params
 
     trainable, adapted = (0, 0)
@@ -265,8 +311,9 @@ def _memory(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards
         trainable, adapted = lora_trainable_params(model_config, tcfg.lora.r, tcfg.lora.target_modules)
     est = estimate_memory(arch, tcfg.method, 1, tokens, lora_r=tcfg.lora.r, lora_trainable=trainable,
                           adapted_in_features=adapted, lora_dropout=tcfg.lora.dropout, checkpointing=checkpointing,
-                          logits=_head(), optimizer=optimizer,
-                          full_precision="mixed", shards=shards, compiled=tcfg.compile is not False)
+                          logits=_head(), optimizer=OPTIMIZER_MEMORY[optimizer][0],
+                          full_precision=OPTIMIZER_MEMORY[optimizer][1], shards=shards,
+                          compiled=tcfg.compile is not False)
     return est
 
 
