@@ -77,3 +77,34 @@ def test_its_states_survive_a_checkpoint_and_the_resumed_steps_match(tmp_path: P
     _steps(fresh, fresh_opt, 5)
     # the same states, learning rate and random stream: bit-identical weights after the resumed steps
     assert torch.equal(fresh.weight.detach(), expected)
+
+
+def test_the_training_loop_runs_it_on_bf16_weights_and_logs_plain_numbers(tiny_model_dir, tmp_path: Path):
+    # its learning rate is a tensor (torchao): the loop's metrics and checkpoints must still be plain JSON
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.chat import TokenizedChat
+    from tunesmith.train import fit
+    from tunesmith.train.model import Precision, prepare_model
+
+    tcfg = TrainConfig(method="full", optim="adamw_8bit_bf16", max_steps=4, per_device_train_batch_size=4,
+                       gradient_accumulation_steps=2, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1,
+                       eval_strategy="no", save_strategy="steps", save_steps=2, compile=False,
+                       gradient_checkpointing=False)
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16), tcfg, CPU, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(0)
+    examples = [TokenizedChat(ids, list(ids)) for ids in
+                ([(7 * k + j) % 200 + 3 for j in range(24)] for k in range(8))]
+    history = fit(model, 0, examples, [], tcfg, tmp_path / "run", CPU, Precision(torch.bfloat16, torch.bfloat16),
+                  False)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "train"]
+    assert history["steps"] == 4 and len(steps) == 4
+    assert all(isinstance(s["learning_rate"], float) for s in steps) and steps[0]["learning_rate"] > 0
+    assert steps[-1]["loss"] < steps[0]["loss"]  # the same 8 sequences each step: it learns them
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    assert checkpoint.latest(tmp_path / "run" / "checkpoints").step == 2  # the last step is the final model

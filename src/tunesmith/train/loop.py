@@ -212,7 +212,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
             total_tokens += tokens
             last_loss = step_loss / n_targets
             record = {"type": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss,
-                      "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "learning_rate": float(scheduler.get_last_lr()[0]), "grad_norm": grad_norm,
                       "tokens": tokens, "supervised_tokens": n_targets}
             if step % tcfg.logging_steps == 0 or step == total_steps:
                 _sync(device)
