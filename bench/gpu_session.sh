@@ -23,7 +23,7 @@
 #   bash bench/gpu_session.sh S   # 1 GPU: LoRA's best configuration vs the seed, profiled, and without the adapters'
 #                                 #   dropout (what it costs); a profiled one-GPU full fine-tuning run
 #   bash bench/gpu_session.sh T   # 1 GPU: full FT 8B, fp32 masters + bitsandbytes 8-bit AdamW vs bf16 weights with
-#                                 #   stochastic rounding + torchao 8-bit AdamW (rows of 4096 and 8192 tokens)
+#                                 #   stochastic rounding + torchao 8-bit AdamW (rows of 4096 and 12288 tokens)
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
 phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T}
@@ -217,7 +217,7 @@ elif [ "$phase" = S ]; then  # one GPU: where LoRA's step time goes (profile by 
 elif [ "$phase" = T ]; then  # one GPU: full FT's one-GPU optimizers side by side (the plan's other choices fixed)
   so 0 1 130 --shape 8b --method full --bs 2 --compile --optim adamw_8bit --label full-1c-bnb8-fp32masters
   so 0 1 180 --shape 8b --method full --bs 2 --compile --label full-1c-auto
-  so 0 1 170 --shape 8b --method full --bs 4 --compile --label full-1c-auto-rows8192
+  so 0 1 170 --shape 8b --method full --bs 4 --rows 12288 --compile --label full-1c-auto-rows12288
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))
