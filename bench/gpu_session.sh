@@ -24,9 +24,11 @@
 #                                 #   dropout (what it costs); a profiled one-GPU full fine-tuning run
 #   bash bench/gpu_session.sh T   # 1 GPU: full FT 8B, fp32 masters + bitsandbytes 8-bit AdamW vs bf16 weights with
 #                                 #   stochastic rounding + torchao 8-bit AdamW (rows of 4096 and 12288 tokens)
+#   bash bench/gpu_session.sh U   # 1 GPU: LoRA's best configuration vs the seed, adapters' dropout masks from an
+#                                 #   integer hash instead of Philox (each measured twice); tests/gpu/test_fast_path.py
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -218,6 +220,13 @@ elif [ "$phase" = T ]; then  # one GPU: full FT's one-GPU optimizers side by sid
   so 0 1 130 --shape 8b --method full --bs 2 --compile --optim adamw_8bit --label full-1c-bnb8-fp32masters
   so 0 1 180 --shape 8b --method full --bs 2 --compile --label full-1c-auto
   so 0 1 170 --shape 8b --method full --bs 4 --rows 12288 --compile --label full-1c-auto-rows12288
+elif [ "$phase" = U ]; then  # one GPU: the same masks' distribution from a cheaper generator, then the CUDA tests
+  ckpt30="rows=12288,compile=on,emb=cpu,offload=on,ckpt=30"
+  fe_part 0 lora 330 260 "name=ckpt30,$ckpt30,warmup=4" "name=ckpt30+hash-dropout,$ckpt30,dropout=hash,warmup=3" \
+    "name=ckpt30(again),$ckpt30,warmup=3" "name=ckpt30+hash-dropout(again),$ckpt30,dropout=hash,warmup=3" \
+    > "$w/gpu0.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout $(( 480 - $(date +%s) + start )) python3 -m pytest -q -s -p no:cacheprovider \
+    tests/gpu/test_fast_path.py >> "$w/gpu0.log" 2>&1
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))
