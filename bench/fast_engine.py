@@ -136,6 +136,8 @@ def run_tunesmith(a: argparse.Namespace) -> None:
     fpt = flops_per_token(cfg, [len(s) for s in seqs])
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
 
+    dropouts = {(m, k): m.lora_dropout[k] for m in model.modules()
+                if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict) for k in m.lora_dropout}
     for spec in a.variant:
         v = dict(item.split("=", 1) for item in spec.split(",")) if spec else {}
         name = v.get("name", spec or "default")
@@ -153,15 +155,12 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         set_checkpointing(model, layers, offload)
         if a.method == "qlora" and layers:
             model.enable_input_require_grads()
-        if v.get("dropout") in ("0", "hash"):
-            # 0: information only, what the adapters' dropout costs (not a recipe change); hash: the same
-            # Bernoulli(p) masks from an integer hash instead of Philox (an experiment)
-            for module in model.modules():
-                if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
-                    for key in module.lora_dropout:
-                        p_drop = getattr(module.lora_dropout[key], "p", 0.0)
-                        module.lora_dropout[key] = (torch.nn.Identity() if v["dropout"] == "0" else
-                                                    _HashDropout(p_drop))
+        # dropout: 0 = information only, what the adapters' dropout costs (not a recipe change); hash = the same
+        # Bernoulli(p) masks from an integer hash instead of Philox (an experiment); default: PEFT's own
+        for (module, key), original in dropouts.items():
+            mode = v.get("dropout", "peft")
+            module.lora_dropout[key] = (original if mode == "peft" else torch.nn.Identity() if mode == "0" else
+                                        _HashDropout(original.p))
         emb = v.get("emb", "gpu")  # cpu: frozen input embeddings in CPU memory (train.embeddings_on_cpu)
         embeddings_to(model, "cpu" if emb == "cpu" else device)
         loss = v.get("loss", "liger")
