@@ -160,7 +160,7 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         for (module, key), original in dropouts.items():
             mode = v.get("dropout", "peft")
             module.lora_dropout[key] = (original if mode == "peft" else torch.nn.Identity() if mode == "0" else
-                                        _HashDropout(original.p))
+                                        _HashDropout(getattr(original, "p", 0.0)))
         emb = v.get("emb", "gpu")  # cpu: frozen input embeddings in CPU memory (train.embeddings_on_cpu)
         embeddings_to(model, "cpu" if emb == "cpu" else device)
         loss = v.get("loss", "liger")
