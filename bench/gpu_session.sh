@@ -24,11 +24,12 @@
 #                                 #   dropout (what it costs); a profiled one-GPU full fine-tuning run
 #   bash bench/gpu_session.sh T   # 1 GPU: full FT 8B, fp32 masters + bitsandbytes 8-bit AdamW vs bf16 weights with
 #                                 #   stochastic rounding + torchao 8-bit AdamW (rows of 4096 and 12288 tokens)
+#   bash bench/gpu_session.sh V   # 1 GPU: T again (both optimizers, the torchao one twice) and rows of 8192 tokens
 #   bash bench/gpu_session.sh U   # 1 GPU: LoRA's best configuration vs the seed, adapters' dropout masks from an
 #                                 #   integer hash instead of Philox (each measured twice); tests/gpu/test_fast_path.py
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -220,6 +221,11 @@ elif [ "$phase" = T ]; then  # one GPU: full FT's one-GPU optimizers side by sid
   so 0 1 130 --shape 8b --method full --bs 2 --compile --optim adamw_8bit --label full-1c-bnb8-fp32masters
   so 0 1 180 --shape 8b --method full --bs 2 --compile --label full-1c-auto
   so 0 1 170 --shape 8b --method full --bs 4 --rows 12288 --compile --label full-1c-auto-rows12288
+elif [ "$phase" = V ]; then  # one GPU: phase T's comparison repeated in another call, plus 8192-token rows
+  so 0 1 110 --shape 8b --method full --bs 2 --compile --optim adamw_8bit --label full-1c-bnb8-fp32masters
+  so 0 1 110 --shape 8b --method full --bs 2 --compile --label full-1c-auto
+  so 0 1 90 --shape 8b --method full --bs 2 --compile --label full-1c-auto-again
+  so 0 1 110 --shape 8b --method full --bs 4 --compile --label full-1c-auto-rows8192
 elif [ "$phase" = U ]; then  # one GPU: the same masks' distribution from a cheaper generator, then the CUDA tests
   ckpt30="rows=12288,compile=on,emb=cpu,offload=on,ckpt=30"
   fe_part 0 lora 330 260 "name=ckpt30,$ckpt30,warmup=4" "name=ckpt30+hash-dropout,$ckpt30,dropout=hash,warmup=3" \
