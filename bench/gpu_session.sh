@@ -222,10 +222,10 @@ elif [ "$phase" = T ]; then  # one GPU: full FT's one-GPU optimizers side by sid
   so 0 1 180 --shape 8b --method full --bs 2 --compile --label full-1c-auto
   so 0 1 170 --shape 8b --method full --bs 4 --rows 12288 --compile --label full-1c-auto-rows12288
 elif [ "$phase" = V ]; then  # one GPU: phase T's comparison repeated in another call, plus 8192-token rows
-  so 0 1 110 --shape 8b --method full --bs 2 --compile --optim adamw_8bit --label full-1c-bnb8-fp32masters
-  so 0 1 110 --shape 8b --method full --bs 2 --compile --label full-1c-auto
-  so 0 1 90 --shape 8b --method full --bs 2 --compile --label full-1c-auto-again
-  so 0 1 110 --shape 8b --method full --bs 4 --compile --label full-1c-auto-rows8192
+  so 0 1 100 --shape 8b --method full --bs 2 --compile --optim adamw_8bit --label full-1c-bnb8-fp32masters
+  so 0 1 100 --shape 8b --method full --bs 2 --compile --label full-1c-auto
+  so 0 1 80 --shape 8b --method full --bs 2 --compile --label full-1c-auto-again
+  so 0 1 100 --shape 8b --method full --bs 4 --compile --label full-1c-auto-rows8192
 elif [ "$phase" = U ]; then  # one GPU: the same masks' distribution from a cheaper generator, then the CUDA tests
   ckpt30="rows=12288,compile=on,emb=cpu,offload=on,ckpt=30"
   fe_part 0 lora 330 260 "name=ckpt30,$ckpt30,warmup=4" "name=ckpt30+hash-dropout,$ckpt30,dropout=hash,warmup=3" \
