@@ -127,8 +127,23 @@ def test_full_fine_tuning_of_70b_fits_when_sharded_over_enough_gpus(tmp_path):
     data = write_chat(tmp_path / "train.jsonl", 1200)
     advice = advise(data, "llama-3.1-70b", "h200", 16, drivers=["quality"])
     assert advice.method == "full"
-    one_gpu = advise(data, "llama-3.1-70b", "h200", 1, drivers=["quality"]).memory["full"]
-    assert advice.memory["full"].optimizer_gib == pytest.approx(one_gpu.optimizer_gib / 16, rel=1e-3)
+    # fp32 AdamW states (8 bytes per parameter), a sixteenth on each GPU
+    states = advice.architecture.total_params * 8 / 16 / 2**30
+    assert advice.memory["full"].optimizer_gib == pytest.approx(states, rel=1e-2)
+
+
+def test_full_fine_tuning_of_8b_on_one_gpu_is_estimated_as_train_runs_it(tmp_path):
+    data = write_chat(tmp_path / "train.jsonl", 150_000, words=2)
+    # 16 bytes per parameter do not fit one H200; bf16 weights with 8-bit states (6 bytes) do
+    advice = advise(data, "llama-3.1-8b", "h200", drivers=["format"], domain_shift=True)
+    assert advice.decision.method == "full" and advice.method == "full"
+    full = advice.memory["full"]
+    assert full.optimizer_gib == pytest.approx(advice.architecture.total_params * 2 / 2**30, rel=1e-2)
+    assert full.total_gib < 100
+    assert any("adamw_8bit_bf16" in n for n in advice.notes)
+    # a T4 has no bf16: fp32 masters are all it could run (and they do not fit)
+    t4 = advise(data, "llama-3.1-8b", "t4", drivers=["format"], domain_shift=True)
+    assert t4.max_micro_batch["full"] == 0 and not any("adamw_8bit_bf16" in n for n in t4.notes)
 
 
 def test_lora_is_sharded_like_tunesmith_trains_it_but_qlora_stays_on_one_gpu(tmp_path):

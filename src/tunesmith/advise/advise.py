@@ -110,7 +110,7 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
 
     length = _fitted_length(stats, max_length, notes)
     memory, max_mb, needs = _memory_per_method(arch, length, micro_batch_size, gpu_spec, num_gpus, lora_r,
-                                               lora_params, adapted_in)
+                                               lora_params, adapted_in, notes)
     method, fit_notes = choose_method(decision.method or "lora", {m: max_mb[m] > 0 for m in max_mb}, needs,
                                       gpu_spec.memory_gib)
     notes += fit_notes
@@ -185,12 +185,23 @@ def _fitted_length(stats: DatasetStats | None, max_length: int, notes: list[str]
 
 
 def _memory_per_method(arch: Architecture, length: int, micro_batch_size: int, gpu: catalog.Gpu, num_gpus: int,
-                       lora_r: int, lora_params: int, adapted_in: int
+                       lora_r: int, lora_params: int, adapted_in: int, notes: list[str]
                        ) -> tuple[dict[str, MemoryEstimate], dict[str, int], dict[str, float]]:
-    """Per method: the estimate at the micro-batch that will be used, the largest that fits, and what one row needs."""
+    """Per method: the estimate at the micro-batch that will be used, the largest that fits, and what one row needs.
+    Full fine-tuning on one GPU where fp32 AdamW does not fit is estimated as ``tunesmith train`` then runs it
+    (src/tunesmith/train/plan.py): bf16 weights rounded stochastically with 8-bit AdamW states."""
     memory, max_mb, needs = {}, {}, {}
     for method in ("full", "lora", "qlora"):
         kwargs = _memory_kwargs(method, lora_r, lora_params, adapted_in, num_gpus, arch.plain_output_head)
+        if method == "full" and num_gpus == 1 and gpu.bf16:
+            fp32 = estimate_memory(arch, method, 1, length, **kwargs).total_gib
+            if fp32 > gpu.memory_gib:
+                kwargs.update(full_precision="bf16", optimizer="adamw_8bit")
+                eight = estimate_memory(arch, method, 1, length, **kwargs).total_gib
+                notes.append(f"Full fine-tuning on one {gpu.name}: fp32 master weights and AdamW states need "
+                             f"~{fp32:.0f} GiB, so tunesmith trains bf16 weights rounded stochastically with 8-bit "
+                             f"AdamW states (train.optim: auto → adamw_8bit_bf16, torchao from tunesmith[gpu]): "
+                             f"~{eight:.0f} GiB.")
         max_mb[method] = largest_micro_batch(arch, method, length, gpu.memory_gib, **kwargs)
         needs[method] = estimate_memory(arch, method, 1, length, **kwargs).total_gib
         batch = min(micro_batch_size, max_mb[method]) or 1

@@ -107,10 +107,12 @@ class Gpu:
     """Dense bf16 tensor-core peak from the datasheet (no sparsity)."""
     price_per_hour: float
     """On-demand $/GPU-hour: an editable assumption, not a quote."""
+    bf16: bool = True
+    """bf16 arithmetic in hardware (full fine-tuning's bf16-weight optimizer needs it)."""
 
 
 GPUS: dict[str, Gpu] = {g.name: g for g in (
-    Gpu("t4", 16, 15.0, 65, 0.35),          # T4 has no bf16 tensor cores; 65 = fp16 peak, bf16 runs emulated
+    Gpu("t4", 16, 15.0, 65, 0.35, bf16=False),  # no bf16 tensor cores; 65 = fp16 peak, bf16 runs emulated
     Gpu("a10g", 24, 22.5, 70, 1.00),         # AWS g5; the A10G runs below the A10's 125 (≈70 quoted; verify)
     Gpu("l4", 24, 22.5, 121, 0.80),
     Gpu("rtx-3090", 24, 24.0, 35.6, 0.30),   # GeForce: 71 with fp16 accumulate; bf16 training accumulates in fp32
