@@ -308,8 +308,8 @@ def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, device: torch.dev
     return RunError(f"out of GPU memory{detail}",
                     hint="lower train.per_device_train_batch_size (the step keeps its sequences if you raise "
                          "gradient_accumulation_steps to match), set train.gradient_checkpointing: true, lower "
-                         "train.max_length, use method: qlora or optim: adamw_8bit — or set train.on_oom: shrink "
-                         "to retry with smaller micro-batches automatically")
+                         "train.max_length, use method: qlora (full fine-tuning on one GPU: optim: adamw_8bit_bf16) "
+                         "— or set train.on_oom: shrink to retry with smaller micro-batches automatically")
 
 
 def _free_cuda(device: torch.device) -> None:
