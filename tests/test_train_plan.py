@@ -56,6 +56,8 @@ def test_without_bf16_full_fine_tuning_of_8b_keeps_fp32_masters_with_8bit_states
 def test_stochastic_bf16_is_refused_where_it_cannot_run(bf16_gpu):
     with pytest.raises(UserError, match="one GPU only"):
         _plan("llama-3.2-1b", gpus=2, method="full", optim="adamw_8bit_bf16")
+    with pytest.raises(ValueError, match="adapters are fp32"):
+        TrainConfig(method="lora", optim="adamw_8bit_bf16")
     with pytest.raises(UserError, match="needs a CUDA GPU with bf16"):
         plan_training(catalogue_config("llama-3.2-1b"), TrainConfig(method="full", optim="adamw_8bit_bf16"),
                       torch.device("cpu"), 1, torch.float32)

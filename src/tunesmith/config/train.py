@@ -215,6 +215,9 @@ class TrainConfig(Section):
         if self.packed_row_tokens is not None and self.packed_row_tokens < self.max_length:
             raise ValueError(f"packed_row_tokens ({self.packed_row_tokens}) must be at least max_length "
                              f"({self.max_length}): a row holds at least one whole sequence")
+        if self.optim == "adamw_8bit_bf16" and self.method != "full":
+            raise ValueError(f"optim adamw_8bit_bf16 trains bf16 weights (full fine-tuning); {self.method}'s "
+                             "adapters are fp32: use optim auto or adamw_torch")
         return self
 
     @model_validator(mode="before")

@@ -48,7 +48,7 @@ the allocator needs slack for fragmentation."""
 
 @dataclass(frozen=True)
 class TrainPlan:
-    optimizer: str                 # adamw_torch | adamw_8bit
+    optimizer: str                 # adamw_torch | adamw_8bit | adamw_8bit_bf16
     master_weights: str            # fp32 | bf16 | STOCHASTIC_BF16 (adapters: fp32) — what the optimizer updates
     checkpointed_layers: int | None  # decoder layers recomputed in backward; None: all (layer count unknown here)
     layers: int
