@@ -42,6 +42,11 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (
     # bitsandbytes' CPU backend suggests installing `kernels`, which downloads code from a hub at run time: the
     # fallback it uses instead is correct, so its warning is only noise here
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # torchao (imported by PEFT and transformers whenever installed) reports at import that its optional compiled
+    # kernels do not load for this torch, and torch warns about the enums it registers; the optimizer tunesmith uses
+    # from it is plain PyTorch, so neither says anything about this run
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def emit(result: Any, as_json: bool, render: Any = None) -> None:
