@@ -79,27 +79,34 @@ def test_its_states_survive_a_checkpoint_and_the_resumed_steps_match(tmp_path: P
     assert torch.equal(fresh.weight.detach(), expected)
 
 
-def test_the_training_loop_runs_it_on_bf16_weights_and_logs_plain_numbers(tiny_model_dir, tmp_path: Path):
-    # its learning rate is a tensor (torchao): the loop's metrics and checkpoints must still be plain JSON
-    import json
-
+def _tiny_full_run(model_dir: Path, out: Path, optim: str, resume: bool = False) -> tuple[torch.nn.Module, dict]:
     from transformers import AutoModelForCausalLM
 
     from tunesmith.chat import TokenizedChat
     from tunesmith.train import fit
     from tunesmith.train.model import Precision, prepare_model
 
-    tcfg = TrainConfig(method="full", optim="adamw_8bit_bf16", max_steps=4, per_device_train_batch_size=4,
+    tcfg = TrainConfig(method="full", optim=optim, max_steps=4, per_device_train_batch_size=4,
                        gradient_accumulation_steps=2, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1,
                        eval_strategy="no", save_strategy="steps", save_steps=2, compile=False,
                        gradient_checkpointing=False)
-    model = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16), tcfg, CPU, 0)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16), tcfg, CPU, 0)
     torch.manual_seed(0)
     examples = [TokenizedChat(ids, list(ids)) for ids in
                 ([(7 * k + j) % 200 + 3 for j in range(24)] for k in range(8))]
-    history = fit(model, 0, examples, [], tcfg, tmp_path / "run", CPU, Precision(torch.bfloat16, torch.bfloat16),
-                  False)
+    return model, fit(model, 0, examples, [], tcfg, out, CPU, Precision(torch.bfloat16, torch.bfloat16), False,
+                      resume=resume)
+
+
+def test_the_training_loop_runs_it_on_bf16_weights_and_logs_plain_numbers(tiny_model_dir, tmp_path: Path):
+    # its learning rate is a tensor (torchao): the loop's metrics and checkpoints must still be plain JSON
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    before = {n: p.detach().clone() for n, p in
+              AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).named_parameters()}
+    model, history = _tiny_full_run(tiny_model_dir, tmp_path / "run", "adamw_8bit_bf16")
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["type"] == "train"]
     assert history["steps"] == 4 and len(steps) == 4
@@ -108,3 +115,14 @@ def test_the_training_loop_runs_it_on_bf16_weights_and_logs_plain_numbers(tiny_m
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert all(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
     assert checkpoint.latest(tmp_path / "run" / "checkpoints").step == 2  # the last step is the final model
+
+
+def test_a_checkpoint_resumes_only_under_the_optimizer_that_wrote_it(tiny_model_dir, tmp_path: Path):
+    from tunesmith.errors import UserError
+
+    _tiny_full_run(tiny_model_dir, tmp_path / "run", "adamw_8bit_bf16")
+    # another optimizer cannot read its states: one message naming both, not a KeyError mid-step
+    with pytest.raises(UserError, match="holds adamw_8bit_bf16 optimizer states; this run plans adamw_torch"):
+        _tiny_full_run(tiny_model_dir, tmp_path / "run", "adamw_torch", resume=True)
+    _, history = _tiny_full_run(tiny_model_dir, tmp_path / "run", "adamw_8bit_bf16", resume=True)
+    assert history["steps"] == 4

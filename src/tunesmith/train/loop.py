@@ -164,7 +164,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
     ckpt_root = out / "checkpoints"
     step = 0
     if resume:
-        step = _resume(ckpt_root, model, optimizer, scheduler, fingerprint, tcfg.on_config_change, emit, procs)
+        step = _resume(ckpt_root, model, optimizer, scheduler, fingerprint, tcfg, emit, procs)
     elif checkpoint.latest(ckpt_root) is not None:
         raise UserError(f"{out} already holds checkpoints of a run",
                         hint="pass --resume to continue it, or choose another --out folder")
@@ -234,7 +234,8 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
                 emit({"event": "eval", "step": step, **eval_metrics})
             if stop.raised or (step < total_steps and _due(tcfg.save_strategy, tcfg.save_steps, step, end_of_epoch)):
                 path = checkpoint.save(ckpt_root, step, model, optimizer, scheduler,
-                                       {"step": step, "fingerprint": fingerprint}, tcfg.save_total_limit, procs)
+                                       {"step": step, "fingerprint": fingerprint, "optimizer": tcfg.optim},
+                                       tcfg.save_total_limit, procs)
                 emit({"event": "checkpoint", "step": step, "path": str(path)})
             if stop.raised:
                 raise Interrupted(f"stopped by {stop.raised} after step {step}; checkpoint written",
@@ -356,15 +357,19 @@ def _task_eval(config: Config, tokenizer: Any, eval_file: Path) -> Callable[[Any
                                    config.eval.batch_size)
 
 
-def _resume(root: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str, policy: str,
+def _resume(root: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str, tcfg: TrainConfig,
             emit: Event, procs: Processes) -> int:
     ckpt = checkpoint.latest(root)
     if ckpt is None:
         raise UserError(f"--resume: no complete checkpoint in {root}",
                         hint="run without --resume to start, or point --out at the interrupted run's folder")
+    written_by = ckpt.state.get("optimizer", tcfg.optim)  # checkpoints before this key: as planned now
+    if written_by != tcfg.optim:  # whatever on_config_change says: one optimizer's states do not load into another
+        raise UserError(f"--resume: checkpoint {ckpt.path.name} holds {written_by} optimizer states; this run "
+                        f"plans {tcfg.optim}", hint=f"set train.optim: {written_by} to resume it")
     if ckpt.state.get("fingerprint") != fingerprint:
         message = f"--resume: the config or data differ from those of checkpoint {ckpt.path.name}"
-        if policy == "refuse":
+        if tcfg.on_config_change == "refuse":
             raise UserError(message, hint="resume with the original config and data, or set "
                                           "train.on_config_change: warn to continue anyway")
         emit({"event": "warning", "message": message})
