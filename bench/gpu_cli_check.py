@@ -1,5 +1,6 @@
 """End-to-end check of the product path on a GPU: `tunesmith train` (the CLI, config-driven, default fast engine)
-for LoRA and QLoRA on a ≥ 1B-parameter random-weight Llama, bf16. Prints one JSON line per method.
+for LoRA and QLoRA (and full fine-tuning with ``--methods full``) on a ≥ 1B-parameter random-weight Llama, bf16.
+Prints one JSON line per method.
 
     python bench/gpu_cli_check.py --work /tmp/gpucheck --json-out results.json
 
@@ -41,9 +42,10 @@ def build(work: Path, tiny: bool) -> tuple[Path, Path]:
     return model, data
 
 
-def run(method: str, model: Path, data: Path, work: Path, steps: int) -> dict:
+def run(method: str, model: Path, data: Path, work: Path, steps: int, optim: str = "auto") -> dict:
     cfg = {"model": {"name_or_path": str(model)},
-           "train": {"method": method, "dataset": str(data), "max_steps": steps, "learning_rate": 1e-3,
+           "train": {"method": method, "dataset": str(data), "max_steps": steps,
+                     "learning_rate": 1e-3 if method != "full" else 1e-4, "optim": optim,
                      "warmup_ratio": 0.0, "max_length": 2048, "logging_steps": 1, "save_strategy": "no",
                      "eval_strategy": "no"}}
     path = work / f"{method}.yaml"
@@ -59,8 +61,9 @@ def run(method: str, model: Path, data: Path, work: Path, steps: int) -> dict:
     return {"method": method, "wall_s": round(time.perf_counter() - start, 1), "params": result["total_params"],
             "trainable": result["trainable_params"], "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"],
             "tokens_per_s_last": steps[-1].get("tokens_per_s"), "precision": run_json["precision"],
-            "packing": run_json["packing"],
-            "adapter_files": sorted(p.name for p in (work / method / "adapter").iterdir())}
+            "packing": run_json["packing"], "optimizer": run_json["plan"]["optimizer"],
+            "master_weights": run_json["plan"]["master_weights"],
+            "files": sorted(p.name for p in (work / method / ("model" if method == "full" else "adapter")).iterdir())}
 
 
 def main() -> None:
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tunesmith-gpucheck"))
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (CPU smoke check of the script)")
+    parser.add_argument("--methods", nargs="+", default=["lora", "qlora"], choices=["lora", "qlora", "full"])
+    parser.add_argument("--full-optim", default="auto", help="train.optim for the full fine-tuning run")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     import torch
@@ -75,7 +80,8 @@ def main() -> None:
     model, data = build(args.work, args.tiny)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
     out = {"bench": "gpu_cli_check", "gpu": gpu, "torch": torch.__version__,
-           "results": [run(m, model, data, args.work, 2 if args.tiny else 8) for m in ("lora", "qlora")]}
+           "results": [run(m, model, data, args.work, 2 if args.tiny else 8, args.full_optim if m == "full" else "auto")
+                       for m in args.methods]}
     print(json.dumps(out), flush=True)
     if args.json_out:
         args.json_out.write_text(json.dumps(out, indent=2))

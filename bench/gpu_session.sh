@@ -25,11 +25,13 @@
 #   bash bench/gpu_session.sh T   # 1 GPU: full FT 8B, fp32 masters + bitsandbytes 8-bit AdamW vs bf16 weights with
 #                                 #   stochastic rounding + torchao 8-bit AdamW (rows of 4096 and 12288 tokens)
 #   bash bench/gpu_session.sh V   # 1 GPU: T again (both optimizers, the torchao one twice) and rows of 8192 tokens
+#   bash bench/gpu_session.sh W   # 1 GPU: `tunesmith train` (the CLI) full fine-tuning of a 1.2B model with
+#                                 #   optim adamw_8bit_bf16 (bench/gpu_cli_check.py)
 #   bash bench/gpu_session.sh U   # 1 GPU: LoRA's best configuration vs the seed, adapters' dropout masks from an
 #                                 #   integer hash instead of Philox (each measured twice); tests/gpu/test_fast_path.py
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -226,6 +228,9 @@ elif [ "$phase" = V ]; then  # one GPU: phase T's comparison repeated in another
   so 0 1 100 --shape 8b --method full --bs 2 --compile --label full-1c-auto
   so 0 1 80 --shape 8b --method full --bs 2 --compile --label full-1c-auto-again
   so 0 1 100 --shape 8b --method full --bs 4 --compile --label full-1c-auto-rows8192
+elif [ "$phase" = W ]; then  # one GPU: the product path of the new optimizer, config → CLI → model folder
+  CUDA_VISIBLE_DEVICES=0 timeout 170 python3 bench/gpu_cli_check.py --methods full --full-optim adamw_8bit_bf16 \
+    --work "$w/cli" --json-out "$out/gpu_cli_check_full.json" > "$w/gpu0.log" 2>&1
 elif [ "$phase" = U ]; then  # one GPU: the same masks' distribution from a cheaper generator, then the CUDA tests
   ckpt30="rows=12288,compile=on,emb=cpu,offload=on,ckpt=30"
   fe_part 0 lora 330 260 "name=ckpt30,$ckpt30,warmup=4" "name=ckpt30+hash-dropout,$ckpt30,dropout=hash,warmup=3" \
