@@ -1,7 +1,7 @@
 """Numerics and memory of a run, chosen from the memory model (src/tunesmith/advise/memory.py) before any weight
 is loaded, and reported in run.json and on the console — never a silent fall-back.
 
-Two ``auto`` choices are made here:
+The ``auto`` choices made here:
 
 - ``train.optim: auto`` — full fine-tuning keeps fp32 master weights and fp32 AdamW states when they fit on the
   GPU (16 bytes per parameter with the gradients); else, on one GPU, bf16 weights rounded stochastically with 8-bit
