@@ -56,6 +56,11 @@ def test_without_bf16_full_fine_tuning_of_8b_keeps_fp32_masters_with_8bit_states
 def test_stochastic_bf16_is_refused_where_it_cannot_run(bf16_gpu):
     with pytest.raises(UserError, match="one GPU only"):
         _plan("llama-3.2-1b", gpus=2, method="full", optim="adamw_8bit_bf16")
+    with pytest.raises(UserError, match=r"train\.precision is fp16"):
+        _plan("llama-3.2-1b", method="full", optim="adamw_8bit_bf16", precision="fp16")
+    # an explicit fp32 precision is kept: auto falls back to fp32 masters with 8-bit states
+    fp32 = _plan("llama-3.1-8b", method="full", per_device_train_batch_size=2, precision="fp32")
+    assert fp32.optimizer == "adamw_8bit" and fp32.master_weights == "fp32"
     with pytest.raises(ValueError, match="adapters are fp32"):
         TrainConfig(method="lora", optim="adamw_8bit_bf16")
     with pytest.raises(UserError, match="needs a CUDA GPU with bf16"):

@@ -77,7 +77,7 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
     if arch is None or budget is None:  # CPU, or an architecture the memory model does not know
         optimizer = "adamw_torch" if tcfg.optim == "auto" else tcfg.optim
         if optimizer == "adamw_8bit_bf16":
-            _stochastic_bf16_available(device, required=True)
+            _stochastic_bf16_available(device, tcfg, required=True)
             master = STOCHASTIC_BF16
         # layers unknown (a config without num_hidden_layers): None lets the model count its own blocks
         ckpt = (layers or None) if checkpointing_on(tcfg, device) else 0
@@ -172,7 +172,7 @@ def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: i
                         "parameters)", hint="use optim: auto or adamw_torch with several GPUs (the states are "
                                             "sharded, so fp32 AdamW fits where 8-bit was needed on one GPU)")
     if tcfg.optim == "adamw_8bit_bf16":
-        _stochastic_bf16_available(device, required=True)
+        _stochastic_bf16_available(device, tcfg, required=True)
     if tcfg.optim != "auto":
         return tcfg.optim, f"optimizer {tcfg.optim} as configured"
     if tcfg.method != "full":
@@ -183,7 +183,7 @@ def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: i
     if world > 1:
         raise UserError(f"full fine-tuning with fp32 AdamW needs ~{fp32:.0f} GiB per GPU on {world} GPUs; "
                         f"{budget:.0f} GiB is available", hint="use more GPUs, method: lora, or a smaller model")
-    choice = "adamw_8bit_bf16" if _stochastic_bf16_available(device) else "adamw_8bit"
+    choice = "adamw_8bit_bf16" if _stochastic_bf16_available(device, tcfg) else "adamw_8bit"
     eight = _estimate(arch, model_config, tcfg, tokens, shards, "full", choice)
     if eight > budget:
         raise UserError(f"full fine-tuning needs ~{eight:.0f} GiB even with 8-bit AdamW; {budget:.0f} GiB is "
@@ -197,9 +197,15 @@ def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: i
                     "and torchao)")
 
 
-def _stochastic_bf16_available(device: torch.device, required: bool = False) -> bool:
-    """adamw_8bit_bf16 needs bf16 weights (a CUDA GPU with bf16) and torchao's optimizer."""
+def _stochastic_bf16_available(device: torch.device, tcfg: TrainConfig, required: bool = False) -> bool:
+    """adamw_8bit_bf16 needs bf16 weights (a CUDA GPU with bf16, and train.precision auto or bf16) and torchao."""
     import importlib.util
+
+    if tcfg.precision not in ("auto", "bf16"):
+        if required:
+            raise UserError(f"train.optim: adamw_8bit_bf16 trains bf16 weights, but train.precision is "
+                            f"{tcfg.precision}", hint="set train.precision: bf16 (or auto), or another optim")
+        return False
 
     if device.type != "cuda" or not torch.cuda.is_bf16_supported():
         if required:
