@@ -106,9 +106,9 @@ class TrainConfig(Section):
     optim: Literal["auto", "adamw_torch", "adamw_8bit", "adamw_8bit_bf16"] = "auto"
     """Optimizer. ``auto``: fp32 AdamW on fp32 master weights, except full fine-tuning on one GPU where its states
     do not fit — then ``adamw_8bit_bf16`` on a bf16 GPU with torchao installed and precision auto or bf16, else
-    ``adamw_8bit``; chosen from the
-    memory model and reported in run.json. ``adamw_8bit``: 8-bit states (bitsandbytes) with fp32 update maths on
-    fp32 master weights (10 bytes per parameter with the gradients). ``adamw_8bit_bf16``: 8-bit states (torchao)
+    ``adamw_8bit``; chosen from the memory model and reported in run.json. ``adamw_8bit``: 8-bit states
+    (bitsandbytes) with fp32 update maths on fp32 master weights (10 bytes per parameter with the gradients).
+    ``adamw_8bit_bf16``: 8-bit states (torchao)
     with fp32 update maths on bf16 weights rounded stochastically, so an update below bf16's resolution still moves
     the weight in expectation instead of being lost (6 bytes per parameter; gradients accumulate in bf16 across the
     step's micro-batches); CUDA with bf16 only. Both 8-bit choices run on one GPU only."""
