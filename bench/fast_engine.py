@@ -155,12 +155,11 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         set_checkpointing(model, layers, offload)
         if a.method == "qlora" and layers:
             model.enable_input_require_grads()
-        # dropout: 0 = information only, what the adapters' dropout costs (not a recipe change); hash = the same
-        # Bernoulli(p) masks from an integer hash instead of Philox (an experiment); default: PEFT's own
+        # dropout=0: information only, what the adapters' dropout costs (not a recipe change); else PEFT's own
+        if v.get("dropout", "0") != "0":
+            raise SystemExit(f"variant {name}: dropout={v['dropout']} is not a variant (only dropout=0)")
         for (module, key), original in dropouts.items():
-            mode = v.get("dropout", "peft")
-            module.lora_dropout[key] = (original if mode == "peft" else torch.nn.Identity() if mode == "0" else
-                                        _HashDropout(getattr(original, "p", 0.0)))
+            module.lora_dropout[key] = torch.nn.Identity() if v.get("dropout") == "0" else original
         emb = v.get("emb", "gpu")  # cpu: frozen input embeddings in CPU memory (train.embeddings_on_cpu)
         embeddings_to(model, "cpu" if emb == "cpu" else device)
         loss = v.get("loss", "liger")
@@ -219,34 +218,6 @@ def run_tunesmith(a: argparse.Namespace) -> None:
     # numbers are printed, so leave now
     sys.stdout.flush()
     os._exit(0)
-
-
-class _HashDropout:  # experiment: a torch.nn.Module subclass is built lazily (torch is imported inside run)
-    def __new__(cls, p: float) -> object:
-        import torch
-
-        class HashDropout(torch.nn.Module):
-            """Dropout whose keep mask is an integer hash of (seed, element index): pointwise integer ops that
-            torch.compile fuses, instead of a Philox draw per element."""
-
-            def __init__(self, p: float) -> None:
-                super().__init__()
-                self.p = p
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                if not self.training or self.p == 0:
-                    return x
-                seed = torch.randint(0, 2**31 - 1, (), device=x.device, dtype=torch.int32)
-                h = torch.arange(x.numel(), device=x.device, dtype=torch.int32).view(x.shape) + seed * -1640531527
-                h = h ^ ((h >> 16) & 0xFFFF)  # lowbias32 (logical shifts through masks on int32)
-                h = h * 0x7FEB352D
-                h = h ^ ((h >> 15) & 0x1FFFF)
-                h = h * -2073254261
-                h = h ^ ((h >> 16) & 0xFFFF)
-                keep = (h & 0xFFFFFF) >= int(self.p * (1 << 24))
-                return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
-
-        return HashDropout(p)
 
 
 def _profiler() -> object:

@@ -29,6 +29,7 @@
 #                                 #   optim adamw_8bit_bf16 (bench/gpu_cli_check.py)
 #   bash bench/gpu_session.sh U   # 1 GPU: LoRA's best configuration vs the seed, adapters' dropout masks from an
 #                                 #   integer hash instead of Philox (each measured twice); tests/gpu/test_fast_path.py
+#                                 #   (the hash variant lives at commit 6a6cb00: run U from there)
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
 phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W}

@@ -69,16 +69,12 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
     """Resolve ``optim`` and ``gradient_checkpointing`` for this model, micro-batch, GPU and process count.
     ``gpu_gib``: the GPU memory available (the device's free memory when None)."""
     layers = int(getattr(model_config, "num_hidden_layers", 0) or 0)
-    master = _DTYPE_NAMES.get(weights_dtype, str(weights_dtype))
-    if tcfg.method != "full":
-        master = f"fp32 adapters on a frozen {'NF4' if tcfg.method == 'qlora' else master} base"
+    _check_configured_optimizer(tcfg, device, world)
     budget = _budget_gib(tcfg, device, gpu_gib)
     arch = _architecture(model_config)
     if arch is None or budget is None:  # CPU, or an architecture the memory model does not know
         optimizer = "adamw_torch" if tcfg.optim == "auto" else tcfg.optim
-        if optimizer == "adamw_8bit_bf16":
-            _stochastic_bf16_available(device, tcfg, required=True)
-            master = STOCHASTIC_BF16
+        master = _master_weights(tcfg, weights_dtype, optimizer)
         # layers unknown (a config without num_hidden_layers): None lets the model count its own blocks
         ckpt = (layers or None) if checkpointing_on(tcfg, device) else 0
         sharding = None if world == 1 else ("replicate" if tcfg.sharding == "replicate" else "shard")
@@ -92,8 +88,7 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
     sharding, shard_why = _choose_sharding(arch, model_config, tcfg, tokens, world, budget)
     shards = world if sharding == "shard" else 1
     optimizer, why = _choose_optimizer(arch, model_config, tcfg, tokens, world, shards, budget, device)
-    if optimizer == "adamw_8bit_bf16":
-        master = STOCHASTIC_BF16
+    master = _master_weights(tcfg, weights_dtype, optimizer)
     copy_gib = _fsdp_copies_gib(arch, model_config, tcfg, sharding)
     ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget,
                                                      optimizer, layers, copy_gib)
@@ -165,14 +160,29 @@ def _choose_sharding(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: in
     return "shard", f" (the whole run needs {whole:.0f} GiB on one GPU)"
 
 
-def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, shards: int,
-                      budget: float, device: torch.device) -> tuple[str, str]:
+def _check_configured_optimizer(tcfg: TrainConfig, device: torch.device, world: int) -> None:
+    """An optimizer set in the config that cannot run here is one error before anything loads."""
     if tcfg.optim in ("adamw_8bit", "adamw_8bit_bf16") and world > 1:
         raise UserError(f"train.optim: {tcfg.optim} runs on one GPU only (not measured on FSDP2's sharded "
                         "parameters)", hint="use optim: auto or adamw_torch with several GPUs (the states are "
                                             "sharded, so fp32 AdamW fits where 8-bit was needed on one GPU)")
-    if tcfg.optim == "adamw_8bit_bf16":
-        _stochastic_bf16_available(device, tcfg, required=True)
+    missing = _stochastic_bf16_missing(device, tcfg) if tcfg.optim == "adamw_8bit_bf16" else None
+    if missing:
+        raise UserError(f"train.optim: adamw_8bit_bf16 {missing[0]}", hint=missing[1])
+
+
+def _master_weights(tcfg: TrainConfig, weights_dtype: torch.dtype, optimizer: str) -> str:
+    """What the optimizer updates, as the plan reports it."""
+    if optimizer == "adamw_8bit_bf16":
+        return STOCHASTIC_BF16
+    dtype = _DTYPE_NAMES.get(weights_dtype, str(weights_dtype))
+    if tcfg.method != "full":
+        return f"fp32 adapters on a frozen {'NF4' if tcfg.method == 'qlora' else dtype} base"
+    return dtype
+
+
+def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, shards: int,
+                      budget: float, device: torch.device) -> tuple[str, str]:
     if tcfg.optim != "auto":
         return tcfg.optim, f"optimizer {tcfg.optim} as configured"
     if tcfg.method != "full":
@@ -183,7 +193,7 @@ def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: i
     if world > 1:
         raise UserError(f"full fine-tuning with fp32 AdamW needs ~{fp32:.0f} GiB per GPU on {world} GPUs; "
                         f"{budget:.0f} GiB is available", hint="use more GPUs, method: lora, or a smaller model")
-    choice = "adamw_8bit_bf16" if _stochastic_bf16_available(device, tcfg) else "adamw_8bit"
+    choice = "adamw_8bit" if _stochastic_bf16_missing(device, tcfg) else "adamw_8bit_bf16"
     eight = _estimate(arch, model_config, tcfg, tokens, shards, "full", choice)
     if eight > budget:
         raise UserError(f"full fine-tuning needs ~{eight:.0f} GiB even with 8-bit AdamW; {budget:.0f} GiB is "
@@ -197,26 +207,19 @@ def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: i
                     "and torchao)")
 
 
-def _stochastic_bf16_available(device: torch.device, tcfg: TrainConfig, required: bool = False) -> bool:
-    """adamw_8bit_bf16 needs bf16 weights (a CUDA GPU with bf16, and train.precision auto or bf16) and torchao."""
+def _stochastic_bf16_missing(device: torch.device, tcfg: TrainConfig) -> tuple[str, str] | None:
+    """What adamw_8bit_bf16 lacks here (what, and the fix), or None: it needs bf16 weights — a CUDA GPU with bf16
+    and train.precision auto or bf16 — and torchao."""
     import importlib.util
 
     if tcfg.precision not in ("auto", "bf16"):
-        if required:
-            raise UserError(f"train.optim: adamw_8bit_bf16 trains bf16 weights, but train.precision is "
-                            f"{tcfg.precision}", hint="set train.precision: bf16 (or auto), or another optim")
-        return False
-
+        return (f"trains bf16 weights, but train.precision is {tcfg.precision}",
+                "set train.precision: bf16 (or auto), or another optim")
     if device.type != "cuda" or not torch.cuda.is_bf16_supported():
-        if required:
-            raise UserError("train.optim: adamw_8bit_bf16 trains bf16 weights, which needs a CUDA GPU with bf16",
-                            hint="use optim: auto, adamw_torch or adamw_8bit")
-        return False
+        return "trains bf16 weights, which needs a CUDA GPU with bf16", "use optim: auto, adamw_torch or adamw_8bit"
     if importlib.util.find_spec("torchao") is None:
-        if required:
-            raise UserError("train.optim: adamw_8bit_bf16 needs torchao", hint="pip install 'tunesmith[gpu]'")
-        return False
-    return True
+        return "needs torchao", "pip install 'tunesmith[gpu]'"
+    return None
 
 
 def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
