@@ -83,6 +83,29 @@ def flops_per_token(cfg: object, lengths: list[int]) -> float:
     return 4 * n_matmul + 12 * n_layers * d * s_bar
 
 
+def _adapter_dropout_arms(model: object) -> list[tuple[object, str, dict[str, tuple[object, object, bool]]]]:
+    """For each adapter that prepare_model gave a fused dropout: its (lora_A, lora_dropout, input cast) modules for
+    the three dropout arms of the ablation."""
+    import torch
+
+    from tunesmith.train.adapter_dropout import DropoutLinear
+
+    out = []
+    for layer in model.modules():
+        a = getattr(layer, "lora_A", None)
+        if not isinstance(a, torch.nn.ModuleDict):
+            continue
+        for key, fused in a.items():
+            if not isinstance(fused, DropoutLinear):
+                continue
+            plain = torch.nn.Linear(fused.in_features, fused.out_features, bias=False, device="meta")
+            plain.weight = fused.weight
+            out.append((layer, key, {"fused": (fused, layer.lora_dropout[key], False),
+                                     "peft": (plain, torch.nn.Dropout(fused.p), True),
+                                     "0": (plain, torch.nn.Identity(), True)}))
+    return out
+
+
 # --- one tunesmith configuration set (one process, one model, several variants) ------------------------------------
 
 
@@ -136,8 +159,7 @@ def run_tunesmith(a: argparse.Namespace) -> None:
     fpt = flops_per_token(cfg, [len(s) for s in seqs])
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
 
-    dropouts = {(m, k): m.lora_dropout[k] for m in model.modules()
-                if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict) for k in m.lora_dropout}
+    adapters = _adapter_dropout_arms(model)
     for spec in a.variant:
         v = dict(item.split("=", 1) for item in spec.split(",")) if spec else {}
         name = v.get("name", spec or "default")
@@ -155,11 +177,14 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         set_checkpointing(model, layers, offload)
         if a.method == "qlora" and layers:
             model.enable_input_require_grads()
-        # dropout=0: information only, what the adapters' dropout costs (not a recipe change); else PEFT's own
-        if v.get("dropout", "0") != "0":
-            raise SystemExit(f"variant {name}: dropout={v['dropout']} is not a variant (only dropout=0)")
-        for (module, key), original in dropouts.items():
-            module.lora_dropout[key] = torch.nn.Identity() if v.get("dropout") == "0" else original
+        # the adapters' dropout: fused (the product's, drawn inside lora_A: src/tunesmith/train/adapter_dropout.py),
+        # peft (PEFT's nn.Dropout before a plain lora_A: the control arm), 0 (none: information only, what dropout
+        # costs — not a recipe change)
+        arm = v.get("dropout", "fused")
+        if arm not in ("fused", "peft", "0"):
+            raise SystemExit(f"variant {name}: dropout={arm} is not a variant (fused, peft or 0)")
+        for layer, key, arms in adapters:
+            layer.lora_A[key], layer.lora_dropout[key], layer.cast_input_dtype_enabled = arms[arm]
         emb = v.get("emb", "gpu")  # cpu: frozen input embeddings in CPU memory (train.embeddings_on_cpu)
         embeddings_to(model, "cpu" if emb == "cpu" else device)
         loss = v.get("loss", "liger")
@@ -186,7 +211,7 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
         out = dict(tool="tunesmith", variant=name, method=a.method, shape=a.shape, packing=packed, attn=v_attn,
                    checkpointed_layers=layers, of_layers=n_layers, loss=loss, bs=bs, ga=16 // bs, embeddings=emb,
-                   row_tokens=rows or bs * 2048, offload=v.get("offload", "off"),
+                   row_tokens=rows or bs * 2048, offload=v.get("offload", "off"), dropout=arm,
                    warmup_steps=warm,
                    compile=v.get("compile", "off"), load_s=round(load_s, 1))
         try:

@@ -30,9 +30,11 @@
 #   bash bench/gpu_session.sh U   # 1 GPU: LoRA's best configuration vs the seed, adapters' dropout masks from an
 #                                 #   integer hash instead of Philox (each measured twice); tests/gpu/test_fast_path.py
 #                                 #   (the hash variant lives at commit 6a6cb00: run U from there)
+#   bash bench/gpu_session.sh X   # 1 GPU: tests/gpu/test_adapter_dropout.py; LoRA's best configuration vs the seed
+#                                 #   with the adapters' dropout drawn inside lora_A (fused) and PEFT's, twice each
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -239,6 +241,14 @@ elif [ "$phase" = U ]; then  # one GPU: the same masks' distribution from a chea
     > "$w/gpu0.log" 2>&1
   CUDA_VISIBLE_DEVICES=0 timeout $(( 480 - $(date +%s) + start )) python3 -m pytest -q -s -p no:cacheprovider \
     tests/gpu/test_fast_path.py >> "$w/gpu0.log" 2>&1
+elif [ "$phase" = X ]; then  # one GPU: the adapters' fused dropout — its CUDA tests, then the product's LoRA run
+  # with it (the default) against PEFT's dropout in the same process, each twice, and without dropout (information)
+  CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_adapter_dropout.py \
+    > "$w/tests.log" 2>&1
+  ckpt30="rows=12288,compile=on,emb=cpu,offload=on,ckpt=30"
+  fe_part 0 lora 420 340 "name=ckpt30+peft-dropout,$ckpt30,dropout=peft,warmup=4" "name=ckpt30+fused,$ckpt30,warmup=3" \
+    "name=ckpt30+peft-dropout(again),$ckpt30,dropout=peft,warmup=3" "name=ckpt30+fused(again),$ckpt30,warmup=3" \
+    "name=ckpt30+no-dropout,$ckpt30,dropout=0,warmup=3" > "$w/gpu0.log" 2>&1
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))

@@ -12,6 +12,7 @@ import torch
 from ..config import ModelConfig, TrainConfig
 from ..errors import UserError
 from ..models import base_model, load_model, model_skeleton
+from .adapter_dropout import fuse_adapter_dropout, fused_dropout_available
 from .distributed import Processes, materialize, shard
 from .offload import InputOffloader, offloaded_checkpoint, synchronous_offloaded_checkpoint
 
@@ -68,7 +69,9 @@ def build_sharded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, procs: P
     receives its shards from the main process — the only one that reads the weights (one CPU copy in all, not one
     per GPU: a 70B model loads on a node whose GPUs could not each hold it)."""
     skeleton = model_skeleton(model_cfg, dtype=precision.weights, path=path, attn_implementation=attn_implementation)
-    model = prepare_model(skeleton, train_cfg, procs.device, checkpointed_layers, compile_layers=False)
+    # PEFT's own adapter dropout: the fused kernel (adapter_dropout.py) is not measured under FSDP2
+    model = prepare_model(skeleton, train_cfg, procs.device, checkpointed_layers, compile_layers=False,
+                          fused_dropout=False)
     full_state = None
     if procs.main:
         real = load_model(model_cfg, dtype=precision.weights, path=path, attn_implementation=attn_implementation)
@@ -84,13 +87,16 @@ def build_sharded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, procs: P
 
 def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
                   checkpointed_layers: int | None = None, compile_layers: bool | None = None,
-                  offload_checkpoints: bool = False) -> Any:
+                  offload_checkpoints: bool = False, fused_dropout: bool = True) -> Any:
     """Adapters and checkpointing on an already loaded base (benchmarks build random-weight bases themselves).
     ``checkpointed_layers``: how many decoder layers recompute their activations (the plan's choice); None: all or
-    none, as ``train.gradient_checkpointing`` says. ``offload_checkpoints``: their inputs wait in CPU memory."""
+    none, as ``train.gradient_checkpointing`` says. ``offload_checkpoints``: their inputs wait in CPU memory.
+    ``fused_dropout``: on CUDA, adapters draw their input dropout inside their first product (adapter_dropout.py)."""
     model.config.use_cache = False
     if train_cfg.method != "full":
         model = _add_lora(model, train_cfg)
+        if fused_dropout and fused_dropout_available(device):
+            fuse_adapter_dropout(model)
     if checkpointed_layers is None:
         checkpointed_layers = decoder_layer_count(model) if checkpointing_on(train_cfg, device) else 0
     if checkpointed_layers > 0:
