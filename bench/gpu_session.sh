@@ -32,9 +32,13 @@
 #                                 #   (the hash variant lives at commit 6a6cb00: run U from there)
 #   bash bench/gpu_session.sh X   # 1 GPU: tests/gpu/test_adapter_dropout.py; LoRA's best configuration vs the seed
 #                                 #   with the adapters' dropout drawn inside lora_A (fused) and PEFT's, twice each
+#   bash bench/gpu_session.sh Y   # 1 GPU: bench/adapter_dropout.py (one adapter's kernels vs PEFT's way, launch
+#                                 #   settings swept), tests/gpu/test_adapter_dropout.py, then X's LoRA runs
+#   bash bench/gpu_session.sh Z   # 1 GPU: bench/adapter_dropout.py; LoRA with the fused dropout, 29 and 30 of 32
+#                                 #   layers checkpointed (each twice), PEFT's dropout as the control
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -249,6 +253,22 @@ elif [ "$phase" = X ]; then  # one GPU: the adapters' fused dropout — its CUDA
   fe_part 0 lora 420 340 "name=ckpt30+peft-dropout,$ckpt30,dropout=peft,warmup=4" "name=ckpt30+fused,$ckpt30,warmup=3" \
     "name=ckpt30+peft-dropout(again),$ckpt30,dropout=peft,warmup=3" "name=ckpt30+fused(again),$ckpt30,warmup=3" \
     "name=ckpt30+no-dropout,$ckpt30,dropout=0,warmup=3" > "$w/gpu0.log" 2>&1
+elif [ "$phase" = Y ]; then  # one GPU: the kernels alone, their tests, then the product's LoRA run as in X
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/adapter_dropout.py --json-out "$out/adapter_dropout.json" \
+    > "$w/micro.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout 100 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_adapter_dropout.py \
+    > "$w/tests.log" 2>&1
+  ckpt30="rows=12288,compile=on,emb=cpu,offload=on,ckpt=30"
+  fe_part 0 lora 330 270 "name=ckpt30+peft-dropout,$ckpt30,dropout=peft,warmup=4" "name=ckpt30+fused,$ckpt30,warmup=3" \
+    "name=ckpt30+peft-dropout(again),$ckpt30,dropout=peft,warmup=3" "name=ckpt30+fused(again),$ckpt30,warmup=3" \
+    > "$w/gpu0.log" 2>&1
+elif [ "$phase" = Z ]; then  # one GPU: the kernels alone, then LoRA keeping one more layer in the memory they free
+  CUDA_VISIBLE_DEVICES=0 timeout 120 python3 bench/adapter_dropout.py --json-out "$out/adapter_dropout.json" \
+    > "$w/micro.log" 2>&1
+  c="rows=12288,compile=on,emb=cpu,offload=on"
+  fe_part 0 lora 400 330 "name=ckpt29+fused,$c,ckpt=29,warmup=4" "name=ckpt30+fused,$c,ckpt=30,warmup=3" \
+    "name=ckpt29+fused(again),$c,ckpt=29,warmup=3" "name=ckpt30+peft-dropout,$c,ckpt=30,dropout=peft,warmup=3" \
+    > "$w/gpu0.log" 2>&1
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))

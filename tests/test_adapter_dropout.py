@@ -37,6 +37,7 @@ def test_kernels_forward_and_gradients_equal_autograd_through_the_kernels_own_ma
     grad = torch.randn(rows, rank, generator=gen)
     seed, p = torch.tensor([987654321], dtype=torch.int64), 0.3
     keep = kernels.keep_mask(rows, cols, seed, p)
+    p = kernels.effective_p(p)  # 0.3 rounded to a multiple of 2⁻¹⁶, as the kernels apply it
     assert 0 < keep.sum() < keep.numel()
 
     xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -63,6 +64,7 @@ def test_registered_op_backpropagates_the_kernels_gradients_to_input_and_weight(
     seed, p = torch.tensor([7], dtype=torch.int64), 0.1
     op(x, weight, seed, p).backward(grad)
     keep = kernels.keep_mask(33, 200, seed, p)
+    p = kernels.effective_p(p)
     assert torch.allclose(x.grad, (grad @ weight.detach()) * keep / (1 - p), atol=1e-5)
     assert torch.allclose(weight.grad, grad.T @ (x.detach() * keep / (1 - p)), atol=1e-4)
 
@@ -71,15 +73,16 @@ def test_mask_keeps_each_element_with_probability_one_minus_p_and_its_lanes_are_
     rows, cols, p = 256, 512, 0.05
     keep = kernels.keep_mask(rows, cols, torch.tensor([42], dtype=torch.int64), p).float()
     n = keep.numel()
+    assert kernels.effective_p(p) == 3277 / 65536
     sd = (p * (1 - p) / n) ** 0.5
     assert abs(keep.mean().item() - (1 - p)) < 5 * sd
-    # the four columns one Philox call serves (LANE apart in a block of 4 × LANE) are independent draws
+    # the eight columns one Philox call serves (LANE apart in a block of 8 × LANE: both halves of each of its four
+    # words) are independent draws
     half = kernels.keep_mask(rows, cols, torch.tensor([43], dtype=torch.int64), 0.5).float()
-    lane = kernels.LANE
-    blocks = half.view(rows, cols // kernels.BLOCK, 4, lane)
-    for a, b in [(0, 1), (1, 2), (0, 3)]:
+    blocks = half.view(rows, cols // kernels.BLOCK, 8, kernels.LANE)
+    for a, b in [(0, 1), (1, 2), (0, 7), (3, 4)]:
         agree = (blocks[:, :, a] == blocks[:, :, b]).float().mean().item()
-        assert abs(agree - 0.5) < 5 * (0.25 / (n / 4)) ** 0.5
+        assert abs(agree - 0.5) < 5 * (0.25 / (n / 8)) ** 0.5
     # rows and other seeds draw other masks
     assert (half[0] != half[1]).float().mean().item() > 0.3
     other = kernels.keep_mask(rows, cols, torch.tensor([44], dtype=torch.int64), 0.5).float()

@@ -28,6 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MAX_RANK = 64
+"""Adapters of larger rank keep PEFT's dropout: the backward kernel's per-lane [rank × 32] accumulators would spill
+out of registers."""
+
 
 class DropoutLinear(nn.Linear):
     """An adapter's ``lora_A`` that applies the adapter's input dropout itself (see the module docstring)."""
@@ -59,7 +63,7 @@ def fused_dropout_available(device: torch.device) -> bool:
 
 def fuse_adapter_dropout(model: Any) -> int:
     """Give every plain LoRA adapter with dropout a ``DropoutLinear``; returns how many. Adapters of other kinds
-    (a variant such as DoRA, a bias on ``lora_A``, no dropout) are left to PEFT."""
+    (a variant such as DoRA, a bias on ``lora_A``, no dropout, rank above ``MAX_RANK``) are left to PEFT."""
     from peft.tuners.lora import LoraLayer
 
     fused = 0
@@ -69,7 +73,8 @@ def fuse_adapter_dropout(model: Any) -> int:
         for name, dropout in layer.lora_dropout.items():
             lora_a = getattr(layer.lora_A, name, None)
             if (not isinstance(dropout, nn.Dropout) or dropout.p == 0 or type(lora_a) is not nn.Linear
-                    or lora_a.bias is not None or name in getattr(layer, "lora_variant", {})):
+                    or lora_a.bias is not None or lora_a.out_features > MAX_RANK
+                    or name in getattr(layer, "lora_variant", {})):
                 continue
             layer.lora_A[name] = DropoutLinear(lora_a, dropout.p)
             layer.lora_dropout[name] = nn.Identity()
