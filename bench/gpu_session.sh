@@ -36,9 +36,11 @@
 #                                 #   settings swept), tests/gpu/test_adapter_dropout.py, then X's LoRA runs
 #   bash bench/gpu_session.sh Z   # 1 GPU: bench/adapter_dropout.py; LoRA with the fused dropout, 29 and 30 of 32
 #                                 #   layers checkpointed (each twice), PEFT's dropout as the control
+#   bash bench/gpu_session.sh AA  # 1 GPU: tests/gpu/test_adapter_dropout.py and test_fast_path.py (verbose,
+#                                 #   durations), then the seed and LoRA with the fused dropout, 29 layers checkpointed
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -269,6 +271,11 @@ elif [ "$phase" = Z ]; then  # one GPU: the kernels alone, then LoRA keeping one
   fe_part 0 lora 400 330 "name=ckpt29+fused,$c,ckpt=29,warmup=4" "name=ckpt30+fused,$c,ckpt=30,warmup=3" \
     "name=ckpt29+fused(again),$c,ckpt=29,warmup=3" "name=ckpt30+peft-dropout,$c,ckpt=30,dropout=peft,warmup=3" \
     > "$w/gpu0.log" 2>&1
+elif [ "$phase" = AA ]; then  # one GPU: the CUDA tests with time to finish, then one more seed / fused pair
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m pytest -v --durations=0 -p no:cacheprovider \
+    tests/gpu/test_adapter_dropout.py tests/gpu/test_fast_path.py > "$w/tests.log" 2>&1
+  c="rows=12288,compile=on,emb=cpu,offload=on,ckpt=29"
+  fe_part 0 lora 250 190 "name=ckpt29+fused,$c,warmup=4" "name=ckpt29+fused(again),$c,warmup=3" > "$w/gpu0.log" 2>&1
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))
