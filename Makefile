@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
+	# Triton, which torch's CPU build does not bring: the CPU tests run the LoRA adapters' dropout kernels in its
+	# interpreter (3.9: earlier interpreters fail on numpy 2's scalars). GPU users have the one their torch pins.
+	$(BIN)/python -m pip install -q triton==3.9.0
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --no-cache-dir "llama-cpp-python[server]==0.3.36"
 	$(BIN)/python -m pip install -q -e ".[dev,qlora,gguf,serve]"
 	$(BIN)/tunesmith setup-gguf

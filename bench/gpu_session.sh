@@ -30,13 +30,13 @@
 #   bash bench/gpu_session.sh U   # 1 GPU: LoRA's best configuration vs the seed, adapters' dropout masks from an
 #                                 #   integer hash instead of Philox (each measured twice); tests/gpu/test_fast_path.py
 #                                 #   (the hash variant lives at commit 6a6cb00: run U from there)
-#   bash bench/gpu_session.sh X   # 1 GPU: tests/gpu/test_adapter_dropout.py; LoRA's best configuration vs the seed
+#   bash bench/gpu_session.sh X   # 1 GPU: tests/gpu/test_adapter_dropout_cuda.py; LoRA's best configuration vs the seed
 #                                 #   with the adapters' dropout drawn inside lora_A (fused) and PEFT's, twice each
 #   bash bench/gpu_session.sh Y   # 1 GPU: bench/adapter_dropout.py (one adapter's kernels vs PEFT's way, launch
-#                                 #   settings swept), tests/gpu/test_adapter_dropout.py, then X's LoRA runs
+#                                 #   settings swept), tests/gpu/test_adapter_dropout_cuda.py, then X's LoRA runs
 #   bash bench/gpu_session.sh Z   # 1 GPU: bench/adapter_dropout.py; LoRA with the fused dropout, 29 and 30 of 32
 #                                 #   layers checkpointed (each twice), PEFT's dropout as the control
-#   bash bench/gpu_session.sh AA  # 1 GPU: tests/gpu/test_adapter_dropout.py and test_fast_path.py (verbose,
+#   bash bench/gpu_session.sh AA  # 1 GPU: tests/gpu/test_adapter_dropout_cuda.py and test_fast_path.py (verbose,
 #                                 #   durations), then the seed and LoRA with the fused dropout, 29 layers checkpointed
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
@@ -249,7 +249,7 @@ elif [ "$phase" = U ]; then  # one GPU: the same masks' distribution from a chea
     tests/gpu/test_fast_path.py >> "$w/gpu0.log" 2>&1
 elif [ "$phase" = X ]; then  # one GPU: the adapters' fused dropout — its CUDA tests, then the product's LoRA run
   # with it (the default) against PEFT's dropout in the same process, each twice, and without dropout (information)
-  CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_adapter_dropout.py \
+  CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_adapter_dropout_cuda.py \
     > "$w/tests.log" 2>&1
   ckpt30="rows=12288,compile=on,emb=cpu,offload=on,ckpt=30"
   fe_part 0 lora 420 340 "name=ckpt30+peft-dropout,$ckpt30,dropout=peft,warmup=4" "name=ckpt30+fused,$ckpt30,warmup=3" \
@@ -258,7 +258,7 @@ elif [ "$phase" = X ]; then  # one GPU: the adapters' fused dropout — its CUDA
 elif [ "$phase" = Y ]; then  # one GPU: the kernels alone, their tests, then the product's LoRA run as in X
   CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/adapter_dropout.py --json-out "$out/adapter_dropout.json" \
     > "$w/micro.log" 2>&1
-  CUDA_VISIBLE_DEVICES=0 timeout 100 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_adapter_dropout.py \
+  CUDA_VISIBLE_DEVICES=0 timeout 100 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_adapter_dropout_cuda.py \
     > "$w/tests.log" 2>&1
   ckpt30="rows=12288,compile=on,emb=cpu,offload=on,ckpt=30"
   fe_part 0 lora 330 270 "name=ckpt30+peft-dropout,$ckpt30,dropout=peft,warmup=4" "name=ckpt30+fused,$ckpt30,warmup=3" \
@@ -273,7 +273,7 @@ elif [ "$phase" = Z ]; then  # one GPU: the kernels alone, then LoRA keeping one
     > "$w/gpu0.log" 2>&1
 elif [ "$phase" = AA ]; then  # one GPU: the CUDA tests with time to finish, then one more seed / fused pair
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m pytest -v --durations=0 -p no:cacheprovider \
-    tests/gpu/test_adapter_dropout.py tests/gpu/test_fast_path.py > "$w/tests.log" 2>&1
+    tests/gpu/test_adapter_dropout_cuda.py tests/gpu/test_fast_path.py > "$w/tests.log" 2>&1
   c="rows=12288,compile=on,emb=cpu,offload=on,ckpt=29"
   fe_part 0 lora 250 190 "name=ckpt29+fused,$c,warmup=4" "name=ckpt29+fused(again),$c,warmup=3" > "$w/gpu0.log" 2>&1
 else  # C: four or eight GPUs (issue 11), when that machine is lent

@@ -4,7 +4,7 @@ The Triton kernels run here in Triton's interpreter on CPU tensors (fp32: the in
 forward and both gradients equal autograd through the mask the kernel draws, on shapes that are not multiples of
 the kernel's tiles; the mask is Bernoulli(1 − p) and its four Philox lanes are independent. The module swap keeps
 PEFT's state-dict names and, where no kernel applies, PEFT's function and random stream exactly. The kernels on a
-GPU, under torch.compile and checkpointing: tests/gpu/test_adapter_dropout.py.
+GPU, under torch.compile and checkpointing: tests/gpu/test_adapter_dropout_cuda.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tunesmith.train.model import prepare_model
 def kernels():
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton's interpreter is off (a GPU machine: tests/gpu/test_adapter_dropout.py runs the kernels)")
+        pytest.skip("no Triton interpreter (a GPU machine: tests/gpu/test_adapter_dropout_cuda.py runs the kernels)")
     import tunesmith.train.adapter_dropout_kernels as module
 
     return module

@@ -28,7 +28,8 @@ class LoraSection(Section):
     """LoRA scaling numerator (the update is scaled by alpha / r; the seed uses 2 × r)."""
 
     dropout: float = Field(0.05, ge=0, lt=1)
-    """Dropout on the LoRA input."""
+    """Dropout on the LoRA input. On one CUDA GPU each adapter draws it inside its first product (no mask stored;
+    src/tunesmith/train/adapter_dropout.py), with p rounded to a multiple of 2⁻¹⁶."""
 
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases to train (PEFT's ``bias``)."""

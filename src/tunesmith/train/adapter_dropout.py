@@ -110,11 +110,12 @@ _OP: Any = None
 def _dropout_linear_op() -> Any:
     """Register the kernels as a custom op with its own backward (torch.compile traces through it); None without
     Triton."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from torch.library import triton_op, wrap_triton
+    try:
+        from torch.library import triton_op, wrap_triton
 
-    from . import adapter_dropout_kernels as kernels
+        from . import adapter_dropout_kernels as kernels
+    except ImportError:  # no Triton (or a torch without triton_op): PEFT's function, computed by DropoutLinear
+        return None
 
     @triton_op("tunesmith::dropout_linear", mutates_args=())
     def dropout_linear(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:

@@ -90,19 +90,20 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
     optimizer, why = _choose_optimizer(arch, model_config, tcfg, tokens, world, shards, budget, device)
     master = _master_weights(tcfg, weights_dtype, optimizer)
     copy_gib = _fsdp_copies_gib(arch, model_config, tcfg, sharding)
+    masks = _dropout_mask_bytes(tcfg, device, world)
     ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget,
-                                                     optimizer, layers, copy_gib)
+                                                     optimizer, layers, copy_gib, mask_bytes=masks)
     on_cpu = _embeddings_on_cpu(model_config, tcfg, world, estimate > budget)
     if on_cpu:
         freed = _embedding_gib(model_config)
         copy_gib -= freed
         ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget,
-                                                         optimizer, layers, copy_gib)
+                                                         optimizer, layers, copy_gib, mask_bytes=masks)
         ckpt_why += f"; frozen input embeddings in CPU memory (-{freed:.2f} GiB)"
     offload = False
     if _offload_checkpoints(tcfg, world, ckpt):
         moved = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget, optimizer, layers,
-                                      copy_gib, offload=True)
+                                      copy_gib, offload=True, mask_bytes=masks)
         # auto: only if it buys something — fewer layers recomputed, or a step that did not fit
         if tcfg.offload_checkpoints is True or moved[0] < ckpt or estimate > budget:
             ckpt, estimate, ckpt_why = moved
@@ -223,12 +224,12 @@ def _stochastic_bf16_missing(device: torch.device, tcfg: TrainConfig) -> tuple[s
 
 
 def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
-                          budget: float, optimizer: str, layers: int, extra_gib: float = 0.0, offload: bool = False
-                          ) -> tuple[int, float, str]:
+                          budget: float, optimizer: str, layers: int, extra_gib: float = 0.0, offload: bool = False,
+                          mask_bytes: int = 1) -> tuple[int, float, str]:
     from ..advise.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB
 
-    full = _memory(arch, model_config, tcfg, tokens, shards, "full", optimizer)
-    none = _memory(arch, model_config, tcfg, tokens, shards, "none", optimizer).total_gib + extra_gib
+    full = _memory(arch, model_config, tcfg, tokens, shards, "full", optimizer, mask_bytes)
+    none = _memory(arch, model_config, tcfg, tokens, shards, "none", optimizer, mask_bytes).total_gib + extra_gib
     # a kept layer holds its activations in place of its bf16 input; offloaded, a checkpointed layer's input leaves
     # the GPU, except the ones being copied out and back
     boundary = model_config.hidden_size * tokens * 2 / 2**30
@@ -310,9 +311,9 @@ def _estimate(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shar
 
 
 def _memory(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
-            checkpointing: str, optimizer: str) -> Any:
+            checkpointing: str, optimizer: str, mask_bytes: int = 1) -> Any:
     """The memory model's estimate (src/tunesmith/advise/memory.py) for this run, its terms included;
-    ``optimizer`` is one of OPTIMIZER_MEMORY's names."""
+    ``optimizer`` is one of OPTIMIZER_MEMORY's names; ``mask_bytes``: see ``_dropout_mask_bytes``."""
     from ..advise.memory import estimate_memory, lora_trainable_params
 
     trainable, adapted = (0, 0)
@@ -322,8 +323,20 @@ def _memory(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards
                           adapted_in_features=adapted, lora_dropout=tcfg.lora.dropout, checkpointing=checkpointing,
                           logits=_head(), optimizer=OPTIMIZER_MEMORY[optimizer][0],
                           full_precision=OPTIMIZER_MEMORY[optimizer][1], shards=shards,
-                          compiled=tcfg.compile is not False)
+                          compiled=tcfg.compile is not False, dropout_mask_bytes=mask_bytes)
     return est
+
+
+def _dropout_mask_bytes(tcfg: TrainConfig, device: torch.device, world: int) -> int:
+    """Bytes per adapted input feature the adapters' dropout keeps for backward: none where the fused kernel draws
+    the mask (src/tunesmith/train/adapter_dropout.py; one process — FSDP2 runs keep PEFT's dropout), else PEFT's
+    1-byte mask. Measured on one H200 (bench/results/fast_engine.md, "Seventh run"): 8B LoRA, rows of 12,288
+    tokens, 2 layers kept: 18.92 GiB fused vs 20.03 GiB with PEFT's dropout."""
+    from .adapter_dropout import MAX_RANK, fused_dropout_available
+
+    fused = (world == 1 and tcfg.method != "full" and tcfg.lora.dropout > 0 and tcfg.lora.r <= MAX_RANK
+             and fused_dropout_available(device))
+    return 0 if fused else 1
 
 
 def _head() -> str:
