@@ -14,9 +14,8 @@ import os
 import pytest
 import torch
 
-from tunesmith.config import TrainConfig
+from train_fixtures import seeded_loss_and_grads, tiny_lora_model
 from tunesmith.train.adapter_dropout import DropoutLinear, fuse_adapter_dropout
-from tunesmith.train.model import prepare_model
 
 
 @pytest.fixture(scope="module")
@@ -89,28 +88,9 @@ def test_mask_keeps_each_element_with_probability_one_minus_p_and_its_lanes_are_
     assert abs((half == other).float().mean().item() - 0.5) < 0.02
 
 
-def _lora_model(dropout: float = 0.2, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
-    tcfg = TrainConfig(method="lora", gradient_checkpointing=False, compile=False,
-                       lora={"r": 4, "alpha": 8, "dropout": dropout})
-    return prepare_model(LlamaForCausalLM(cfg), tcfg, torch.device("cpu")).train()
-
-
-def _loss_and_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(1)
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def test_fused_adapters_keep_peft_names_and_without_a_kernel_compute_exactly_peft_dropout():
-    peft_model = _lora_model()  # on the CPU prepare_model leaves PEFT's dropout in place
-    fused_model = _lora_model()
+    peft_model = tiny_lora_model(dropout=0.2)  # on the CPU prepare_model leaves PEFT's dropout in place
+    fused_model = tiny_lora_model(dropout=0.2)
     assert not any(isinstance(m, DropoutLinear) for m in peft_model.modules())
     assert fuse_adapter_dropout(fused_model) == 2 * 7
     assert sum(isinstance(m, DropoutLinear) for m in fused_model.modules()) == 2 * 7
@@ -125,8 +105,8 @@ def test_fused_adapters_keep_peft_names_and_without_a_kernel_compute_exactly_pef
                 a.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
                 b.copy_(a)
     ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(0))
-    peft_loss, peft_grads = _loss_and_grads(peft_model, ids)
-    loss, grads = _loss_and_grads(fused_model, ids)
+    peft_loss, peft_grads = seeded_loss_and_grads(peft_model, ids)
+    loss, grads = seeded_loss_and_grads(fused_model, ids)
     # no kernel on the CPU: the same dropout from the same generator, so the very same numbers
     assert torch.equal(loss, peft_loss)
     assert all(torch.equal(g, peft_grads[n]) for n, g in grads.items())
@@ -141,6 +121,6 @@ def test_fused_adapters_keep_peft_names_and_without_a_kernel_compute_exactly_pef
 
 
 def test_adapters_without_dropout_are_left_to_peft():
-    model = _lora_model(dropout=0.0)
+    model = tiny_lora_model(dropout=0.0)
     assert fuse_adapter_dropout(model) == 0
     assert not any(isinstance(m, DropoutLinear) for m in model.modules())

@@ -10,30 +10,14 @@ import weakref
 import pytest
 import torch
 
-from tunesmith.config import TrainConfig
+from train_fixtures import seeded_loss_and_grads, tiny_lora_model
 from tunesmith.train import offload
-from tunesmith.train.model import prepare_model, set_checkpointing
+from tunesmith.train.model import set_checkpointing
 
 
 def _lora_model(layers: int = 3):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
-    base = LlamaForCausalLM(cfg)
     # dropout on: the recomputation must draw the same masks, offloaded or not
-    tcfg = TrainConfig(method="lora", gradient_checkpointing=False, compile=False,
-                       lora={"r": 4, "alpha": 8, "dropout": 0.1})
-    return prepare_model(base, tcfg, torch.device("cpu")).train()
-
-
-def _loss_and_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(1)
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return tiny_lora_model(layers, dropout=0.1)
 
 
 def test_offloaded_checkpointing_gives_plain_checkpointings_loss_and_gradients(monkeypatch):
@@ -41,16 +25,16 @@ def test_offloaded_checkpointing_gives_plain_checkpointings_loss_and_gradients(m
     model = _lora_model()
     ids = torch.randint(3, 300, (2, 48), generator=torch.Generator().manual_seed(0))
     set_checkpointing(model, 3)
-    plain_loss, plain = _loss_and_grads(model, ids)
+    plain_loss, plain = seeded_loss_and_grads(model, ids)
     offloader = set_checkpointing(model, 2, offload=True)
-    loss, grads = _loss_and_grads(model, ids)
+    loss, grads = seeded_loss_and_grads(model, ids)
     assert offloader.offloaded == 2  # one input per checkpointed layer, nothing from the third (kept) layer
     assert torch.equal(loss, plain_loss)
     assert grads.keys() == plain.keys() and len(grads) == 3 * 7 * 2
     for name, g in grads.items():
         assert torch.allclose(g, plain[name], atol=1e-6, rtol=1e-5), name
     set_checkpointing(model, 0)
-    none_loss, none = _loss_and_grads(model, ids)
+    none_loss, none = seeded_loss_and_grads(model, ids)
     assert torch.allclose(none_loss, loss, atol=1e-6)
     assert all(torch.allclose(none[n], g, atol=1e-6, rtol=1e-5) for n, g in grads.items())
 

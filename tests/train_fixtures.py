@@ -113,3 +113,31 @@ def straight_and_resumed(cfg: Path, tmp_path: Path, nproc: int, final: str, kill
     assert not (run / final).exists()
     finish(launch_train(nproc, str(cfg), "--out", str(run), "--resume"))
     return metrics(tmp_path / "straight"), metrics(run)
+
+
+def tiny_lora_model(layers: int = 2, dropout: float = 0.1):
+    """A random 2-layer-ish Llama (hidden 64) with LoRA r 4 on all seven projections, as prepare_model builds it on
+    the CPU, in training mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.config import TrainConfig
+    from tunesmith.train.model import prepare_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
+    tcfg = TrainConfig(method="lora", gradient_checkpointing=False, compile=False,
+                       lora={"r": 4, "alpha": 8, "dropout": dropout})
+    return prepare_model(LlamaForCausalLM(cfg), tcfg, torch.device("cpu")).train()
+
+
+def seeded_loss_and_grads(model, ids):
+    """Loss and the trainable parameters' gradients of one forward/backward on ``ids``, dropout seeded alike."""
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
