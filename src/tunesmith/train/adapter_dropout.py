@@ -57,8 +57,10 @@ class DropoutLinear(nn.Linear):
 
 
 def fused_dropout_available(device: torch.device) -> bool:
-    """Whether the kernels can run here: a CUDA device and Triton installed."""
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    """Whether the kernels can run here: Triton installed and a CUDA GPU of compute capability 8.0 or later (the
+    kernels' bf16 products; measured on Hopper)."""
+    return (device.type == "cuda" and torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def fuse_adapter_dropout(model: Any) -> int:
