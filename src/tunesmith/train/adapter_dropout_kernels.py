@@ -11,8 +11,9 @@ the seed with the counter (column group, row) gives four 32-bit words, i.e. eigh
 ``LANE`` apart; an element is kept when its draw is ≥ round(p · 2¹⁶) — p is used rounded to a multiple of 2⁻¹⁶
 (0.05 → 0.0500031) and ``s`` is computed from the rounded value, so E[x ⊙ keep · s] = x exactly. 7 Philox rounds:
 the smallest count its authors found to pass the BigCrush battery with no failures (Salmon et al., SC'11, "Parallel
-random numbers: as easy as 1, 2, 3"); 10 is their safety margin for general use. Drawing the bits was most of the
-kernels' time with 10 rounds and one draw per 32-bit word (bench/results/fast_engine.md, "Seventh run").
+random numbers: as easy as 1, 2, 3"); 10 is their safety margin for general use. A first version (10 rounds, one
+draw per 32-bit word, the scale applied per element, a backward that spilled registers) made the 8B LoRA step 2–3%
+slower than PEFT's dropout; this one makes it 3.6% faster (bench/results/fast_engine.md, "Seventh run").
 
 Columns are walked in blocks of ``BLOCK = 8 × LANE``; the mapping (element → word, half) is fixed by these
 constants, which forward, backward and ``keep_mask`` share. Nothing the size of x is written in forward or kept for
