@@ -38,9 +38,11 @@
 #                                 #   layers checkpointed (each twice), PEFT's dropout as the control
 #   bash bench/gpu_session.sh AA  # 1 GPU: tests/gpu/test_adapter_dropout_cuda.py and test_fast_path.py (verbose,
 #                                 #   durations), then the seed and LoRA with the fused dropout, 29 layers checkpointed
+#   bash bench/gpu_session.sh AB  # 1 GPU: the seed's QLoRA, then QLoRA's best configuration with the fused dropout
+#                                 #   and with PEFT's, twice each (not run yet)
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -276,6 +278,11 @@ elif [ "$phase" = AA ]; then  # one GPU: the CUDA tests with time to finish, the
     tests/gpu/test_adapter_dropout_cuda.py tests/gpu/test_fast_path.py > "$w/tests.log" 2>&1
   c="rows=12288,compile=on,emb=cpu,offload=on,ckpt=29"
   fe_part 0 lora 250 190 "name=ckpt29+fused,$c,warmup=4" "name=ckpt29+fused(again),$c,warmup=3" > "$w/gpu0.log" 2>&1
+elif [ "$phase" = AB ]; then  # one GPU: QLoRA within 8 GB with the fused dropout against PEFT's
+  q="bs=2,rows=9216,compile=on,emb=cpu,offload=on"
+  fe_part 0 qlora 480 400 "name=rows9216+fused,$q,warmup=4" "name=rows9216+peft-dropout,$q,dropout=peft,warmup=3" \
+    "name=rows9216+fused(again),$q,warmup=3" "name=rows9216+peft-dropout(again),$q,dropout=peft,warmup=3" \
+    > "$w/gpu0.log" 2>&1
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))
