@@ -66,6 +66,16 @@ def fused_dropout_available(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
+def fused_dropout_applies(rank: int, p: float, device: torch.device) -> bool:
+    """Whether an adapter of this rank and dropout gets the kernel on ``device`` when ``fuse_adapter_dropout`` runs
+    (in one process: prepare_model calls it, build_sharded_model does not)."""
+    return _fusable(rank, p) and fused_dropout_available(device)
+
+
+def _fusable(rank: int, p: float) -> bool:
+    return p > 0 and rank <= MAX_RANK
+
+
 def fuse_adapter_dropout(model: Any) -> int:
     """Give every plain LoRA adapter with dropout a ``DropoutLinear``; returns how many. Adapters of other kinds
     (a variant such as DoRA, a bias on ``lora_A``, no dropout, rank above ``MAX_RANK``) are left to PEFT."""
@@ -77,9 +87,8 @@ def fuse_adapter_dropout(model: Any) -> int:
             continue
         for name, dropout in layer.lora_dropout.items():
             lora_a = getattr(layer.lora_A, name, None)
-            if (not isinstance(dropout, nn.Dropout) or dropout.p == 0 or type(lora_a) is not nn.Linear
-                    or lora_a.bias is not None or lora_a.out_features > MAX_RANK
-                    or name in getattr(layer, "lora_variant", {})):
+            if (not isinstance(dropout, nn.Dropout) or type(lora_a) is not nn.Linear or lora_a.bias is not None
+                    or not _fusable(lora_a.out_features, dropout.p) or name in getattr(layer, "lora_variant", {})):
                 continue
             layer.lora_A[name] = DropoutLinear(lora_a, dropout.p)
             layer.lora_dropout[name] = nn.Identity()

@@ -23,6 +23,7 @@ backward: backward reads x again and redraws the same bits.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import torch
@@ -103,6 +104,7 @@ def _padded_rank(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))  # tl.dot wants every dimension ≥ 16
 
 
+@cache
 def _processors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

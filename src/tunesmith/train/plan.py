@@ -332,10 +332,9 @@ def _dropout_mask_bytes(tcfg: TrainConfig, device: torch.device, world: int) -> 
     the mask (src/tunesmith/train/adapter_dropout.py; one process — FSDP2 runs keep PEFT's dropout), else PEFT's
     1-byte mask. Measured on one H200 (bench/results/fast_engine.md, "Seventh run"): 8B LoRA, rows of 12,288
     tokens, 2 layers kept: 18.92 GiB fused vs 20.03 GiB with PEFT's dropout."""
-    from .adapter_dropout import MAX_RANK, fused_dropout_available
+    from .adapter_dropout import fused_dropout_applies
 
-    fused = (world == 1 and tcfg.method != "full" and tcfg.lora.dropout > 0 and tcfg.lora.r <= MAX_RANK
-             and fused_dropout_available(device))
+    fused = world == 1 and tcfg.method != "full" and fused_dropout_applies(tcfg.lora.r, tcfg.lora.dropout, device)
     return 0 if fused else 1
 
 
