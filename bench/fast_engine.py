@@ -160,6 +160,7 @@ def run_tunesmith(a: argparse.Namespace) -> None:
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
 
     adapters = _adapter_dropout_arms(model)
+    copy_rates = _copy_rates(device)
     for spec in a.variant:
         v = dict(item.split("=", 1) for item in spec.split(",")) if spec else {}
         name = v.get("name", spec or "default")
@@ -174,7 +175,17 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         # offload: on = the checkpointed layers' inputs in CPU memory (train.offload_checkpoints), sync = torch's
         # save_on_cpu in the same place (the control arm)
         offload = {"on": True, "sync": "synchronous"}.get(v.get("offload", "off"), False)
-        set_checkpointing(model, layers, offload)
+        # offl=K: K more layers not recomputed but offloaded whole (their saved activations in CPU memory), spread
+        # among the first layers + K; the remaining last layers kept
+        moved = int(v.get("offl", 0))
+        offloader = set_checkpointing(model, layers, offload, offloaded_layers=moved)
+        packed_shapes: list[str] = []
+        if offloader is not None and v.get("shapes") == "on":  # what the first layers save (the first 40 tensors)
+            def logged_pack(t: object, pack: object = offloader.pack, seen: list = packed_shapes) -> object:
+                if len(seen) < 40:
+                    seen.append(f"{tuple(t.shape)} {str(t.dtype)[6:]} {tuple(t.stride())}")
+                return pack(t)
+            offloader.pack = logged_pack
         if a.method == "qlora" and layers:
             model.enable_input_require_grads()
         # the adapters' dropout: fused (the product's, drawn inside lora_A: src/tunesmith/train/adapter_dropout.py),
@@ -210,7 +221,8 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         out = dict(tool="tunesmith", variant=name, method=a.method, shape=a.shape, packing=packed, attn=v_attn,
-                   checkpointed_layers=layers, of_layers=n_layers, loss=loss, bs=bs, ga=16 // bs, embeddings=emb,
+                   checkpointed_layers=layers, offloaded_layers=moved, of_layers=n_layers, loss=loss, bs=bs,
+                   ga=16 // bs, embeddings=emb,
                    row_tokens=rows or bs * 2048, offload=v.get("offload", "off"), dropout=arm,
                    warmup_steps=warm,
                    compile=v.get("compile", "off"), load_s=round(load_s, 1))
@@ -232,7 +244,12 @@ def run_tunesmith(a: argparse.Namespace) -> None:
                        peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                        peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                        loss_first=round(marks[0][2], 4), loss_last=round(marks[-1][2], 4),
-                       gflop_per_token=round(fpt / 1e9, 2))
+                       gflop_per_token=round(fpt / 1e9, 2), copy_gb_s=copy_rates)
+            if offloader is not None:
+                steps = len(marks)
+                out["offloaded_gib_per_step"] = round(offloader.offloaded_bytes / steps / 2**30, 2)
+                if packed_shapes:
+                    out["packed_shapes"] = packed_shapes
         except torch.cuda.OutOfMemoryError as exc:
             peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             out.update(error=f"OOM: {str(exc)[:160]}", peak_alloc_gb=peak)
@@ -243,6 +260,35 @@ def run_tunesmith(a: argparse.Namespace) -> None:
     # numbers are printed, so leave now
     sys.stdout.flush()
     os._exit(0)
+
+
+def _copy_rates(device: object) -> dict[str, float]:
+    """GB/s of one 1 GiB copy between pinned CPU memory and the GPU, each way and both at once (best of three):
+    the budget the activation offload spends."""
+    import torch
+
+    gpu = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    cpu = [torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    streams = [torch.cuda.Stream(device), torch.cuda.Stream(device)]
+    gpu2 = torch.empty_like(gpu)
+
+    def timed(copies: list) -> float:
+        best = float("inf")
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for stream, (dst, src) in zip(streams, copies, strict=False):
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        return round(len(copies) * 2**30 / best / 1e9, 1)
+
+    rates = {"to_cpu": timed([(cpu[0], gpu)]), "to_gpu": timed([(gpu, cpu[1])]),
+             "both": timed([(cpu[0], gpu), (gpu2, cpu[1])])}
+    del gpu, gpu2, cpu
+    torch.cuda.empty_cache()
+    return rates
 
 
 def _profiler() -> object:
@@ -440,8 +486,9 @@ def main() -> None:
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--learnable", action="store_true", help="repeated-motif data, so the loss can fall")
     t.add_argument("--variant", action="append", default=[],
-                   help="comma list: name=,packing=on|off,attn=,loss=liger|chunked|plain,ckpt=all|N,bs=,compile=on,"
-                        "emb=cpu,warmup=N,rows=N (packed row tokens),offload=on|sync,profile=on")
+                   help="comma list: name=,packing=on|off,attn=,loss=liger|chunked|plain,ckpt=all|N,offl=N,"
+                        "shapes=on,bs=,compile=on,emb=cpu,warmup=N,rows=N (packed row tokens),offload=on|sync,"
+                        "profile=on")
     t.add_argument("--workdir", default="/tmp/seedbench")
     al = sub.add_parser("all", help="seed baselines + tunesmith ablation + the ≥1B check; writes results")
     al.add_argument("--seed-script", required=True)

@@ -40,9 +40,13 @@
 #                                 #   durations), then the seed and LoRA with the fused dropout, 29 layers checkpointed
 #   bash bench/gpu_session.sh AB  # 1 GPU: the seed's QLoRA, then QLoRA's best configuration with the fused dropout
 #                                 #   and with PEFT's, twice each (not run yet)
+#   bash bench/gpu_session.sh AC  # 1 GPU: the seed's LoRA, then LoRA with some layers offloaded whole (their saved
+#                                 #   activations in CPU memory instead of recomputed) against 29 checkpointed layers
+#   bash bench/gpu_session.sh AD  # 1 GPU: the offload's CUDA tests; the seed's LoRA, then AC's variants with CPU
+#                                 #   memory pinned beforehand (a first untimed variant), each offload count warm
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -283,6 +287,21 @@ elif [ "$phase" = AB ]; then  # one GPU: QLoRA within 8 GB with the fused dropou
   fe_part 0 qlora 480 400 "name=rows9216+fused,$q,warmup=4" "name=rows9216+peft-dropout,$q,dropout=peft,warmup=3" \
     "name=rows9216+fused(again),$q,warmup=3" "name=rows9216+peft-dropout(again),$q,dropout=peft,warmup=3" \
     > "$w/gpu0.log" 2>&1
+elif [ "$phase" = AC ]; then  # one GPU: layers offloaded whole instead of recomputed, against ckpt29
+  c="rows=12288,compile=on,emb=cpu,offload=on"
+  fe_part 0 lora 520 440 "name=ckpt29,$c,ckpt=29,warmup=4" "name=ckpt22+offl8,$c,ckpt=22,offl=8,warmup=3" \
+    "name=ckpt18+offl12,$c,ckpt=18,offl=12,warmup=3" "name=ckpt14+offl16,$c,ckpt=14,offl=16,warmup=3" \
+    "name=ckpt19+offl10(keep3),$c,ckpt=19,offl=10,warmup=3" "name=ckpt29(again),$c,ckpt=29,warmup=3" \
+    "name=ckpt22+offl8(again),$c,ckpt=22,offl=8,warmup=3" > "$w/gpu0.log" 2>&1
+elif [ "$phase" = AD ]; then  # one GPU: the offload's tests, then offloaded layer counts measured warm
+  CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -v -p no:cacheprovider tests/gpu/test_fast_path.py \
+    -k "activations_in_cpu_memory" > "$w/tests.log" 2>&1
+  c="rows=12288,compile=on,emb=cpu,offload=on"
+  fe_part 0 lora $(( 570 - $(date +%s) + start )) 400 "name=pin-cpu-memory(untimed),$c,ckpt=14,offl=16,warmup=5" \
+    "name=ckpt29,$c,ckpt=29,warmup=3" "name=ckpt22+offl8,$c,ckpt=22,offl=8,warmup=3,shapes=on" \
+    "name=ckpt20+offl10,$c,ckpt=20,offl=10,warmup=3" "name=ckpt18+offl12,$c,ckpt=18,offl=12,warmup=3" \
+    "name=ckpt24+offl6,$c,ckpt=24,offl=6,warmup=3" "name=ckpt29(again),$c,ckpt=29,warmup=3" \
+    "name=ckpt22+offl8(again),$c,ckpt=22,offl=8,warmup=3" > "$w/gpu0.log" 2>&1
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))

@@ -39,30 +39,87 @@ def test_offloaded_checkpointing_gives_plain_checkpointings_loss_and_gradients(m
     assert all(torch.allclose(none[n], g, atol=1e-6, rtol=1e-5) for n, g in grads.items())
 
 
-def test_an_input_comes_back_as_a_copy_and_backward_fetches_the_one_before_it_in_advance():
-    off = offload.InputOffloader()
+def test_an_input_comes_back_as_a_copy_and_backward_fetches_the_ones_before_it_in_advance():
+    off = offload.ActivationOffloader()
     small = torch.ones(4)
     assert off.pack(small) is small  # under 1 MiB: left where it is
-    a, b, c = (torch.full((1 << 18,), float(k)) for k in range(3))  # 1 MiB each
-    saved = [off.pack(t) for t in (a, b, c)]
-    assert off.offloaded == 3
-    back = off.unpack(saved[2])  # backward asks for the last layer's input first
-    assert torch.equal(back, c) and back.data_ptr() != c.data_ptr()
-    assert saved[1].gpu is not None and saved[0].gpu is None  # the next one is on its way, not the one after
-    assert torch.equal(off.unpack(saved[1]), b) and saved[0].gpu is not None
-    assert torch.equal(off.unpack(saved[0]), a)
-    assert all(s.used and s.gpu is None for s in saved)
+    a, b, c, d = (torch.full((1 << 18,), float(k)) for k in range(4))  # 1 MiB each
+    saved = [off.pack(t) for t in (a, b, c, d)]  # outside group(): one group each, as checkpoint inputs
+    assert off.offloaded == 4 and off.offloaded_bytes == 4 << 20
+    back = off.unpack(saved[3])  # backward asks for the last layer's input first
+    assert torch.equal(back, d) and back.data_ptr() != d.data_ptr()
+    fetched = [s.group.fetched for s in saved]
+    assert fetched == [False, True, True, True]  # the next two are on their way, not the one after
+    assert torch.equal(off.unpack(saved[2]), c) and saved[0].group.fetched
+    assert torch.equal(off.unpack(saved[1]), b) and torch.equal(off.unpack(saved[0]), a)
+    assert all(s.group.gpu == [None] for s in saved)  # nothing left once used
+    assert torch.equal(off.unpack(saved[0]), a)  # asked again (a graph kept for a second backward): copied again
+
+
+def test_a_layers_tensors_form_one_group_fetched_together_and_each_tensor_is_copied_once():
+    weight = torch.zeros(1 << 18)
+    off = offload.ActivationOffloader([weight])
+    x, y = torch.ones(1 << 18), torch.full((1 << 18,), 2.0)
+    with off.group():
+        first = [off.pack(t) for t in (x, y, x, weight, weight.view(512, 512).t())]
+    with off.group():
+        second = off.pack(torch.full((1 << 18,), 3.0))
+    assert first[3] is weight and isinstance(first[4], torch.Tensor)  # weights (and views of them) never move
+    assert len({s.group for s in first[:3]}) == 1 and first[2].item == first[0].item  # x saved twice: one copy
+    assert off.offloaded == 3 and second.group is not first[0].group
+    assert torch.equal(off.unpack(second), torch.full((1 << 18,), 3.0)) and first[0].group.fetched
+    assert torch.equal(off.unpack(first[1]), y) and torch.equal(off.unpack(first[0]), x)
+
+
+def test_tensors_that_are_not_one_dense_block_stay_where_they_are_and_transposes_keep_their_strides():
+    off = offload.ActivationOffloader()
+    base = torch.arange(1 << 20, dtype=torch.float32).view(1024, 1024)
+    every_other = base[:, ::2]  # gaps between its elements
+    assert off.pack(every_other) is every_other
+    transposed = base.t()  # dense, in another order
+    back = off.unpack(off.pack(transposed))
+    assert back.stride() == transposed.stride() and torch.equal(back, transposed)
+
+
+def test_layers_offloaded_whole_give_the_kept_layers_loss_and_gradients(monkeypatch):
+    monkeypatch.setattr(offload, "SMALLEST_OFFLOADED", 0)
+    model = _lora_model(4)
+    ids = torch.randint(3, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+    set_checkpointing(model, 0)
+    kept_loss, kept = seeded_loss_and_grads(model, ids)
+    packs = []
+    pack = offload.ActivationOffloader.pack
+    monkeypatch.setattr(offload.ActivationOffloader, "pack", lambda self, t: packs.append(t) or pack(self, t))
+    offloader = set_checkpointing(model, 1, offload=True, offloaded_layers=2)
+    loss, grads = seeded_loss_and_grads(model, ids)
+    assert torch.equal(loss, kept_loss)
+    assert grads.keys() == kept.keys()
+    assert all(torch.equal(g, kept[n]) for n, g in grads.items())  # nothing recomputed: the very same numbers
+    # the two offloaded layers' saved activations and the checkpointed layer's input moved; no weight did
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    moved = [t for t in packs if t.untyped_storage().data_ptr() not in weights]
+    assert offloader.offloaded > 2 * 5 and offloader.offloaded <= len(moved)
+    blocks = [b for b in model.modules() if hasattr(b, "_gradient_checkpointing_func")][-4:]
+    assert [b.gradient_checkpointing for b in blocks] == [True, True, True, False]  # the last layer kept
+
+
+def test_offloaded_layers_are_spread_evenly_among_the_first_layers():
+    from tunesmith.train.model import offloaded_positions
+
+    assert offloaded_positions(30, 8) == {1, 5, 9, 13, 16, 20, 24, 28}
+    assert offloaded_positions(6, 4) == {0, 2, 3, 5}
+    assert offloaded_positions(5, 0) == set() and offloaded_positions(3, 3) == {0, 1, 2}
 
 
 def test_the_offloader_keeps_nothing_alive_once_the_graph_is_gone():
-    off = offload.InputOffloader()
+    off = offload.ActivationOffloader()
     saved = [off.pack(torch.zeros(1 << 18)) for _ in range(3)]
-    refs = [weakref.ref(s) for s in saved]
+    refs = [weakref.ref(s.group) for s in saved]
     del saved
     gc.collect()
     assert all(r() is None for r in refs)  # a forward abandoned before backward (an out-of-memory retry)
     fresh = off.pack(torch.zeros(1 << 18))
-    assert fresh.previous() is None
+    assert fresh.group.previous() is None
 
 
 @pytest.mark.parametrize("layers", [0, 2])
@@ -81,8 +138,8 @@ def test_a_run_with_offloaded_checkpoints_says_so_and_trains_as_without(tiny_mod
 
     monkeypatch.setattr(offload, "SMALLEST_OFFLOADED", 0)
     packed = []
-    pack = offload.InputOffloader.pack
-    monkeypatch.setattr(offload.InputOffloader, "pack", lambda self, t: packed.append(t.shape) or pack(self, t))
+    pack = offload.ActivationOffloader.pack
+    monkeypatch.setattr(offload.ActivationOffloader, "pack", lambda self, t: packed.append(t.shape) or pack(self, t))
     data = write_arithmetic(tmp_path / "data", n_train=16, n_eval=2)
     losses = {}
     for moved in (False, True):

@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..models import base_model, load_model, model_skeleton
 from .adapter_dropout import fuse_adapter_dropout, fused_dropout_available
 from .distributed import Processes, materialize, shard
-from .offload import InputOffloader, offloaded_checkpoint, synchronous_offloaded_checkpoint
+from .offload import ActivationOffloader, offloaded_checkpoint, offloaded_layer, synchronous_offloaded_checkpoint
 
 
 @dataclass(frozen=True)
@@ -141,34 +141,49 @@ def decoder_layer_count(model: Any) -> int:
     return len(_decoder_layers(model))
 
 
-def set_checkpointing(model: Any, layers: int, offload: bool | Literal["synchronous"] = False
-                      ) -> InputOffloader | None:
-    """Recompute the activations of the first ``layers`` decoder layers in backward; keep the others' in memory.
+def set_checkpointing(model: Any, layers: int, offload: bool | Literal["synchronous"] = False,
+                      offloaded_layers: int = 0) -> ActivationOffloader | None:
+    """Recompute the activations of ``layers`` decoder layers in backward, move ``offloaded_layers`` layers'
+    activations to CPU memory and back, keep the others' in GPU memory.
 
     A layer kept costs ~tokens × (its activations) of memory and saves its forward recomputation (about a third of
-    its training FLOPs), so on a large GPU the best policy is "as many un-checkpointed layers as fit". Uses
-    transformers' own per-layer switch (``GradientCheckpointingLayer.gradient_checkpointing``) and, with
-    ``offload``, its per-layer checkpoint function: the checkpointed layers' inputs wait for backward in CPU
-    memory (src/tunesmith/train/offload.py); the offloader is returned. ``synchronous``: torch's ``save_on_cpu``
-    in the same place instead (the benchmark's control arm; what transformers ≥ 5.2x does with offload=True).
+    its training FLOPs), so on a large GPU the best policy is "as many un-checkpointed layers as fit". The layers
+    recomputed or offloaded are the first ones (backward frees the kept last layers before it needs any other),
+    the offloaded ones spread evenly among them so that their copies overlap the neighbours' compute. Uses
+    transformers' own per-layer switch (``GradientCheckpointingLayer.gradient_checkpointing``) and its per-layer
+    function. ``offload``: the checkpointed layers' inputs wait for backward in CPU memory too
+    (src/tunesmith/train/offload.py); the offloader is returned. ``synchronous``: torch's ``save_on_cpu`` for the
+    checkpointed inputs instead (the benchmark's control arm; what transformers ≥ 5.2x does with offload=True).
     """
     blocks = _decoder_layers(model)
-    if layers <= 0:
+    if layers + offloaded_layers > len(blocks) or min(layers, offloaded_layers) < 0:
+        raise ValueError(f"{layers} checkpointed + {offloaded_layers} offloaded layers: the model has {len(blocks)}")
+    if layers + offloaded_layers == 0:
         if hasattr(model, "activation_checkpointing_disable"):
             model.activation_checkpointing_disable()
         else:
             model.gradient_checkpointing_disable()
         return None
     _enable_checkpointing(model)
-    offloader = InputOffloader() if offload is True else None
-    run = offloaded_checkpoint(offloader) if offloader is not None else None
+    weights = [*model.parameters(), *model.buffers()]
+    offloader = ActivationOffloader(weights) if offload is True or offloaded_layers else None
+    recompute = offloaded_checkpoint(offloader) if offload is True else None
     if offload == "synchronous":
-        run = synchronous_offloaded_checkpoint()
+        recompute = synchronous_offloaded_checkpoint()
+    moved = offloaded_layer(offloader) if offloaded_layers else None
+    spread = offloaded_positions(layers + offloaded_layers, offloaded_layers)
     for i, block in enumerate(blocks):
-        block.gradient_checkpointing = i < layers
-        if run is not None and i < layers:
-            block._gradient_checkpointing_func = run
+        block.gradient_checkpointing = i < layers + offloaded_layers
+        if i in spread:
+            block._gradient_checkpointing_func = moved
+        elif recompute is not None and i < layers + offloaded_layers:
+            block._gradient_checkpointing_func = recompute
     return offloader
+
+
+def offloaded_positions(layers: int, offloaded: int) -> set[int]:
+    """Which of the first ``layers`` layers are offloaded whole: ``offloaded`` of them, evenly spaced."""
+    return {int((j + 0.5) * layers / offloaded) for j in range(offloaded)} if offloaded else set()
 
 
 def _decoder_layers(model: Any) -> list[Any]:

@@ -1,104 +1,178 @@
-"""Checkpointed layers' inputs kept in CPU memory, copied there and back while the GPU computes.
+"""Activations kept in CPU memory between forward and backward, copied there and back while the GPU computes.
 
-A checkpointed decoder layer keeps one tensor for backward: its input hidden states (tokens × hidden × 2 bytes:
-64 MiB per layer for 8K tokens of an 8B model, 2 GiB for its 32 layers); everything else is recomputed.
-``offloaded_checkpoint`` is torch's non-reentrant checkpoint with that input moved to pinned CPU memory:
+Two placements share one mechanism (saved-tensor hooks whose copies run on side streams):
 
-- forward: the copy to the CPU runs on a side stream after the layer's input is computed, while the GPU goes on with
-  the layer; the allocator is told not to reuse the GPU copy until the side stream has read it;
-- backward: when a layer's recomputation asks for its input, the input of the layer before it (the next one
-  backward needs) is already being copied back on a second side stream, overlapping this layer's recompute and
-  backward; the compute stream waits only for the copy it needs.
+- a **checkpointed** layer keeps one tensor for backward, its input hidden states (tokens × hidden × 2 bytes:
+  96 MiB per layer for 12K tokens of an 8B model, 3 GiB for its 32 layers); ``offloaded_checkpoint`` is torch's
+  non-reentrant checkpoint with that input in pinned CPU memory, the rest recomputed as usual;
+- an **offloaded** layer is not recomputed at all: everything its forward saves for backward (~1.5 GiB per layer
+  at 12K tokens for the 8B shape) goes to CPU memory and comes back before its backward (``offloaded_layer``). It
+  costs copy bandwidth instead of a forward's FLOPs, so a few of them, spread between checkpointed layers, hide
+  their copies behind the neighbours' compute (the plan decides how many: src/tunesmith/train/plan.py).
 
-The saved-tensor hooks are entered outside ``torch.utils.checkpoint.checkpoint``, so they see only what checkpoint
-saves itself (the layer's inputs); the tensors saved inside the layer go to checkpoint's own hooks and are
-recomputed as usual. transformers ≥ 5.2x offers the same placement with ``torch.autograd.graph.save_on_cpu``, whose
-copies run on the compute stream and wait for it; measured side by side in bench/fast_engine.py (``offload=sync``).
+How the copies overlap:
+
+- forward: each tensor is copied to the CPU on a side stream once the layer has produced it, while the GPU goes on
+  with the next layers; the allocator is told not to reuse its GPU memory until the side stream has read it;
+- backward: a layer's saved tensors form one group. When backward asks for a group, the groups of the
+  ``PREFETCH_GROUPS`` layers before it (the next ones backward needs) start coming back on a second side stream,
+  overlapping this layer's recomputation and backward; the compute stream waits only for the copy it needs.
+
+Weights are never moved (their storage is named when the offloader is made), nor tensors under 1 MiB, nor tensors
+whose elements are not one dense block (they stay where they are). The hooks run outside
+``torch.utils.checkpoint.checkpoint``, so for a checkpointed layer they see only what checkpoint saves itself (the
+layer's inputs). transformers ≥ 5.2x offers the checkpointed placement with ``torch.autograd.graph.save_on_cpu``,
+whose copies run on the compute stream and wait for it; measured side by side in bench/fast_engine.py
+(``offload=sync``).
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 SMALLEST_OFFLOADED = 1 << 20
-"""Inputs under 1 MiB stay where they are: copying them costs more than it frees."""
+"""Tensors under 1 MiB stay where they are: copying them costs more than it frees."""
+
+PREFETCH_GROUPS = 2
+"""Layers whose saved tensors start coming back while backward works on the current one: two, so that an offloaded
+layer's ~1.5 GiB has two neighbours' recomputation and backward to arrive in."""
 
 
-class _Offloaded:
-    """One layer input in CPU memory, linked to the input saved before it (the next one backward needs). Only the
-    autograd graph holds it: the links are weak, so a forward abandoned without backward leaves nothing behind."""
+class _Group:
+    """One layer's tensors in CPU memory, linked to the group saved before it (the next one backward needs). Only
+    the autograd graph holds it (through its ``_Saved`` handles): the links are weak, so a forward abandoned
+    without backward leaves nothing behind."""
 
-    __slots__ = ("__weakref__", "cpu", "device", "gpu", "loaded", "previous", "stored", "used")
+    __slots__ = ("__weakref__", "cpu", "device", "gpu", "loaded", "previous", "stored")
 
-    def __init__(self, cpu: torch.Tensor, device: torch.device, stored: Any, previous: Any) -> None:
-        self.cpu, self.device, self.stored = cpu, device, stored
-        self.previous: Callable[[], _Offloaded | None] = previous
-        self.loaded: Any = None
-        self.gpu: torch.Tensor | None = None
-        self.used = False
+    def __init__(self, device: torch.device, previous: Callable[[], _Group | None]) -> None:
+        self.device, self.previous = device, previous
+        self.cpu: list[torch.Tensor] = []
+        self.gpu: list[torch.Tensor | None] | None = None  # set while fetched, cleared item by item as used
+        self.stored: Any = None  # event: every copy to the CPU so far has finished
+        self.loaded: Any = None  # event: the copies back have finished
+
+    @property
+    def fetched(self) -> bool:
+        return self.gpu is not None
 
 
-class InputOffloader:
-    """The pack / unpack pair for ``torch.autograd.graph.saved_tensors_hooks`` around checkpointed layers."""
+class _Saved:
+    """What autograd keeps for one offloaded tensor: its group and its place in it."""
 
-    def __init__(self) -> None:
-        self._last: Callable[[], _Offloaded | None] = _nothing
+    __slots__ = ("__weakref__", "group", "item")
+
+    def __init__(self, group: _Group, item: int) -> None:
+        self.group, self.item = group, item
+
+
+class ActivationOffloader:
+    """The pack / unpack pair for ``torch.autograd.graph.saved_tensors_hooks``, and the grouping of a layer's
+    tensors (``group()``). ``weights``: tensors whose storage is never moved (the model's parameters and buffers)."""
+
+    def __init__(self, weights: Iterable[torch.Tensor] = ()) -> None:
+        self._weights = {w.untyped_storage().data_ptr() for w in weights}
+        self._last: Callable[[], _Group | None] = _nothing
+        self._open: _Group | None = None
+        self._grouping = False
+        # the open group's tensors by identity: the same tensor saved twice is copied once. Holding them until the
+        # group closes keeps their memory from being reused by a look-alike tensor of the same layer meanwhile.
+        self._seen: dict[tuple[Any, ...], tuple[int, torch.Tensor]] = {}
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
-        self.offloaded = 0  # inputs moved so far (tests and benchmarks read it)
+        self.offloaded = 0  # tensors moved so far (tests and benchmarks read it)
+        self.offloaded_bytes = 0
+
+    @contextmanager
+    def group(self) -> Iterator[None]:
+        """Tensors packed inside belong to one group (one layer), fetched back together."""
+        self._open, self._grouping = None, True
+        try:
+            yield
+        finally:
+            self._open, self._grouping = None, False
+            self._seen.clear()
 
     def pack(self, tensor: torch.Tensor) -> Any:
-        if tensor.numel() * tensor.element_size() < SMALLEST_OFFLOADED:
+        if (tensor.numel() * tensor.element_size() < SMALLEST_OFFLOADED or tensor.is_sparse
+                or not _one_dense_block(tensor)
+                or tensor.untyped_storage().data_ptr() in self._weights):
             return tensor
-        device = tensor.device
-        if device.type == "cuda":
-            to_cpu, _ = self._side_streams(device)
-            to_cpu.wait_stream(torch.cuda.current_stream(device))
+        group = self._group_for(tensor.device)
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tensor.stride(), tensor.dtype, tensor._version)
+        if key in self._seen:
+            return _Saved(group, self._seen[key][0])
+        if tensor.device.type == "cuda":
+            to_cpu, _ = self._side_streams(tensor.device)
+            to_cpu.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(to_cpu):
-                cpu = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                cpu = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=True)
                 cpu.copy_(tensor.detach(), non_blocking=True)
                 tensor.record_stream(to_cpu)  # its memory is not reused before the copy has read it
-                stored = torch.cuda.Event()
-                stored.record(to_cpu)
+                group.stored = torch.cuda.Event()
+                group.stored.record(to_cpu)
         else:  # CPU training: a plain copy (the same path, without streams)
-            cpu, stored = tensor.detach().clone(), None
-        saved = _Offloaded(cpu, device, stored, self._last)
-        self._last = weakref.ref(saved)
+            cpu = tensor.detach().clone()
+        item = len(group.cpu)
+        group.cpu.append(cpu)
+        if self._grouping:
+            self._seen[key] = (item, tensor)
         self.offloaded += 1
-        return saved
+        self.offloaded_bytes += tensor.numel() * tensor.element_size()
+        return _Saved(group, item)
 
     def unpack(self, saved: Any) -> torch.Tensor:
         if isinstance(saved, torch.Tensor):
             return saved
-        if saved.gpu is None:
-            self._fetch(saved)
-        ahead = saved.previous()
-        if ahead is not None and not ahead.used and ahead.gpu is None:
-            self._fetch(ahead)  # the next input backward will ask for, copied while this layer recomputes
-        if saved.loaded is not None:
-            torch.cuda.current_stream(saved.device).wait_event(saved.loaded)
-        tensor, saved.gpu, saved.used = saved.gpu, None, True
+        group = saved.group
+        if not group.fetched:
+            self._fetch(group)
+        ahead = group.previous()
+        for _ in range(PREFETCH_GROUPS):  # the layers backward needs next, copied while this one computes
+            if ahead is None:
+                break
+            if not ahead.fetched:
+                self._fetch(ahead)
+            ahead = ahead.previous()
+        if group.loaded is not None:
+            torch.cuda.current_stream(group.device).wait_event(group.loaded)
+        tensor = group.gpu[saved.item]
+        if tensor is None:  # asked for a second time (a graph kept for another backward): copied again
+            tensor = group.cpu[saved.item].to(group.device)
+        group.gpu[saved.item] = None  # from here on only backward holds it
         return tensor
 
-    def _fetch(self, saved: _Offloaded) -> None:
-        if saved.device.type != "cuda":
-            saved.gpu = saved.cpu
+    def _group_for(self, device: torch.device) -> _Group:
+        if self._grouping and self._open is not None:
+            return self._open
+        group = _Group(device, self._last)
+        self._last = weakref.ref(group)
+        if self._grouping:
+            self._open = group
+        return group
+
+    def _fetch(self, group: _Group) -> None:
+        if group.device.type != "cuda":
+            group.gpu = list(group.cpu)
             return
-        _, to_gpu = self._side_streams(saved.device)
-        compute = torch.cuda.current_stream(saved.device)
+        _, to_gpu = self._side_streams(group.device)
+        compute = torch.cuda.current_stream(group.device)
         # allocated on the compute stream, which waits for the copy before its first use
-        gpu = torch.empty(saved.cpu.shape, dtype=saved.cpu.dtype, device=saved.device)
-        to_gpu.wait_stream(compute)  # the block may have been freed by work still queued there
-        to_gpu.wait_event(saved.stored)
+        gpu = [torch.empty_strided(c.shape, c.stride(), dtype=c.dtype, device=group.device) for c in group.cpu]
+        to_gpu.wait_stream(compute)  # the blocks may have been freed by work still queued there
+        to_gpu.wait_event(group.stored)
         with torch.cuda.stream(to_gpu):
-            gpu.copy_(saved.cpu, non_blocking=True)
-            saved.loaded = torch.cuda.Event()
-            saved.loaded.record(to_gpu)
-        saved.gpu = gpu
+            for g, c in zip(gpu, group.cpu, strict=True):
+                g.copy_(c, non_blocking=True)
+            group.loaded = torch.cuda.Event()
+            group.loaded.record(to_gpu)
+        group.gpu = gpu
 
     def _side_streams(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
         if device not in self._streams:
@@ -110,21 +184,44 @@ def _nothing() -> None:
     return None
 
 
-def offloaded_checkpoint(offloader: InputOffloader) -> Callable[..., Any]:
+def _one_dense_block(tensor: torch.Tensor) -> bool:
+    """Its elements fill one block of memory with no gaps or overlaps, in some order of dimensions (a copy made
+    with the same strides then holds exactly them)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape, strict=True) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def offloaded_checkpoint(offloader: ActivationOffloader) -> Callable[..., Any]:
     """A checkpoint function for transformers' per-layer switch (``GradientCheckpointingLayer``'s
     ``_gradient_checkpointing_func``): non-reentrant checkpointing whose saved inputs ``offloader`` keeps."""
 
     @torch.compiler.disable(recursive=False)  # the hooks run eagerly; the layer inside may still be compiled
     def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        with torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
+        with offloader.group(), torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
             return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
     return run
 
 
+def offloaded_layer(offloader: ActivationOffloader) -> Callable[..., Any]:
+    """The same switch's function for a layer that is not recomputed: everything it saves for backward waits in
+    CPU memory (one group)."""
+
+    @torch.compiler.disable(recursive=False)
+    def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with offloader.group(), torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
+            return function(*args, **kwargs)
+
+    return run
+
+
 def synchronous_offloaded_checkpoint() -> Callable[..., Any]:
-    """The same placement with torch's own ``save_on_cpu`` (copies on the compute stream; what transformers ≥ 5.2x
-    does with ``offload=True``): the benchmark's control arm."""
+    """The checkpointed placement with torch's own ``save_on_cpu`` (copies on the compute stream; what
+    transformers ≥ 5.2x does with offload=True): the benchmark's control arm."""
 
     @torch.compiler.disable(recursive=False)
     def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
