@@ -224,7 +224,7 @@ def run_tunesmith(a: argparse.Namespace) -> None:
                    checkpointed_layers=layers, offloaded_layers=moved, of_layers=n_layers, loss=loss, bs=bs,
                    ga=16 // bs, embeddings=emb,
                    row_tokens=rows or bs * 2048, offload=v.get("offload", "off"), dropout=arm,
-                   warmup_steps=warm,
+                   warmup_steps=warm, shared_kv_heads=_shared_kv_heads(),
                    compile=v.get("compile", "off"), load_s=round(load_s, 1))
         try:
             if prof is not None:
@@ -260,6 +260,13 @@ def run_tunesmith(a: argparse.Namespace) -> None:
     # numbers are printed, so leave now
     sys.stdout.flush()
     os._exit(0)
+
+
+def _shared_kv_heads() -> bool:
+    """Whether the attention kernel took Llama's 8 key/value heads unexpanded (src/tunesmith/train/kernels.py)."""
+    from tunesmith.train import kernels
+
+    return bool(kernels._OPTIONS[1] or kernels._SHARED_KV_HEADS)
 
 
 def _copy_rates(device: object) -> dict[str, float]:

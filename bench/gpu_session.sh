@@ -44,9 +44,12 @@
 #                                 #   activations in CPU memory instead of recomputed) against 29 checkpointed layers
 #   bash bench/gpu_session.sh AD  # 1 GPU: the offload's CUDA tests; the seed's LoRA, then AC's variants with CPU
 #                                 #   memory pinned beforehand (a first untimed variant), each offload count warm
+#   bash bench/gpu_session.sh AE  # 1 GPU: CUDA tests (offload, grouped key/value heads, packed rows); the seed's
+#                                 #   LoRA, then offloaded layers again with the key/value heads unexpanded where the
+#                                 #   kernel takes them; 8B LoRA as `tunesmith train` plans it within the seed's memory
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -302,6 +305,15 @@ elif [ "$phase" = AD ]; then  # one GPU: the offload's tests, then offloaded lay
     "name=ckpt20+offl10,$c,ckpt=20,offl=10,warmup=3" "name=ckpt18+offl12,$c,ckpt=18,offl=12,warmup=3" \
     "name=ckpt24+offl6,$c,ckpt=24,offl=6,warmup=3" "name=ckpt29(again),$c,ckpt=29,warmup=3" \
     "name=ckpt22+offl8(again),$c,ckpt=22,offl=8,warmup=3" > "$w/gpu0.log" 2>&1
+elif [ "$phase" = AE ]; then  # one GPU: tests, offloaded layers with unexpanded key/value heads, the planned run
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -v -p no:cacheprovider tests/gpu/test_fast_path.py \
+    -k "activations_in_cpu_memory or grouped_key_value or packed_rows" > "$w/tests.log" 2>&1
+  c="rows=12288,compile=on,emb=cpu,offload=on"
+  fe_part 0 lora $(( 430 - $(date +%s) + start )) 260 "name=pin-cpu-memory(untimed),$c,ckpt=14,offl=16,warmup=4" \
+    "name=ckpt22+offl8,$c,ckpt=22,offl=8,warmup=3" "name=ckpt29,$c,ckpt=29,warmup=3" \
+    "name=ckpt22+offl8(again),$c,ckpt=22,offl=8,warmup=3" > "$w/gpu0.log" 2>&1
+  so 0 1 $(( 575 - $(date +%s) + start )) --shape 8b --method lora --bs 4 --rows 12288 --memory-limit 22.99 \
+    --compile --warmup 5 --label lora-seed-budget-planned > "$w/planned.log" 2>&1
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))

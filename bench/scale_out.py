@@ -74,7 +74,7 @@ def run(a: argparse.Namespace) -> None:
     tcfg = TrainConfig(method=a.method, per_device_train_batch_size=a.bs, gradient_accumulation_steps=16 // a.bs,
                        max_length=2048, max_steps=a.steps + a.warmup, logging_steps=1, save_strategy="no",
                        eval_strategy="no", learning_rate=1e-5 if a.method == "full" else 2e-4, seed=0,
-                       compile=False, memory_limit_gb=a.memory_limit, sharding=a.sharding,
+                       compile=bool(a.compile), memory_limit_gb=a.memory_limit, sharding=a.sharding,
                        packed_row_tokens=a.rows, offload_checkpoints="auto" if a.offload == "auto" else False,
                        optim=a.optim,
                        **overrides)
@@ -90,7 +90,8 @@ def run(a: argparse.Namespace) -> None:
     attn = attention_implementation(device.type, packing=True)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(cfg, dtype=precision.weights, attn_implementation=attn)
-    model = prepare_model(model, tcfg, device, layers, offload_checkpoints=plan.offload_checkpoints)
+    model = prepare_model(model, tcfg, device, layers, compile_layers=False,
+                          offload_checkpoints=plan.offload_checkpoints, offloaded_layers=plan.offloaded_layers)
     if procs.distributed:
         shard(model, procs, a.method, precision.autocast, plan.sharding == "replicate", plan.reshard_after_forward)
     allocate(model, device)
@@ -120,6 +121,7 @@ def run(a: argparse.Namespace) -> None:
     out = dict(shape=a.shape, method=a.method, gpus=procs.world, bs=a.bs, rows_tokens=a.rows or a.bs * 2048,
                offload_checkpoints=plan.offload_checkpoints, embeddings_on_cpu=plan.embeddings_on_cpu,
                optimizer=plan.optimizer, master_weights=plan.master_weights, checkpointed_layers=layers,
+               offloaded_layers=plan.offloaded_layers,
                sharding=plan.sharding, reshard_after_forward=plan.reshard_after_forward,
                of_layers=plan.layers, compile=a.compile, planned_peak_gib=plan.estimate_gib,
                build_s=round(build_s, 1), sequences_per_step=per_gpu * procs.world, label=a.label, loss=a.loss)

@@ -58,9 +58,9 @@ def test_an_input_comes_back_as_a_copy_and_backward_fetches_the_ones_before_it_i
 
 def test_a_layers_tensors_form_one_group_fetched_together_and_each_tensor_is_copied_once():
     weight = torch.zeros(1 << 18)
-    off = offload.ActivationOffloader([weight])
+    off = offload.ActivationOffloader()
     x, y = torch.ones(1 << 18), torch.full((1 << 18,), 2.0)
-    with off.group():
+    with off.group([weight]):
         first = [off.pack(t) for t in (x, y, x, weight, weight.view(512, 512).t())]
     with off.group():
         second = off.pack(torch.full((1 << 18,), 3.0))

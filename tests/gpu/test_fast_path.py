@@ -126,6 +126,27 @@ def test_varlen_attention_keeps_examples_independent_of_their_neighbours():
     assert torch.allclose(logits_of_second(a), logits_of_second(c), atol=1e-2, rtol=0)
 
 
+def test_grouped_key_value_heads_give_what_the_same_heads_expanded_give():
+    """Whether or not this torch's kernel takes the shared key/value heads as they are (kernels._SHARED_KV_HEADS),
+    the attention and its gradients equal those with every query head given its own copy."""
+    from tunesmith.train import kernels
+
+    kernels.attention_implementation("cuda", packing=True)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(1, 8, 300, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    pos = torch.cat([torch.arange(120), torch.arange(180)]).unsqueeze(0).cuda()
+    results = []
+    for expand in (False, True):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        keys, values = (kk.repeat_interleave(4, dim=1), vv.repeat_interleave(4, dim=1)) if expand else (kk, vv)
+        out, _ = kernels.varlen_attention_forward(torch.nn.Module(), qq, keys, values, None, position_ids=pos)
+        out.float().square().sum().backward()
+        results.append((out, qq.grad, kk.grad, vv.grad))
+    for shared, expanded in zip(*results, strict=True):
+        assert _rel(shared, expanded) < 1e-2
+
+
 def test_padded_evaluation_batches_give_the_same_loss_under_varlen_attention_as_under_sdpa():
     from tunesmith.chat import TokenizedChat
     from tunesmith.train.batching import micro_batches

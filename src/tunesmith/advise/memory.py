@@ -49,6 +49,12 @@ layer at 12,288 tokens cost 1.94-2.20 GiB against 2.84 eager), so 0.85 overestim
 (every-layer-checkpointed LoRA/QLoRA steps of 8K-12K tokens) rather than underestimate the un-checkpointed ones.
 Full fine-tuning's compiled layers were not measured this way: they keep the eager estimate."""
 
+COMPILED_NO_MASK_SHARE = 0.63
+"""The same for compiled LoRA/QLoRA layers whose adapters keep no dropout mask (dropout drawn inside lora_A on CUDA,
+src/tunesmith/train/adapter_dropout.py, or no dropout): no masks and no dropped input copies saved. Measured on an
+H200 (bench/results/fast_engine.md, seventh run): 8B LoRA at 12,288-token rows, a third kept layer added 1.47 GiB
+(18.92 → 20.39 GiB) — with the 0.09 GiB input it replaces, 1.56 of the 2.49 GiB the eager measurements give."""
+
 NF4_BYTES_PER_PARAM = 0.5
 NF4_BLOCK = 64
 """bitsandbytes NF4 stores one absmax per 64 weights: fp32 (4 bytes), or with double quantization an 8-bit code
@@ -283,7 +289,8 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
     per_layer = layer_activation_bytes_per_token(arch, method, lora_r, adapted_in_features, lora_dropout,
                                                  dropout_mask_bytes) * tokens
     if compiled and method != "full":
-        per_layer *= COMPILED_LAYER_SHARE
+        no_mask = dropout_mask_bytes == 0 or lora_dropout == 0
+        per_layer *= COMPILED_NO_MASK_SHARE if no_mask else COMPILED_LAYER_SHARE
     outside_layers = 6 * d * tokens  # embedding output, final norm (fp32 input + bf16 output)
     if checkpointing == "full":
         activations = arch.num_layers * 2 * d * tokens + outside_layers  # each block's bf16 input

@@ -152,6 +152,16 @@ class TrainConfig(Section):
     be checkpointed to fit ``memory_limit_gb`` and the freed memory lets fewer be checkpointed or the step fit.
     Reported in run.json's plan."""
 
+    offload_layers: Literal["auto"] | int = "auto"
+    """One GPU, layers that must not stay in GPU memory: this many of them are not recomputed in backward but
+    offloaded whole — everything they save for backward waits in pinned CPU memory, copied out while forward goes
+    on and back while backward works on the layers after them (src/tunesmith/train/offload.py). It spends the
+    GPU↔CPU link instead of a forward's FLOPs, so only as many pay as the link can move while forward runs.
+    ``auto``: LoRA with compiled layers whose checkpointed inputs are offloaded: that many, from the link's speed
+    (measured at the start of the run) and the GPU's datasheet peak — 8 of an 8B model's 32 layers on an H200,
+    measured 6% faster than recomputing them (bench/results/fast_engine.md). A number: exactly that many (at most
+    the layers the plan checkpoints). 0: none. Reported in run.json's plan."""
+
     packing: Literal["auto"] | bool = "auto"
     """Padding-free packing: concatenate examples into one row with per-example position ids, so no token
     attends across examples and no compute is spent on padding. ``auto``: on for CUDA, off on the CPU."""
@@ -211,6 +221,13 @@ class TrainConfig(Section):
     @classmethod
     def _on_off(cls, value: Any) -> Any:
         return {"on": True, "off": False}.get(value, value) if isinstance(value, str) else value
+
+    @field_validator("offload_layers", mode="before")
+    @classmethod
+    def _layer_count(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+            raise ValueError("must be auto or a number of layers (0 or more)")
+        return value
 
     @model_validator(mode="after")
     def _row_holds_a_sequence(self) -> TrainConfig:

@@ -133,7 +133,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if kv_heads != heads:
         if gqa:
             extra["enable_gqa"] = True
-        else:  # older torch: expand the shared key/value heads to the query heads
+        elif not _SHARED_KV_HEADS:  # a torch whose kernel needs as many key/value heads as query heads
             k = k.repeat_interleave(heads // kv_heads, dim=1)
             v = v.repeat_interleave(heads // kv_heads, dim=1)
     if scaling is not None and abs(scaling - dim**-0.5) > 1e-12:
@@ -147,15 +147,40 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
 _VARLEN: Any = None
 _OPTIONS: tuple[dict[str, Any], bool, bool] = ({}, False, False)
+_SHARED_KV_HEADS = False
 
 
 @cache
 def _register_varlen_attention() -> None:
     from transformers import AttentionInterface
 
-    global _VARLEN, _OPTIONS
+    global _VARLEN, _OPTIONS, _SHARED_KV_HEADS
     _VARLEN, _OPTIONS = _varlen_attn(), _varlen_options()
+    _SHARED_KV_HEADS = not _OPTIONS[1] and torch.cuda.is_available() and _takes_shared_kv_heads(_OPTIONS[0])
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+
+
+def _takes_shared_kv_heads(causal: dict[str, Any]) -> bool:
+    """Whether this torch's varlen kernel takes fewer key/value heads than query heads (grouped-query attention)
+    without the ``enable_gqa`` flag later versions have: the FlashAttention-2 kernel inside supports them, and
+    torch versions before the flag do not check. Then the key/value heads need not be expanded (4× their memory for
+    Llama-3's 32 query / 8 key-value heads, saved for backward in every layer). Probed once, on a tiny input, forward
+    and backward against the same heads expanded; any error or difference keeps the expansion."""
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(64, heads, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+                   for heads in (4, 2, 2))
+        cu = torch.tensor([0, 40, 64], device="cuda", dtype=torch.int32)
+        grads = []
+        for expand in (False, True):
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            keys, values = (kk.repeat_interleave(2, dim=1), vv.repeat_interleave(2, dim=1)) if expand else (kk, vv)
+            out = _varlen_attn()(qq, keys, values, cu, cu, 40, 40, **causal)
+            out.float().square().sum().backward()
+            grads.append((out, qq.grad, kk.grad, vv.grad))
+        return all(torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2) for a, b in zip(*grads, strict=True))
+    except (RuntimeError, ValueError, TypeError):
+        return False
 
 
 # --- fused linear + cross-entropy ----------------------------------------------------------------------------------

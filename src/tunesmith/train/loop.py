@@ -106,7 +106,7 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
                                     plan.sharding == "replicate", plan.reshard_after_forward)
     else:
         model = build_model(config.model, tcfg, device, precision, attn, model_path, plan.checkpointed_layers,
-                            plan.offload_checkpoints)
+                            plan.offload_checkpoints, plan.offloaded_layers)
     if plan.embeddings_on_cpu:
         embeddings_to(model, "cpu")
     trainable, total = count_parameters(model)

@@ -50,7 +50,7 @@ def resolve_precision(choice: str, method: str, device: torch.device) -> Precisi
 
 def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, precision: Precision,
                 attn_implementation: str | None, path: str, checkpointed_layers: int | None = None,
-                offload_checkpoints: bool = False) -> Any:
+                offload_checkpoints: bool = False, offloaded_layers: int = 0) -> Any:
     """Load the base and make exactly the intended parameters trainable."""
     method = train_cfg.method
     quant = _bnb_config(train_cfg, precision) if method == "qlora" else None
@@ -59,7 +59,8 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.de
                        path=path, attn_implementation=attn_implementation)
     if quant is None:
         model.to(device)
-    return prepare_model(model, train_cfg, device, checkpointed_layers, offload_checkpoints=offload_checkpoints)
+    return prepare_model(model, train_cfg, device, checkpointed_layers, offload_checkpoints=offload_checkpoints,
+                         offloaded_layers=offloaded_layers)
 
 
 def build_sharded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, procs: Processes, precision: Precision,
@@ -87,10 +88,11 @@ def build_sharded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, procs: P
 
 def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
                   checkpointed_layers: int | None = None, compile_layers: bool | None = None,
-                  offload_checkpoints: bool = False, fused_dropout: bool = True) -> Any:
+                  offload_checkpoints: bool = False, fused_dropout: bool = True, offloaded_layers: int = 0) -> Any:
     """Adapters and checkpointing on an already loaded base (benchmarks build random-weight bases themselves).
     ``checkpointed_layers``: how many decoder layers recompute their activations (the plan's choice); None: all or
     none, as ``train.gradient_checkpointing`` says. ``offload_checkpoints``: their inputs wait in CPU memory.
+    ``offloaded_layers``: more layers, neither recomputed nor kept, whose saved activations wait in CPU memory.
     ``fused_dropout``: on CUDA, adapters draw their input dropout inside their first product (adapter_dropout.py)."""
     model.config.use_cache = False
     if train_cfg.method != "full":
@@ -99,8 +101,8 @@ def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
             fuse_adapter_dropout(model)
     if checkpointed_layers is None:
         checkpointed_layers = decoder_layer_count(model) if checkpointing_on(train_cfg, device) else 0
-    if checkpointed_layers > 0:
-        set_checkpointing(model, checkpointed_layers, offload_checkpoints)
+    if checkpointed_layers + offloaded_layers > 0:
+        set_checkpointing(model, checkpointed_layers, offload_checkpoints, offloaded_layers)
         if train_cfg.method == "qlora":
             # the seed's QLoRA gotcha: inputs of frozen 4-bit layers must carry grad for checkpointed blocks
             model.enable_input_require_grads()
@@ -165,17 +167,15 @@ def set_checkpointing(model: Any, layers: int, offload: bool | Literal["synchron
             model.gradient_checkpointing_disable()
         return None
     _enable_checkpointing(model)
-    weights = [*model.parameters(), *model.buffers()]
-    offloader = ActivationOffloader(weights) if offload is True or offloaded_layers else None
+    offloader = ActivationOffloader() if offload is True or offloaded_layers else None
     recompute = offloaded_checkpoint(offloader) if offload is True else None
     if offload == "synchronous":
         recompute = synchronous_offloaded_checkpoint()
-    moved = offloaded_layer(offloader) if offloaded_layers else None
     spread = offloaded_positions(layers + offloaded_layers, offloaded_layers)
     for i, block in enumerate(blocks):
         block.gradient_checkpointing = i < layers + offloaded_layers
         if i in spread:
-            block._gradient_checkpointing_func = moved
+            block._gradient_checkpointing_func = offloaded_layer(offloader, block)
         elif recompute is not None and i < layers + offloaded_layers:
             block._gradient_checkpointing_func = recompute
     return offloader

@@ -18,19 +18,21 @@ How the copies overlap:
   ``PREFETCH_GROUPS`` layers before it (the next ones backward needs) start coming back on a second side stream,
   overlapping this layer's recomputation and backward; the compute stream waits only for the copy it needs.
 
-Weights are never moved (their storage is named when the offloader is made), nor tensors under 1 MiB, nor tensors
-whose elements are not one dense block (they stay where they are). The hooks run outside
-``torch.utils.checkpoint.checkpoint``, so for a checkpointed layer they see only what checkpoint saves itself (the
-layer's inputs). transformers ≥ 5.2x offers the checkpointed placement with ``torch.autograd.graph.save_on_cpu``,
-whose copies run on the compute stream and wait for it; measured side by side in bench/fast_engine.py
-(``offload=sync``).
+Weights are never moved (an offloaded layer's parameters and buffers, looked up at each call: wherever they live
+now), nor tensors under 1 MiB, nor tensors whose elements are not one dense block (they stay where they are). The
+hooks run outside ``torch.utils.checkpoint.checkpoint``, so for a checkpointed layer they see only what checkpoint
+saves itself (the layer's inputs). transformers ≥ 5.2x offers the checkpointed placement with
+``torch.autograd.graph.save_on_cpu``, whose copies run on the compute stream and wait for it; measured side by side
+in bench/fast_engine.py (``offload=sync``).
 """
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 import torch
@@ -74,10 +76,10 @@ class _Saved:
 
 class ActivationOffloader:
     """The pack / unpack pair for ``torch.autograd.graph.saved_tensors_hooks``, and the grouping of a layer's
-    tensors (``group()``). ``weights``: tensors whose storage is never moved (the model's parameters and buffers)."""
+    tensors (``group()``)."""
 
-    def __init__(self, weights: Iterable[torch.Tensor] = ()) -> None:
-        self._weights = {w.untyped_storage().data_ptr() for w in weights}
+    def __init__(self) -> None:
+        self._weights: set[int] = set()
         self._last: Callable[[], _Group | None] = _nothing
         self._open: _Group | None = None
         self._grouping = False
@@ -89,14 +91,17 @@ class ActivationOffloader:
         self.offloaded_bytes = 0
 
     @contextmanager
-    def group(self) -> Iterator[None]:
-        """Tensors packed inside belong to one group (one layer), fetched back together."""
+    def group(self, weights: Iterable[torch.Tensor] = ()) -> Iterator[None]:
+        """Tensors packed inside belong to one group (one layer), fetched back together; ``weights`` (the layer's
+        parameters and buffers) and views of them are left where they are."""
         self._open, self._grouping = None, True
+        self._weights = {w.untyped_storage().data_ptr() for w in weights}
         try:
             yield
         finally:
             self._open, self._grouping = None, False
             self._seen.clear()
+            self._weights = set()
 
     def pack(self, tensor: torch.Tensor) -> Any:
         if (tensor.numel() * tensor.element_size() < SMALLEST_OFFLOADED or tensor.is_sparse
@@ -180,6 +185,22 @@ class ActivationOffloader:
         return self._streams[device]
 
 
+@cache
+def host_link_rate(device: torch.device) -> float:
+    """Bytes per second a 256 MiB copy from ``device`` to pinned CPU memory runs at (best of three; measured once
+    per device): what the plan spends on layers offloaded whole."""
+    gpu = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    cpu = torch.empty(gpu.shape, dtype=torch.uint8, pin_memory=True)
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        cpu.copy_(gpu, non_blocking=True)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return gpu.numel() / best
+
+
 def _nothing() -> None:
     return None
 
@@ -207,13 +228,14 @@ def offloaded_checkpoint(offloader: ActivationOffloader) -> Callable[..., Any]:
     return run
 
 
-def offloaded_layer(offloader: ActivationOffloader) -> Callable[..., Any]:
-    """The same switch's function for a layer that is not recomputed: everything it saves for backward waits in
-    CPU memory (one group)."""
+def offloaded_layer(offloader: ActivationOffloader, layer: torch.nn.Module) -> Callable[..., Any]:
+    """The same switch's function for ``layer`` when it is not recomputed: everything it saves for backward but its
+    own weights waits in CPU memory (one group)."""
 
     @torch.compiler.disable(recursive=False)
     def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        with offloader.group(), torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
+        weights = (*layer.parameters(), *layer.buffers())
+        with offloader.group(weights), torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
             return function(*args, **kwargs)
 
     return run

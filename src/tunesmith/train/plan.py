@@ -15,7 +15,9 @@ The ``auto`` choices made here:
 - ``train.embeddings_on_cpu: auto`` — LoRA/QLoRA on one GPU whose step does not fit the budget: the frozen input
   embeddings move to CPU memory (1 GiB for a 128K vocabulary), and the checkpointing choice is made again with it.
 - ``train.offload_checkpoints: auto`` — one GPU whose layers must be checkpointed to fit the budget: their inputs
-  wait for backward in CPU memory (all but the two in flight), and the checkpointing choice is made again with it.
+  wait for backward in CPU memory (all but the three in flight), and the checkpointing choice is made again with it.
+- ``train.offload_layers: auto`` — of those layers, LoRA with compiled layers offloads some whole instead of
+  recomputing them: as many as the GPU→CPU link can copy while forward runs (``_choose_offloaded_layers``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,18 @@ fp32 master weights and gradients with a bf16 autocast copy; ``bf16``: bf16 weig
 
 STOCHASTIC_BF16 = "bf16, rounded stochastically"
 
-OFFLOAD_IN_FLIGHT = 2
-"""Checkpointed inputs on the GPU at once with offload_checkpoints: the one being copied and the one prefetched."""
+OFFLOAD_IN_FLIGHT = 3
+"""Checkpointed inputs on the GPU at once with offload_checkpoints: the one being copied and the two prefetched
+(offload.PREFETCH_GROUPS)."""
+
+FORWARD_PEAK_SHARE = 0.6
+"""Share of the GPU's datasheet bf16 peak a compiled LoRA forward runs at: 8B layers at 12K-token rows on an H200
+ran ~580 TFLOP/s of hardware work (bench/results/fast_engine.md), 0.59 of 989."""
+
+OFFLOAD_LINK_SHARE = 0.9
+"""Share of the forward's GPU→CPU copy time layers offloaded whole may fill. Fitted on one H200 (call 16 in
+bench/results/fast_engine.md: 8B LoRA at 12,288-token rows, link 54.6 GB/s, 1.57 GiB layers): 6, 8, 10 and 12
+offloaded layers ran 11,278, 11,525, 11,157 and 10,651 tokens/s; 0.9 gives 8 (the link's whole forward time: 9.4)."""
 
 HEADROOM = 0.92
 """Share of the budget the estimate may fill: the memory model's blind error on GPUs was within +25%/-5%, and
@@ -59,6 +71,7 @@ class TrainPlan:
     reason: str
     embeddings_on_cpu: bool = False  # frozen input embeddings looked up in CPU memory
     offload_checkpoints: bool = False  # checkpointed layers' inputs kept in CPU memory until backward
+    offloaded_layers: int = 0  # layers neither recomputed nor kept: their saved activations in CPU memory
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +122,23 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
             ckpt, estimate, ckpt_why = moved
             offload = ckpt > 0
             ckpt_why += "; checkpointed layers' inputs in CPU memory" if offload else ""
+    offloaded = 0
+    if ckpt and tcfg.offload_layers != 0:
+        offloaded, why_offloaded = _choose_offloaded_layers(arch, tcfg, tokens, device, world, ckpt, offload,
+                                                            _memory(arch, model_config, tcfg, tokens, shards,
+                                                                    "full", optimizer, masks).layer_gib)
+        if offloaded:
+            # the offloaded layers' activations come back one layer ahead of their backward: while a neighbour
+            # recomputes, one of them is on the GPU besides (measured: below the loss-time peak with 2 kept layers)
+            with_them = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget, optimizer, layers,
+                                              copy_gib, offload=offload, mask_bytes=masks, fixed=ckpt,
+                                              offloaded=True)[1]
+            if with_them > budget and tcfg.offload_layers == "auto":
+                offloaded, why_offloaded = 0, "no layers offloaded whole (one arriving would not fit)"
+            else:
+                estimate = with_them
+        ckpt -= offloaded
+        ckpt_why += f"; {why_offloaded}"
     reshard, reshard_why = True, ""
     if sharding is not None:
         # keeping every layer's gathered weights (compute dtype) from forward to backward saves one gather per
@@ -121,7 +151,7 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
         reshard_why = f"; {sharding}" + ("" if sharding == "replicate" or reshard else
                                          ", gathered weights kept from forward to backward") + shard_why
     return TrainPlan(optimizer, master, ckpt, layers, sharding, reshard, round(budget, 1), round(estimate, 1),
-                     f"{why}; {ckpt_why}{reshard_why}", on_cpu, offload)
+                     f"{why}; {ckpt_why}{reshard_why}", on_cpu, offload, offloaded)
 
 
 def weights_precision(plan: TrainPlan, precision: Precision) -> Precision:
@@ -141,6 +171,8 @@ def describe(plan: TrainPlan) -> str:
     cpu = ", input embeddings in CPU memory" if plan.embeddings_on_cpu else ""
     if plan.offload_checkpoints:
         ckpt += " (inputs in CPU memory)"
+    if plan.offloaded_layers:
+        ckpt += f", {plan.offloaded_layers} layers offloaded whole to CPU memory"
     return f"optimizer {plan.optimizer}, master weights {plan.master_weights}, checkpointing {ckpt}{cpu}{est}"
 
 
@@ -225,7 +257,10 @@ def _stochastic_bf16_missing(device: torch.device, tcfg: TrainConfig) -> tuple[s
 
 def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
                           budget: float, optimizer: str, layers: int, extra_gib: float = 0.0, offload: bool = False,
-                          mask_bytes: int = 1) -> tuple[int, float, str]:
+                          mask_bytes: int = 1, fixed: int | None = None, offloaded: bool = False
+                          ) -> tuple[int, float, str]:
+    """How many layers (the first ones) not to keep for backward, the estimated peak, and why. ``fixed``: that many,
+    only estimated; ``offloaded``: some of them are offloaded whole (one arrives during a neighbour's recompute)."""
     from ..advise.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB
 
     full = _memory(arch, model_config, tcfg, tokens, shards, "full", optimizer, mask_bytes)
@@ -240,10 +275,13 @@ def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, token
         moved = max(0, checkpointed - OFFLOAD_IN_FLIGHT) * boundary if offload else 0.0
         # the kept layers (the last ones) are alive from their forward to their backward, which comes before any
         # checkpointed layer's: the worst moment is either the loss with every kept layer alive, or a recomputation
-        worst = max(kept * full.layer_gib + full.head_gib, full.layer_backward_gib)
+        arriving = full.layer_gib if offloaded else 0.0
+        worst = max(kept * full.layer_gib + full.head_gib, full.layer_backward_gib + arriving)
         allocated = without_layers - kept * boundary - moved + worst
         return allocated * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB + extra_gib
 
+    if fixed is not None:
+        return fixed, peak(fixed), ""
     if tcfg.gradient_checkpointing != "auto":
         count = layers if tcfg.gradient_checkpointing else 0
         return count, peak(count) if count else none, "checkpointing as configured"
@@ -258,6 +296,41 @@ def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, token
     kept = (f"{layers - checkpointed} layers kept un-checkpointed ({full.layer_gib:.2f} GiB each)"
             if checkpointed < layers else "every layer checkpointed")
     return checkpointed, peak(checkpointed), kept
+
+
+def _choose_offloaded_layers(arch: Any, tcfg: TrainConfig, tokens: int, device: torch.device, world: int,
+                             checkpointed: int, inputs_offloaded: bool, layer_gib: float) -> tuple[int, str]:
+    """How many of the ``checkpointed`` layers to offload whole instead of recomputing, and why.
+
+    auto: as many as the GPU→CPU link can copy in OFFLOAD_LINK_SHARE of the forward's time — the forward timed at
+    FORWARD_PEAK_SHARE of the GPU's datasheet peak, the link measured now (offload.host_link_rate), a layer's bytes
+    from the memory model. Only where it was measured: LoRA on one GPU, compiled layers, inputs offloaded too."""
+    if tcfg.offload_layers != "auto":
+        if world > 1:
+            raise UserError("train.offload_layers runs on one GPU (not measured under FSDP2)",
+                            hint="set train.offload_layers: auto (none with several GPUs)")
+        if tcfg.offload_layers > checkpointed:
+            raise UserError(f"train.offload_layers: {tcfg.offload_layers}, but the plan leaves only {checkpointed} "
+                            "layers out of GPU memory (the others are kept)",
+                            hint=f"set it to at most {checkpointed}, or auto")
+        return tcfg.offload_layers, f"{tcfg.offload_layers} layers offloaded whole, as configured"
+    if not (world == 1 and device.type == "cuda" and tcfg.method == "lora" and inputs_offloaded
+            and tcfg.compile is not False and torch.cuda.is_available()):
+        return 0, "no layers offloaded whole (measured for LoRA on one GPU with compiled layers)"
+    from ..advise.catalog import GPU_ALIASES, GPUS
+    from .offload import host_link_rate
+
+    name = torch.cuda.get_device_name(device).strip().lower()
+    gpu = GPUS.get(GPU_ALIASES.get(name, name))
+    if gpu is None:
+        return 0, f"no layers offloaded whole ({name} is not in the GPU catalogue; set train.offload_layers)"
+    rate = host_link_rate(device)
+    per_layer = 2 * arch.hidden_size * (2 * arch.num_heads * arch.head_dim + 2 * arch.num_kv_heads * arch.head_dim
+                                        + 3 * arch.intermediate_size)
+    forward_s = arch.num_layers * tokens * per_layer / (gpu.bf16_tflops * 1e12 * FORWARD_PEAK_SHARE)
+    count = min(checkpointed, int(OFFLOAD_LINK_SHARE * rate * forward_s / (layer_gib * 2**30)))
+    return count, (f"{count} of them offloaded whole instead of recomputed (GPU→CPU link {rate / 1e9:.0f} GB/s; "
+                   f"{layer_gib:.2f} GiB each)")
 
 
 def _offload_checkpoints(tcfg: TrainConfig, world: int, checkpointed: int) -> bool:
