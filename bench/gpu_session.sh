@@ -47,9 +47,10 @@
 #   bash bench/gpu_session.sh AE  # 1 GPU: CUDA tests (offload, grouped key/value heads, packed rows); the seed's
 #                                 #   LoRA, then offloaded layers again with the key/value heads unexpanded where the
 #                                 #   kernel takes them; 8B LoRA as `tunesmith train` plans it within the seed's memory
+#   bash bench/gpu_session.sh AF  # 1 GPU: AE's planned run again with 8 untimed steps (CPU memory pinned by then)
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE|AF}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -314,6 +315,9 @@ elif [ "$phase" = AE ]; then  # one GPU: tests, offloaded layers with unexpanded
     "name=ckpt22+offl8(again),$c,ckpt=22,offl=8,warmup=3" > "$w/gpu0.log" 2>&1
   so 0 1 $(( 575 - $(date +%s) + start )) --shape 8b --method lora --bs 4 --rows 12288 --memory-limit 22.99 \
     --compile --warmup 5 --label lora-seed-budget-planned > "$w/planned.log" 2>&1
+elif [ "$phase" = AF ]; then  # one GPU: the planned run, warm
+  so 0 1 200 --shape 8b --method lora --bs 4 --rows 12288 --memory-limit 22.99 --compile --warmup 8 --steps 6 \
+    --label lora-seed-budget-planned-warm8 > "$w/planned.log" 2>&1
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))
