@@ -151,3 +151,24 @@ def test_a_run_with_offloaded_checkpoints_says_so_and_trains_as_without(tiny_mod
         losses[moved] = [m["loss"] for m in metrics(run)]
     assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-6)
     assert packed and len(packed) % 2 == 0  # both layers' inputs, every micro-batch of the offloaded run only
+
+
+def test_a_run_with_layers_offloaded_whole_says_so_and_trains_as_with_them_kept(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+
+    from train_fixtures import config, metrics, write_arithmetic
+    from tunesmith.train import train
+
+    monkeypatch.setattr(offload, "SMALLEST_OFFLOADED", 0)
+    data = write_arithmetic(tmp_path / "data", n_train=16, n_eval=2)
+    losses, plans = {}, {}
+    for moved in (0, 1):
+        run = tmp_path / f"offload-layers-{moved}"
+        cfg = config(tiny_model_dir, data, method="lora", max_steps=3, gradient_checkpointing=True,
+                     offload_layers=moved, deterministic=True)
+        train(cfg, out_dir=run)
+        plans[moved] = json.loads((run / "run.json").read_text())["plan"]
+        losses[moved] = [m["loss"] for m in metrics(run)]
+    assert plans[1]["offloaded_layers"] == 1 and plans[0]["offloaded_layers"] == 0
+    assert plans[1]["checkpointed_layers"] == plans[0]["checkpointed_layers"] - 1
+    assert len(losses[1]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-6)

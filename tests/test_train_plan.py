@@ -269,3 +269,54 @@ def test_lora_plan_counts_no_dropout_masks_where_the_fused_kernel_draws_them(mon
     # ranks above the kernel's limit, and FSDP2 runs, keep PEFT's dropout, and its masks in the estimate
     assert high_rank.estimate_gib > fused.estimate_gib + masks
     assert two_gpus.estimate_gib == _plan("llama-3.1-8b", gpus=2, **roomy).estimate_gib
+
+
+@pytest.fixture
+def h200_link(monkeypatch):
+    """A CUDA H200 whose GPU→CPU link copies 54.6 GB/s (measured in bench/results/fast_engine.md), for the plan."""
+    from tunesmith.train import offload
+
+    monkeypatch.setattr("tunesmith.train.plan._cuda_gpu_name", lambda device: "nvidia h200")
+    monkeypatch.setattr(offload, "host_link_rate", lambda device: 54.6e9)
+    monkeypatch.setattr("tunesmith.train.plan._dropout_mask_bytes", lambda *a: 0)  # the fused dropout's plan
+    monkeypatch.setattr("tunesmith.train.plan._head", lambda: "fused")  # Liger's loss, as on the GPU machine
+
+
+SEED_BUDGET = dict(method="lora", per_device_train_batch_size=4, packed_row_tokens=12288, memory_limit_gb=22.99,
+                   lora={"dropout": 0.05})
+
+
+def test_lora_within_the_seeds_memory_offloads_as_many_layers_as_the_link_moves_during_forward(h200_link):
+    plan = _plan("llama-3.1-8b", **SEED_BUDGET)
+    # what measured fastest on the H200 (8 of 32 offloaded, 2 kept: 11,525 tokens/s against 10,834 recomputing)
+    assert (plan.offloaded_layers, plan.checkpointed_layers, plan.layers) == (8, 22, 32)
+    assert plan.offload_checkpoints and plan.estimate_gib <= plan.budget_gib
+    assert "8 layers offloaded whole" in describe(plan) and "link 55 GB/s" in plan.reason
+
+def test_half_the_link_offloads_half_the_layers(h200_link, monkeypatch):
+    from tunesmith.train import offload
+
+    monkeypatch.setattr(offload, "host_link_rate", lambda device: 27.3e9)  # the forward's copy time is what they spend
+    assert _plan("llama-3.1-8b", **SEED_BUDGET).offloaded_layers == 4
+
+
+@pytest.mark.parametrize("change", [dict(method="qlora"), dict(compile=False), dict(offload_layers=0),
+                                    dict(memory_limit_gb=None), dict(gpus=2)])
+def test_no_layers_are_offloaded_whole_where_it_was_not_measured_or_nothing_is_checkpointed(h200_link, change):
+    setup = {**SEED_BUDGET, **change}
+    gpus = setup.pop("gpus", 1)
+    assert _plan("llama-3.1-8b", gpus=gpus, **setup).offloaded_layers == 0
+
+
+def test_an_unknown_gpu_offloads_no_layers_and_says_how_to_choose(h200_link, monkeypatch):
+    monkeypatch.setattr("tunesmith.train.plan._cuda_gpu_name", lambda device: "some future gpu")
+    plan = _plan("llama-3.1-8b", **SEED_BUDGET)
+    assert plan.offloaded_layers == 0 and "set train.offload_layers" in plan.reason
+
+
+def test_a_configured_count_is_kept_and_one_over_the_layers_not_kept_is_refused(h200_link):
+    assert _plan("llama-3.1-8b", **{**SEED_BUDGET, "offload_layers": 3}).offloaded_layers == 3
+    with pytest.raises(UserError, match="at most 30"):
+        _plan("llama-3.1-8b", **{**SEED_BUDGET, "offload_layers": 31})
+    with pytest.raises(UserError, match="one GPU"):
+        _plan("llama-3.1-8b", gpus=2, **{**SEED_BUDGET, "offload_layers": 3})

@@ -92,9 +92,13 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
         ckpt = (layers or None) if checkpointing_on(tcfg, device) else 0
         sharding = None if world == 1 else ("replicate" if tcfg.sharding == "replicate" else "shard")
         offload = tcfg.offload_checkpoints is True and _offload_checkpoints(tcfg, world, 1 if ckpt is None else ckpt)
+        offloaded = 0
+        if isinstance(tcfg.offload_layers, int) and tcfg.offload_layers and ckpt is not None:
+            offloaded = _choose_offloaded_layers(arch, tcfg, 0, device, world, ckpt, offload, 0.0)[0]
+            ckpt -= offloaded
         return TrainPlan(optimizer, master, ckpt, layers, sharding, sharding != "replicate", budget, None,
                          "no GPU memory to plan for" if budget is None else "architecture not in the memory model",
-                         offload_checkpoints=offload)
+                         offload_checkpoints=offload, offloaded_layers=offloaded)
 
     # a packed row's budget, or a padded micro-batch
     tokens = tcfg.packed_row_tokens or tcfg.per_device_train_batch_size * tcfg.max_length
@@ -314,13 +318,13 @@ def _choose_offloaded_layers(arch: Any, tcfg: TrainConfig, tokens: int, device: 
                             "layers out of GPU memory (the others are kept)",
                             hint=f"set it to at most {checkpointed}, or auto")
         return tcfg.offload_layers, f"{tcfg.offload_layers} layers offloaded whole, as configured"
-    if not (world == 1 and device.type == "cuda" and tcfg.method == "lora" and inputs_offloaded
-            and tcfg.compile is not False and torch.cuda.is_available()):
+    name = _cuda_gpu_name(device)
+    if not (world == 1 and name is not None and tcfg.method == "lora" and inputs_offloaded
+            and tcfg.compile is not False):
         return 0, "no layers offloaded whole (measured for LoRA on one GPU with compiled layers)"
     from ..advise.catalog import GPU_ALIASES, GPUS
     from .offload import host_link_rate
 
-    name = torch.cuda.get_device_name(device).strip().lower()
     gpu = GPUS.get(GPU_ALIASES.get(name, name))
     if gpu is None:
         return 0, f"no layers offloaded whole ({name} is not in the GPU catalogue; set train.offload_layers)"
@@ -331,6 +335,13 @@ def _choose_offloaded_layers(arch: Any, tcfg: TrainConfig, tokens: int, device: 
     count = min(checkpointed, int(OFFLOAD_LINK_SHARE * rate * forward_s / (layer_gib * 2**30)))
     return count, (f"{count} of them offloaded whole instead of recomputed (GPU→CPU link {rate / 1e9:.0f} GB/s; "
                    f"{layer_gib:.2f} GiB each)")
+
+
+def _cuda_gpu_name(device: torch.device) -> str | None:
+    """The GPU's name as the driver reports it, lower case; None off CUDA."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(device).strip().lower()
 
 
 def _offload_checkpoints(tcfg: TrainConfig, world: int, checkpointed: int) -> bool:
