@@ -159,6 +159,11 @@ def run_tunesmith(a: argparse.Namespace) -> None:
     fpt = flops_per_token(cfg, [len(s) for s in seqs])
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
 
+    if a.method == "qlora":  # the product keeps PEFT's dropout for QLoRA (not measured yet): the bench can fuse it
+        from tunesmith.train.adapter_dropout import fuse_adapter_dropout, fused_dropout_available
+
+        if fused_dropout_available(device):
+            fuse_adapter_dropout(model)
     adapters = _adapter_dropout_arms(model)
     copy_rates = _copy_rates(device)
     for spec in a.variant:
@@ -188,10 +193,10 @@ def run_tunesmith(a: argparse.Namespace) -> None:
             offloader.pack = logged_pack
         if a.method == "qlora" and layers:
             model.enable_input_require_grads()
-        # the adapters' dropout: fused (the product's, drawn inside lora_A: src/tunesmith/train/adapter_dropout.py),
-        # peft (PEFT's nn.Dropout before a plain lora_A: the control arm), 0 (none: information only, what dropout
-        # costs — not a recipe change)
-        arm = v.get("dropout", "fused")
+        # the adapters' dropout: fused (LoRA's default, drawn inside lora_A: src/tunesmith/train/adapter_dropout.py),
+        # peft (PEFT's nn.Dropout before a plain lora_A: QLoRA's default, LoRA's control arm), 0 (none: information
+        # only, what dropout costs — not a recipe change)
+        arm = v.get("dropout", "fused" if a.method == "lora" else "peft")  # the product's default by default
         if arm not in ("fused", "peft", "0"):
             raise SystemExit(f"variant {name}: dropout={arm} is not a variant (fused, peft or 0)")
         for layer, key, arms in adapters:

@@ -288,8 +288,9 @@ elif [ "$phase" = AA ]; then  # one GPU: the CUDA tests with time to finish, the
   fe_part 0 lora 250 190 "name=ckpt29+fused,$c,warmup=4" "name=ckpt29+fused(again),$c,warmup=3" > "$w/gpu0.log" 2>&1
 elif [ "$phase" = AB ]; then  # one GPU: QLoRA within 8 GB with the fused dropout against PEFT's
   q="bs=2,rows=9216,compile=on,emb=cpu,offload=on"
-  fe_part 0 qlora 480 400 "name=rows9216+fused,$q,warmup=4" "name=rows9216+peft-dropout,$q,dropout=peft,warmup=3" \
-    "name=rows9216+fused(again),$q,warmup=3" "name=rows9216+peft-dropout(again),$q,dropout=peft,warmup=3" \
+  fe_part 0 qlora 480 400 "name=rows9216+fused,$q,dropout=fused,warmup=4" \
+    "name=rows9216+peft-dropout,$q,dropout=peft,warmup=3" "name=rows9216+fused(again),$q,dropout=fused,warmup=3" \
+    "name=rows9216+peft-dropout(again),$q,dropout=peft,warmup=3" \
     > "$w/gpu0.log" 2>&1
 elif [ "$phase" = AC ]; then  # one GPU: layers offloaded whole instead of recomputed, against ckpt29
   c="rows=12288,compile=on,emb=cpu,offload=on"

@@ -56,6 +56,20 @@ def test_an_input_comes_back_as_a_copy_and_backward_fetches_the_ones_before_it_i
     assert torch.equal(off.unpack(saved[0]), a)  # asked again (a graph kept for a second backward): copied again
 
 
+def test_backward_fetches_at_most_one_whole_offloaded_layer_ahead():
+    off = offload.ActivationOffloader()
+    saved = []
+    for whole in (True, True, False, True):  # offloaded, offloaded, a checkpointed layer's input, offloaded
+        with off.group(whole_layer=whole):
+            saved.append([off.pack(torch.full((1 << 18,), float(k))) for k in range(3 if whole else 1)])
+    off.unpack(saved[3][0])  # backward starts with the last layer: the two groups before it come too
+    assert [s[0].group.fetched for s in saved] == [False, True, True, True]
+    off.unpack(saved[2][0])  # the offloaded layer before it is already on its way; not the one before that too
+    assert [s[0].group.fetched for s in saved] == [False, True, True, True]
+    assert torch.equal(off.unpack(saved[1][2]), torch.full((1 << 18,), 2.0))
+    assert saved[0][0].group.fetched
+
+
 def test_a_layers_tensors_form_one_group_fetched_together_and_each_tensor_is_copied_once():
     weight = torch.zeros(1 << 18)
     off = offload.ActivationOffloader()

@@ -28,8 +28,9 @@ class LoraSection(Section):
     """LoRA scaling numerator (the update is scaled by alpha / r; the seed uses 2 × r)."""
 
     dropout: float = Field(0.05, ge=0, lt=1)
-    """Dropout on the LoRA input. On one CUDA GPU each adapter draws it inside its first product (no mask stored;
-    src/tunesmith/train/adapter_dropout.py), with p rounded to a multiple of 2⁻¹⁶."""
+    """Dropout on the LoRA input. LoRA on one CUDA GPU: each adapter draws it inside its first product (no mask
+    stored; src/tunesmith/train/adapter_dropout.py), with p rounded to a multiple of 2⁻¹⁶. QLoRA and several GPUs:
+    PEFT's dropout (the fused one not measured there yet)."""
 
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases to train (PEFT's ``bias``)."""

@@ -93,11 +93,14 @@ def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
     ``checkpointed_layers``: how many decoder layers recompute their activations (the plan's choice); None: all or
     none, as ``train.gradient_checkpointing`` says. ``offload_checkpoints``: their inputs wait in CPU memory.
     ``offloaded_layers``: more layers, neither recomputed nor kept, whose saved activations wait in CPU memory.
-    ``fused_dropout``: on CUDA, adapters draw their input dropout inside their first product (adapter_dropout.py)."""
+    ``fused_dropout``: on CUDA, LoRA adapters draw their input dropout inside their first product (adapter_dropout.py).
+    """
     model.config.use_cache = False
     if train_cfg.method != "full":
         model = _add_lora(model, train_cfg)
-        if fused_dropout and fused_dropout_available(device):
+        # LoRA only: QLoRA's measured configuration (bench/results/fast_engine.md, fifth run) keeps PEFT's dropout,
+        # and its speed with the fused one has not been measured yet (bench/gpu_session.sh AB)
+        if fused_dropout and train_cfg.method == "lora" and fused_dropout_available(device):
             fuse_adapter_dropout(model)
     if checkpointed_layers is None:
         checkpointed_layers = decoder_layer_count(model) if checkpointing_on(train_cfg, device) else 0

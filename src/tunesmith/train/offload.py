@@ -15,8 +15,9 @@ How the copies overlap:
 - forward: each tensor is copied to the CPU on a side stream once the layer has produced it, while the GPU goes on
   with the next layers; the allocator is told not to reuse its GPU memory until the side stream has read it;
 - backward: a layer's saved tensors form one group. When backward asks for a group, the groups of the
-  ``PREFETCH_GROUPS`` layers before it (the next ones backward needs) start coming back on a second side stream,
-  overlapping this layer's recomputation and backward; the compute stream waits only for the copy it needs.
+  ``PREFETCH_GROUPS`` layers before it (the next ones backward needs; at most one offloaded whole) start coming back
+  on a second side stream, overlapping this layer's recomputation and backward; the compute stream waits only for
+  the copy it needs.
 
 Weights are never moved (an offloaded layer's parameters and buffers, looked up at each call: wherever they live
 now), nor tensors under 1 MiB, nor tensors whose elements are not one dense block (they stay where they are). The
@@ -51,10 +52,10 @@ class _Group:
     the autograd graph holds it (through its ``_Saved`` handles): the links are weak, so a forward abandoned
     without backward leaves nothing behind."""
 
-    __slots__ = ("__weakref__", "cpu", "device", "gpu", "loaded", "previous", "stored")
+    __slots__ = ("__weakref__", "cpu", "device", "gpu", "loaded", "previous", "stored", "whole_layer")
 
-    def __init__(self, device: torch.device, previous: Callable[[], _Group | None]) -> None:
-        self.device, self.previous = device, previous
+    def __init__(self, device: torch.device, previous: Callable[[], _Group | None], whole_layer: bool) -> None:
+        self.device, self.previous, self.whole_layer = device, previous, whole_layer
         self.cpu: list[torch.Tensor] = []
         self.gpu: list[torch.Tensor | None] | None = None  # set while fetched, cleared item by item as used
         self.stored: Any = None  # event: every copy to the CPU so far has finished
@@ -83,6 +84,7 @@ class ActivationOffloader:
         self._last: Callable[[], _Group | None] = _nothing
         self._open: _Group | None = None
         self._grouping = False
+        self._whole_layer = False
         # the open group's tensors by identity: the same tensor saved twice is copied once. Holding them until the
         # group closes keeps their memory from being reused by a look-alike tensor of the same layer meanwhile.
         self._seen: dict[tuple[Any, ...], tuple[int, torch.Tensor]] = {}
@@ -91,15 +93,16 @@ class ActivationOffloader:
         self.offloaded_bytes = 0
 
     @contextmanager
-    def group(self, weights: Iterable[torch.Tensor] = ()) -> Iterator[None]:
+    def group(self, weights: Iterable[torch.Tensor] = (), whole_layer: bool = False) -> Iterator[None]:
         """Tensors packed inside belong to one group (one layer), fetched back together; ``weights`` (the layer's
-        parameters and buffers) and views of them are left where they are."""
-        self._open, self._grouping = None, True
+        parameters and buffers) and views of them are left where they are. ``whole_layer``: everything the layer
+        saves (not a checkpointed layer's input) — backward fetches at most one such group ahead of time."""
+        self._open, self._grouping, self._whole_layer = None, True, whole_layer
         self._weights = {w.untyped_storage().data_ptr() for w in weights}
         try:
             yield
         finally:
-            self._open, self._grouping = None, False
+            self._open, self._grouping, self._whole_layer = None, False, False
             self._seen.clear()
             self._weights = set()
 
@@ -144,6 +147,8 @@ class ActivationOffloader:
                 break
             if not ahead.fetched:
                 self._fetch(ahead)
+            if ahead.whole_layer:  # at most one offloaded layer arriving ahead of time (what the plan counts)
+                break
             ahead = ahead.previous()
         if group.loaded is not None:
             torch.cuda.current_stream(group.device).wait_event(group.loaded)
@@ -156,7 +161,7 @@ class ActivationOffloader:
     def _group_for(self, device: torch.device) -> _Group:
         if self._grouping and self._open is not None:
             return self._open
-        group = _Group(device, self._last)
+        group = _Group(device, self._last, self._whole_layer)
         self._last = weakref.ref(group)
         if self._grouping:
             self._open = group
@@ -235,7 +240,8 @@ def offloaded_layer(offloader: ActivationOffloader, layer: torch.nn.Module) -> C
     @torch.compiler.disable(recursive=False)
     def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         weights = (*layer.parameters(), *layer.buffers())
-        with offloader.group(weights), torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
+        with offloader.group(weights, whole_layer=True), \
+                torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
             return function(*args, **kwargs)
 
     return run
