@@ -331,3 +331,18 @@ def test_interactive_questions_fill_in_what_the_flags_left_out(monkeypatch, tmp_
     with (tmp_path / "out.txt").open("w") as screen:
         got = ask_missing(Console(file=screen), None, [], None)
     assert got == (data, ["format", "privacy"], 2_000_000)
+
+
+def test_the_cli_grows_cuda_memory_in_segments_unless_the_user_chose_otherwise(monkeypatch):
+    import os
+
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert CliRunner().invoke(app, ["advise", "--help"]).exit_code == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert CliRunner().invoke(app, ["advise", "--help"]).exit_code == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
