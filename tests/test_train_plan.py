@@ -320,3 +320,5 @@ def test_a_configured_count_is_kept_and_one_over_the_layers_not_kept_is_refused(
         _plan("llama-3.1-8b", **{**SEED_BUDGET, "offload_layers": 31})
     with pytest.raises(UserError, match="one GPU"):
         _plan("llama-3.1-8b", gpus=2, **{**SEED_BUDGET, "offload_layers": 3})
+    with pytest.raises(UserError, match="leaves only 0 layers"):  # a roomy GPU keeps every layer: nothing to offload
+        _plan("llama-3.1-8b", **{**SEED_BUDGET, "memory_limit_gb": 120, "offload_layers": 3})

@@ -127,7 +127,7 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
             offload = ckpt > 0
             ckpt_why += "; checkpointed layers' inputs in CPU memory" if offload else ""
     offloaded = 0
-    if ckpt and tcfg.offload_layers != 0:
+    if tcfg.offload_layers != 0 and (ckpt or tcfg.offload_layers != "auto"):  # a count asked for is checked
         offloaded, why_offloaded = _choose_offloaded_layers(arch, tcfg, tokens, device, world, ckpt, offload,
                                                             _memory(arch, model_config, tcfg, tokens, shards,
                                                                     "full", optimizer, masks).layer_gib)
