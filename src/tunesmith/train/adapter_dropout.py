@@ -66,10 +66,16 @@ def fused_dropout_available(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
-def fused_dropout_applies(rank: int, p: float, device: torch.device) -> bool:
-    """Whether an adapter of this rank and dropout gets the kernel on ``device`` when ``fuse_adapter_dropout`` runs
-    (in one process: prepare_model calls it, build_sharded_model does not)."""
-    return _fusable(rank, p) and fused_dropout_available(device)
+def fused_dropout_for(method: str, device: torch.device) -> bool:
+    """Whether a run of ``method`` on ``device`` gets the kernels (in one process: prepare_model asks,
+    build_sharded_model does not): LoRA only — QLoRA's measured configuration (bench/results/fast_engine.md, fifth
+    run) keeps PEFT's dropout, and its speed with this one is not measured yet (bench/gpu_session.sh AB)."""
+    return method == "lora" and fused_dropout_available(device)
+
+
+def fused_dropout_applies(method: str, rank: int, p: float, device: torch.device) -> bool:
+    """Whether an adapter of this rank and dropout gets the kernel in such a run (``fuse_adapter_dropout``'s rule)."""
+    return _fusable(rank, p) and fused_dropout_for(method, device)
 
 
 def _fusable(rank: int, p: float) -> bool:

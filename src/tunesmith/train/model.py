@@ -12,7 +12,7 @@ import torch
 from ..config import ModelConfig, TrainConfig
 from ..errors import UserError
 from ..models import base_model, load_model, model_skeleton
-from .adapter_dropout import fuse_adapter_dropout, fused_dropout_available
+from .adapter_dropout import fuse_adapter_dropout, fused_dropout_for
 from .distributed import Processes, materialize, shard
 from .offload import ActivationOffloader, offloaded_checkpoint, offloaded_layer, synchronous_offloaded_checkpoint
 
@@ -98,9 +98,7 @@ def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
     model.config.use_cache = False
     if train_cfg.method != "full":
         model = _add_lora(model, train_cfg)
-        # LoRA only: QLoRA's measured configuration (bench/results/fast_engine.md, fifth run) keeps PEFT's dropout,
-        # and its speed with the fused one has not been measured yet (bench/gpu_session.sh AB)
-        if fused_dropout and train_cfg.method == "lora" and fused_dropout_available(device):
+        if fused_dropout and fused_dropout_for(train_cfg.method, device):
             fuse_adapter_dropout(model)
     if checkpointed_layers is None:
         checkpointed_layers = decoder_layer_count(model) if checkpointing_on(train_cfg, device) else 0

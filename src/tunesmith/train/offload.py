@@ -108,12 +108,13 @@ class ActivationOffloader:
 
     def pack(self, tensor: torch.Tensor) -> Any:
         if (tensor.numel() * tensor.element_size() < SMALLEST_OFFLOADED or tensor.is_sparse
-                or not _one_dense_block(tensor)
-                or tensor.untyped_storage().data_ptr() in self._weights):
+                or not _one_dense_block(tensor)):
+            return tensor
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in self._weights:
             return tensor
         group = self._group_for(tensor.device)
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tensor.stride(), tensor.dtype, tensor._version)
+        key = (storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor._version)
         if key in self._seen:
             return _Saved(group, self._seen[key][0])
         if tensor.device.type == "cuda":

@@ -93,8 +93,8 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
         sharding = None if world == 1 else ("replicate" if tcfg.sharding == "replicate" else "shard")
         offload = tcfg.offload_checkpoints is True and _offload_checkpoints(tcfg, world, 1 if ckpt is None else ckpt)
         offloaded = 0
-        if isinstance(tcfg.offload_layers, int) and tcfg.offload_layers and ckpt is not None:
-            offloaded = _choose_offloaded_layers(arch, tcfg, 0, device, world, ckpt, offload, 0.0)[0]
+        if tcfg.offload_layers != "auto" and ckpt is not None:
+            offloaded = _configured_offloaded_layers(tcfg, world, ckpt)[0]
             ckpt -= offloaded
         return TrainPlan(optimizer, master, ckpt, layers, sharding, sharding != "replicate", budget, None,
                          "no GPU memory to plan for" if budget is None else "architecture not in the memory model",
@@ -310,14 +310,7 @@ def _choose_offloaded_layers(arch: Any, tcfg: TrainConfig, tokens: int, device: 
     FORWARD_PEAK_SHARE of the GPU's datasheet peak, the link measured now (offload.host_link_rate), a layer's bytes
     from the memory model. Only where it was measured: LoRA on one GPU, compiled layers, inputs offloaded too."""
     if tcfg.offload_layers != "auto":
-        if world > 1:
-            raise UserError("train.offload_layers runs on one GPU (not measured under FSDP2)",
-                            hint="set train.offload_layers: auto (none with several GPUs)")
-        if tcfg.offload_layers > checkpointed:
-            raise UserError(f"train.offload_layers: {tcfg.offload_layers}, but the plan leaves only {checkpointed} "
-                            "layers out of GPU memory (the others are kept)",
-                            hint=f"set it to at most {checkpointed}, or auto")
-        return tcfg.offload_layers, f"{tcfg.offload_layers} layers offloaded whole, as configured"
+        return _configured_offloaded_layers(tcfg, world, checkpointed)
     name = _cuda_gpu_name(device)
     if not (world == 1 and name is not None and tcfg.method == "lora" and inputs_offloaded
             and tcfg.compile is not False):
@@ -329,12 +322,23 @@ def _choose_offloaded_layers(arch: Any, tcfg: TrainConfig, tokens: int, device: 
     if gpu is None:
         return 0, f"no layers offloaded whole ({name} is not in the GPU catalogue; set train.offload_layers)"
     rate = host_link_rate(device)
-    per_layer = 2 * arch.hidden_size * (2 * arch.num_heads * arch.head_dim + 2 * arch.num_kv_heads * arch.head_dim
-                                        + 3 * arch.intermediate_size)
-    forward_s = arch.num_layers * tokens * per_layer / (gpu.bf16_tflops * 1e12 * FORWARD_PEAK_SHARE)
+    # the decoder layers' forward: 2 FLOPs per token per weight of their linear layers
+    forward_s = 2 * tokens * arch.quantizable_params / (gpu.bf16_tflops * 1e12 * FORWARD_PEAK_SHARE)
     count = min(checkpointed, int(OFFLOAD_LINK_SHARE * rate * forward_s / (layer_gib * 2**30)))
     return count, (f"{count} of them offloaded whole instead of recomputed (GPU→CPU link {rate / 1e9:.0f} GB/s; "
                    f"{layer_gib:.2f} GiB each)")
+
+
+def _configured_offloaded_layers(tcfg: TrainConfig, world: int, checkpointed: int) -> tuple[int, str]:
+    """``train.offload_layers`` given as a number: checked against what the plan leaves out of GPU memory."""
+    if tcfg.offload_layers and world > 1:
+        raise UserError("train.offload_layers runs on one GPU (not measured under FSDP2)",
+                        hint="set train.offload_layers: auto (none with several GPUs)")
+    if tcfg.offload_layers > checkpointed:
+        raise UserError(f"train.offload_layers: {tcfg.offload_layers}, but the plan leaves only {checkpointed} "
+                        "layers out of GPU memory (the others are kept)",
+                        hint=f"set it to at most {checkpointed}, or auto")
+    return tcfg.offload_layers, f"{tcfg.offload_layers} layers offloaded whole, as configured"
 
 
 def _cuda_gpu_name(device: torch.device) -> str | None:
@@ -418,7 +422,7 @@ def _dropout_mask_bytes(tcfg: TrainConfig, device: torch.device, world: int) -> 
     tokens, 2 layers kept: 18.92 GiB fused vs 20.03 GiB with PEFT's dropout."""
     from .adapter_dropout import fused_dropout_applies
 
-    fused = world == 1 and tcfg.method == "lora" and fused_dropout_applies(tcfg.lora.r, tcfg.lora.dropout, device)
+    fused = world == 1 and fused_dropout_applies(tcfg.method, tcfg.lora.r, tcfg.lora.dropout, device)
     return 0 if fused else 1
 
 
