@@ -148,12 +148,17 @@ def models_home() -> Path:
 
 
 def ensure_named_model(name: str) -> Path:
-    """Build ``local:NAME`` once (deterministic, seeded) and return its folder."""
+    """Build ``local:NAME`` once and return its folder: a pretrained model read from the GGUF an installed package
+    ships (``local:smollm2-135m-instruct``), or a random model built here (deterministic, seeded)."""
     from .errors import UserError
+    from .gguf_import import PACKAGED, ensure_packaged
 
+    if name in PACKAGED:
+        return ensure_packaged(name, models_home())
     if name not in NAMED_MODELS:
+        known = [*PACKAGED, *NAMED_MODELS]
         raise UserError(f"model.name_or_path: unknown local model local:{name}",
-                        hint=f"known: {', '.join('local:' + n for n in NAMED_MODELS)}")
+                        hint=f"known: {', '.join('local:' + n for n in known)}")
     spec = NAMED_MODELS[name]
     out = models_home() / name
     wanted = {"seed": 0, **spec.shape.__dict__, "split_digits": spec.split_digits}

