@@ -76,11 +76,14 @@ def test_merged_folder_carries_tokenizer_chat_template_and_end_of_turn_stop(tiny
 
 
 def test_bf16_merge_passes_its_recorded_tolerance(tiny_model_dir, adapter_dir, tmp_path):
-    result = merge(None, tmp_path / "merged", base=str(tiny_model_dir), adapter=adapter_dir)
+    result = merge(None, tmp_path / "merged", base=str(tiny_model_dir), adapter=adapter_dir, dtype="bfloat16")
 
-    assert result.dtype == "bfloat16"
+    assert result.dtype == "bfloat16" and result.base_dtype == "float32"
     assert 0 < result.parity.max_abs_diff <= result.parity.tolerance
     assert result.parity.conclusive
+    # narrower than the fp32 base: measured against base + adapter in fp32, and said
+    assert result.precision_loss is not None and result.precision_loss["max_abs_diff"] > 0
+    assert any(w.startswith("merged in bfloat16, narrower than the base's float32") for w in result.warnings)
     with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
 
@@ -101,12 +104,14 @@ def test_qlora_adapter_is_merged_into_the_full_precision_base(tiny_model_dir, tm
 
     result = merge(run, tmp_path / "merged")
 
-    assert result.method == "qlora" and result.dtype == "bfloat16"
+    # into the base as it is stored (fp32 here), not its 4-bit training form
+    assert result.method == "qlora" and result.dtype == result.base_dtype == "float32"
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config, "merged weights must be full precision, not 4-bit"
     with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as f:
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
-    assert dtypes == {"BF16"}
+    assert dtypes == {"F32"}
+    assert result.warnings == ()
     assert result.parity.passed and result.parity.conclusive
     # Reported, not enforced: how far the merged bf16 model is from the NF4 base + adapter that was trained.
     drift = result.quantized_base_drift

@@ -1,10 +1,14 @@
 """Merge a LoRA / QLoRA adapter into its base model and prove the merged model computes what the adapter did.
 
-The base loads at full precision (bf16 by default, as the seed says) on the CPU; a QLoRA adapter goes into that
-bf16 base too, never into 4-bit weights (rounding the merged weights to NF4 would change the model that was
-evaluated). Parity: the logits of the merged folder, reloaded by plain transformers, against the logits of
-base + adapter (unmerged, PEFT) on sample conversations. Both sides run in the saved dtype, so the measured
-difference is what a user of the merged folder sees. Exceeding the tolerance is an error, and the merged folder is
+The base loads in the dtype its weights are stored in (``torch_dtype`` of its config.json: bf16 for most hub
+checkpoints, fp32 for SmolLM2 as tunesmith imports it) on the CPU, unless ``dtype`` asks for another; a QLoRA
+adapter goes into that full-precision base too, never into 4-bit weights (rounding the merged weights to NF4 would
+change the model that was evaluated). A merge narrower than the base (bf16 of an fp32 base) rounds what was trained:
+it is measured against base + adapter in the base's own dtype and reported as a warning with its numbers.
+
+Parity: the logits of the merged folder, reloaded by plain transformers, against the logits of base + adapter
+(unmerged, PEFT) on sample conversations. Both sides run in the saved dtype, so the measured difference is what a
+user of the merged folder sees. Exceeding the tolerance is an error, and the merged folder is
 not put in place.
 
 Why a tolerance per dtype, relative to the largest |logit|: in bf16 (8 mantissa bits, relative step
@@ -70,6 +74,11 @@ class MergeResult:
     """``lora`` or ``qlora`` (from the run's manifest or the adapter; a QLoRA adapter is merged into the bf16 base)."""
     dtype: str
     parity: Parity
+    base_dtype: str = ""
+    """The dtype the base's weights are stored in; ``dtype`` follows it unless the user chose another."""
+    precision_loss: dict[str, float] | None = None
+    """Only when ``dtype`` is narrower than ``base_dtype``: the merged model against base + adapter in the base's
+    dtype — ``max_abs_diff`` and ``top1_agreement``: what the narrower weights change in what was trained."""
     quantized_base_drift: dict[str, float] | None = None
     """QLoRA only: merged model vs the 4-bit base + adapter that training (and any eval on it) used —
     ``max_abs_diff`` and ``top1_agreement``. Information, not a check: the bf16 merge removes the NF4 rounding of
@@ -90,21 +99,25 @@ class MergeResult:
 
 
 def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None = None,
-          adapter: str | Path | None = None, dtype: str = "bfloat16", tolerance: float | None = None,
+          adapter: str | Path | None = None, dtype: str | None = None, tolerance: float | None = None,
           conversations: list[list[dict[str, Any]]] | None = None) -> MergeResult:
     """Merge the adapter of ``run_dir`` (or ``adapter`` on ``base``) into ``out_dir`` and check parity.
 
-    ``tolerance`` is relative to the largest |logit| (default per dtype: ``DEFAULT_RELATIVE_TOLERANCE``).
+    ``dtype``: of the merged weights; None keeps the base's stored dtype. ``tolerance`` is relative to the largest
+    |logit| (default per dtype: ``DEFAULT_RELATIVE_TOLERANCE``).
     """
     import torch
 
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    torch_dtype = getattr(torch, dtype)
-    relative = DEFAULT_RELATIVE_TOLERANCE[dtype] if tolerance is None else tolerance
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}",
+                        hint="or leave it out to keep the base model's own dtype")
     run = Path(run_dir) if run_dir is not None else None
     adapter_dir, base_name, method = resolve_inputs(run, base, adapter)
     settings = _model_settings(manifest_of(run))
+    base_dtype = stored_dtype(base_name, settings)
+    dtype = dtype or base_dtype
+    torch_dtype = getattr(torch, dtype)
+    relative = DEFAULT_RELATIVE_TOLERANCE[dtype] if tolerance is None else tolerance
     out = Path(out_dir)
     conversations = conversations or conversations_for(run)
 
@@ -131,12 +144,21 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
     with torch.no_grad():
         got = [_logits(reloaded, ids) for ids in batches]
     parity = _compare(got, reference, bare, relative)
+    loss = None
+    warnings = list(_base_mismatch(adapter_dir, base_name))
+    if _narrower(dtype, base_dtype):
+        loss = _precision_loss(base_name, settings, adapter_dir, batches, got, getattr(torch, base_dtype))
+        warnings.append(f"merged in {dtype}, narrower than the base's {base_dtype}: against base + adapter in "
+                        f"{base_dtype}, max |Δlogit| {loss['max_abs_diff']:.3g} and top-1 agreement "
+                        f"{loss['top1_agreement']:.1%} over {parity.num_tokens} tokens — merge without --dtype to "
+                        f"keep {base_dtype}")
     drift = None
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is not None:
         drift = _quantized_base_drift(base_name, settings, adapter_dir, batches, got, torch_dtype,
                                       _find(manifest_of(run), "quant", dict))
     result = MergeResult(out_dir=str(out), base=base_name, adapter=str(adapter_dir), method=method, dtype=dtype,
-                         parity=parity, quantized_base_drift=drift, warnings=_base_mismatch(adapter_dir, base_name))
+                         parity=parity, base_dtype=base_dtype, precision_loss=loss, quantized_base_drift=drift,
+                         warnings=tuple(warnings))
     _write_manifest(staging, result)
     if not parity.passed:
         raise RunError(f"merged model differs from base + adapter: max |Δlogit| {parity.max_abs_diff:.3g} > tolerance "
@@ -230,6 +252,39 @@ def _base_mismatch(adapter_dir: Path, base_name: str) -> tuple[str, ...]:
             "this is the same model (a moved folder), not a sibling (base vs instruct)",)
 
 
+def stored_dtype(base_name: str, settings: dict[str, Any]) -> str:
+    """The dtype the base's weights are stored in (its config's ``dtype``); float32 when it records none or one
+    tunesmith does not merge into (what transformers itself loads then)."""
+    from ..config import ModelConfig
+    from ..models import load_model_config
+
+    config = load_model_config(ModelConfig(**{**settings, "name_or_path": base_name}))
+    recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(recorded).removeprefix("torch.") if recorded is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
+def _narrower(dtype: str, base_dtype: str) -> bool:
+    return base_dtype == "float32" and dtype != "float32"
+
+
+def _precision_loss(base_name: str, settings: dict[str, Any], adapter_dir: Path, batches: list[list[int]],
+                    merged: list[Any], base_torch_dtype: Any) -> dict[str, float]:
+    """The merged model's logits against base + adapter in the base's own dtype."""
+    import torch
+
+    peft_model = _attach(_load_base(base_name, base_torch_dtype, settings), adapter_dir, base_name)
+    with torch.no_grad():
+        trained = [_logits(peft_model, ids) for ids in batches]
+    return _difference(merged, trained)
+
+
+def _difference(got: list[Any], reference: list[Any]) -> dict[str, float]:
+    diff = max(float((g - r).abs().max()) for g, r in zip(got, reference, strict=True))
+    same = sum(int((g.argmax(-1) == r.argmax(-1)).sum()) for g, r in zip(got, reference, strict=True))
+    return {"max_abs_diff": diff, "top1_agreement": same / sum(r.shape[0] for r in reference)}
+
+
 def _quantized_base_drift(base_name: str, settings: dict[str, Any], adapter_dir: Path, batches: list[list[int]],
                           merged: list[Any], torch_dtype: Any, quant: dict[str, Any] | None) -> dict[str, float]:
     """Logits of the 4-bit base + adapter (as trained) vs the merged model's."""
@@ -247,9 +302,7 @@ def _quantized_base_drift(base_name: str, settings: dict[str, Any], adapter_dir:
     peft_model = _attach(model, adapter_dir, base_name)
     with torch.no_grad():
         trained = [_logits(peft_model, ids) for ids in batches]
-    diff = max(float((m - t).abs().max()) for m, t in zip(merged, trained, strict=True))
-    same = sum(int((m.argmax(-1) == t.argmax(-1)).sum()) for m, t in zip(merged, trained, strict=True))
-    return {"max_abs_diff": diff, "top1_agreement": same / sum(t.shape[0] for t in trained)}
+    return _difference(merged, trained)
 
 
 def manifest_of(run_dir: Path | None) -> dict[str, Any]:
