@@ -83,7 +83,7 @@ def test_quantized_gguf_loads_and_generates_with_reported_agreement(quant, quant
     assert result.check.num_prompts == 4
     assert all(len(s["llama_cpp"]) > 0 for s in result.check.samples)
     assert 0.0 <= result.check.agreement <= 1.0
-    manifest = json.loads((tmp_path / quant / "export.json").read_text())
+    manifest = json.loads((tmp_path / quant / f"model-{quant}.export.json").read_text())
     assert manifest["check"]["agreement"] == result.check.agreement
     if quant == "q4_k_m":  # hidden 64 is not a multiple of 256: K-quants fall back, and the result says so
         assert any("fell back" in w for w in result.warnings)

@@ -49,6 +49,11 @@ QUANT_TYPES = {
 
 QUANTS = (*FLOAT_TYPES, *QUANT_TYPES)
 
+QUANT_AGREEMENT_WARNING = 0.9
+"""A quantised GGUF whose greedy tokens agree with the HF model's on less than this fraction (mean matching prefix
+per prompt) is reported with a warning. A sound q8_0 of a trained model agrees on nearly every token; 4-bit types
+of small models drift more, and the warning tells the user to check the task metric before serving."""
+
 
 @dataclass(frozen=True)
 class GgufCheck:
@@ -102,7 +107,9 @@ class GgufResult:
 def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, verify: bool = True,
             max_new_tokens: int = 24, conversations: list[list[dict[str, Any]]] | None = None,
             n_threads: int | None = None) -> GgufResult:
-    """Convert ``model_dir`` (a merged or full HF model folder) to ``out_dir/model-<quant>.gguf`` + ``Modelfile``."""
+    """Convert ``model_dir`` (a merged or full HF model folder) to ``out_dir/model-<quant>.gguf``, with its own
+    Ollama Modelfile (``model-<quant>.Modelfile``) and record (``model-<quant>.export.json``): several types exported
+    into one folder never overwrite each other's."""
     quant = quant.lower()
     if quant not in QUANTS:
         raise UserError(f"--quant {quant}: unknown GGUF type", hint=f"use one of {', '.join(QUANTS)}")
@@ -130,7 +137,7 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
 
     tokenizer = _tokenizer(source)
     match = match_template(tokenizer)
-    modelfile = write_modelfile(out / "Modelfile", target.name, match)
+    modelfile = write_modelfile(out / f"model-{quant}.Modelfile", target.name, match)
     if match.family is None:
         warnings.append("the chat template matched no known family: the Modelfile has no TEMPLATE; check "
                         "`ollama show NAME --template` against the training template")
@@ -145,10 +152,14 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
         if quant == "f32" and not check.all_identical:
             raise RunError(f"{target}: llama.cpp's greedy output differs from the HF model in f32 "
                            f"({check.identical}/{check.num_prompts} prompts identical): the conversion is wrong",
-                           hint="report it with the export.json written beside the GGUF")
+                           hint=f"report it with {target.stem}.export.json, written beside the GGUF")
         if quant in FLOAT_TYPES and not check.all_identical:
             warnings.append(f"{quant}: {check.num_prompts - check.identical} of {check.num_prompts} greedy "
                             "continuations differ from the HF model (16-bit rounding on near-tied tokens)")
+        if quant not in FLOAT_TYPES and check.agreement < QUANT_AGREEMENT_WARNING:
+            warnings.append(f"{quant}: llama.cpp's greedy output agrees with the HF model on {check.agreement:.0%} of "
+                            f"tokens (below {QUANT_AGREEMENT_WARNING:.0%}): this quantisation changes what the model "
+                            "says; use a larger type (q8_0, f16) or check its task metric before serving it")
         if check.tokenization_agreement < 1.0:
             warnings.append("llama.cpp tokenises some prompts differently from training: served prompts will not "
                             "match the trained token sequence exactly")
@@ -156,8 +167,8 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
     result = GgufResult(path=str(target), quant=quant, size_bytes=target.stat().st_size, tensor_types=types,
                         modelfile=str(modelfile), template_family=match.family, check=check,
                         warnings=tuple(warnings), llama_cpp_version=version)
-    (out / "export.json").write_text(json.dumps({"stage": "export", "format": "gguf", "source": str(source),
-                                                 **result.to_dict()}, indent=2) + "\n", encoding="utf-8")
+    record = {"stage": "export", "format": "gguf", "source": str(source), **result.to_dict()}
+    (out / f"model-{quant}.export.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return result
 
 

@@ -70,36 +70,47 @@ class TemplateMatch:
     """Roles the model's own chat template refuses (e.g. ``system`` for Gemma): Ollama would render them anyway."""
     bos_from_runtime: bool
     """The chat template writes the BOS text itself; llama.cpp / Ollama add BOS as a token instead."""
+    default_system: str | None = None
+    """The system message the chat template inserts when a conversation has none (SmolLM2, Qwen2.5 do). Written as
+    the Modelfile's ``SYSTEM``, which Ollama puts first in every conversation that brings no system message."""
 
 
 def match_template(tokenizer: Any) -> TemplateMatch:
-    """The known family whose Go template renders every probe exactly like ``tokenizer``'s chat template."""
+    """The known family whose Go template renders every probe exactly like ``tokenizer``'s chat template.
+
+    Tried with the template's leading BOS text removed (the runtime adds BOS as a token: Llama 3) and kept (a BOS
+    that is the first header token, as SmolLM2's ``<|im_start|>``, is written by the template and not added)."""
     vocab = tokenizer.get_vocab()
     bos = tokenizer.bos_token or ""
     eos = tokenizer.eos_token or ""
     rendered, refused = _render_probes(tokenizer)
-    starts_with_bos = bool(bos) and all(text.startswith(bos) for text in rendered.values())
-    if starts_with_bos:
-        rendered = {k: v[len(bos):] for k, v in rendered.items()}
+    starts_with_bos = bool(bos) and bool(rendered) and all(text.startswith(bos) for text in rendered.values())
+    variants = [({k: v[len(bos):] for k, v in rendered.items()}, True)] if starts_with_bos else []
+    variants.append((rendered, False))
     for family in FAMILIES:
         template = family.template.replace("{bos}", bos).replace("{eos}", eos)
-        if rendered and all(render_go(template, _go_data(PROBES[i])) == text for i, text in rendered.items()):
-            stops = tuple(s for s in family.stops if s in vocab) or ((eos,) if eos else ())
-            return TemplateMatch(family.name, template, stops, refused, starts_with_bos)
+        for texts, stripped in variants:
+            default_system = _default_system(template, texts)
+            if texts and all(render_go(template, _go_data(_with_system(PROBES[i], default_system))) == text
+                             for i, text in texts.items()):
+                stops = tuple(s for s in family.stops if s in vocab) or ((eos,) if eos else ())
+                return TemplateMatch(family.name, template, stops, refused, stripped, default_system)
     stops = tuple(sorted({s for f in FAMILIES for s in f.stops if s in vocab} | ({eos} if eos else set())))
     return TemplateMatch(None, None, stops, refused, starts_with_bos)
 
 
 def render_for(match: TemplateMatch, messages: Sequence[dict[str, Any]]) -> str:
-    """What Ollama sends the model for ``messages`` under ``match`` (for tests and for showing users)."""
+    """What Ollama sends the model for ``messages`` under ``match`` (for tests and for showing users): the
+    Modelfile's SYSTEM first when the conversation has no system message, as Ollama does."""
     if match.template is None:
         raise ValueError("no template")
-    return render_go(match.template, _go_data(messages))
+    return render_go(match.template, _go_data(_with_system(messages, match.default_system)))
 
 
 def write_modelfile(path: str | Path, gguf_name: str, match: TemplateMatch) -> Path:
     """``FROM ./<gguf>``, the TEMPLATE (when a family matched) and one ``PARAMETER stop`` per end-of-turn marker."""
-    lines = ["# Written by tunesmith. Create the Ollama model with: ollama create NAME -f Modelfile"]
+    out = Path(path)
+    lines = [f"# Written by tunesmith. Create the Ollama model with: ollama create NAME -f {out.name}"]
     if match.family:
         lines.append(f"# Chat template family: {match.family} (renders the same prompt text as the training template)")
     else:
@@ -110,9 +121,13 @@ def write_modelfile(path: str | Path, gguf_name: str, match: TemplateMatch) -> P
         if '"""' in match.template:
             raise ValueError('template contains """')
         lines.append(f'TEMPLATE """{match.template}"""')
+    if match.default_system is not None:
+        if '"""' in match.default_system:
+            raise ValueError('default system message contains """')
+        lines.append("# The chat template's own default system message, used when a request brings none:")
+        lines.append(f'SYSTEM """{match.default_system}"""')
     for stop in match.stops:
         lines.append(f'PARAMETER stop "{_quote(stop)}"')
-    out = Path(path)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
 
@@ -122,9 +137,10 @@ def read_modelfile(path: str | Path) -> dict[str, Any]:
     text = Path(path).read_text(encoding="utf-8")
     template = re.search(r'^TEMPLATE """(.*?)"""', text, flags=re.S | re.M)
     source = re.search(r"^FROM (.+)$", text, flags=re.M)
+    system = re.search(r'^SYSTEM """(.*?)"""', text, flags=re.S | re.M)
     stops = [_unquote(s) for s in re.findall(r'^PARAMETER stop "((?:[^"\\]|\\.)*)"$', text, flags=re.M)]
     return {"from": source.group(1) if source else None, "template": template.group(1) if template else None,
-            "stops": stops}
+            "stops": stops, "system": system.group(1) if system else None}
 
 
 def _render_probes(tokenizer: Any) -> tuple[dict[int, str], tuple[str, ...]]:
@@ -136,6 +152,29 @@ def _render_probes(tokenizer: Any) -> tuple[dict[int, str], tuple[str, ...]]:
         except Exception:
             refused |= {m["role"] for m in probe if m["role"] != "user" and m["role"] != "assistant"}
     return rendered, tuple(sorted(refused))
+
+
+_SYSTEM_MARK = "\x00tunesmith-system\x00"
+
+
+def _default_system(template: str, rendered: dict[int, str]) -> str | None:
+    """The system message the chat template added to the first probe that has none, if it added one: found by
+    rendering the Go template with a marked system message and reading what stands at the mark in the real text."""
+    for i, text in rendered.items():
+        if PROBES[i][0]["role"] == "system":
+            continue
+        marked = render_go(template, _go_data(_with_system(PROBES[i], _SYSTEM_MARK)))
+        before, _, after = marked.partition(_SYSTEM_MARK)
+        if text.startswith(before) and text.endswith(after) and len(text) > len(before) + len(after):
+            return text[len(before):len(text) - len(after)]
+        return None
+    return None
+
+
+def _with_system(messages: Sequence[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
+    if system is None or (messages and messages[0]["role"] == "system"):
+        return list(messages)
+    return [{"role": "system", "content": system}, *messages]
 
 
 def _go_data(messages: Sequence[dict[str, Any]]) -> dict[str, Any]:
