@@ -146,6 +146,32 @@ def test_sql_textually_different_but_same_rows_is_right(shop_db):
     assert grouped.correct, grouped.reason
 
 
+@pytest.mark.parametrize("answer", [
+    "```sql\nSELECT name FROM customers WHERE city = 'Paris';\n```",
+    "Here is the query:\n```sql\nSELECT name FROM customers WHERE city = 'Paris';\n```\nIt lists Paris customers.",
+    "Sure!\n\n```\nSELECT name\nFROM customers\nWHERE city = 'Paris'\n```",
+    "The query:\n```sqlite\nSELECT name FROM customers WHERE city = 'Paris'",  # cut off at max_new_tokens
+])
+def test_sql_in_a_code_block_anywhere_in_a_chat_answer_is_the_answer(shop_db, answer):
+    verdict = score("sql_execution", answer, "SELECT name FROM customers WHERE city = 'Paris'",
+                    database=str(shop_db))
+    assert verdict.correct, verdict.reason
+
+
+def test_only_the_first_code_block_counts_and_prose_without_one_is_run_as_sql(shop_db):
+    expected = "SELECT name FROM customers WHERE city = 'Paris'"
+    two = ("```sql\nSELECT name FROM customers WHERE city = 'Lyon'\n```\nor maybe\n"
+           "```sql\nSELECT name FROM customers WHERE city = 'Paris'\n```")
+    assert not score("sql_execution", two, expected, database=str(shop_db)).correct
+    prose = score("sql_execution", "The customers in Paris are Ann and Cid.", expected, database=str(shop_db))
+    assert not prose.correct and "predicted query failed" in prose.reason
+
+
+def test_exact_match_compares_the_whole_answer_and_never_extracts_a_block():
+    assert not score("exact", "```\n42\n```", "42").correct
+    assert score("json_valid", 'Result: ```json\n{"a": 1}\n``` done', "").correct
+
+
 def test_sql_with_different_rows_is_wrong(shop_db):
     verdict = score("sql_execution", "SELECT name FROM customers WHERE city = 'Lyon'",
                     "SELECT name FROM customers WHERE city = 'Paris'", database=str(shop_db))

@@ -88,13 +88,18 @@ def regex_match(prediction: str, expected: str, pattern: re.Pattern[str], group:
 
 # --- JSON ---------------------------------------------------------------------------------------------------------
 
-_FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*\s*\n(.*?)\n?\s*```\s*$", re.DOTALL)
+_FENCE = re.compile(r"```[ \t]*[a-zA-Z0-9_+.-]*[ \t]*\n(.*?)(?:\n[ \t]*)?```", re.DOTALL)
+_OPEN_FENCE = re.compile(r"```[ \t]*[a-zA-Z0-9_+.-]*[ \t]*\n(.*)\Z", re.DOTALL)
 
 
 def strip_code_fence(text: str) -> str:
-    """The body of a Markdown code block if the whole text is one (models like to wrap JSON and SQL in them)."""
-    fenced = _FENCE.match(text)
-    return fenced.group(1) if fenced else text.strip()
+    """The body of the first Markdown code block anywhere in the text, or the whole text when it has none.
+
+    Chat models wrap SQL and JSON in code blocks and often say something around them ("Here is the query:
+    ```sql … ``` It returns …"): the block is the answer. A block left open (the answer was cut at
+    ``max_new_tokens``) counts from its opening line to the end."""
+    fenced = _FENCE.search(text) or _OPEN_FENCE.search(text)
+    return fenced.group(1).strip() if fenced else text.strip()
 
 
 def parse_json(text: str) -> tuple[Any, str | None]:
