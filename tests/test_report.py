@@ -90,3 +90,24 @@ def test_report_renders_in_headless_chromium_and_shows_the_numbers(finished_run,
     subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1000,1400", url], capture_output=True,
                    timeout=120, check=True)
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 20_000  # a rendered page, not blank
+
+
+def test_warnings_of_any_stage_are_shown_first_in_both_reports(tmp_path):
+    from tunesmith.report import write_report
+
+    def stage(name, outputs):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stage.json").write_text(json.dumps(
+            {"stage": name, "status": "done", "seconds": 1.0, "summary": f"{name} done", "outputs": outputs}))
+
+    stage("merge", {"model_dir": "m", "result": {"parity": {}, "warnings": ["merged in bfloat16 <lossy>"]}})
+    stage("export", {"export_dir": "e", "result": {"artefacts": [
+        {"quant": "f16", "warnings": []}, {"quant": "q4_0", "warnings": ["q4_0: agrees on 44% of tokens"]}]}})
+    (tmp_path / "config.json").write_text("{}")
+    result = write_report(tmp_path)
+    page = Path(result.html).read_text()
+    assert page.index("id='warnings'") < page.index("<h2>Stages</h2>")
+    assert "<b>merge</b>: merged in bfloat16 &lt;lossy&gt;" in page
+    assert "<b>export</b>: q4_0: agrees on 44% of tokens" in page
+    markdown = Path(result.markdown).read_text()
+    assert "- **export**: q4_0: agrees on 44% of tokens" in markdown

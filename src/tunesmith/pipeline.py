@@ -13,6 +13,7 @@ full fine-tune, export with no formats configured) are passed over, and ``pipeli
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import shutil
 import time
@@ -25,6 +26,7 @@ from typing import Any
 from .config import Config
 from .errors import Interrupted, RunError, TunesmithError, UserError
 from .manifest import sha256_file, write_json_atomic
+from .report import stage_warnings
 
 STAGE_FILE = "stage.json"
 Event = Callable[[dict[str, Any]], None]
@@ -94,6 +96,9 @@ def run(config: Config, out_dir: str | Path | None = None, on_event: Event | Non
         outcome = _run_stage(stage, ctx, emit)
         outcomes.append(outcome)
         emit({"event": "stage_done", **asdict(outcome)})
+        if outcome.status in ("ran", "resumed"):
+            for _, message in stage_warnings({stage.name: ctx.records[stage.name]}):
+                emit({"event": "warning", "stage": stage.name, "message": f"{stage.name}: {message}"})
     report = ctx.records.get("report", {}).get("outputs", {})
     return PipelineResult(str(out), outcomes, report.get("html"), report.get("markdown"),
                           round(time.perf_counter() - started, 1))
@@ -243,7 +248,13 @@ def _optional(module: str, what: str) -> Any:
 def _generate(ctx: _Context, folder: Path, resume: bool) -> dict[str, Any]:
     cfg = ctx.config.pipeline
     target = Path(cfg.generate_dir)
-    result = _call(cfg.generate or "")(target)
+    function = _call(cfg.generate or "")
+    try:
+        inspect.signature(function).bind(target, **cfg.generate_options)
+    except TypeError as exc:
+        raise UserError(f"pipeline.generate_options: {cfg.generate} does not take these options ({exc})",
+                        hint=f"see the arguments of {cfg.generate}") from None
+    result = function(target, **cfg.generate_options)
     files = sorted(str(p) for p in target.rglob("*") if p.is_file())
     return {"generate_dir": str(target), "files": files, "result": _plain(result),
             "summary": f"{cfg.generate} wrote {len(files)} files to {target}"}
@@ -292,8 +303,7 @@ def _train(ctx: _Context, folder: Path, resume: bool) -> dict[str, Any]:
 def _merge(ctx: _Context, folder: Path, resume: bool) -> dict[str, Any]:
     export = _optional("tunesmith.export", "merge")
     result = export.merge(ctx.records["train"]["outputs"]["run_dir"], folder / "model")
-    summary = result.summary() if hasattr(result, "summary") else "merged"
-    return {"model_dir": str(folder / "model"), "result": _plain(result), "summary": summary}
+    return {"model_dir": str(folder / "model"), "result": _plain(result), "summary": result.summary()}
 
 
 def _export(ctx: _Context, folder: Path, resume: bool) -> dict[str, Any]:
@@ -345,7 +355,8 @@ def _plain(value: Any) -> Any:
 
 
 STAGES: tuple[_Stage, ...] = (
-    _Stage("generate", (), lambda c: {"generate": c.pipeline.generate, "dir": c.pipeline.generate_dir}, lambda c: [],
+    _Stage("generate", (), lambda c: {"generate": c.pipeline.generate, "dir": c.pipeline.generate_dir,
+                                      "options": c.pipeline.generate_options}, lambda c: [],
            lambda c: None if c.pipeline.generate else "no pipeline.generate: the data already exists", _generate),
     _Stage("data", ("generate",), lambda c: {"data": _section(c, "data"), "model": _section(c, "model"),
                                              "max_length": c.train.max_length},

@@ -66,6 +66,8 @@ class ReportData:
     artefacts: list[dict[str, Any]]
     config_yaml: str
     versions: dict[str, str]
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    """(stage, message) for every warning a stage's result carries (a lossy merge, a GGUF that drifts …)."""
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> ReportResult:
@@ -102,7 +104,28 @@ def collect(run: Path) -> ReportData:
               if n != "report"]
     title = f"tunesmith run — {config.get('model', {}).get('name_or_path', '?')}"
     return ReportData(title, stages, _data_view(records), _train_view(train), curves, metrics, num_eval, flips,
-                      flip_counts, _artefacts(records), yaml.safe_dump(config, sort_keys=False), versions())
+                      flip_counts, _artefacts(records), yaml.safe_dump(config, sort_keys=False), versions(),
+                      stage_warnings(records))
+
+
+def stage_warnings(records: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every ``warnings`` list of strings anywhere in each stage's outputs, in stage order, without repeats."""
+    out: list[tuple[str, str]] = []
+    for name, record in records.items():
+        for message in _warning_texts(record.get("outputs")):
+            if (name, message) not in out:
+                out.append((name, message))
+    return out
+
+
+def _warning_texts(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [w for w in node.get("warnings") or () if isinstance(w, str)] \
+            if isinstance(node.get("warnings"), list | tuple) else []
+        return found + [w for k, v in node.items() if k != "warnings" for w in _warning_texts(v)]
+    if isinstance(node, list | tuple):
+        return [w for v in node for w in _warning_texts(v)]
+    return []
 
 
 def _read_json(path: Path) -> Any:
@@ -343,6 +366,7 @@ pre,code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}pre{ba
 overflow:auto}.fixed{color:#047857}.broken{color:#b91c1c}.big{font-size:1.25rem;font-weight:600}
 td code{word-break:break-all;white-space:pre-wrap}
 .bar{height:14px;background:#2563eb;display:inline-block;vertical-align:middle}.bar.base{background:#9ca3af}
+.warnings li{background:#fffbeb;border-left:4px solid #d97706;padding:.3rem .6rem;margin:.3rem 0;list-style:none}
 """
 
 
@@ -355,6 +379,10 @@ def render_html(d: ReportData, images: dict[str, bytes]) -> str:
         r = headline[0]
         parts.append(f"<p class='big' id='headline'>{e(r.name)}: base {_pct(r.base)} → tuned {_pct(r.tuned)}"
                      f"{f' on {d.num_eval} held-out examples' if d.num_eval else ''}</p>")
+    if d.warnings:
+        parts.append("<h2 id='warnings'>Warnings</h2><ul class='warnings'>")
+        parts += [f"<li><b>{e(stage)}</b>: {e(message)}</li>" for stage, message in d.warnings]
+        parts.append("</ul>")
     parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>summary</th></tr>")
     for s in d.stages:
         parts.append(f"<tr><td>{e(s['name'])}</td><td class='num'>{s['seconds']:.1f}</td>"
@@ -435,6 +463,8 @@ def render_markdown(d: ReportData, image_names: list[str]) -> str:
     if headline:
         r = headline[0]
         lines += [f"**{r.name}: base {_pct(r.base)} → tuned {_pct(r.tuned)}**", ""]
+    if d.warnings:
+        lines += ["## Warnings", "", *(f"- **{stage}**: {message}" for stage, message in d.warnings), ""]
     lines += ["## Stages", "", "| stage | seconds | summary |", "|---|---:|---|"]
     lines += [f"| {s['name']} | {s['seconds']:.1f} | {_md(s['summary'])} |" for s in d.stages]
     lines += ["", "## Data", ""]

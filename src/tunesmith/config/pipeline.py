@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -17,6 +17,9 @@ class PipelineConfig(Section):
     """``module:function`` run first, called with one argument: the folder to write into (``generate_dir``). For
     data that is made rather than given — the SQL demo builds its database and chat examples this way. None: the
     data already exists."""
+
+    generate_options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for ``generate`` after the folder, e.g. ``{num_train: 1200}`` for the SQL demo."""
 
     generate_dir: str = "data/generated"
     """Where ``generate`` writes; the other sections' paths point into it (e.g. ``eval.dataset``)."""
