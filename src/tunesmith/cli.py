@@ -97,7 +97,7 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
         _relaunch_under_torchrun(gpus)
     from .train import train as run_train
 
-    with _TrainProgress(enabled=not as_json) as progress:
+    with _Progress(enabled=not as_json, activity="train: loading and planning") as progress:
         result = run_train(cfg, out_dir=out, resume=resume, on_event=progress.on_event)
     emit(result, as_json, lambda r: console.print(f"[green]done[/green]: {r.summary()}"))
 
@@ -111,7 +111,8 @@ def merge(run_dir: Annotated[Path | None, typer.Argument(help="Run folder from `
           = None,
           adapter: Annotated[Path | None, typer.Option("--adapter", help="PEFT adapter folder (instead of RUN_DIR).")]
           = None,
-          dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
+          dtype: Annotated[str | None, typer.Option(
+              "--dtype", help="bfloat16 | float16 | float32 (default: the base model's own dtype).")] = None,
           tolerance: Annotated[float | None, typer.Option(
               "--tolerance", help="Allowed max |Δlogit| as a fraction of the largest logit (default per dtype).")]
           = None,
@@ -123,8 +124,9 @@ def merge(run_dir: Annotated[Path | None, typer.Argument(help="Run folder from `
 
     if out is None and run_dir is None:
         raise UserError("--out is required with --adapter", hint="e.g. --out merged/")
-    result = run_merge(run_dir, out or run_dir / "merged", base=base, adapter=adapter, dtype=dtype,
-                       tolerance=tolerance, conversations=_check_conversations(prompts))
+    with _Progress(enabled=not as_json, activity="merge"):
+        result = run_merge(run_dir, out or run_dir / "merged", base=base, adapter=adapter, dtype=dtype,
+                           tolerance=tolerance, conversations=_check_conversations(prompts))
     def render(r: Any) -> None:
         console.print(f"[green]merged[/green]: {_escape(r.summary())}")
         for warning in r.warnings:
@@ -149,14 +151,15 @@ def export(model_dir: Annotated[Path, typer.Argument(help="Merged (or fully fine
     if format_ not in ("gguf", "awq"):
         raise UserError(f"--format {format_}: expected gguf or awq")
     target = out or model_dir.with_name(f"{model_dir.name}-{format_}")
-    if format_ == "gguf":
-        from .export.gguf import to_gguf
+    with _Progress(enabled=not as_json, activity=f"export {format_}"):
+        if format_ == "gguf":
+            from .export.gguf import to_gguf
 
-        result = to_gguf(model_dir, target, quant, verify=verify, conversations=_check_conversations(prompts))
-    else:
-        from .export.awq import to_awq
+            result = to_gguf(model_dir, target, quant, verify=verify, conversations=_check_conversations(prompts))
+        else:
+            from .export.awq import to_awq
 
-        result = to_awq(model_dir, target, verify=verify, calibration=_check_conversations(prompts, limit=512))
+            result = to_awq(model_dir, target, verify=verify, calibration=_check_conversations(prompts, limit=512))
 
     def render(r: Any) -> None:
         console.print(f"[green]exported[/green]: {_escape(r.summary())}")
@@ -222,65 +225,92 @@ def _relaunch_under_torchrun(n: int) -> None:
     sys.exit(subprocess.call(cmd))
 
 
-class _Bar:
-    """A rich progress display on stderr, shown only when enabled; subclasses turn library events into updates
-    (the library itself never prints)."""
+class _Progress:
+    """Library events (train steps, eval generations, pipeline stages) as progress: rich bars on a terminal, a plain
+    line at least every 20 s elsewhere (``console_progress``). The library itself never prints."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, activity: str | None = None) -> None:
         self.enabled = enabled
+        self.activity = activity
+        """A task with no counts shown for the whole command (data prepare, merge, export: elapsed time only)."""
         self.bar: Any = None
+        self.tasks: dict[str, Any] = {}
 
-    def _columns(self) -> tuple[Any, ...]:
-        raise NotImplementedError
-
-    def __enter__(self) -> Any:
+    def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.progress import Progress
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
-            self.bar = Progress(*self._columns(), console=console, transient=False)
-            self.bar.__enter__()
+            self._open()
+            if self.activity:
+                self.tasks["stage"] = self.bar.add_task(self.activity, total=None, info="")
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._close(*exc)
+
+    def _open(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from .console_progress import progress_display
+
+        self.bar = progress_display(console, (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                              TimeElapsedColumn(), TimeRemainingColumn(),
+                                              TextColumn("{task.fields[info]}")))
+        self.bar.__enter__()
+
+    def _close(self, *exc: object) -> None:
         if self.bar is not None:
-            self.bar.__exit__(*exc)
+            self.bar.__exit__(*(exc or (None, None, None)))
+            self.bar = None
+            self.tasks = {}
 
-
-class _TrainProgress(_Bar):
-    """The training loop's events as one progress bar with loss, learning rate and throughput."""
-
-    def __init__(self, enabled: bool) -> None:
-        super().__init__(enabled)
-        self.task: Any = None
-
-    def _columns(self) -> tuple[Any, ...]:
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
-        return (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"))
+    def _print(self, text: str) -> None:
+        (self.bar.console if self.bar is not None else console).print(text)
 
     def on_event(self, event: dict[str, Any]) -> None:
-        if self.bar is None:
+        if not self.enabled:
             return
         kind = event["event"]
-        if kind == "start":
-            self.task = self.bar.add_task("train", total=event["total_steps"], completed=event["start_step"], info="")
-        elif kind == "step" and self.task is not None:
+        if kind == "stage_start":
+            self._close()
+            console.print(f"[bold]{event['stage']}[/bold]" + (" (resuming)" if event.get("resume") else "") + " …")
+            self._open()
+            self.tasks["stage"] = self.bar.add_task(f"stage {event['stage']}", total=None, info="")
+        elif kind == "stage_done":
+            self._close()
+            console.print(f"  {event['name']}: {event['status']} ({event['seconds']:.1f} s) {event['summary']}")
+        elif kind == "warning":
+            self._print(f"[yellow]warning:[/yellow] {_escape(event['message'])}")
+        elif self.bar is None:
+            return
+        elif kind == "start":
+            self._finish("stage")
+            self.tasks["train"] = self.bar.add_task("train", total=event["total_steps"], completed=event["start_step"],
+                                                    info="")
+        elif kind == "step" and "train" in self.tasks:
             info = f"loss {event['loss']:.4f}  lr {event['learning_rate']:.2e}"
             if "tokens_per_s" in event:
                 info += f"  {event['tokens_per_s']:,.0f} tok/s"
-            self.bar.update(self.task, completed=event["step"], info=info)
+            self.bar.update(self.tasks["train"], completed=event["step"], info=info)
         elif kind == "eval":
-            self.bar.console.print(f"step {event['step']}: eval loss {event['eval_loss']:.4f}, "
-                                   f"token accuracy {event['eval_token_accuracy']:.3f}")
+            self._print(f"step {event['step']}: eval loss {event['eval_loss']:.4f}, "
+                        f"token accuracy {event['eval_token_accuracy']:.3f}")
         elif kind in ("checkpoint", "resumed"):
-            self.bar.console.print(f"{kind} at step {event['step']}: {event['path']}")
-        elif kind == "plan":
-            self.bar.console.print(f"plan: {event['message']}")
-        elif kind == "warning":
-            self.bar.console.print(f"[yellow]warning:[/yellow] {event['message']}")
+            self._print(f"{kind} at step {event['step']}: {event['path']}")
+        elif kind == "plan" or kind == "eta":
+            self._print(f"plan: {event['message']}")
+        elif kind == "model":
+            self._finish("stage")
+            self.tasks[f"eval {event['model']}"] = self.bar.add_task(f"eval {event['model']}",
+                                                                     total=event["examples"], info="")
+        elif kind == "generate" and f"eval {event['model']}" in self.tasks:
+            self.bar.update(self.tasks[f"eval {event['model']}"], completed=event["done"])
+
+    def _finish(self, name: str) -> None:
+        """A task with no counts stops once a task with counts takes over (the counted one shows progress)."""
+        if name in self.tasks:
+            self.bar.remove_task(self.tasks.pop(name))
 
 
 @app.command("run")
@@ -294,7 +324,7 @@ def run_pipeline(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None, as_
 
     hf_logging.disable_progress_bar()  # model-loading bars would bury the stage lines
     cfg = load_config(config, set_ or [])
-    with _RunProgress(enabled=not as_json) as progress:
+    with _Progress(enabled=not as_json) as progress:
         result = run(cfg, out_dir=out, on_event=progress.on_event)
     emit(result, as_json, _render_run)
 
@@ -307,36 +337,6 @@ def _render_run(result: Any) -> None:
         table.add_row(s.name, s.status, f"{s.seconds:.1f}", s.summary)
     console.print(table)
     console.print(f"total {result.seconds:.1f} s; report: {result.report_html}")
-
-
-class _RunProgress(_TrainProgress):
-    """Stage start/finish lines, and the training progress bar while the train stage runs."""
-
-    def __enter__(self) -> _RunProgress:
-        return self
-
-    def on_event(self, event: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        kind = event["event"]
-        if kind == "stage_start":
-            console.print(f"[bold]{event['stage']}[/bold]" + (" (resuming)" if event.get("resume") else "") + " …")
-        elif kind == "stage_done":
-            if self.bar is not None:
-                super().__exit__(None, None, None)
-                self.bar = None
-            console.print(f"  {event['name']}: {event['status']} ({event['seconds']:.1f} s) {event['summary']}")
-        elif kind == "start":
-            super().__enter__()
-            super().on_event(event)
-        elif kind == "model":
-            console.print(f"  generating with {event['model']} on {event['examples']} examples …")
-        else:
-            super().on_event(event)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            super().__exit__(*exc)
 
 
 @data_app.command("prepare")
@@ -360,7 +360,8 @@ def data_prepare(
     config = paths[0] if paths and paths[0].suffix in (".yaml", ".yml") else None
     files = paths[1:] if config else paths
     overrides = [*(set_ or []), *(["data.on_bad_lines=skip"] if skip_bad_lines else [])]
-    result = prepare(load_config(config, overrides), files=files, out_dir=out, eval_file=eval_file)
+    with _Progress(enabled=not as_json, activity="data prepare"):
+        result = prepare(load_config(config, overrides), files=files, out_dir=out, eval_file=eval_file)
     emit(result, as_json, _render_prepared)
 
 
@@ -456,30 +457,9 @@ def eval_(config: ConfigArg,
     from .evaluate import evaluate
 
     cfg = load_config(config, set_ or [])
-    with _EvalProgress(enabled=not as_json) as progress:
+    with _Progress(enabled=not as_json, activity="eval: loading") as progress:
         report = evaluate(cfg, models=model or None, out_dir=out, on_event=progress.on_event)
     emit(report, as_json, _render_eval)
-
-
-class _EvalProgress(_Bar):
-    """One rich progress bar per evaluated model, fed by evaluate()'s events."""
-
-    def __init__(self, enabled: bool) -> None:
-        super().__init__(enabled)
-        self.tasks: dict[str, Any] = {}
-
-    def _columns(self) -> tuple[Any, ...]:
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
-        return TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-
-    def on_event(self, event: dict[str, Any]) -> None:
-        if self.bar is None:
-            return
-        if event["event"] == "model":
-            self.tasks[event["model"]] = self.bar.add_task(f"eval {event['model']}", total=event["examples"])
-        elif event["event"] == "generate":
-            self.bar.update(self.tasks[event["model"]], completed=event["done"])
 
 
 def _render_eval(report: Any) -> None:
