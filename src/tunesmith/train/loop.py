@@ -30,8 +30,9 @@ from ..manifest import sha256_file, write_manifest
 from ..models import base_model, load_model_config, load_tokenizer, resolve_model_path
 from . import checkpoint
 from .batching import epoch_order, micro_batches, step_groups
-from .dataset import read_records, split_paths, tokenize_split
+from .dataset import TokenizedSplit, read_records, split_paths, tokenize_split
 from .distributed import Processes, barrier, full_state_dict, init_processes, max_all, set_gradient_sync, sum_all
+from .eta import cpu_warning, estimate, measure_matmul_flops, planned_tokens
 from .kernels import attention_implementation
 from .loss import fused_head_supported, loss_sum
 from .model import (
@@ -43,7 +44,7 @@ from .model import (
     embeddings_to,
     resolve_precision,
 )
-from .plan import OPTIMIZER_MEMORY, describe, plan_training, weights_precision
+from .plan import OPTIMIZER_MEMORY, TrainPlan, describe, plan_training, weights_precision
 
 Event = Callable[[dict[str, Any]], None]
 
@@ -110,6 +111,7 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
     if plan.embeddings_on_cpu:
         embeddings_to(model, "cpu")
     trainable, total = count_parameters(model)
+    _announce_eta(train_split, tcfg, plan, total, device, precision, procs.world, emit)
 
     task_eval = _task_eval(config, tokenizer, eval_file) if eval_file and tcfg.task_eval_samples else None
     history = fit(model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
@@ -139,6 +141,22 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
 
 
 METRICS = "metrics.jsonl"
+
+
+def _announce_eta(split: TokenizedSplit, tcfg: TrainConfig, plan: TrainPlan, parameters: int,
+                  device: torch.device, precision: Precision, world: int, emit: Event) -> None:
+    """The planned token count and a duration estimate, before the first step (``eta``); a warning on a CPU when
+    it is long, with what to change."""
+    tokens = planned_tokens(split.stats["tokens"], split.stats["examples"],
+                            tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps * world,
+                            tcfg.num_train_epochs, tcfg.max_steps)
+    recomputed = 1.0 if plan.checkpointed_layers is None else plan.checkpointed_layers / max(plan.layers, 1)
+    eta = estimate(tokens // world, parameters, tcfg.method, recomputed, device.type,
+                   measure_matmul_flops(device, precision.weights))
+    emit({"event": "eta", "message": eta.message(), "tokens": eta.tokens, "seconds": eta.seconds})
+    warning = cpu_warning(eta)
+    if warning:
+        emit({"event": "warning", "message": warning})
 
 
 def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examples: list[TokenizedChat],
