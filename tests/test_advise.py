@@ -346,3 +346,41 @@ def test_the_cli_grows_cuda_memory_in_segments_unless_the_user_chose_otherwise(m
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert CliRunner().invoke(app, ["advise", "--help"]).exit_code == 0
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+# -- on a CPU ---------------------------------------------------------------------------------------------------------
+
+def test_gpu_cpu_estimates_for_this_machine_speaks_of_millions_and_serves_with_llama_cpp(tmp_path):
+    from tunesmith.local_model import ensure_named_model
+    from tunesmith.train import eta
+
+    model = ensure_named_model("smollm2-135m-instruct")
+    data = write_chat(tmp_path / "train.jsonl", 1200)
+    advice = advise(data, str(model), "cpu", drivers=["quality"])
+    assert advice.gpu.startswith("cpu (") and advice.training is not None
+    t = advice.training
+    assert t.cost_usd == 0.0 and t.gpu_hours == 0.0
+    # the same estimate `tunesmith train` prints before a CPU run
+    again = eta.estimate(round(t.tokens * t.epochs), advice.architecture.total_params, advice.method, 1.0, "cpu",
+                         1.0)
+    assert t.flops_per_token == again.flops_per_token
+    assert 10 < t.tokens_per_s < 100_000
+    assert "llama.cpp" in advice.decision.serve and "vLLM" not in advice.decision.serve
+    text = " ".join(advice.notes)
+    assert "has 135M parameters" in text and "0.1B" not in text
+    assert "vLLM needs a GPU" in text
+
+
+def test_no_gpu_at_all_means_this_cpu_not_an_assumed_a100(tmp_path, monkeypatch):
+    import importlib
+
+    advise_module = importlib.import_module("tunesmith.advise.advise")
+
+    monkeypatch.setattr(advise_module, "_detect_gpu", lambda: None)
+    advice = advise(write_chat(tmp_path / "train.jsonl", 1200), "llama-3.1-8b", drivers=["format"])
+    assert advice.gpu.startswith("cpu (")
+    assert any(n.startswith("No GPU found: estimating for this machine's cpu") for n in advice.notes)
+    assert not any("A100" in n for n in advice.notes)
+    # an 8B model on a CPU takes hours: said, with what trains in reasonable time
+    assert advice.training.hours > 0.5
+    assert any("local:smollm2-135m-instruct" in n for n in advice.notes)

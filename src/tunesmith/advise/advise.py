@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,10 @@ from .memory import Architecture, MemoryEstimate, architecture_from_config, esti
 
 SEED_EFFECTIVE_BATCH = 16
 """The seed's 4 × 4 = 16 sequences per optimizer step; kept when the micro-batch has to shrink."""
+
+CPU_SERVE = ("llama.cpp / Ollama: merge (`tunesmith merge`), export a GGUF (`tunesmith export --format gguf`, "
+             "q8_0 or q4_k_m) and serve it (`tunesmith serve` or `ollama create -f model-q8_0.Modelfile`)")
+"""How a model trained on a CPU is served: vLLM needs a GPU."""
 
 SERVING_GPUS = ("a10g", "h100-80gb")
 """The seed's self-hosting choices ("self-host on A10G or H100"): the cheaper of the two is reported."""
@@ -127,6 +131,9 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
     accumulation = max(1, math.ceil(SEED_EFFECTIVE_BATCH / (micro * num_gpus)))
 
     training = _training(arch, method, stats, length, micro, epochs, gpu_spec, num_gpus, lora_params)
+    if catalog.is_cpu(gpu_spec):
+        notes += _cpu_notes(decision, arch, training)
+        decision = replace(decision, serve=CPU_SERVE)
     serving = _serving(arch, calls_per_day, stats, api_model, api_prices) if calls_per_day else None
     if serving is None and decision.rule == "cost":
         notes.append("Give --calls-per-day to compute the serving bill against an API model.")
@@ -215,10 +222,25 @@ def _training(arch: Architecture, method: str, stats: DatasetStats | None, lengt
     if stats is None:
         return None
     kept = [n for n in stats.lengths if n <= length]  # longer examples are dropped (train.overlong: drop)
+    if catalog.is_cpu(gpu):
+        return _cpu_training(arch, method, sum(kept), epochs, gpu)
     return estimate_training(arch, method, sum(kept), epochs, min(stats.mean_tokens, length),
                              peak_tflops=gpu.bf16_tflops, price_per_hour=gpu.price_per_hour, num_gpus=num_gpus,
                              lora_params=0 if method == "full" else lora_params,
                              pad_eff=padding_efficiency(kept, micro, length))
+
+
+def _cpu_training(arch: Architecture, method: str, tokens: int, epochs: float, cpu: catalog.Gpu) -> TrainingEstimate:
+    """The estimate `tunesmith train` prints before a CPU run (train/eta.py), so advise and train agree."""
+    from ..train import eta
+
+    run = eta.estimate(round(tokens * epochs), arch.total_params, method, 1.0, "cpu", cpu.bf16_tflops * 1e12)
+    return TrainingEstimate(method=method, tokens=tokens, epochs=epochs, flops_per_token=run.flops_per_token,
+                            mfu=eta.EFFICIENCY["cpu"], padding_efficiency=1.0,
+                            tokens_per_s=round(run.tokens / run.seconds, 1), hours=round(run.seconds / 3600, 3),
+                            gpu_hours=0.0, cost_usd=0.0,
+                            calibration="this CPU's measured fp32 matmul rate × the share training sustains "
+                                        "(train/eta.py)")
 
 
 # -- model --------------------------------------------------------------------------------------------------------
@@ -291,12 +313,31 @@ def _lora_counts(config: Any, r: int, targets: list[str] | str) -> tuple[int, in
 def _size_notes(decision: Decision, arch: Architecture) -> list[str]:
     billions = arch.total_params / 1e9
     if decision.rule in ("latency", "cost") and billions > 15:
-        return [f"{arch.name} has {billions:.0f}B parameters; the seed recommends {decision.model_size} for "
-                f"{decision.rule} — a smaller model serves each token several times cheaper and faster."]
+        return [f"{arch.name} has {parameter_count(arch.total_params)} parameters; the guide recommends "
+                f"{decision.model_size} for {decision.rule} — a smaller model serves each token several times "
+                "cheaper and faster."]
     if decision.rule == "quality" and billions < 60:
-        return [f"{arch.name} has {billions:.1f}B parameters; the seed's answer for maximum quality is a 70B+ "
-                "model (e.g. --model llama-3.1-70b or qwen2.5-72b)."]
+        return [f"{arch.name} has {parameter_count(arch.total_params)} parameters; the guide's answer for maximum "
+                "quality is a 70B+ model (e.g. --model llama-3.1-70b or qwen2.5-72b)."]
     return []
+
+
+def parameter_count(n: int) -> str:
+    """135M, 1.7B, 70B: the size as people say it."""
+    if n < 1e9:
+        return f"{n / 1e6:.0f}M"
+    return f"{n / 1e9:.1f}B" if n < 1e10 else f"{n / 1e9:.0f}B"
+
+
+def _cpu_notes(decision: Decision, arch: Architecture, training: TrainingEstimate | None) -> list[str]:
+    """On a CPU: serve with llama.cpp, not vLLM; and say when the run is long and what trains in reasonable time."""
+    notes = ["On a CPU, serve a GGUF with llama.cpp or Ollama (`tunesmith export --format gguf`, then "
+             "`tunesmith serve`): vLLM needs a GPU."]
+    if training is not None and training.hours > 0.5:
+        notes.append(f"{training.hours:.1f} h on this CPU for {arch.name} ({parameter_count(arch.total_params)}): "
+                     "fewer examples or epochs, or a smaller model — local:smollm2-135m-instruct (135M, ships "
+                     "offline) trains ~150 tokens/s on 2 cores — or a GPU.")
+    return notes
 
 
 # -- hardware and data ----------------------------------------------------------------------------------------------
@@ -310,8 +351,10 @@ def _default_gpu(notes: list[str]) -> catalog.Gpu:
             return gpu
         except UserError:
             notes.append(f"GPU detected ({detected}) is not in the catalogue.")
-    notes.append("No --gpu given: assuming one A100 80GB.")
-    return catalog.GPUS["a100-80gb"]
+    cpu = catalog.this_cpu()
+    notes.append(f"No GPU found: estimating for this machine's {cpu.name} ({cpu.bf16_tflops * 1e3:,.0f} GFLOP/s "
+                 "fp32 matmul, measured); give --gpu NAME to plan for a GPU.")
+    return cpu
 
 
 def _detect_gpu() -> str | None:

@@ -152,14 +152,40 @@ def config_dict(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if k not in ("hub_id", "params")}
 
 
+CPU = "cpu"
+"""``--gpu cpu``: this machine's CPU, measured (see ``this_cpu``)."""
+
+
 def lookup_gpu(name: str) -> Gpu:
-    """A GPU by catalogue name, a common short name or the name ``nvidia-smi`` reports; UserError when unknown."""
+    """A GPU by catalogue name, a common short name or the name ``nvidia-smi`` reports, or ``cpu`` for this
+    machine's CPU; UserError when unknown."""
     key = name.strip().lower().replace("_", "-")
     key = GPU_ALIASES.get(key, key)
+    if key == CPU:
+        return this_cpu()
     if key in GPUS:
         return GPUS[key]
-    raise UserError(f"--gpu {name!r}: not in the GPU catalogue" + did_you_mean(key, list(GPUS)),
-                    hint=f"known GPUs: {', '.join(GPUS)}")
+    raise UserError(f"--gpu {name!r}: not in the GPU catalogue" + did_you_mean(key, [*GPUS, CPU]),
+                    hint=f"known: {', '.join(GPUS)}, or cpu for this machine's CPU")
+
+
+def this_cpu() -> Gpu:
+    """This machine's CPU as a training device: its memory, and its fp32 matrix-multiply rate measured now (~0.3 s)
+    in ``bf16_tflops`` (CPUs train in fp32). No price: it is a machine you have."""
+    import os
+
+    import torch
+
+    from ..train.eta import measure_matmul_flops
+
+    cores = len(os.sched_getaffinity(0))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    rate = measure_matmul_flops(torch.device("cpu"), torch.float32) / 1e12
+    return Gpu(f"{CPU} ({cores} cores)", round(memory * 2**30 / 1e9, 1), round(memory, 1), rate, 0.0, bf16=False)
+
+
+def is_cpu(gpu: Gpu) -> bool:
+    return gpu.name.startswith(CPU)
 
 
 def did_you_mean(name: str, choices: list[str]) -> str:

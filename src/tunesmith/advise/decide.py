@@ -152,8 +152,8 @@ def decide(examples: int | None, drivers: Iterable[str], *, domain_shift: bool =
     return Decision(
         "fine_tune", "format_or_privacy", "lora", "as given", DEFAULT_MODELS["small"],
         SERVE["local"] if "privacy" in wanted else SERVE["vllm"],
-        (*why, "LoRA: freeze the base, train ~4–40M adapter parameters instead of billions, with the seed's "
-         "recommended preset (r=16, α=32, lr 2e-4).", *notes))
+        (*why, "LoRA: freeze the base and train small adapters (a few percent of its parameters) instead of "
+         "all of its weights, with the guide's recommended preset (r=16, α=32, lr 2e-4).", *notes))
 
 
 def choose_method(preferred: str, fits: Mapping[str, bool], needs_gib: Mapping[str, float],

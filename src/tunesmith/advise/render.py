@@ -11,7 +11,7 @@ from .decide import DRIVERS
 
 
 def parse_drivers(values: list[str]) -> list[str]:
-    """``--driver`` values (repeatable, or comma-separated), checked against the seed's drivers."""
+    """``--driver`` values (repeatable, or comma-separated), checked against the guide's drivers."""
     out: list[str] = []
     for value in values:
         for item in value.split(","):
@@ -90,9 +90,10 @@ def render_advice(console: Any, advice: Any) -> None:
         console.print(table)
     if advice.training is not None:
         t = advice.training
+        duration = f"{t.hours:.1f} h" if t.hours >= 1 else f"{t.hours * 60:.0f} min"
+        bill = f", {t.gpu_hours:.1f} GPU-h, ${t.cost_usd:,.2f}" if t.gpu_hours else " (your own machine: no bill)"
         console.print(f"training: {t.tokens:,} tokens × {t.epochs:g} epochs at ~{t.tokens_per_s:,.0f} tok/s "
-                      f"(MFU {t.mfu:.1%}, padding efficiency {t.padding_efficiency:.0%}) → {t.hours:.1f} h, "
-                      f"{t.gpu_hours:.1f} GPU-h, ${t.cost_usd:,.2f}")
+                      f"(MFU {t.mfu:.1%}, padding efficiency {t.padding_efficiency:.0%}) → {duration}{bill}")
     if advice.serving is not None:
         s = advice.serving
         console.print(f"serving {s.calls_per_day:,} calls/day: {s.api_model} ${s.api_cost_per_day:,.0f}/day vs "

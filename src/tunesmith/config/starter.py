@@ -16,7 +16,9 @@ from ..errors import UserError
 def starter_text() -> str:
     from . import Config
 
-    lines = ["# tunesmith config. Every key is optional; the defaults are the seed's recipe.",
+    lines = ["# tunesmith config. Every key is optional; the defaults are the recipe of the guide The Fine-Tuning "
+             "Decision.",
+             "# The model below ships offline (no hub, no GPU needed); for real work put a hub id or a folder there.",
              "# Validate with `tunesmith validate FILE`; override any key with --set section.key=value.", ""]
     _emit(Config(), lines, indent=0)
     return "\n".join(lines) + "\n"
