@@ -274,9 +274,9 @@ class _Progress:
         kind = event["event"]
         if kind == "stage_start":
             self._close()
-            console.print(f"[bold]{event['stage']}[/bold]" + (" (resuming)" if event.get("resume") else "") + " …")
             self._open()
-            self.tasks["stage"] = self.bar.add_task(f"stage {event['stage']}", total=None, info="")
+            self.tasks["stage"] = self.bar.add_task(
+                f"{event['stage']}" + (" (resuming)" if event.get("resume") else ""), total=None, info="")
         elif kind == "stage_done":
             self._close()
             console.print(f"  {event['name']}: {event['status']} ({event['seconds']:.1f} s) {event['summary']}")
@@ -492,6 +492,10 @@ def _render_eval(report: Any) -> None:
 
 def main() -> None:
     """Entry point: run the app, turning tunesmith errors into one message and an exit code."""
+    import warnings
+
+    # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: noise for a user
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         app()
     except TunesmithError as exc:

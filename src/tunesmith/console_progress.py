@@ -44,14 +44,14 @@ class LineProgress:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object = None, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=2 * self.period_s)
         with self._lock:
             for task in self._tasks.values():
                 if not task.finished:
                     task.finished = True
-                    self._print(task, "stopped")
+                    self._print(task, "done" if exc_type is None else "stopped")
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> int:
         with self._lock:
@@ -97,7 +97,7 @@ class LineProgress:
         if state is None and task.total and task.completed > 0:
             remaining = elapsed * (task.total - task.completed) / task.completed
             parts.append(f"~{_duration(remaining)} left")
-        if state in ("started", "stopped"):
+        if state is not None:
             parts.append(state)
         info = task.fields.get("info")
         if info:

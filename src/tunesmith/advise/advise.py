@@ -1,6 +1,6 @@
 """``advise()``: should this team fine-tune, how, on what, for how long and at what price — before any GPU is rented.
 
-Reads top to bottom: resolve the model's architecture → count the data → decide (the seed's framework) → pick the
+Reads top to bottom: resolve the model's architecture → count the data → decide (the guide's framework) → pick the
 model → memory per method and the method that fits → time and cost → serving bill → starter config → Advice.
 Everything comes from the architecture config (meta device); no weights are downloaded.
 """
@@ -29,14 +29,14 @@ from .decide import Decision, choose_method, decide
 from .memory import Architecture, MemoryEstimate, architecture_from_config, estimate_memory, largest_micro_batch
 
 SEED_EFFECTIVE_BATCH = 16
-"""The seed's 4 × 4 = 16 sequences per optimizer step; kept when the micro-batch has to shrink."""
+"""The guide's 4 × 4 = 16 sequences per optimizer step; kept when the micro-batch has to shrink."""
 
 CPU_SERVE = ("llama.cpp / Ollama: merge (`tunesmith merge`), export a GGUF (`tunesmith export --format gguf`, "
              "q8_0 or q4_k_m) and serve it (`tunesmith serve` or `ollama create -f model-q8_0.Modelfile`)")
 """How a model trained on a CPU is served: vLLM needs a GPU."""
 
 SERVING_GPUS = ("a10g", "h100-80gb")
-"""The seed's self-hosting choices ("self-host on A10G or H100"): the cheaper of the two is reported."""
+"""The guide's self-hosting choices ("self-host on A10G or H100"): the cheaper of the two is reported."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
     gpu_spec = _with_price(named_gpu or _default_gpu(notes), price_per_hour)
     if resolved is None:
         resolved = resolve_model(decision.default_model or catalog.model_names()[0])
-        notes.append(f"No --model: using {resolved.name} ({decision.model_size}, the seed's size for this case).")
+        notes.append(f"No --model: using {resolved.name} ({decision.model_size}, the guide's size for this case).")
     arch = architecture_from_config(resolved.config, resolved.name)
     notes += _size_notes(decision, arch)
     targets = _lora_targets(arch)
@@ -218,7 +218,7 @@ def _memory_per_method(arch: Architecture, length: int, micro_batch_size: int, g
 
 def _training(arch: Architecture, method: str, stats: DatasetStats | None, length: int, micro: int, epochs: float,
               gpu: catalog.Gpu, num_gpus: int, lora_params: int) -> TrainingEstimate | None:
-    """Time and cost at the seed recipe's measured speed (the only calibration so far), padding included."""
+    """Time and cost at the speed measured for the guide's recipe (the only calibration so far), padding included."""
     if stats is None:
         return None
     kept = [n for n in stats.lengths if n <= length]  # longer examples are dropped (train.overlong: drop)
@@ -421,7 +421,7 @@ def starter_config(name_or_path: str, method: str, targets: list[str] | str, r: 
               *(f"# {line}" for line in _wrap(decision.reasons[0])),
               f"# Serve: {decision.serve.split(':')[0]}.",
               f"# {micro} × {accumulation} = {micro * accumulation} sequences per optimizer step per GPU "
-              f"(the seed's 16; micro-batch {micro} is what fits).", ""]
+              f"(the guide's 16; micro-batch {micro} is what fits).", ""]
     return "\n".join(header) + yaml.safe_dump(body, sort_keys=False)
 
 

@@ -1,6 +1,6 @@
-"""The seed's decision framework, as rules. Each branch returns the recommendation and the seed's reasoning for it.
+"""The guide's decision framework, as rules. Each branch returns the recommendation and the guide's reasoning for it.
 
-Order of the questions (the seed's, plus the constraints it implies):
+Order of the questions (the guide's, plus the constraints it implies):
 
 1. fewer than 1,000 examples                → don't fine-tune yet: prompt engineering / few-shot, come back later
 2. none of format, latency, cost, privacy, quality (nor a domain shift) → don't fine-tune yet: prompts and RAG
@@ -10,7 +10,7 @@ Order of the questions (the seed's, plus the constraints it implies):
 5. > 100,000 examples and a domain shift    → full fine-tuning
 6. latency                                  → QLoRA on a ~7B model, serve with vLLM
 7. cost at scale                            → QLoRA on 7B or 13B, self-host on A10G or H100
-8. format / style, or privacy               → LoRA (the seed's recommended preset)
+8. format / style, or privacy               → LoRA (the guide's recommended preset)
 
 Then memory decides: a method that does not fit on the GPUs falls back (full → LoRA → QLoRA), with the numbers.
 """
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 DRIVERS = ("format", "latency", "cost", "privacy", "quality", "simplicity")
-"""The seed's reasons (format/style hard to prompt for, latency, cost at scale, data privacy) plus the two questions of
+"""The guide's reasons (format/style hard to prompt for, latency, cost at scale, data privacy) plus the two questions of
 its decision framework (maximum quality with budget, operational simplicity)."""
 
 MIN_EXAMPLES = 1_000
@@ -56,12 +56,12 @@ class Decision:
     method: str | None
     """``full``, ``lora`` or ``qlora`` (None unless fine-tuning here)."""
     model_size: str
-    """The size the seed recommends for this branch (``~7B``, ``7B–13B``, ``70B+``, ``as given``)."""
+    """The size the guide recommends for this branch (``~7B``, ``7B–13B``, ``70B+``, ``as given``)."""
     default_model: str | None
     """Catalogue model to use when the user named none."""
     serve: str
     reasons: tuple[str, ...]
-    """The seed's reasoning, spelled out: each line is one reason, in order."""
+    """The guide's reasoning, spelled out: each line is one reason, in order."""
     instead: tuple[str, ...] = ()
     """What to do instead (for ``not_yet``)."""
 
@@ -71,17 +71,17 @@ class Decision:
 
 def decide(examples: int | None, drivers: Iterable[str], *, domain_shift: bool = False,
            calls_per_day: int | None = None) -> Decision:
-    """The seed's framework. ``examples`` None means no dataset was given (the count question is skipped)."""
+    """The guide's framework. ``examples`` None means no dataset was given (the count question is skipped)."""
     wanted = set(drivers)
     notes: list[str] = []
     if calls_per_day is not None and calls_per_day >= COST_AT_SCALE_CALLS_PER_DAY and "cost" not in wanted:
         wanted.add("cost")
-        notes.append(f"At {calls_per_day:,} calls/day cost at scale applies: the seed's threshold is 10M+ calls/day.")
+        notes.append(f"At {calls_per_day:,} calls/day cost at scale applies: the guide's threshold is 10M+ calls/day.")
 
     if examples is not None and examples < MIN_EXAMPLES:
         return Decision(
             "not_yet", "too_few_examples", None, "as given", None, SERVE["none"],
-            (f"You have {examples:,} examples; the seed's first question is 'Do you have < 1000 examples?' — "
+            (f"You have {examples:,} examples; the guide's first question is 'Do you have < 1000 examples?' — "
              "then 'start with prompt engineering or few-shot. Come back when you have more data.'",
              "Quality beats quantity: 1,000 high-quality examples will outperform 100,000 noisy ones — so collect "
              "and clean examples before you train.", *notes),
@@ -97,7 +97,7 @@ def decide(examples: int | None, drivers: Iterable[str], *, domain_shift: bool =
             "not_yet", "no_driver", None, "as given", None, SERVE["none"],
             ("None of the reasons to fine-tune applies: format/style that is hard to prompt for, a latency "
              "constraint, cost at scale (10M+ calls/day), or data that can't leave your infrastructure.",
-             "Prompt engineering and RAG are cheaper, faster to iterate, and easier to maintain; the seed: 'If none "
+             "Prompt engineering and RAG are cheaper, faster to iterate, and easier to maintain; the guide: 'If none "
              "of these apply, don't fine-tune yet.'",
              *(["Operational simplicity on its own is a reason to stay with an API, not to train."]
                if "simplicity" in wanted else []), *notes),
@@ -109,7 +109,7 @@ def decide(examples: int | None, drivers: Iterable[str], *, domain_shift: bool =
     if "simplicity" in wanted and "privacy" not in wanted:
         return Decision(
             "openai_fine_tuning", "simplicity", None, "gpt-4o-mini", None, SERVE["openai"],
-            ("Operational simplicity is paramount: the seed's answer is the OpenAI fine-tuning API — "
+            ("Operational simplicity is paramount: the guide's answer is the OpenAI fine-tuning API — "
              "'gpt-4o-mini is cost-effective'.",
              "No GPUs to rent, no training stack, no inference server to run; the trade-off is per-token pricing and "
              "your data leaving your infrastructure.", *notes))
@@ -120,26 +120,26 @@ def decide(examples: int | None, drivers: Iterable[str], *, domain_shift: bool =
     if "quality" in wanted:
         return Decision(
             "fine_tune", "quality", "full", "70B+", DEFAULT_MODELS["large"], SERVE["vllm_tp"],
-            ("Maximum quality with budget: the seed's answer is full fine-tuning on a 70B+ model.",
+            ("Maximum quality with budget: the guide's answer is full fine-tuning on a 70B+ model.",
              "Full fine-tuning trains every weight — maximum expressiveness, maximum cost; it needs several GPUs "
              "with sharded states (FSDP) at this size.", *notes))
     if domain_shift and examples is not None and examples > FULL_FT_EXAMPLES:
         return Decision(
             "fine_tune", "domain_shift", "full", "as given", DEFAULT_MODELS["small"],
             SERVE["local"] if "privacy" in wanted else SERVE["vllm"],
-            (f"A dramatic domain shift with {examples:,} examples (more than 100K high-quality examples): the seed's "
+            (f"A dramatic domain shift with {examples:,} examples (more than 100K high-quality examples): the guide's "
              "case for full fine-tuning, which can move every weight towards the new domain.", *notes))
     if "latency" in wanted:
         return Decision(
             "fine_tune", "latency", "qlora", "~7B", DEFAULT_MODELS["small"], SERVE["vllm"],
-            ("Latency is the constraint: the seed's answer is QLoRA on a 7B model, served with vLLM.",
+            ("Latency is the constraint: the guide's answer is QLoRA on a 7B model, served with vLLM.",
              "The behaviour moves into the weights, so the long few-shot prompt goes away (fewer tokens to prefill "
              "on every call), and a ~7B model decodes many times faster than a 70B one.",
              "QLoRA trains it on a single GPU: the 4-bit NF4 base cuts memory about 4× against LoRA on bf16.", *notes))
     if "cost" in wanted:
         return Decision(
             "fine_tune", "cost", "qlora", "7B–13B", DEFAULT_MODELS["small"], SERVE["self_host"],
-            ("Cost at scale: the seed's answer is QLoRA on 7B or 13B, self-hosted on A10G or H100 — 'at 10M+ "
+            ("Cost at scale: the guide's answer is QLoRA on 7B or 13B, self-hosted on A10G or H100 — 'at 10M+ "
              "calls/day, a smaller fine-tuned model can be 10–50× cheaper than GPT-4o' (computed for your volume "
              "below).", *notes))
     why = []

@@ -16,7 +16,7 @@ the CUDA context and allocator slack come on top as a fixed overhead when decidi
   at a time (tests/test_advise_memory.py re-measures them). CUDA's fused dropout keeps a 1-byte mask where the CPU
   keeps an input-dtype noise tensor, so the dropout term takes the mask size as a parameter.
 - the LM head, three policies: ``fused`` — TRL ≥ 1.16's fused head scores 4,096-token × 32,768-vocab bf16 tiles
-  and never builds the logits (what the seed recipe ran); ``chunked`` — tunesmith's loss: 4,096 tokens at a time
+  and never builds the logits (what the guide's recipe ran); ``chunked`` — tunesmith's loss: 4,096 tokens at a time
   over the whole vocabulary, recomputed in backward (bf16 logits, fp32 log-softmax, bf16 and fp32 gradients:
   12 bytes × vocab per token of the chunk, calibrated on a GPU measurement); ``full`` — the plain transformers
   loss over the whole micro-batch (12 bytes × vocab per token at its backward: 12.6 GB at 8,192 tokens × 128,256 vocab).
@@ -247,7 +247,7 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
                     double_quant: bool = True, shards: int = 1, compiled: bool = False) -> MemoryEstimate:
     """Peak memory of one training step with ``micro_batch_size`` rows of ``seq_len`` tokens (padded or packed).
 
-    ``full_precision``: ``bf16`` keeps weights, gradients and AdamW states in bf16 (what the seed's code does: it
+    ``full_precision``: ``bf16`` keeps weights, gradients and AdamW states in bf16 (what the guide's code does: it
     loads the model in bf16); ``mixed`` keeps fp32 master weights, fp32 gradients and fp32 states (16 bytes/param).
     ``shards``: full or LoRA fine-tuning over that many GPUs with FSDP2, as tunesmith trains (weights, gradients
     and states split evenly, one block gathered at a time; the estimate is per GPU). QLoRA is not shardable

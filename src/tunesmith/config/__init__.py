@@ -41,7 +41,7 @@ __all__ = [
 
 
 class Config(Section):
-    """The whole tunesmith config. Every section is optional; defaults are the seed's recipe."""
+    """The whole tunesmith config. Every section is optional; defaults are the guide's recipe."""
 
     out_dir: str = "runs/tunesmith"
     """Where ``tunesmith run`` writes every stage's output (one sub-folder per stage) and the report."""

@@ -1,6 +1,6 @@
-"""``data:`` — which files to prepare and the seed's data-quality checklist, one switchable sub-section per rule.
+"""``data:`` — which files to prepare and the guide's data-quality checklist, one switchable sub-section per rule.
 
-The seed's checklist: remove exact and near duplicates (embedding similarity), filter outputs shorter than 20
+The guide's checklist: remove exact and near duplicates (embedding similarity), filter outputs shorter than 20
 tokens, validate JSON for structured output, and hold out 5–10% as the eval set BEFORE any cleaning decision.
 """
 
@@ -36,7 +36,7 @@ class MinHashSection(Section):
 
 class EmbeddingSection(Section):
     enabled: bool = True
-    """Drop near-duplicates by sentence-embedding cosine similarity (the seed's method; catches paraphrases that
+    """Drop near-duplicates by sentence-embedding cosine similarity (the guide's method; catches paraphrases that
     share few words). System messages are left out of the comparison, like for MinHash."""
 
     max_examples: int | None = Field(10_000, ge=1)
@@ -103,7 +103,7 @@ class DataConfig(Section):
     """A separate eval file. Given: nothing is held out of ``train_files``. None: ``eval_fraction`` is held out."""
 
     eval_fraction: float = Field(0.05, ge=0, lt=1)
-    """Share of the examples held out as the eval split (the seed: 5–10%), chosen before any cleaning."""
+    """Share of the examples held out as the eval split (the guide: 5–10%), chosen before any cleaning."""
 
     seed: int = 42
     """Seed of the hold-out choice: same files + same seed = same split."""

@@ -128,7 +128,7 @@ class EvalConfig(Section):
     transformers otherwise."""
 
     max_new_tokens: int = Field(256, ge=1)
-    """Longest generated answer, in tokens (the seed's 256). Generation also stops at the end-of-turn token."""
+    """Longest generated answer, in tokens (the guide's 256). Generation also stops at the end-of-turn token."""
 
     batch_size: int = Field(8, ge=1)
     """Prompts generated together (left-padded)."""

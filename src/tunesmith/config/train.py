@@ -1,4 +1,4 @@
-"""``train:`` — full fine-tuning, LoRA and QLoRA from one section; defaults are the seed's SFT recipe."""
+"""``train:`` — full fine-tuning, LoRA and QLoRA from one section; defaults are the guide's SFT recipe."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pydantic import Field, field_validator, model_validator
 from .base import Section
 
 SEED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""The seed's LoRA targets: all seven linear projections of a Llama-style block."""
+"""The guide's LoRA targets: all seven linear projections of a Llama-style block."""
 
-# The seed's "LoRA hyperparameter guide". A preset fills only the fields the user did not set.
+# The guide's "LoRA hyperparameter guide". A preset fills only the fields the user did not set.
 PRESETS: dict[str, dict[str, Any]] = {
     "conservative": {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1e-4},
     "recommended": {"lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
@@ -25,7 +25,7 @@ class LoraSection(Section):
     """LoRA rank: higher = more capacity and more trainable parameters."""
 
     alpha: float = Field(32, gt=0)
-    """LoRA scaling numerator (the update is scaled by alpha / r; the seed uses 2 × r)."""
+    """LoRA scaling numerator (the update is scaled by alpha / r; the guide uses 2 × r)."""
 
     dropout: float = Field(0.05, ge=0, lt=1)
     """Dropout on the LoRA input. LoRA on one CUDA GPU: each adapter draws it inside its first product (no mask
@@ -59,7 +59,7 @@ class TrainConfig(Section):
     4-bit NF4 base (``qlora``)."""
 
     preset: Literal["conservative", "recommended", "aggressive"] | None = None
-    """The seed's LoRA guide: sets r, alpha, targets and learning rate unless those are given explicitly."""
+    """The guide's LoRA guide: sets r, alpha, targets and learning rate unless those are given explicitly."""
 
     dataset: str | None = None
     """A prepared folder (``tunesmith data prepare``: its train.jsonl / eval.jsonl) or one chat JSONL file.
@@ -88,7 +88,7 @@ class TrainConfig(Section):
     (bench/results/fast_engine.md). The step's sequences are unchanged."""
 
     gradient_accumulation_steps: int = Field(4, ge=1)
-    """Micro-batches per optimizer step. The seed's 4 × 4 = 16 sequences per step."""
+    """Micro-batches per optimizer step. The guide's 4 × 4 = 16 sequences per step."""
 
     learning_rate: float = Field(2e-4, gt=0)
     """Peak learning rate."""
@@ -97,7 +97,7 @@ class TrainConfig(Section):
     """Decay after warm-up."""
 
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    """Fraction of all optimizer steps spent warming up linearly from 0 (the seed's 3%)."""
+    """Fraction of all optimizer steps spent warming up linearly from 0 (the guide's 3%)."""
 
     weight_decay: float = Field(0.0, ge=0)
     """AdamW decoupled weight decay."""
@@ -170,7 +170,7 @@ class TrainConfig(Section):
     compile: Literal["auto"] | bool = "auto"
     """Compile each decoder layer with torch.compile (fuses norms, RoPE, SwiGLU and the adapters' small ops; the
     first steps wait ~1 minute for compilation). ``auto``: on for CUDA GPUs — measured on H200s: LoRA +17–32%,
-    full fine-tuning +11% on one GPU, +17–47% under FSDP2, QLoRA 2.43× the seed recipe compiled vs 2.19×
+    full fine-tuning +11% on one GPU, +17–47% under FSDP2, QLoRA 2.43× the guide's recipe compiled vs 2.19×
     uncompiled (bench/results/) — off on the CPU."""
 
     logging_steps: int = Field(10, ge=1)

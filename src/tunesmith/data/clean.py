@@ -1,4 +1,4 @@
-"""The cleaning rules of the seed's checklist. Each takes plain values (records, texts, a tokenizer, thresholds)
+"""The cleaning rules of the guide's checklist. Each takes plain values (records, texts, a tokenizer, thresholds)
 and returns which positions to drop and why; ``prepare`` decides order and writes the reasons down.
 
 Near-duplicate rules are greedy in input order: an example is dropped when it is similar to an EARLIER example that

@@ -1,5 +1,5 @@
 """The eval hold-out: chosen first, from line positions and a seed only — before any validation or cleaning
-decision can influence which examples are scored (the seed: "hold out 5–10% as eval set before any cleaning")."""
+decision can influence which examples are scored (the guide: "hold out 5–10% as eval set before any cleaning")."""
 
 from __future__ import annotations
 

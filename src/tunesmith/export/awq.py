@@ -1,12 +1,12 @@
 """HF model folder → AWQ 4-bit (group 128) checkpoint in the compressed-tensors format, which vLLM loads directly.
 
-Why llm-compressor and not AutoAWQ (the seed's ``python -m awq.entry``): AutoAWQ is deprecated upstream and stopped
+Why llm-compressor and not AutoAWQ (the guide's ``python -m awq.entry``): AutoAWQ is deprecated upstream and stopped
 at torch 2.6; llm-compressor is the maintained AWQ implementation and writes compressed-tensors, vLLM's native
 quantized format. Its AWQ step runs calibration forward passes and needs a CUDA GPU.
 
 Recipe: AWQ's activation-aware channel scaling (``AWQModifier``), then weight-only quantization with the
 ``W4A16_ASYM`` preset — 4-bit integers, one scale + zero point per group of 128 input channels, as in the AWQ paper
-and the seed; ``lm_head`` stays in 16 bits. Calibration: the run's own conversations (rendered with the chat
+and the guide; ``lm_head`` stays in 16 bits. Calibration: the run's own conversations (rendered with the chat
 template), which is what the scales should be tuned for. Verification: the written folder is reloaded with plain
 transformers (its compressed-tensors integration) and its logits and greedy output compared with the original's.
 """

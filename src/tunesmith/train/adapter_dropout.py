@@ -3,7 +3,7 @@
 PEFT computes an adapter as ``lora_B(lora_A(dropout(x))) * scaling``: the dropout draws a mask over the whole input
 (tokens × features), writes the dropped copy, and autograd keeps mask and copy for backward — once per adapter (a
 Llama layer has seven; q, k, v, gate and up read the same input, each with its own mask), again when a checkpointed
-layer recomputes. Measured on one H200 with the seed's dropout of 0.05 (bench/results/fast_engine.md, "Sixth run"):
+layer recomputes. Measured on one H200 with the guide's dropout of 0.05 (bench/results/fast_engine.md, "Sixth run"):
 the same run without dropout is 8.8% faster and 1.1 GiB lighter; the step's largest compiled kernels were all dropout.
 
 Here ``lora_A`` draws the mask itself (src/tunesmith/train/adapter_dropout_kernels.py): a Triton kernel reads x once,

@@ -1,7 +1,7 @@
 """How examples become optimizer steps and micro-batches.
 
 An optimizer step is always the same set of sequences — ``per_device_train_batch_size × gradient_accumulation_steps
-× world_size`` of them (the seed's 4 × 4 = 16) in a seeded per-epoch order — whatever the layout:
+× world_size`` of them (the guide's 4 × 4 = 16) in a seeded per-epoch order — whatever the layout:
 
 - padded: micro-batches of ``per_device_train_batch_size`` sequences, right-padded to the longest in the micro-batch;
 - packed: the step's sequences concatenated into rows of at most ``per_device_train_batch_size × max_length`` tokens,

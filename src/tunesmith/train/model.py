@@ -105,7 +105,7 @@ def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
     if checkpointed_layers + offloaded_layers > 0:
         set_checkpointing(model, checkpointed_layers, offload_checkpoints, offloaded_layers)
         if train_cfg.method == "qlora":
-            # the seed's QLoRA gotcha: inputs of frozen 4-bit layers must carry grad for checkpointed blocks
+            # the guide's QLoRA gotcha: inputs of frozen 4-bit layers must carry grad for checkpointed blocks
             model.enable_input_require_grads()
     if _compiling(train_cfg, device) if compile_layers is None else compile_layers:
         compile_decoder_layers(model)
