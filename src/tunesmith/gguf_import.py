@@ -129,6 +129,15 @@ def build_from_gguf(gguf: Path, out: Path, *, sha256: str) -> Path:
     return out
 
 
+def imported_source(folder: Path) -> dict[str, Any] | None:
+    """The GGUF a model folder was built from (file name and sha256), or None for any other folder."""
+    try:
+        record = json.loads((folder / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return {"gguf": record.get("gguf"), "sha256": record.get("sha256")}
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

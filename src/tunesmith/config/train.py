@@ -83,9 +83,8 @@ class TrainConfig(Section):
 
     packed_row_tokens: int | None = Field(None, ge=8)
     """With packing: tokens per packed row, at least ``max_length``; None: per_device_train_batch_size ×
-    max_length. For a row size between those multiples: fewer, longer rows per step cost less per token — 8B QLoRA
-    on an H200 ran 1.30× faster with rows of 5632 tokens than of 4096, in 7.9 instead of 7.3 GiB
-    (bench/results/fast_engine.md). The step's sequences are unchanged."""
+    max_length. For a row size between those multiples: fewer, longer rows per step cost less per token, for a
+    little more memory (bench/results/fast_engine.md). The step's sequences are unchanged."""
 
     gradient_accumulation_steps: int = Field(4, ge=1)
     """Micro-batches per optimizer step. The guide's 4 × 4 = 16 sequences per step."""
@@ -159,9 +158,8 @@ class TrainConfig(Section):
     on and back while backward works on the layers after them (src/tunesmith/train/offload.py). It spends the
     GPU↔CPU link instead of a forward's FLOPs, so only as many pay as the link can move while forward runs.
     ``auto``: LoRA with compiled layers whose checkpointed inputs are offloaded: that many, from the link's speed
-    (measured at the start of the run) and the GPU's datasheet peak — 8 of an 8B model's 32 layers on an H200,
-    measured 6% faster than recomputing them (bench/results/fast_engine.md). A number: exactly that many (at most
-    the layers the plan checkpoints). 0: none. Reported in run.json's plan."""
+    (measured at the start of the run) and the GPU's datasheet peak (bench/results/fast_engine.md). A number:
+    exactly that many (at most the layers the plan checkpoints). 0: none. Reported in run.json's plan."""
 
     packing: Literal["auto"] | bool = "auto"
     """Padding-free packing: concatenate examples into one row with per-example position ids, so no token
@@ -169,9 +167,8 @@ class TrainConfig(Section):
 
     compile: Literal["auto"] | bool = "auto"
     """Compile each decoder layer with torch.compile (fuses norms, RoPE, SwiGLU and the adapters' small ops; the
-    first steps wait ~1 minute for compilation). ``auto``: on for CUDA GPUs — measured on H200s: LoRA +17–32%,
-    full fine-tuning +11% on one GPU, +17–47% under FSDP2, QLoRA 2.43× the guide's recipe compiled vs 2.19×
-    uncompiled (bench/results/) — off on the CPU."""
+    first steps wait ~1 minute for compilation). ``auto``: on for CUDA GPUs, where it is faster for every method
+    (bench/results/fast_engine.md), off on the CPU."""
 
     logging_steps: int = Field(10, ge=1)
     """Log loss, learning rate and throughput every N optimizer steps."""

@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import RunError, UserError
 from .converter import find_converter, llama_cpp_version
 from .ollama import match_template, write_modelfile
-from .samples import conversations_for, prompt_part
+from .samples import conversations_for, prompt_part, trained_in
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 QUANT_TYPES = {
@@ -147,7 +147,7 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
 
     check = None
     if verify:
-        convs = conversations or conversations_for(None)
+        convs = conversations or conversations_for(trained_in(source), limit=8)
         check = _check(source, target, tokenizer, convs, max_new_tokens, n_threads)
         if quant == "f32" and not check.all_identical:
             raise RunError(f"{target}: llama.cpp's greedy output differs from the HF model in f32 "
@@ -157,9 +157,11 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
             warnings.append(f"{quant}: {check.num_prompts - check.identical} of {check.num_prompts} greedy "
                             "continuations differ from the HF model (16-bit rounding on near-tied tokens)")
         if quant not in FLOAT_TYPES and check.agreement < QUANT_AGREEMENT_WARNING:
+            larger = "q8_0 or f16" if quant != "q8_0" else "f16"
             warnings.append(f"{quant}: llama.cpp's greedy output agrees with the HF model on {check.agreement:.0%} of "
-                            f"tokens (below {QUANT_AGREEMENT_WARNING:.0%}): this quantisation changes what the model "
-                            "says; use a larger type (q8_0, f16) or check its task metric before serving it")
+                            f"tokens over {check.num_prompts} prompts (below {QUANT_AGREEMENT_WARNING:.0%}): this "
+                            f"quantisation changes what the model says; use {larger}, or score this GGUF with "
+                            "`tunesmith eval --model` before serving it")
         if check.tokenization_agreement < 1.0:
             warnings.append("llama.cpp tokenises some prompts differently from training: served prompts will not "
                             "match the trained token sequence exactly")

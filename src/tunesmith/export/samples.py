@@ -63,6 +63,22 @@ def conversations_for(run_dir: Path | None, limit: int = 4) -> list[list[dict[st
     return [list(c) for c in BUILTIN_CONVERSATIONS[:limit]]
 
 
+def trained_in(model_dir: Path) -> Path | None:
+    """The training run folder a merged model came from (its merge record names the adapter, inside the run
+    folder or its ``adapter/``), so exports are checked on that run's eval conversations; None if unknown."""
+    try:
+        record = json.loads((model_dir / "export.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    adapter = record.get("adapter") if isinstance(record, dict) else None
+    if not isinstance(adapter, str):
+        return None
+    for folder in (Path(adapter), Path(adapter).parent):
+        if (folder / "run.json").is_file():
+            return folder
+    return None
+
+
 def prompt_part(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The conversation up to (not including) its last assistant turn: what a served model is given."""
     for i in range(len(messages) - 1, -1, -1):

@@ -26,6 +26,7 @@ import torch
 from ..chat import TokenizedChat
 from ..config import Config, TrainConfig, dump_config
 from ..errors import Interrupted, RunError, UserError
+from ..gguf_import import imported_source
 from ..manifest import sha256_file, write_manifest
 from ..models import base_model, load_model_config, load_tokenizer, resolve_model_path
 from . import checkpoint
@@ -131,7 +132,8 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
                          trainable, total, str(artefact), data)
     write_manifest(out, {
         "stage": "train", "config": config.model_dump(mode="json"), "config_yaml": dump_config(config),
-        "base_model": config.model.name_or_path, "base_model_path": model_path, "method": tcfg.method,
+        "base_model": config.model.name_or_path, "base_model_path": model_path,
+        "base_model_source": imported_source(Path(model_path)), "method": tcfg.method,
         "precision": precision.name, "packing": packed, "device": device.type, "processes": procs.world,
         "plan": plan.to_dict(),
         "outputs": {"adapter" if tcfg.method != "full" else "model": str(artefact), "metrics": str(out / METRICS)},
