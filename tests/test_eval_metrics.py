@@ -151,6 +151,9 @@ def test_sql_textually_different_but_same_rows_is_right(shop_db):
     "Here is the query:\n```sql\nSELECT name FROM customers WHERE city = 'Paris';\n```\nIt lists Paris customers.",
     "Sure!\n\n```\nSELECT name\nFROM customers\nWHERE city = 'Paris'\n```",
     "The query:\n```sqlite\nSELECT name FROM customers WHERE city = 'Paris'",  # cut off at max_new_tokens
+    "```sql\nSELECT name FROM customers WHERE city = 'Paris';\n``",  # cut inside the closing fence
+    "Here:\r\n```sql\r\nSELECT name FROM customers WHERE city = 'Paris';\r\n```\r\n",  # Windows line ends
+    "``` sql {.query}\nSELECT name FROM customers WHERE city = 'Paris'\n```",  # an info string with attributes
 ])
 def test_sql_in_a_code_block_anywhere_in_a_chat_answer_is_the_answer(shop_db, answer):
     verdict = score("sql_execution", answer, "SELECT name FROM customers WHERE city = 'Paris'",

@@ -83,7 +83,7 @@ def test_bf16_merge_passes_its_recorded_tolerance(tiny_model_dir, adapter_dir, t
     assert result.parity.conclusive
     # narrower than the fp32 base: measured against base + adapter in fp32, and said
     assert result.precision_loss is not None and result.precision_loss["max_abs_diff"] > 0
-    assert any(w.startswith("merged in bfloat16, narrower than the base's float32") for w in result.warnings)
+    assert any(w.startswith("merged in bfloat16, not in the base's own float32") for w in result.warnings)
     with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,7 +144,7 @@ def test_a_bf16_merge_of_an_fp32_base_is_reported_with_its_numbers(lora_run, tmp
     result = merge(lora_run, tmp_path / "merged", dtype="bfloat16")
     loss = result.precision_loss
     assert loss is not None and loss["max_abs_diff"] > 1e-2  # bf16 rounding of a 135M model's weights
-    assert any("narrower than the base's float32" in w and f"{loss['top1_agreement']:.1%}" in w
+    assert any("not in the base's own float32" in w and f"{loss['top1_agreement']:.1%}" in w
                for w in result.warnings)
 
 
@@ -194,3 +196,41 @@ def test_f16_gguf_of_the_tuned_model_answers_like_hf(lora_run, demo_data, smollm
     modelfile = read_modelfile(result.modelfile)
     assert result.modelfile.endswith("model-f16.Modelfile") and modelfile["from"] == "./model-f16.gguf"
     assert modelfile["system"].startswith("You are a helpful AI assistant")
+
+
+def test_a_users_gguf_file_is_read_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    import shutil
+
+    from tunesmith.config import ModelConfig
+    from tunesmith.gguf_import import packaged_gguf_path, user_gguf_folder
+    from tunesmith.models import resolve_model_path
+
+    gguf = tmp_path / "my model.gguf"  # a space in the name, as users' files have
+    shutil.copyfile(packaged_gguf_path(SMOLLM2), gguf)
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
+    first = Path(resolve_model_path(ModelConfig(name_or_path=str(gguf))))
+    assert first.parent == tmp_path / "home" / "models" / "gguf"
+    assert json.loads((first / "config.json").read_text())["num_hidden_layers"] == 30
+    assert json.loads((first / RECORD_NAME).read_text())["sha256"] == SMOLLM2.sha256
+    built = (first / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_path(ModelConfig(name_or_path=str(gguf))) == str(first)  # not read again
+    assert (first / "model.safetensors").stat().st_mtime_ns == built
+    os.utime(gguf, ns=(1, 1))  # the file changed, as far as anyone can tell without reading it
+    changed, _ = user_gguf_folder(gguf, tmp_path / "home" / "models")
+    assert changed != first and not changed.exists()  # the next resolve builds it anew
+
+
+def test_a_gguf_that_is_not_one_or_not_there_is_one_clear_error(tmp_path):
+    from tunesmith.config import ModelConfig
+    from tunesmith.errors import UserError
+    from tunesmith.gguf_import import ensure_user_gguf
+    from tunesmith.models import resolve_model_path
+
+    with pytest.raises(UserError, match="no such GGUF file"):
+        resolve_model_path(ModelConfig(name_or_path=str(tmp_path / "missing.gguf")))
+    bad = tmp_path / "notes.gguf"
+    bad.write_bytes(b"this is not a GGUF file" * 100)
+    with pytest.raises(UserError, match="transformers cannot read this GGUF") as err:
+        ensure_user_gguf(bad, tmp_path / "home")
+    assert err.value.hint and "Hugging Face folder" in err.value.hint
+    assert not list((tmp_path / "home" / "gguf").glob("notes-*/config.json"))  # nothing half-built in place

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 PERIOD_S = 20.0
@@ -24,21 +24,24 @@ class _Task:
     total: float | None
     completed: float
     fields: dict[str, Any]
-    started: float = field(default_factory=time.monotonic)
-    printed: float = field(default_factory=time.monotonic)
+    started: float
+    printed: float
+    initial: float = 0.0
+    """The count it started from (a resumed run starts at its checkpoint's step): the rate counts from here."""
     finished: bool = False
 
 
 class LineProgress:
     """rich ``Progress``'s calls, printed as lines (see the module docstring)."""
 
-    def __init__(self, console: Any, period_s: float = PERIOD_S) -> None:
+    def __init__(self, console: Any, period_s: float = PERIOD_S, clock: Any = time.monotonic) -> None:
         self.console = console
         self.period_s = period_s
+        self.clock = clock
         self._tasks: dict[int, _Task] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._tick, name="tunesmith-progress", daemon=True)
+        self._thread = threading.Thread(target=self._run_timer, name="tunesmith-progress", daemon=True)
 
     def __enter__(self) -> LineProgress:
         self._thread.start()
@@ -46,7 +49,8 @@ class LineProgress:
 
     def __exit__(self, exc_type: object = None, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=2 * self.period_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout=2 * self.period_s)
         with self._lock:
             for task in self._tasks.values():
                 if not task.finished:
@@ -56,7 +60,8 @@ class LineProgress:
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> int:
         with self._lock:
             task_id = len(self._tasks)
-            self._tasks[task_id] = task = _Task(description, total, completed, dict(fields))
+            now = self.clock()
+            self._tasks[task_id] = task = _Task(description, total, completed, dict(fields), now, now, completed)
             self._print(task, "started")
             return task_id
 
@@ -72,7 +77,7 @@ class LineProgress:
             if task.total is not None and task.completed >= task.total and not task.finished:
                 task.finished = True
                 self._print(task, "done")
-            elif time.monotonic() - task.printed >= self.period_s and not task.finished:
+            elif self.clock() - task.printed >= self.period_s and not task.finished:
                 self._print(task, None)
 
     def remove_task(self, task_id: int) -> None:
@@ -80,22 +85,27 @@ class LineProgress:
         with self._lock:
             self._tasks[task_id].finished = True
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
+        """A line for every running task that printed nothing for ``period_s`` (the timer thread calls it)."""
+        with self._lock:
+            for task in self._tasks.values():
+                if not task.finished and self.clock() - task.printed >= self.period_s:
+                    self._print(task, None)
+
+    def _run_timer(self) -> None:
         while not self._stop.wait(self.period_s / 4):
-            with self._lock:
-                for task in self._tasks.values():
-                    if not task.finished and time.monotonic() - task.printed >= self.period_s:
-                        self._print(task, None)
+            self.tick()
 
     def _print(self, task: _Task, state: str | None) -> None:
-        task.printed = now = time.monotonic()
+        task.printed = now = self.clock()
         elapsed = now - task.started
         parts = [task.description]
         if task.total:
             parts.append(f"{task.completed:,.0f}/{task.total:,.0f} ({task.completed / task.total:.0%})")
         parts.append(f"{_duration(elapsed)} elapsed")
-        if state is None and task.total and task.completed > 0:
-            remaining = elapsed * (task.total - task.completed) / task.completed
+        done_here = task.completed - task.initial
+        if state is None and task.total and done_here > 0:
+            remaining = elapsed * (task.total - task.completed) / done_here
             parts.append(f"~{_duration(remaining)} left")
         if state is not None:
             parts.append(state)

@@ -13,6 +13,7 @@ files do not match is rebuilt.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -73,24 +74,41 @@ def ensure_packaged(name: str, models_home: Path) -> Path:
 
 
 def ensure_user_gguf(gguf: Path, models_home: Path) -> Path:
-    """A user's GGUF as a HF folder under ``models_home/gguf/`` (one folder per file content)."""
-    digest = file_sha256(gguf)
-    return ensure_imported(gguf, models_home / "gguf" / f"{gguf.stem}-{digest[:12]}", expected_sha256=digest)
+    """A user's GGUF as a HF folder under ``models_home/gguf/``: one folder per file (its real path, size and
+    modification time name it, so a resolve reads no weights), rebuilt when the file changes. The folder records
+    the content's sha256."""
+    folder, identity = user_gguf_folder(gguf, models_home)
+    return ensure_imported(gguf, folder, expected_sha256=None, identity=identity)
 
 
-def ensure_imported(gguf: Path, out: Path, *, expected_sha256: str) -> Path:
-    """``out`` as a HF folder built from ``gguf``; rebuilt when missing, incomplete, corrupt or from another file."""
-    if _intact(out, expected_sha256):
+def user_gguf_folder(gguf: Path, models_home: Path) -> tuple[Path, str]:
+    """The folder for ``gguf`` as the file is now, and the identity (real path, size, modification time) naming it."""
+    stat = gguf.stat()
+    identity = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return models_home / "gguf" / f"{gguf.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}", identity
+
+
+def ensure_imported(gguf: Path, out: Path, *, expected_sha256: str | None, identity: str | None = None) -> Path:
+    """``out`` as a HF folder built from ``gguf``; rebuilt when missing, incomplete, corrupt or from another file.
+    ``expected_sha256``: the content the file must have (a packaged model), None for a user's own file. Builds are
+    serialised by a lock file beside ``out``: processes started together (the ranks of ``--gpus N``, two runs)
+    build once, and the others wait and reuse the folder."""
+    if _intact(out, expected_sha256, identity):
         return out
-    digest = file_sha256(gguf)
-    if digest != expected_sha256:
-        raise UserError(f"{gguf}: sha256 {digest[:16]}… differs from the expected {expected_sha256[:16]}…: the file "
-                        "is damaged or another version", hint="reinstall the package that ships it")
-    build_from_gguf(gguf, out, sha256=digest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _intact(out, expected_sha256, identity):  # built by another process while this one waited
+            return out
+        digest = file_sha256(gguf)
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise UserError(f"{gguf}: sha256 {digest[:16]}… differs from the expected {expected_sha256[:16]}…: the "
+                            "file is damaged or another version", hint="reinstall the package that ships it")
+        build_from_gguf(gguf, out, sha256=digest, identity=identity)
     return out
 
 
-def build_from_gguf(gguf: Path, out: Path, *, sha256: str) -> Path:
+def build_from_gguf(gguf: Path, out: Path, *, sha256: str, identity: str | None = None) -> Path:
     """Dequantise ``gguf`` into a plain HF folder at ``out`` (written beside it, then renamed)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -98,12 +116,13 @@ def build_from_gguf(gguf: Path, out: Path, *, sha256: str) -> Path:
     folder, name = str(gguf.parent), gguf.name
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError) as exc:
-        raise UserError(f"{gguf}: transformers cannot read this GGUF ({str(exc).splitlines()[0]})",
-                        hint="use a GGUF of an architecture transformers can dequantise (Llama, Mistral, Qwen2, "
-                             "Gemma, Phi-3, …) or the original Hugging Face folder") from None
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, KeyError, NotImplementedError, OSError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{gguf}: transformers cannot read this GGUF ({first})",
+                        hint="use a single-file GGUF of an architecture transformers can dequantise (Llama, "
+                             "Mistral, Qwen2, Gemma, Phi-3, …) or the original Hugging Face folder") from None
     # The loaded model carries a GGUF quantization config that save_pretrained refuses: copy its (dequantised)
     # weights into a plain model built from the same config without it.
     config_dict = config.to_dict()
@@ -117,12 +136,12 @@ def build_from_gguf(gguf: Path, out: Path, *, sha256: str) -> Path:
         plain.tie_weights()
     del loaded
     plain.generation_config = _generation_config(tokenizer, plain.config)
+    for stale in out.parent.glob(f".{out.name}.tmp*"):  # left by a build that was killed (the lock is held)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    record = {"gguf": gguf.name, "sha256": sha256, "files": _file_sizes(tmp)}
+    record = {"gguf": gguf.name, "sha256": sha256, "identity": identity, "files": _file_sizes(tmp)}
     (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -162,13 +181,15 @@ def _file_sizes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != RECORD_NAME}
 
 
-def _intact(out: Path, sha256: str) -> bool:
-    """The folder was completely built from this GGUF and no file was since truncated or removed."""
+def _intact(out: Path, sha256: str | None, identity: str | None = None) -> bool:
+    """The folder was completely built from this GGUF (this content, or this file as it is now) and no file was
+    since truncated or removed."""
     try:
         record = json.loads((out / RECORD_NAME).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    if record.get("sha256") != sha256:
+    if (sha256 is not None and record.get("sha256") != sha256) or \
+            (identity is not None and record.get("identity") != identity):
         return False
     try:
         return _file_sizes(out) == record.get("files")

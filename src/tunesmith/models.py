@@ -30,7 +30,10 @@ def resolve_model_path(cfg: ModelConfig) -> str:
 
         return str(ensure_named_model(name.removeprefix("local:")))
     path = Path(name).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    if path.suffix.lower() == ".gguf" and not path.is_file():
+        raise UserError(f"model.name_or_path: {name}: no such GGUF file",
+                        hint="check the path (relative paths start from the current folder)")
+    if path.suffix.lower() == ".gguf":
         from .gguf_import import ensure_user_gguf
         from .local_model import models_home
 

@@ -231,14 +231,20 @@ def _training(arch: Architecture, method: str, stats: DatasetStats | None, lengt
 
 
 def _cpu_training(arch: Architecture, method: str, tokens: int, epochs: float, cpu: catalog.Gpu) -> TrainingEstimate:
-    """The estimate `tunesmith train` prints before a CPU run (train/eta.py), so advise and train agree."""
-    from ..train import eta
+    """The estimate `tunesmith train` prints before a CPU run (train/eta.py), so advise and train agree: the same
+    FLOPs per token (with the CPU's checkpointing default: only QLoRA recomputes), the same calibration."""
+    import torch
 
-    run = eta.estimate(round(tokens * epochs), arch.total_params, method, 1.0, "cpu", cpu.bf16_tflops * 1e12)
+    from ..config import TrainConfig
+    from ..train import eta
+    from ..train.model import checkpointing_on
+
+    recomputed = 1.0 if checkpointing_on(TrainConfig(method=method), torch.device("cpu")) else 0.0
+    run = eta.estimate(round(tokens * epochs), arch.total_params, method, recomputed, "cpu", cpu.bf16_tflops * 1e12)
+    rate = cpu.bf16_tflops * 1e12 * eta.EFFICIENCY["cpu"] / run.flops_per_token
     return TrainingEstimate(method=method, tokens=tokens, epochs=epochs, flops_per_token=run.flops_per_token,
-                            mfu=eta.EFFICIENCY["cpu"], padding_efficiency=1.0,
-                            tokens_per_s=round(run.tokens / run.seconds, 1), hours=round(run.seconds / 3600, 3),
-                            gpu_hours=0.0, cost_usd=0.0,
+                            mfu=eta.EFFICIENCY["cpu"], padding_efficiency=1.0, tokens_per_s=round(rate, 1),
+                            hours=round(run.seconds / 3600, 3), gpu_hours=0.0, cost_usd=0.0,
                             calibration="this CPU's measured fp32 matmul rate × the share training sustains "
                                         "(train/eta.py)")
 
@@ -334,9 +340,10 @@ def _cpu_notes(decision: Decision, arch: Architecture, training: TrainingEstimat
     notes = ["On a CPU, serve a GGUF with llama.cpp or Ollama (`tunesmith export --format gguf`, then "
              "`tunesmith serve`): vLLM needs a GPU."]
     if training is not None and training.hours > 0.5:
+        smaller = "" if arch.total_params < 2e8 else (" — local:smollm2-135m-instruct (135M, ships offline) "
+                                                     "trains ~180 tokens/s on 2 cores")
         notes.append(f"{training.hours:.1f} h on this CPU for {arch.name} ({parameter_count(arch.total_params)}): "
-                     "fewer examples or epochs, or a smaller model — local:smollm2-135m-instruct (135M, ships "
-                     "offline) trains ~150 tokens/s on 2 cores — or a GPU.")
+                     f"train on fewer examples or epochs, or a smaller model{smaller}, or use a GPU.")
     return notes
 
 

@@ -178,7 +178,7 @@ def this_cpu() -> Gpu:
 
     from ..train.eta import measure_matmul_flops
 
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     rate = measure_matmul_flops(torch.device("cpu"), torch.float32) / 1e12
     return Gpu(f"{CPU} ({cores} cores)", round(memory * 2**30 / 1e9, 1), round(memory, 1), rate, 0.0, bf16=False)

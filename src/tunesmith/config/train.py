@@ -59,7 +59,7 @@ class TrainConfig(Section):
     4-bit NF4 base (``qlora``)."""
 
     preset: Literal["conservative", "recommended", "aggressive"] | None = None
-    """The guide's LoRA guide: sets r, alpha, targets and learning rate unless those are given explicitly."""
+    """The guide's LoRA table: sets r, alpha, targets and learning rate unless those are given explicitly."""
 
     dataset: str | None = None
     """A prepared folder (``tunesmith data prepare``: its train.jsonl / eval.jsonl) or one chat JSONL file.

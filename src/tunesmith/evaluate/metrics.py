@@ -88,8 +88,8 @@ def regex_match(prediction: str, expected: str, pattern: re.Pattern[str], group:
 
 # --- JSON ---------------------------------------------------------------------------------------------------------
 
-_FENCE = re.compile(r"```[ \t]*[a-zA-Z0-9_+.-]*[ \t]*\n(.*?)(?:\n[ \t]*)?```", re.DOTALL)
-_OPEN_FENCE = re.compile(r"```[ \t]*[a-zA-Z0-9_+.-]*[ \t]*\n(.*)\Z", re.DOTALL)
+_FENCE = re.compile(r"```[^\n`]*\r?\n(.*?)(?:\r?\n[ \t]*)?```", re.DOTALL)
+_OPEN_FENCE = re.compile(r"```[^\n`]*\r?\n(.*)\Z", re.DOTALL)
 
 
 def strip_code_fence(text: str) -> str:
@@ -98,8 +98,11 @@ def strip_code_fence(text: str) -> str:
     Chat models wrap SQL and JSON in code blocks and often say something around them ("Here is the query:
     ```sql … ``` It returns …"): the block is the answer. A block left open (the answer was cut at
     ``max_new_tokens``) counts from its opening line to the end."""
-    fenced = _FENCE.search(text) or _OPEN_FENCE.search(text)
-    return fenced.group(1).strip() if fenced else text.strip()
+    fenced = _FENCE.search(text)
+    if fenced:
+        return fenced.group(1).strip()
+    opened = _OPEN_FENCE.search(text)
+    return opened.group(1).rstrip("`").strip() if opened else text.strip()  # cut inside its closing fence
 
 
 def parse_json(text: str) -> tuple[Any, str | None]:

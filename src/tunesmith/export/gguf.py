@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import RunError, UserError
 from .converter import find_converter, llama_cpp_version
-from .ollama import match_template, write_modelfile
+from .ollama import match_template, system_fits_modelfile, write_modelfile
 from .samples import conversations_for, prompt_part, trained_in
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -141,6 +141,10 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
     if match.family is None:
         warnings.append("the chat template matched no known family: the Modelfile has no TEMPLATE; check "
                         "`ollama show NAME --template` against the training template")
+    if match.default_system is not None and not system_fits_modelfile(match.default_system):
+        warnings.append("the chat template's default system message cannot be written in a Modelfile (it holds "
+                        "three quotes in a row or ends with one): the Modelfile has no SYSTEM; requests without a "
+                        "system message get none")
     if match.unsupported_roles:
         warnings.append(f"the chat template refuses {', '.join(match.unsupported_roles)} messages; Ollama would "
                         "still render them")
@@ -150,16 +154,24 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
         convs = conversations or conversations_for(trained_in(source), limit=8)
         check = _check(source, target, tokenizer, convs, max_new_tokens, n_threads)
         if quant == "f32" and not check.all_identical:
+            failed = target.with_name(target.name + ".failed")
+            os.replace(target, failed)  # not left where a user or the Modelfile would pick it up
+            modelfile.unlink()
+            record = {"stage": "export", "format": "gguf", "source": str(source), "quant": quant, "failed": True,
+                      "check": asdict(check), "llama_cpp_version": version}
+            report = out / f"model-{quant}.export.json"
+            report.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
             raise RunError(f"{target}: llama.cpp's greedy output differs from the HF model in f32 "
-                           f"({check.identical}/{check.num_prompts} prompts identical): the conversion is wrong",
-                           hint=f"report it with {target.stem}.export.json, written beside the GGUF")
+                           f"({check.identical}/{check.num_prompts} prompts identical): the conversion is wrong; "
+                           f"the file was moved to {failed}", hint=f"report it with {report}")
         if quant in FLOAT_TYPES and not check.all_identical:
             warnings.append(f"{quant}: {check.num_prompts - check.identical} of {check.num_prompts} greedy "
                             "continuations differ from the HF model (16-bit rounding on near-tied tokens)")
         if quant not in FLOAT_TYPES and check.agreement < QUANT_AGREEMENT_WARNING:
             larger = "q8_0 or f16" if quant != "q8_0" else "f16"
-            warnings.append(f"{quant}: llama.cpp's greedy output agrees with the HF model on {check.agreement:.0%} of "
-                            f"tokens over {check.num_prompts} prompts (below {QUANT_AGREEMENT_WARNING:.0%}): this "
+            warnings.append(f"{quant}: llama.cpp's greedy output follows the HF model's for {check.agreement:.0%} of "
+                            f"each answer before they part (mean over {check.num_prompts} prompts; below "
+                            f"{QUANT_AGREEMENT_WARNING:.0%}): this "
                             f"quantisation changes what the model says; use {larger}, or score this GGUF with "
                             "`tunesmith eval --model` before serving it")
         if check.tokenization_agreement < 1.0:

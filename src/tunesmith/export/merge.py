@@ -1,9 +1,9 @@
 """Merge a LoRA / QLoRA adapter into its base model and prove the merged model computes what the adapter did.
 
-The base loads in the dtype its weights are stored in (``torch_dtype`` of its config.json: bf16 for most hub
+The base loads in the dtype its weights are stored in (``dtype`` of its config.json: bf16 for most hub
 checkpoints, fp32 for SmolLM2 as tunesmith imports it) on the CPU, unless ``dtype`` asks for another; a QLoRA
 adapter goes into that full-precision base too, never into 4-bit weights (rounding the merged weights to NF4 would
-change the model that was evaluated). A merge narrower than the base (bf16 of an fp32 base) rounds what was trained:
+change the model that was evaluated). A merge into another 16-bit dtype (bf16 of an fp32 base) rounds what was trained:
 it is measured against base + adapter in the base's own dtype and reported as a warning with its numbers.
 
 Parity: the logits of the merged folder, reloaded by plain transformers, against the logits of base + adapter
@@ -71,18 +71,19 @@ class MergeResult:
     base: str
     adapter: str
     method: str
-    """``lora`` or ``qlora`` (from the run's manifest or the adapter; a QLoRA adapter is merged into the bf16 base)."""
+    """``lora`` or ``qlora`` (from the run's manifest or the adapter; a QLoRA adapter is merged into the
+    full-precision base)."""
     dtype: str
     parity: Parity
     base_dtype: str = ""
     """The dtype the base's weights are stored in; ``dtype`` follows it unless the user chose another."""
     precision_loss: dict[str, float] | None = None
-    """Only when ``dtype`` is narrower than ``base_dtype``: the merged model against base + adapter in the base's
-    dtype — ``max_abs_diff`` and ``top1_agreement``: what the narrower weights change in what was trained."""
+    """Only when ``dtype`` loses what ``base_dtype`` holds: the merged model against base + adapter in the base's
+    dtype — ``max_abs_diff`` and ``top1_agreement``: what the rounded weights change in what was trained."""
     quantized_base_drift: dict[str, float] | None = None
     """QLoRA only: merged model vs the 4-bit base + adapter that training (and any eval on it) used —
-    ``max_abs_diff`` and ``top1_agreement``. Information, not a check: the bf16 merge removes the NF4 rounding of
-    the base weights, so this is the quantization error the adapter was trained around."""
+    ``max_abs_diff`` and ``top1_agreement``. Information, not a check: the full-precision merge removes the NF4
+    rounding of the base weights, so this is the quantization error the adapter was trained around."""
     warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,9 +147,9 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
     parity = _compare(got, reference, bare, relative)
     loss = None
     warnings = list(_base_mismatch(adapter_dir, base_name))
-    if _narrower(dtype, base_dtype):
+    if _lossy(dtype, base_dtype):
         loss = _precision_loss(base_name, settings, adapter_dir, batches, got, getattr(torch, base_dtype))
-        warnings.append(f"merged in {dtype}, narrower than the base's {base_dtype}: against base + adapter in "
+        warnings.append(f"merged in {dtype}, not in the base's own {base_dtype}: against base + adapter in "
                         f"{base_dtype}, max |Δlogit| {loss['max_abs_diff']:.3g} and top-1 agreement "
                         f"{loss['top1_agreement']:.1%} over {parity.num_tokens} tokens — merge without --dtype to "
                         f"keep {base_dtype}")
@@ -156,7 +157,8 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is not None:
         drift = _quantized_base_drift(base_name, settings, adapter_dir, batches, got, torch_dtype,
                                       _find(manifest_of(run), "quant", dict))
-    result = MergeResult(out_dir=str(out), base=base_name, adapter=str(adapter_dir), method=method, dtype=dtype,
+    result = MergeResult(out_dir=str(out), base=base_name, adapter=str(adapter_dir.resolve()), method=method,
+                         dtype=dtype,
                          parity=parity, base_dtype=base_dtype, precision_loss=loss, quantized_base_drift=drift,
                          warnings=tuple(warnings))
     _write_manifest(staging, result)
@@ -259,13 +261,15 @@ def stored_dtype(base_name: str, settings: dict[str, Any]) -> str:
     from ..models import load_model_config
 
     config = load_model_config(ModelConfig(**{**settings, "name_or_path": base_name}))
-    recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    recorded = config.dtype
     name = str(recorded).removeprefix("torch.") if recorded is not None else "float32"
     return name if name in DTYPES else "float32"
 
 
-def _narrower(dtype: str, base_dtype: str) -> bool:
-    return base_dtype == "float32" and dtype != "float32"
+def _lossy(dtype: str, base_dtype: str) -> bool:
+    """The merged weights lose what the base's dtype holds: any 16-bit target but the base's own (bf16 of an fp32 or
+    fp16 base loses mantissa; fp16 of a bf16 base loses range)."""
+    return dtype != base_dtype and dtype != "float32"
 
 
 def _precision_loss(base_name: str, settings: dict[str, Any], adapter_dir: Path, batches: list[list[int]],

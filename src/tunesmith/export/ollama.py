@@ -121,15 +121,18 @@ def write_modelfile(path: str | Path, gguf_name: str, match: TemplateMatch) -> P
         if '"""' in match.template:
             raise ValueError('template contains """')
         lines.append(f'TEMPLATE """{match.template}"""')
-    if match.default_system is not None:
-        if '"""' in match.default_system:
-            raise ValueError('default system message contains """')
+    if match.default_system is not None and system_fits_modelfile(match.default_system):
         lines.append("# The chat template's own default system message, used when a request brings none:")
         lines.append(f'SYSTEM """{match.default_system}"""')
     for stop in match.stops:
         lines.append(f'PARAMETER stop "{_quote(stop)}"')
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
+
+
+def system_fits_modelfile(text: str) -> bool:
+    """A Modelfile's ``SYSTEM \"\"\"…\"\"\"`` cannot hold three quotes in a row or end with a quote."""
+    return '"""' not in text and not text.endswith('"')
 
 
 def read_modelfile(path: str | Path) -> dict[str, Any]:

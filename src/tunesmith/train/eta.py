@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 CPU_WARN_S = 30 * 60
@@ -33,6 +33,10 @@ class Eta:
     """The measured matrix-multiply rate on this device, in the run's weight dtype (FLOP/s)."""
     seconds: float
     device: str
+
+    def remaining(self, fraction: float) -> Eta:
+        """The estimate for the part of the run still to do (a resumed run)."""
+        return replace(self, tokens=round(self.tokens * fraction), seconds=self.seconds * fraction)
 
     def message(self) -> str:
         return (f"{self.tokens:,} tokens to train on; estimated {_duration(self.seconds)} on this {self.device} "

@@ -33,7 +33,7 @@ from . import checkpoint
 from .batching import epoch_order, micro_batches, step_groups
 from .dataset import TokenizedSplit, read_records, split_paths, tokenize_split
 from .distributed import Processes, barrier, full_state_dict, init_processes, max_all, set_gradient_sync, sum_all
-from .eta import cpu_warning, estimate, measure_matmul_flops, planned_tokens
+from .eta import Eta, cpu_warning, estimate, measure_matmul_flops, planned_tokens
 from .kernels import attention_implementation
 from .loss import fused_head_supported, loss_sum
 from .model import (
@@ -64,6 +64,8 @@ class TrainResult:
     total_params: int
     artefact: str
     data: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    """What the run warned about as it went (a long CPU run, a shrunk micro-batch): the report lists them."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,12 +114,12 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
     if plan.embeddings_on_cpu:
         embeddings_to(model, "cpu")
     trainable, total = count_parameters(model)
-    _announce_eta(train_split, tcfg, plan, total, device, precision, procs.world, emit)
+    eta = _estimate(train_split, tcfg, plan, total, device, precision, procs.world) if procs.main else None
 
     task_eval = _task_eval(config, tokenizer, eval_file) if eval_file and tcfg.task_eval_samples else None
     history = fit(model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                   train_split.examples, eval_split.examples if eval_split else [], tcfg, out, device, precision,
-                  packed, resume, fingerprint, emit, procs, task_eval)
+                  packed, resume, fingerprint, emit, procs, task_eval, eta=eta)
 
     artefact = _save_final(model, tokenizer, tcfg.method, out, precision, procs)
     if not procs.main:
@@ -129,7 +131,7 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
             "eval": {**eval_split.stats, "file": str(eval_file)} if eval_split else None}
     result = TrainResult(str(out), tcfg.method, history["steps"], history["epochs"], history["train_loss"],
                          history["eval_loss"], history["eval_token_accuracy"], history["tokens_per_s"],
-                         trainable, total, str(artefact), data)
+                         trainable, total, str(artefact), data, tuple(history["warnings"]))
     write_manifest(out, {
         "stage": "train", "config": config.model_dump(mode="json"), "config_yaml": dump_config(config),
         "base_model": config.model.name_or_path, "base_model_path": model_path,
@@ -145,29 +147,36 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
 METRICS = "metrics.jsonl"
 
 
-def _announce_eta(split: TokenizedSplit, tcfg: TrainConfig, plan: TrainPlan, parameters: int,
-                  device: torch.device, precision: Precision, world: int, emit: Event) -> None:
-    """The planned token count and a duration estimate, before the first step (``eta``); a warning on a CPU when
-    it is long, with what to change."""
+def _estimate(split: TokenizedSplit, tcfg: TrainConfig, plan: TrainPlan, parameters: int, device: torch.device,
+              precision: Precision, world: int) -> Eta:
+    """The whole run's token count and duration, from the matmul rate measured now in the dtype the layers compute
+    in (bf16 under autocast, else the weights' dtype)."""
     tokens = planned_tokens(split.stats["tokens"], split.stats["examples"],
                             tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps * world,
                             tcfg.num_train_epochs, tcfg.max_steps)
     recomputed = 1.0 if plan.checkpointed_layers is None else plan.checkpointed_layers / max(plan.layers, 1)
-    eta = estimate(tokens // world, parameters, tcfg.method, recomputed, device.type,
-                   measure_matmul_flops(device, precision.weights))
+    return estimate(tokens // world, parameters, tcfg.method, recomputed, device.type,
+                    measure_matmul_flops(device, precision.autocast or precision.weights))
+
+
+def _announce(eta: Eta, emit: Event) -> list[str]:
+    """The estimate as an event before the first step (of what is left, after a resume); on a CPU a long run is
+    also a warning with what to change. Returns the warnings for the run's result."""
     emit({"event": "eta", "message": eta.message(), "tokens": eta.tokens, "seconds": eta.seconds})
     warning = cpu_warning(eta)
     if warning:
         emit({"event": "warning", "message": warning})
+    return [warning] if warning else []
 
 
 def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examples: list[TokenizedChat],
         tcfg: TrainConfig, out: Path, device: torch.device, precision: Precision, packed: bool,
         resume: bool = False, fingerprint: str = "", emit: Event = lambda _e: None,
         procs: Processes | None = None, task_eval: Callable[[Any], dict[str, float]] | None = None,
-        fused_loss: bool | None = None, loss_kernel: bool = True) -> dict[str, Any]:
+        fused_loss: bool | None = None, loss_kernel: bool = True, eta: Eta | None = None) -> dict[str, Any]:
     """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand.
-    ``fused_loss`` / ``loss_kernel`` force the loss path (None: fused where the head allows; benchmarks ablate)."""
+    ``fused_loss`` / ``loss_kernel`` force the loss path (None: fused where the head allows; benchmarks ablate).
+    ``eta``: the whole run's estimate, announced for the steps left once a resume has found its step."""
     procs = procs or Processes(0, 1, 0, device)
     world = procs.world
     per_step = tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps
@@ -193,6 +202,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
         _truncate_metrics(out / METRICS, step)
     log = (lambda rec: _append(out / METRICS, rec)) if procs.main else (lambda _rec: None)
 
+    warnings = _announce(eta.remaining(1 - step / total_steps), emit) if eta is not None else []
     micro_size = tcfg.per_device_train_batch_size
     stop = _SignalFlag()
     emit({"event": "start", "total_steps": total_steps, "start_step": step, "steps_per_epoch": steps_per_epoch,
@@ -218,8 +228,8 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
                     if tcfg.on_oom != "shrink" or micro_size == 1 or procs.distributed:
                         raise _oom_error(model, tcfg, micro_size, device) from None
                     micro_size //= 2  # same sequences in the step, smaller micro-batches: same optimisation
-                    emit({"event": "warning", "message": f"out of memory at step {step + 1}: retrying with "
-                                                         f"micro-batches of {micro_size}"})
+                    warnings.append(f"out of memory at step {step + 1}: retried with micro-batches of {micro_size}")
+                    emit({"event": "warning", "message": warnings[-1]})
             grad_norm = _clip(params, tcfg.max_grad_norm)
             if not math.isfinite(grad_norm):
                 raise _nan_error(step + 1, "gradient norm", ckpt_root)
@@ -264,7 +274,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
     elapsed = time.perf_counter() - run_start
     return {"steps": step, "epochs": round(step / steps_per_epoch, 4), "train_loss": last_loss,
             "eval_loss": eval_metrics.get("eval_loss"), "eval_token_accuracy": eval_metrics.get("eval_token_accuracy"),
-            "tokens_per_s": total_tokens / max(elapsed, 1e-9)}
+            "tokens_per_s": total_tokens / max(elapsed, 1e-9), "warnings": warnings}
 
 
 def _row_tokens(tcfg: TrainConfig, micro_size: int) -> int | None:
