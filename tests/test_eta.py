@@ -35,3 +35,15 @@ def test_a_long_cpu_run_is_a_warning_with_what_to_change_and_a_short_one_is_not(
     assert eta.cpu_warning(eta.estimate(60_000, 135_000_000, "lora", 1.0, "cpu", 150e9)) is None
     assert eta.cpu_warning(eta.estimate(3_000_000_000, 8e9, "lora", 1.0, "cuda", 700e12)) is None
     assert "tokens to train on" in long.message()
+
+
+def test_the_run_announces_its_estimate_and_keeps_the_cpu_warning_for_its_result():
+    from tunesmith.train.loop import _announce
+
+    events = []
+    long = eta.estimate(3_000_000, 135_000_000, "lora", 0.0, "cpu", 150e9)
+    warnings = _announce(long.remaining(0.5), events.append)  # resumed half-way: half is left
+    assert [e["event"] for e in events] == ["eta", "warning"]
+    assert events[0]["tokens"] == 1_500_000 and events[0]["seconds"] == long.seconds / 2
+    assert warnings == [events[1]["message"]]
+    assert _announce(eta.estimate(60_000, 135_000_000, "lora", 0.0, "cpu", 150e9), events.append) == []
