@@ -234,3 +234,24 @@ def test_a_gguf_that_is_not_one_or_not_there_is_one_clear_error(tmp_path):
         ensure_user_gguf(bad, tmp_path / "home")
     assert err.value.hint and "Hugging Face folder" in err.value.hint
     assert not list((tmp_path / "home" / "gguf").glob("notes-*/config.json"))  # nothing half-built in place
+
+
+def test_a_gguf_of_an_architecture_transformers_cannot_read_names_it(tmp_path):
+    import gguf
+    import numpy as np
+
+    from tunesmith.errors import UserError
+    from tunesmith.gguf_import import ensure_user_gguf
+
+    path = tmp_path / "rwkv.gguf"
+    writer = gguf.GGUFWriter(str(path), "rwkv6")
+    writer.add_block_count(1)
+    writer.add_context_length(16)
+    writer.add_embedding_length(8)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match="architecture rwkv6 is not supported"):
+        ensure_user_gguf(path, tmp_path / "home")
