@@ -178,7 +178,10 @@ def test_exact_match_compares_the_whole_answer_and_never_extracts_a_block():
 def test_sql_with_different_rows_is_wrong(shop_db):
     verdict = score("sql_execution", "SELECT name FROM customers WHERE city = 'Lyon'",
                     "SELECT name FROM customers WHERE city = 'Paris'", database=str(shop_db))
-    assert not verdict.correct and "different results" in verdict.reason
+    assert not verdict.correct and verdict.reason == "different results: 1 rows vs 2 expected"
+    same_count = score("sql_execution", "SELECT name FROM customers WHERE city = 'Rome'",
+                       "SELECT name FROM customers WHERE city = 'Lyon'", database=str(shop_db))
+    assert same_count.reason == "different results: 1 rows, as expected, but with other values"
 
 
 def test_sql_row_order_matters_only_when_the_expected_query_has_order_by(shop_db):

@@ -111,3 +111,18 @@ def test_warnings_of_any_stage_are_shown_first_in_both_reports(tmp_path):
     assert "<b>export</b>: q4_0: agrees on 44% of tokens" in page
     markdown = Path(result.markdown).read_text()
     assert "- **export**: q4_0: agrees on 44% of tokens" in markdown
+
+
+def test_the_tuned_models_remaining_mistakes_are_listed_with_their_reasons():
+    from tunesmith.report import _misses
+
+    def row(prompt, correct, reason=""):
+        return {"input": prompt, "expected": "SELECT 1;", "prediction": "SELECT 2;",
+                "verdicts": {"sql_execution": {"correct": correct, "reason": reason}}}
+
+    view = {"examples": {3: row("third", False, "different results: 1 rows, as expected, but with other values"),
+                         1: row("first", True), 2: row("second", False, "predicted query failed: no such table")}}
+    misses, count = _misses(view, limit=1)
+    assert count == 2 and [m.prompt for m in misses] == ["second"]  # eval-file order, only the wrong ones
+    assert misses[0].reason == "sql_execution: predicted query failed: no such table"
+    assert _misses(None) == ([], 0)

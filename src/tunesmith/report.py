@@ -52,6 +52,16 @@ class Flip:
 
 
 @dataclass(frozen=True)
+class Miss:
+    """An eval example the tuned model still gets wrong, with the metric's reason."""
+
+    prompt: str
+    expected: str
+    prediction: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class ReportData:
     title: str
     stages: list[dict[str, Any]]
@@ -67,6 +77,9 @@ class ReportData:
     config_yaml: str
     versions: dict[str, str]
     warnings: list[tuple[str, str]] = field(default_factory=list)
+    misses: list[Miss] = field(default_factory=list)
+    """The first examples the tuned model (else the base) still gets wrong."""
+    miss_count: int = 0
     """(stage, message) for every warning a stage's result carries (a lossy merge, a GGUF that drifts …)."""
 
 
@@ -105,7 +118,7 @@ def collect(run: Path) -> ReportData:
     title = f"tunesmith run — {config.get('model', {}).get('name_or_path', '?')}"
     return ReportData(title, stages, _data_view(records), _train_view(train), curves, metrics, num_eval, flips,
                       flip_counts, _artefacts(records), yaml.safe_dump(config, sort_keys=False), versions(),
-                      stage_warnings(records))
+                      stage_warnings(records), *_misses(tuned_eval or base_eval))
 
 
 def stage_warnings(records: dict[str, Any]) -> list[tuple[str, str]]:
@@ -244,6 +257,20 @@ def _flips(base: dict[str, Any] | None, tuned: dict[str, Any] | None, limit: int
         out.append(Flip(str(t.get("input", "")), str(t.get("expected", "")), str(b.get("prediction", "")),
                         str(t.get("prediction", "")), direction))
     return out
+
+
+def _misses(view: dict[str, Any] | None, limit: int = 8) -> tuple[list[Miss], int]:
+    """The first ``limit`` wrong answers of a model's eval (by eval-file line), and how many there are."""
+    if not view:
+        return [], 0
+    wrong = [row for _, row in sorted(view["examples"].items()) if not _correct(row)]
+    misses = []
+    for row in wrong[:limit]:
+        reasons = [f"{name}: {v.get('reason', '')}" for name, v in (row.get("verdicts") or {}).items()
+                   if not v.get("correct")]
+        misses.append(Miss(str(row.get("input", "")), str(row.get("expected", "")), str(row.get("prediction", "")),
+                           "; ".join(reasons)))
+    return misses, len(wrong)
 
 
 def _artefacts(records: dict[str, Any]) -> list[dict[str, Any]]:
@@ -433,6 +460,14 @@ def render_html(d: ReportData, images: dict[str, bytes]) -> str:
                          "</td></tr>")
         parts.append("</table>")
 
+    if d.misses:
+        parts.append(f"<h3 id='misses'>Still wrong: {d.miss_count} of {d.num_eval or '?'}; the first shown</h3>"
+                     "<table><tr><th>question</th><th>expected</th><th>answer</th><th>why it is wrong</th></tr>")
+        for m in d.misses:
+            parts.append(f"<tr><td>{e(m.prompt)}</td><td><code>{e(m.expected)}</code></td>"
+                         f"<td><code>{e(_short(m.prediction))}</code></td><td>{e(m.reason)}</td></tr>")
+        parts.append("</table>")
+
     parts.append("<h2>Artefacts</h2>")
     if d.artefacts:
         parts.append("<table><tr><th>artefact</th><th>path</th><th>check</th></tr>")
@@ -484,6 +519,11 @@ def render_markdown(d: ReportData, image_names: list[str]) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| {f.direction} | {_md(f.prompt)} | `{_md(f.expected)}` | `{_md(_short(f.base))}` | "
                   f"`{_md(_short(f.tuned))}` |" for f in d.flips]
+    if d.misses:
+        lines += ["", f"### Still wrong: {d.miss_count} of {d.num_eval or '?'}", "",
+                  "| question | expected | answer | why it is wrong |", "|---|---|---|---|"]
+        lines += [f"| {_md(m.prompt)} | `{_md(m.expected)}` | `{_md(_short(m.prediction))}` | {_md(m.reason)} |"
+                  for m in d.misses]
     lines += ["", "## Artefacts", "", "| artefact | path | check |", "|---|---|---|"]
     lines += [f"| {a['name']} | `{a['path']}` | {_md(a['check'])} |" for a in d.artefacts]
     lines += ["", "## Resolved config", "", "```yaml", d.config_yaml.rstrip(), "```", "", "## Versions", "",

@@ -201,6 +201,10 @@ def sql_execution_match(prediction: str, expected: str, database: Path, timeout_
     same = got == want if ordered else Counter(got) == Counter(want)
     if same:
         return Verdict(1.0, f"same {len(got)} rows" + (" in the same order" if ordered else ""))
+    if len(got) == len(want):
+        detail = " in another order (it matters: the expected query has ORDER BY)" \
+            if ordered and Counter(got) == Counter(want) else " with other values"
+        return Verdict(0.0, f"different results: {len(got)} rows, as expected, but{detail}")
     return Verdict(0.0, f"different results: {len(got)} rows vs {len(want)} expected"
                         + (" (order matters: the expected query has ORDER BY)" if ordered else ""))
 
