@@ -10,23 +10,11 @@ import tarfile
 import pytest
 from transformers import AutoTokenizer
 
+from gguf_fixtures import needs_gguf
 from tunesmith.errors import UserError
 from tunesmith.export import converter
 from tunesmith.export.ollama import read_modelfile, render_go
 
-
-def _gguf_ready() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-
-        converter.find_converter()
-    except (ImportError, UserError):
-        return False
-    return True
-
-
-needs_gguf = pytest.mark.skipif(not _gguf_ready(),
-                                reason="llama-cpp-python or its converter is missing: `tunesmith setup-gguf`")
 pytestmark = pytest.mark.gguf
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gguf_fixtures import needs_gguf
 from tunesmith.chat import IGNORE_INDEX, tokenize_chat
 from tunesmith.config import load_config
 from tunesmith.gguf_import import RECORD_NAME, SMOLLM2
@@ -164,21 +165,8 @@ def test_the_ollama_template_renders_the_same_tokens_as_the_hf_template(smollm2_
         assert served == prompt_ids(tok, messages), messages
 
 
-def _gguf_ready() -> bool:
-    from tunesmith.errors import UserError
-    from tunesmith.export import converter
-
-    try:
-        import llama_cpp  # noqa: F401
-
-        converter.find_converter()
-    except (ImportError, UserError):
-        return False
-    return True
-
-
 @pytest.mark.gguf
-@pytest.mark.skipif(not _gguf_ready(), reason="llama-cpp-python or its converter is missing: `tunesmith setup-gguf`")
+@needs_gguf
 def test_f16_gguf_of_the_tuned_model_answers_like_hf(lora_run, demo_data, smollm2_tokenizer, tmp_path):
     from tunesmith.export import merge
     from tunesmith.export.gguf import to_gguf

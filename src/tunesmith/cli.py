@@ -298,7 +298,7 @@ class _Progress:
                         f"token accuracy {event['eval_token_accuracy']:.3f}")
         elif kind in ("checkpoint", "resumed"):
             self._print(f"{kind} at step {event['step']}: {event['path']}")
-        elif kind == "plan" or kind == "eta":
+        elif kind in ("plan", "eta"):
             self._print(f"plan: {event['message']}")
         elif kind == "model":
             self._finish("stage")

@@ -150,11 +150,17 @@ def build_from_gguf(gguf: Path, out: Path, *, sha256: str, identity: str | None 
 
 def imported_source(folder: Path) -> dict[str, Any] | None:
     """The GGUF a model folder was built from (file name and sha256), or None for any other folder."""
+    record = _record(folder)
+    return {"gguf": record.get("gguf"), "sha256": record.get("sha256")} if record is not None else None
+
+
+def _record(folder: Path) -> dict[str, Any] | None:
+    """The build record of a folder made here (written last), or None: not one, or not finished."""
     try:
         record = json.loads((folder / RECORD_NAME).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    return {"gguf": record.get("gguf"), "sha256": record.get("sha256")}
+    return record if isinstance(record, dict) else None
 
 
 def file_sha256(path: Path) -> str:
@@ -184,9 +190,8 @@ def _file_sizes(folder: Path) -> dict[str, int]:
 def _intact(out: Path, sha256: str | None, identity: str | None = None) -> bool:
     """The folder was completely built from this GGUF (this content, or this file as it is now) and no file was
     since truncated or removed."""
-    try:
-        record = json.loads((out / RECORD_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    record = _record(out)
+    if record is None:
         return False
     if (sha256 is not None and record.get("sha256") != sha256) or \
             (identity is not None and record.get("identity") != identity):

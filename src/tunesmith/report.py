@@ -77,10 +77,10 @@ class ReportData:
     config_yaml: str
     versions: dict[str, str]
     warnings: list[tuple[str, str]] = field(default_factory=list)
+    """(stage, message) for every warning a stage's result carries (a lossy merge, a GGUF that drifts …)."""
     misses: list[Miss] = field(default_factory=list)
     """The first examples the tuned model (else the base) still gets wrong."""
     miss_count: int = 0
-    """(stage, message) for every warning a stage's result carries (a lossy merge, a GGUF that drifts …)."""
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> ReportResult:

@@ -275,12 +275,18 @@ def _lossy(dtype: str, base_dtype: str) -> bool:
 def _precision_loss(base_name: str, settings: dict[str, Any], adapter_dir: Path, batches: list[list[int]],
                     merged: list[Any], base_torch_dtype: Any) -> dict[str, float]:
     """The merged model's logits against base + adapter in the base's own dtype."""
+    return _merged_against(_load_base(base_name, base_torch_dtype, settings), adapter_dir, base_name, batches, merged)
+
+
+def _merged_against(base: Any, adapter_dir: Path, base_name: str, batches: list[list[int]],
+                    merged: list[Any]) -> dict[str, float]:
+    """The merged model's logits against ``base`` with the adapter attached (unmerged), on the same batches."""
     import torch
 
-    peft_model = _attach(_load_base(base_name, base_torch_dtype, settings), adapter_dir, base_name)
+    peft_model = _attach(base, adapter_dir, base_name)
     with torch.no_grad():
-        trained = [_logits(peft_model, ids) for ids in batches]
-    return _difference(merged, trained)
+        reference = [_logits(peft_model, ids) for ids in batches]
+    return _difference(merged, reference)
 
 
 def _difference(got: list[Any], reference: list[Any]) -> dict[str, float]:
@@ -292,7 +298,6 @@ def _difference(got: list[Any], reference: list[Any]) -> dict[str, float]:
 def _quantized_base_drift(base_name: str, settings: dict[str, Any], adapter_dir: Path, batches: list[list[int]],
                           merged: list[Any], torch_dtype: Any, quant: dict[str, Any] | None) -> dict[str, float]:
     """Logits of the 4-bit base + adapter (as trained) vs the merged model's."""
-    import torch
     from transformers import BitsAndBytesConfig
 
     from ..config import ModelConfig
@@ -303,10 +308,7 @@ def _quantized_base_drift(base_name: str, settings: dict[str, Any], adapter_dir:
                                 bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
                                 bnb_4bit_compute_dtype=torch_dtype)
     model = load_model(ModelConfig(**{**settings, "name_or_path": base_name}), quantization=config, device_map="cpu")
-    peft_model = _attach(model, adapter_dir, base_name)
-    with torch.no_grad():
-        trained = [_logits(peft_model, ids) for ids in batches]
-    return _difference(merged, trained)
+    return _merged_against(model, adapter_dir, base_name, batches, merged)
 
 
 def manifest_of(run_dir: Path | None) -> dict[str, Any]:

@@ -7,7 +7,7 @@ Used by src/tunesmith/train/adapter_dropout.py (read its docstring first). With 
                dx = s · (dh @ A) ⊙ keep
 
 ``keep`` is one Bernoulli(1 − p) draw per element of x, a pure function of (seed, row, column): Philox-4×32 keyed by
-the seed with the counter (column group, row) gives four 32-bit words, i.e. eight 16-bit draws, for eight columns
+that seed with the counter (column group, row) gives four 32-bit words, i.e. eight 16-bit draws, for eight columns
 ``LANE`` apart; an element is kept when its draw is ≥ round(p · 2¹⁶) — p is used rounded to a multiple of 2⁻¹⁶
 (0.05 → 0.0500031) and ``s`` is computed from the rounded value, so E[x ⊙ keep · s] = x exactly. 7 Philox rounds:
 the smallest count its authors found to pass the BigCrush battery with no failures (Salmon et al., SC'11, "Parallel
