@@ -131,7 +131,7 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
     accumulation = max(1, math.ceil(SEED_EFFECTIVE_BATCH / (micro * num_gpus)))
 
     training = _training(arch, method, stats, length, micro, epochs, gpu_spec, num_gpus, lora_params)
-    if catalog.is_cpu(gpu_spec):
+    if gpu_spec.cpu:
         notes += _cpu_notes(decision, arch, training)
         decision = replace(decision, serve=CPU_SERVE)
     serving = _serving(arch, calls_per_day, stats, api_model, api_prices) if calls_per_day else None
@@ -222,7 +222,7 @@ def _training(arch: Architecture, method: str, stats: DatasetStats | None, lengt
     if stats is None:
         return None
     kept = [n for n in stats.lengths if n <= length]  # longer examples are dropped (train.overlong: drop)
-    if catalog.is_cpu(gpu):
+    if gpu.cpu:
         return _cpu_training(arch, method, sum(kept), epochs, gpu)
     return estimate_training(arch, method, sum(kept), epochs, min(stats.mean_tokens, length),
                              peak_tflops=gpu.bf16_tflops, price_per_hour=gpu.price_per_hour, num_gpus=num_gpus,

@@ -109,6 +109,8 @@ class Gpu:
     """On-demand $/GPU-hour: an editable assumption, not a quote."""
     bf16: bool = True
     """bf16 arithmetic in hardware (full fine-tuning's bf16-weight optimizer needs it)."""
+    cpu: bool = False
+    """This machine's CPU (``this_cpu``): ``bf16_tflops`` then holds its measured fp32 matmul rate."""
 
 
 GPUS: dict[str, Gpu] = {g.name: g for g in (
@@ -181,11 +183,8 @@ def this_cpu() -> Gpu:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     rate = measure_matmul_flops(torch.device("cpu"), torch.float32) / 1e12
-    return Gpu(f"{CPU} ({cores} cores)", round(memory * 2**30 / 1e9, 1), round(memory, 1), rate, 0.0, bf16=False)
-
-
-def is_cpu(gpu: Gpu) -> bool:
-    return gpu.name.startswith(CPU)
+    return Gpu(f"{CPU} ({cores} cores)", round(memory * 2**30 / 1e9, 1), round(memory, 1), rate, 0.0, bf16=False,
+               cpu=True)
 
 
 def did_you_mean(name: str, choices: list[str]) -> str:

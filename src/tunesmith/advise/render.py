@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .catalog import did_you_mean
+from .catalog import CPU, did_you_mean
 from .decide import DRIVERS
 
 
@@ -77,7 +77,7 @@ def render_advice(console: Any, advice: Any) -> None:
         console.print(f"data: {d.examples:,} examples, {d.total_tokens:,} tokens ({d.tokenizer or 'estimated'}); "
                       f"length p50 {d.p50_tokens} / p90 {d.p90_tokens} / p99 {d.p99_tokens} / max {d.max_tokens}")
     if advice.memory:
-        where = f"on this machine's {advice.gpu}" if advice.gpu.startswith("cpu") else \
+        where = f"on this machine's {advice.gpu}" if advice.gpu.startswith(CPU) else \
             f"per GPU on {advice.num_gpus}× {advice.gpu}"
         table = Table(title=f"memory {where} (GiB, estimate)")
         for column in ("method", "micro-batch", "weights", "grads+optim", "activations", "peak", "+overhead",
