@@ -1,4 +1,4 @@
-"""Peak GPU memory of real training steps vs the advisor's estimate (tunesmith.advise.memory).
+"""Peak GPU memory of real training steps vs the advisor's estimate (tunesmith.hardware.memory).
 
 A random-weight model of a catalogue shape (speed and memory do not depend on weight values) runs a few optimizer
 steps per method, each method in its own process so one method's allocator state never leaks into the next.
@@ -32,7 +32,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def model_config(shape: str):
     from transformers import AutoConfig, LlamaConfig
 
-    from tunesmith.advise import catalog
+    from tunesmith.hardware import catalog
 
     if SHAPES[shape] is None:
         return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -47,7 +47,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.advise.memory import architecture_from_config, estimate_memory, lora_trainable_params
+    from tunesmith.hardware.memory import architecture_from_config, estimate_memory, lora_trainable_params
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

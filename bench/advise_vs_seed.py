@@ -14,8 +14,8 @@ import json
 
 from transformers import AutoConfig
 
-from tunesmith.advise import catalog
-from tunesmith.advise.memory import architecture_from_config, estimate_memory, lora_trainable_params
+from tunesmith.hardware import catalog
+from tunesmith.hardware.memory import architecture_from_config, estimate_memory, lora_trainable_params
 
 SEED = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TORCHTUNE = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # q, v, output_proj + MLP

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunesmith.advise import catalog
+from tunesmith.hardware import catalog
 
 
 def catalogue_config(name):

@@ -229,8 +229,8 @@ def test_a_broken_data_line_is_named_by_file_and_line(tmp_path):
 # -- time and serving arithmetic ----------------------------------------------------------------------------------
 
 def test_calibration_reproduces_the_measured_runs_it_was_taken_from():
-    from tunesmith.advise.catalog import GPUS
-    from tunesmith.advise.memory import architecture_from_config
+    from tunesmith.hardware.catalog import GPUS
+    from tunesmith.hardware.memory import architecture_from_config
 
     arch = architecture_from_config(catalogue_config("llama-3.1-8b"))
     fixed = estimate_training(arch, "lora", 10**6, 1, 2048, peak_tflops=GPUS["h200"].bf16_tflops,
@@ -248,8 +248,8 @@ def test_padding_efficiency_is_one_for_equal_lengths_and_falls_with_spread():
 
 
 def test_a_fine_tuned_8b_is_tens_of_times_cheaper_than_gpt_4o_at_10m_calls_but_not_at_1k():
-    from tunesmith.advise.catalog import GPUS
-    from tunesmith.advise.memory import architecture_from_config
+    from tunesmith.hardware.catalog import GPUS
+    from tunesmith.hardware.memory import architecture_from_config
 
     arch = architecture_from_config(catalogue_config("llama-3.1-8b"))
     h100 = GPUS["h100-80gb"]
@@ -266,8 +266,8 @@ def test_a_fine_tuned_8b_is_tens_of_times_cheaper_than_gpt_4o_at_10m_calls_but_n
 
 
 def test_a_70b_model_is_served_on_enough_gpus_to_hold_its_weights():
-    from tunesmith.advise.catalog import GPUS
-    from tunesmith.advise.memory import architecture_from_config
+    from tunesmith.hardware.catalog import GPUS
+    from tunesmith.hardware.memory import architecture_from_config
 
     arch = architecture_from_config(catalogue_config("llama-3.1-70b"))
     h100 = GPUS["h100-80gb"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from advise_fixtures import PeakLiveBytes, catalogue_config
-from tunesmith.advise import catalog
-from tunesmith.advise.memory import (
+from tunesmith.hardware import catalog
+from tunesmith.hardware.memory import (
     GIB,
     architecture_from_config,
     estimate_memory,

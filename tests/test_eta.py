@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.hardware.machine import measure_matmul_flops
 from tunesmith.train import eta
 
 
@@ -21,7 +22,7 @@ def test_lora_skips_the_weight_gradients_and_checkpointing_adds_a_forward():
 
 
 def test_the_matmul_rate_is_measured_here():
-    rate = eta.measure_matmul_flops(torch.device("cpu"), torch.float32, size=256, repeats=2)
+    rate = measure_matmul_flops(torch.device("cpu"), torch.float32, size=256, repeats=2)
     assert 1e8 < rate < 1e14
 
 

@@ -241,7 +241,7 @@ def test_kept_layers_cost_their_compiled_activations_and_the_first_one_fits_besi
 
 
 def test_lora_plan_counts_no_dropout_masks_where_the_fused_kernel_draws_them(monkeypatch):
-    from tunesmith.advise.memory import (
+    from tunesmith.hardware.memory import (
         ALLOCATOR_SLACK,
         COMPILED_LAYER_SHARE,
         COMPILED_NO_MASK_SHARE,

@@ -1,7 +1,6 @@
 """``tunesmith advise``: the guide's decision framework with memory, time and cost estimates.
 
-- ``catalog``: architecture configs of common models and GPUs (memory, bf16 peak, editable $/hour)
-- ``memory``: exact parameter counts on the meta device and the per-method peak-memory model
+- ``tunesmith.hardware``: the model and GPU catalogue and the peak-memory model it shares with ``train``
 - ``cost``: FLOPs per token, calibrated MFU, GPU-hours and dollars; the serving bill vs an API model
 - ``decide``: the guide's rules, each with its reasoning
 - ``advise``: the entry point that runs them in order and writes a starter config

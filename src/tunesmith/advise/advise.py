@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from . import catalog
+from ..hardware import catalog
+from ..hardware.memory import (
+    Architecture,
+    MemoryEstimate,
+    architecture_from_config,
+    estimate_memory,
+    largest_micro_batch,
+)
 from .cost import (
     API_PRICES_PER_MTOK,
     OPENAI_TRAINING_PER_MTOK,
@@ -26,7 +33,6 @@ from .cost import (
 )
 from .dataset_stats import DatasetStats, count_dataset
 from .decide import Decision, choose_method, decide
-from .memory import Architecture, MemoryEstimate, architecture_from_config, estimate_memory, largest_micro_batch
 
 SEED_EFFECTIVE_BATCH = 16
 """The guide's 4 × 4 = 16 sequences per optimizer step; kept when the micro-batch has to shrink."""
@@ -311,7 +317,7 @@ def _lora_targets(arch: Architecture) -> list[str] | str:
 
 
 def _lora_counts(config: Any, r: int, targets: list[str] | str) -> tuple[int, int]:
-    from .memory import lora_trainable_params
+    from ..hardware.memory import lora_trainable_params
 
     return lora_trainable_params(config, r, targets)
 

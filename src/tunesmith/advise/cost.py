@@ -21,7 +21,7 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .memory import Architecture
+from ..hardware.memory import Architecture
 
 
 @dataclass(frozen=True)

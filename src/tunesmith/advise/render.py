@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .catalog import CPU, did_you_mean
+from ..hardware.catalog import CPU, did_you_mean
 from .decide import DRIVERS
 
 

@@ -10,10 +10,7 @@ the guide's SFT settings) can mean hours there.
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, replace
-from typing import Any
 
 CPU_WARN_S = 30 * 60
 """A CPU run estimated longer than this gets a warning naming what to change."""
@@ -59,26 +56,6 @@ def flops_per_token(parameters: int, method: str, recomputed: float) -> float:
     forward = 2.0 * parameters
     backward = (4.0 if method == "full" else 2.0) * parameters
     return forward * (1.0 + recomputed) + backward
-
-
-def measure_matmul_flops(device: Any, dtype: Any, size: int | None = None, repeats: int = 4) -> float:
-    """Sustained FLOP/s of a ``size``² matrix multiply on ``device`` (best of ``repeats`` after one warm-up);
-    ``size`` 1024 on a CPU, 4096 on a GPU (smaller products there measure kernel launches, not arithmetic)."""
-    import torch
-
-    size = size or (4096 if device.type == "cuda" else 1024)
-
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = math.inf
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        (a @ b).sum().item()
-        if i:
-            best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
 
 
 def estimate(tokens: int, parameters: int, method: str, recomputed: float, device_type: str,

@@ -27,13 +27,14 @@ from ..chat import TokenizedChat
 from ..config import Config, TrainConfig, dump_config
 from ..errors import Interrupted, RunError, UserError
 from ..gguf_import import imported_source
+from ..hardware.machine import measure_matmul_flops
 from ..manifest import sha256_file, write_manifest
 from ..models import base_model, load_model_config, load_tokenizer, resolve_model_path
 from . import checkpoint
 from .batching import epoch_order, micro_batches, step_groups
 from .dataset import TokenizedSplit, read_records, split_paths, tokenize_split
 from .distributed import Processes, barrier, full_state_dict, init_processes, max_all, set_gradient_sync, sum_all
-from .eta import Eta, cpu_warning, estimate, measure_matmul_flops, planned_tokens
+from .eta import Eta, cpu_warning, estimate, planned_tokens
 from .kernels import attention_implementation
 from .loss import fused_head_supported, loss_sum
 from .model import (
@@ -319,7 +320,7 @@ def _accumulate(model: Any, examples: list[TokenizedChat], indices: list[int], m
 
 def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, device: torch.device) -> RunError:
     """Out of GPU memory: say what the memory model expected and what to change."""
-    from ..advise.memory import architecture_from_config, estimate_memory
+    from ..hardware.memory import architecture_from_config, estimate_memory
 
     have = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     detail = ""

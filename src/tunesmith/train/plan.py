@@ -1,4 +1,4 @@
-"""Numerics and memory of a run, chosen from the memory model (src/tunesmith/advise/memory.py) before any weight
+"""Numerics and memory of a run, chosen from the memory model (src/tunesmith/hardware/memory.py) before any weight
 is loaded, and reported in run.json and on the console — never a silent fall-back.
 
 The ``auto`` choices made here:
@@ -265,7 +265,7 @@ def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, token
                           ) -> tuple[int, float, str]:
     """How many layers (the first ones) not to keep for backward, the estimated peak, and why. ``fixed``: that many,
     only estimated; ``offloaded``: some of them are offloaded whole (one arrives during a neighbour's recompute)."""
-    from ..advise.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB
+    from ..hardware.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB
 
     full = _memory(arch, model_config, tcfg, tokens, shards, "full", optimizer, mask_bytes)
     none = _memory(arch, model_config, tcfg, tokens, shards, "none", optimizer, mask_bytes).total_gib + extra_gib
@@ -315,7 +315,7 @@ def _choose_offloaded_layers(arch: Any, tcfg: TrainConfig, tokens: int, device: 
     if not (world == 1 and name is not None and tcfg.method == "lora" and inputs_offloaded
             and tcfg.compile is not False):
         return 0, "no layers offloaded whole (measured for LoRA on one GPU with compiled layers)"
-    from ..advise.catalog import GPU_ALIASES, GPUS
+    from ..hardware.catalog import GPU_ALIASES, GPUS
     from .offload import host_link_rate
 
     gpu = GPUS.get(GPU_ALIASES.get(name, name))
@@ -400,9 +400,9 @@ def _estimate(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shar
 
 def _memory(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
             checkpointing: str, optimizer: str, mask_bytes: int = 1) -> Any:
-    """The memory model's estimate (src/tunesmith/advise/memory.py) for this run, its terms included;
+    """The memory model's estimate (src/tunesmith/hardware/memory.py) for this run, its terms included;
     ``optimizer`` is one of OPTIMIZER_MEMORY's names; ``mask_bytes``: see ``_dropout_mask_bytes``."""
-    from ..advise.memory import estimate_memory, lora_trainable_params
+    from ..hardware.memory import estimate_memory, lora_trainable_params
 
     trainable, adapted = (0, 0)
     if tcfg.method != "full":
@@ -436,7 +436,7 @@ def _head() -> str:
 
 
 def _architecture(model_config: Any) -> Any:
-    from ..advise.memory import architecture_from_config
+    from ..hardware.memory import architecture_from_config
 
     try:
         return architecture_from_config(model_config)

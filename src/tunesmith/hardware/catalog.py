@@ -178,7 +178,7 @@ def this_cpu() -> Gpu:
 
     import torch
 
-    from ..train.eta import measure_matmul_flops
+    from .machine import measure_matmul_flops
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
