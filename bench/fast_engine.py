@@ -110,15 +110,18 @@ def _adapter_dropout_arms(model: object) -> list[tuple[object, str, dict[str, tu
 
 
 def run_tunesmith(a: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from tunesmith.chat import TokenizedChat
     from tunesmith.config import ModelConfig, TrainConfig
-    from tunesmith.train import fit
+    from tunesmith.train import StepSetup, fit
+    from tunesmith.train.distributed import Processes
     from tunesmith.train.kernels import attention_implementation
+    from tunesmith.train.measure import measure_hardware
     from tunesmith.train.model import (
-        Precision,
         build_model,
         compile_decoder_layers,
         decoder_layer_count,
@@ -126,6 +129,7 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         prepare_model,
         set_checkpointing,
     )
+    from tunesmith.train.plan import Precision, plan_training
 
     device = torch.device("cuda", 0)
     cfg = LlamaConfig(**SHAPES[a.shape])
@@ -133,9 +137,11 @@ def run_tunesmith(a: argparse.Namespace) -> None:
     attn = attention_implementation("cuda", packing=True) or "sdpa"
     base = dict(method=a.method, per_device_train_batch_size=4, gradient_accumulation_steps=4, max_length=a.seq,
                 max_steps=a.steps + 2, logging_steps=1, save_strategy="no", eval_strategy="no",
-                learning_rate=a.lr, seed=0, gradient_checkpointing="on", compile=False)
+                learning_rate=a.lr, seed=0, gradient_checkpointing="on", compile=False, optim="adamw_torch")
     tcfg = TrainConfig(**base)
     precision = Precision(torch.bfloat16, torch.bfloat16)
+    # the product's build for this config on this GPU (every layer checkpointed, as configured), in bf16 weights
+    plan = replace(plan_training(cfg, tcfg, hardware=measure_hardware(device), world=1), precision=precision)
     t0 = time.perf_counter()
     if a.method == "qlora":
         path = Path(a.workdir) / f"model-{a.shape}"
@@ -145,11 +151,12 @@ def run_tunesmith(a: argparse.Namespace) -> None:
             m.save_pretrained(path)
             del m
             torch.cuda.empty_cache()
-        model = build_model(ModelConfig(name_or_path=str(path)), tcfg, device, precision, attn, str(path))
+        model = build_model(ModelConfig(name_or_path=str(path)), tcfg, plan, Processes.single(device),
+                            attn_implementation=attn, path=str(path))
     else:
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
-        model = prepare_model(model, tcfg, device)
+        model = prepare_model(model, tcfg, plan)
     load_s = time.perf_counter() - t0
     n_layers = decoder_layer_count(model)
 
@@ -234,8 +241,10 @@ def run_tunesmith(a: argparse.Namespace) -> None:
         try:
             if prof is not None:
                 prof.start()
-            fit(model, 0, examples, [], vcfg, Path(a.workdir) / f"run-{a.method}-{name}", device, precision, packed,
-                emit=on_event, fused_loss=loss != "plain", loss_kernel=loss == "liger")
+            setup = StepSetup(procs=Processes.single(device), precision=precision, optimizer=plan.optimizer, pad_id=0,
+                              packed=packed, fused_loss=loss != "plain", loss_kernel=loss == "liger")
+            fit(model=model, setup=setup, tcfg=vcfg, train_examples=examples, eval_examples=[],
+                out=Path(a.workdir) / f"run-{a.method}-{name}", emit=on_event)
             torch.cuda.synchronize()
             if prof is not None:
                 prof.stop()

@@ -55,17 +55,21 @@ def flops_per_token(cfg: object, lengths: list[int], method: str) -> float:
 def run(a: argparse.Namespace) -> None:
     # fewer, growable segments: less fragmentation between packed rows of different lengths (before torch loads)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from dataclasses import replace
+
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from tunesmith.chat import TokenizedChat
     from tunesmith.config import TrainConfig
-    from tunesmith.train import fit
+    from tunesmith.train import StepSetup, fit
     from tunesmith.train.distributed import allocate, init_processes, max_all, shard
     from tunesmith.train.kernels import attention_implementation
-    from tunesmith.train.model import compile_decoder_layers, embeddings_to, prepare_model, resolve_precision
-    from tunesmith.train.plan import describe, plan_training, weights_precision
+    from tunesmith.train.loss import fused_head_supported
+    from tunesmith.train.measure import measure_hardware
+    from tunesmith.train.model import compile_decoder_layers, embeddings_to, prepare_model
+    from tunesmith.train.plan import describe, needs_host_link, plan_training
 
     procs = init_processes()
     device = procs.device
@@ -78,11 +82,10 @@ def run(a: argparse.Namespace) -> None:
                        packed_row_tokens=a.rows, offload_checkpoints="auto" if a.offload == "auto" else False,
                        optim=a.optim,
                        **overrides)
-    precision = resolve_precision("auto", a.method, device)
-    plan = plan_training(cfg, tcfg, device, procs.world, precision.weights)
-    precision = weights_precision(plan, precision)
+    hardware = measure_hardware(device, host_link=needs_host_link(tcfg, procs.world))
+    plan = plan_training(cfg, tcfg, hardware=hardware, world=procs.world)
+    precision = plan.precision
     layers = plan.checkpointed_layers if a.ckpt in (None, "0") else int(a.ckpt)
-    tcfg = tcfg.model_copy(update={"optim": plan.optimizer})
     if procs.main:
         print(f"plan: {describe(plan)} ({plan.reason})", flush=True)
 
@@ -90,8 +93,8 @@ def run(a: argparse.Namespace) -> None:
     attn = attention_implementation(device.type, packing=True)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(cfg, dtype=precision.weights, attn_implementation=attn)
-    model = prepare_model(model, tcfg, device, layers, compile_layers=False,
-                          offload_checkpoints=plan.offload_checkpoints, offloaded_layers=plan.offloaded_layers)
+    # the product's build order, but sharded and given random weights here (not read from a checkpoint)
+    model = prepare_model(model, tcfg, replace(plan, checkpointed_layers=layers, compile_layers=False))
     if procs.distributed:
         shard(model, procs, a.method, precision.autocast, plan.sharding == "replicate", plan.reshard_after_forward)
     allocate(model, device)
@@ -128,9 +131,11 @@ def run(a: argparse.Namespace) -> None:
     if prof is not None:
         prof.start()
     try:
-        fit(model, 0, examples, [], tcfg, Path(a.workdir) / f"{a.label or a.method}-{procs.world}", device,
-            precision, True, emit=on_event if procs.main else (lambda _e: None), procs=procs,
-            fused_loss=False if a.loss == "model-head" else None)
+        setup = StepSetup(procs=procs, precision=precision, optimizer=plan.optimizer, pad_id=0, packed=True,
+                          fused_loss=a.loss != "model-head" and fused_head_supported(model))
+        fit(model=model, setup=setup, tcfg=tcfg, train_examples=examples, eval_examples=[],
+            out=Path(a.workdir) / f"{a.label or a.method}-{procs.world}",
+            emit=on_event if procs.main else (lambda _e: None))
         peak = max_all(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, procs)
         if prof is not None:
             prof.stop()

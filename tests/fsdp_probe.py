@@ -31,15 +31,17 @@ def _probe(rank: int, world: int, model_dir: str, out: Path, method: str, replic
 
     from tunesmith.chat import IGNORE_INDEX, TokenizedChat
     from tunesmith.config import TrainConfig
+    from tunesmith.hardware.machine import Hardware
     from tunesmith.train.batching import micro_batches
     from tunesmith.train.distributed import Processes, is_sharded, shard
     from tunesmith.train.loss import loss_sum
     from tunesmith.train.model import prepare_model
+    from tunesmith.train.plan import plan_training
 
     torch.manual_seed(0)
     tcfg = TrainConfig(method=method, lora={"dropout": 0.0}, gradient_checkpointing=False, compile=False)
-    model = prepare_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tcfg,
-                          torch.device("cpu"), 0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = prepare_model(model, tcfg, plan_training(model.config, tcfg, hardware=Hardware.cpu(), world=1))
     with torch.no_grad():  # adapters away from the identity, so every adapter weight gets a gradient
         for name, p in model.named_parameters():
             if "lora_B" in name:

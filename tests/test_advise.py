@@ -361,14 +361,13 @@ def test_gpu_cpu_estimates_for_this_machine_speaks_of_millions_and_serves_with_l
     t = advice.training
     assert t.cost_usd == 0.0 and t.gpu_hours == 0.0
     # the FLOPs per token `tunesmith train` plans for this run on a CPU (LoRA there checkpoints nothing)
-    import torch
-
     from tunesmith.config import ModelConfig, TrainConfig
+    from tunesmith.hardware.machine import Hardware
     from tunesmith.models import load_model_config
     from tunesmith.train.plan import plan_training
 
     plan = plan_training(load_model_config(ModelConfig(name_or_path=str(model))), TrainConfig(method=advice.method),
-                         torch.device("cpu"), 1, torch.float32)
+                         hardware=Hardware.cpu(), world=1)
     assert plan.checkpointed_layers == 0
     assert t.flops_per_token == eta.flops_per_token(advice.architecture.total_params, advice.method, 0.0)
     assert 10 < t.tokens_per_s < 100_000

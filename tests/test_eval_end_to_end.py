@@ -208,8 +208,12 @@ def test_task_eval_inside_the_training_loop_runs_under_its_mixed_precision(tiny_
 
     from tunesmith.chat import TokenizedChat
     from tunesmith.config import TrainConfig
-    from tunesmith.train import fit
-    from tunesmith.train.model import Precision, prepare_model
+    from tunesmith.hardware.machine import Hardware
+    from tunesmith.train import StepSetup, fit
+    from tunesmith.train.distributed import Processes
+    from tunesmith.train.loss import fused_head_supported
+    from tunesmith.train.model import prepare_model
+    from tunesmith.train.plan import Precision, plan_training
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tcfg = TrainConfig(method="lora", max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
@@ -217,7 +221,7 @@ def test_task_eval_inside_the_training_loop_runs_under_its_mixed_precision(tiny_
                        gradient_checkpointing=False)
     device = torch.device("cpu")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-    model = prepare_model(model, tcfg, device, 0)
+    model = prepare_model(model, tcfg, plan_training(model.config, tcfg, hardware=Hardware.cpu(), world=1))
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     ids = [tok(tok.apply_chat_template(_chat(q, a)["messages"], tokenize=False))["input_ids"] for q, a in PAIRS]
     examples = [TokenizedChat(i, list(i)) for i in ids]
@@ -227,8 +231,11 @@ def test_task_eval_inside_the_training_loop_runs_under_its_mixed_precision(tiny_
         calls.append(1)
         return task_eval(m, tok, [_chat(q, a) for q, a in PAIRS[:2]], ["exact"], max_new_tokens=4)
 
-    history = fit(model, tok.pad_token_id, examples, examples, tcfg, tmp_path / "run", device,
-                  Precision(torch.bfloat16, torch.bfloat16), False, task_eval=scored)
+    setup = StepSetup(procs=Processes.single(device), precision=Precision(torch.bfloat16, torch.bfloat16),
+                      optimizer="adamw_torch", pad_id=tok.pad_token_id, packed=False,
+                      fused_loss=fused_head_supported(model))
+    history = fit(model=model, setup=setup, tcfg=tcfg, train_examples=examples, eval_examples=examples,
+                  out=tmp_path / "run", task_eval=scored)
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["type"] == "eval"]
     assert history["steps"] == 2 and len(calls) == 2 and all("task_exact" in e for e in evals)

@@ -38,8 +38,8 @@ def _steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int) -> 
 def test_updates_below_bf16_resolution_are_kept_in_expectation_and_states_are_8bit():
     torch.manual_seed(0)
     model = _ones_model()
-    opt = _optimizer(list(model.parameters()), TrainConfig(method="full", optim="adamw_8bit_bf16",
-                                                           learning_rate=LR), CPU)
+    opt = _optimizer(list(model.parameters()), "adamw_8bit_bf16",
+                     TrainConfig(method="full", optim="adamw_8bit_bf16", learning_rate=LR), CPU)
     _steps(model, opt, STEPS)
     w = model.weight.detach().float()
     assert model.weight.dtype == torch.bfloat16
@@ -61,7 +61,7 @@ def test_its_states_survive_a_checkpoint_and_the_resumed_steps_match(tmp_path: P
     cfg = TrainConfig(method="full", optim="adamw_8bit_bf16", learning_rate=LR, warmup_ratio=0.0)
     torch.manual_seed(0)
     model = _ones_model()
-    opt = _optimizer(list(model.parameters()), cfg, CPU)
+    opt = _optimizer(list(model.parameters()), cfg.optim, cfg, CPU)
     sched = _scheduler(opt, cfg, 100)
     _steps(model, opt, 5)
     checkpoint.save(tmp_path, 5, model, opt, sched, {"step": 5}, keep=None)
@@ -69,7 +69,7 @@ def test_its_states_survive_a_checkpoint_and_the_resumed_steps_match(tmp_path: P
     expected = model.weight.detach().clone()
 
     fresh = _ones_model()
-    fresh_opt = _optimizer(list(fresh.parameters()), cfg, CPU)
+    fresh_opt = _optimizer(list(fresh.parameters()), cfg.optim, cfg, CPU)
     fresh_sched = _scheduler(fresh_opt, cfg, 100)
     checkpoint.restore(checkpoint.latest(tmp_path), fresh, fresh_opt, fresh_sched)
     restored = fresh_opt.state[fresh.weight]
@@ -83,18 +83,27 @@ def _tiny_full_run(model_dir: Path, out: Path, optim: str, resume: bool = False)
     from transformers import AutoModelForCausalLM
 
     from tunesmith.chat import TokenizedChat
-    from tunesmith.train import fit
-    from tunesmith.train.model import Precision, prepare_model
+    from tunesmith.hardware.machine import Hardware
+    from tunesmith.train import StepSetup, fit
+    from tunesmith.train.distributed import Processes
+    from tunesmith.train.loss import fused_head_supported
+    from tunesmith.train.model import prepare_model
+    from tunesmith.train.plan import Precision, plan_training
 
     tcfg = TrainConfig(method="full", optim=optim, max_steps=4, per_device_train_batch_size=4,
                        gradient_accumulation_steps=2, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1,
                        eval_strategy="no", save_strategy="steps", save_steps=2, compile=False,
                        gradient_checkpointing=False)
-    model = prepare_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16), tcfg, CPU, 0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    # built as the CPU's plan says; its optimizer is the loop's (the plan refuses adamw_8bit_bf16 off a bf16 GPU)
+    cpu = plan_training(model.config, tcfg.model_copy(update={"optim": "auto"}), hardware=Hardware.cpu(), world=1)
+    model = prepare_model(model, tcfg, cpu)
     torch.manual_seed(0)
     examples = [TokenizedChat(ids, list(ids)) for ids in
                 ([(7 * k + j) % 200 + 3 for j in range(24)] for k in range(8))]
-    return model, fit(model, 0, examples, [], tcfg, out, CPU, Precision(torch.bfloat16, torch.bfloat16), False,
+    setup = StepSetup(procs=Processes.single(CPU), precision=Precision(torch.bfloat16, torch.bfloat16),
+                      optimizer=optim, pad_id=0, packed=False, fused_loss=fused_head_supported(model))
+    return model, fit(model=model, setup=setup, tcfg=tcfg, train_examples=examples, eval_examples=[], out=out,
                       resume=resume)
 
 

@@ -122,14 +122,17 @@ def tiny_lora_model(layers: int = 2, dropout: float = 0.1):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tunesmith.config import TrainConfig
+    from tunesmith.hardware.machine import Hardware
     from tunesmith.train.model import prepare_model
+    from tunesmith.train.plan import plan_training
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
     tcfg = TrainConfig(method="lora", gradient_checkpointing=False, compile=False,
                        lora={"r": 4, "alpha": 8, "dropout": dropout})
-    return prepare_model(LlamaForCausalLM(cfg), tcfg, torch.device("cpu")).train()
+    cpu = plan_training(cfg, tcfg, hardware=Hardware.cpu(), world=1)
+    return prepare_model(LlamaForCausalLM(cfg), tcfg, cpu).train()
 
 
 def seeded_loss_and_grads(model, ids):

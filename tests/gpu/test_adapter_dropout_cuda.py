@@ -52,7 +52,9 @@ def _model(layers: int = 2, hidden: int = 256):
 
     from tunesmith.config import TrainConfig
     from tunesmith.train.adapter_dropout import DropoutLinear
+    from tunesmith.train.measure import measure_hardware
     from tunesmith.train.model import prepare_model
+    from tunesmith.train.plan import plan_training
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -60,7 +62,8 @@ def _model(layers: int = 2, hidden: int = 256):
     base = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
     tcfg = TrainConfig(method="lora", gradient_checkpointing=False, compile=False,
                        lora={"r": 16, "alpha": 32, "dropout": 0.1})
-    model = prepare_model(base, tcfg, torch.device("cuda")).train()
+    plan = plan_training(cfg, tcfg, hardware=measure_hardware(torch.device("cuda")), world=1)
+    model = prepare_model(base, tcfg, plan).train()
     assert sum(isinstance(m, DropoutLinear) for m in model.modules()) == 7 * layers
     with torch.no_grad():  # lora_B starts at zero: make the adapters matter
         for name, p in model.named_parameters():

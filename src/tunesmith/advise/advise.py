@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..hardware import catalog
+from ..hardware.machine import Hardware
 from ..hardware.memory import (
     Architecture,
     MemoryEstimate,
@@ -119,8 +120,8 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
     lora_params, adapted_in = _lora_counts(resolved.config, lora_r, targets)
 
     length = _fitted_length(stats, max_length, notes)
-    memory, max_mb, needs = _memory_per_method(arch, length, micro_batch_size, gpu_spec, num_gpus, lora_r,
-                                               lora_params, adapted_in, notes)
+    memory, max_mb, needs = _memory_per_method(arch, resolved.config, length, micro_batch_size, gpu_spec, num_gpus,
+                                               lora_r, lora_params, adapted_in, notes)
     method, fit_notes = choose_method(decision.method or "lora", {m: max_mb[m] > 0 for m in max_mb}, needs,
                                       gpu_spec.memory_gib)
     notes += fit_notes
@@ -197,29 +198,46 @@ def _fitted_length(stats: DatasetStats | None, max_length: int, notes: list[str]
     return fitted
 
 
-def _memory_per_method(arch: Architecture, length: int, micro_batch_size: int, gpu: catalog.Gpu, num_gpus: int,
-                       lora_r: int, lora_params: int, adapted_in: int, notes: list[str]
+def _memory_per_method(arch: Architecture, config: Any, length: int, micro_batch_size: int, gpu: catalog.Gpu,
+                       num_gpus: int, lora_r: int, lora_params: int, adapted_in: int, notes: list[str]
                        ) -> tuple[dict[str, MemoryEstimate], dict[str, int], dict[str, float]]:
     """Per method: the estimate at the micro-batch that will be used, the largest that fits, and what one row needs.
-    Full fine-tuning on one GPU where fp32 AdamW does not fit is estimated as ``tunesmith train`` then runs it
-    (src/tunesmith/train/plan.py): bf16 weights rounded stochastically with 8-bit AdamW states."""
+    Full fine-tuning is estimated with the optimizer ``tunesmith train`` plans for it on this GPU
+    (src/tunesmith/train/plan.py): where fp32 AdamW does not fit one GPU, bf16 weights rounded stochastically with
+    8-bit AdamW states."""
+    from ..train.plan import OPTIMIZER_MEMORY
+
     memory, max_mb, needs = {}, {}, {}
     for method in ("full", "lora", "qlora"):
         kwargs = _memory_kwargs(method, lora_r, lora_params, adapted_in, num_gpus, arch.plain_output_head)
-        if method == "full" and num_gpus == 1 and gpu.bf16:
-            fp32 = estimate_memory(arch, method, 1, length, **kwargs).total_gib
-            if fp32 > gpu.memory_gib:
-                kwargs.update(full_precision="bf16", optimizer="adamw_8bit")
-                eight = estimate_memory(arch, method, 1, length, **kwargs).total_gib
-                notes.append(f"Full fine-tuning on one {gpu.name}: fp32 master weights and AdamW states need "
-                             f"~{fp32:.0f} GiB, so tunesmith trains bf16 weights rounded stochastically with 8-bit "
-                             f"AdamW states (train.optim: auto → adamw_8bit_bf16, torchao from tunesmith[gpu]): "
-                             f"~{eight:.0f} GiB.")
+        optimizer = _full_fine_tuning_optimizer(config, length, gpu, num_gpus) if method == "full" else "adamw_torch"
+        fp32 = estimate_memory(arch, method, 1, length, **kwargs).total_gib  # fp32 AdamW, as _memory_kwargs says
+        states, weights = OPTIMIZER_MEMORY[optimizer]
+        kwargs.update(optimizer=states, full_precision=weights)
         max_mb[method] = largest_micro_batch(arch, method, length, gpu.memory_gib, **kwargs)
         needs[method] = estimate_memory(arch, method, 1, length, **kwargs).total_gib
+        if optimizer == "adamw_8bit_bf16":
+            notes.append(f"Full fine-tuning on one {gpu.name}: fp32 master weights and AdamW states need "
+                         f"~{fp32:.0f} GiB, so tunesmith trains bf16 weights rounded stochastically with 8-bit "
+                         f"AdamW states (train.optim: auto → adamw_8bit_bf16, torchao from tunesmith[gpu]): "
+                         f"~{needs[method]:.0f} GiB.")
         batch = min(micro_batch_size, max_mb[method]) or 1
         memory[method] = estimate_memory(arch, method, batch, length, **kwargs)
     return memory, max_mb, needs
+
+
+def _full_fine_tuning_optimizer(config: Any, length: int, gpu: catalog.Gpu, num_gpus: int) -> str:
+    """The optimizer ``tunesmith train`` plans for full fine-tuning at micro-batch 1 × ``length`` on ``num_gpus`` of
+    ``gpu``: the same plan, on the catalogue's facts. Where the plan refuses (not even 8-bit states fit), fp32 AdamW:
+    the estimate then says what full fine-tuning needs as configured by default."""
+    from ..config import TrainConfig
+    from ..train.plan import plan_training
+
+    tcfg = TrainConfig(method="full", per_device_train_batch_size=1, max_length=length)
+    try:
+        return plan_training(config, tcfg, hardware=Hardware.from_catalog(gpu), world=num_gpus).optimizer
+    except UserError:
+        return "adamw_torch"
 
 
 def _training(arch: Architecture, method: str, stats: DatasetStats | None, length: int, micro: int, epochs: float,
@@ -239,13 +257,11 @@ def _training(arch: Architecture, method: str, stats: DatasetStats | None, lengt
 def _cpu_training(arch: Architecture, method: str, tokens: int, epochs: float, cpu: catalog.Gpu) -> TrainingEstimate:
     """The estimate `tunesmith train` prints before a CPU run (train/eta.py), so advise and train agree: the same
     FLOPs per token (with the CPU's checkpointing default: only QLoRA recomputes), the same calibration."""
-    import torch
-
     from ..config import TrainConfig
     from ..train import eta
-    from ..train.model import checkpointing_on
+    from ..train.plan import checkpointing_on
 
-    recomputed = 1.0 if checkpointing_on(TrainConfig(method=method), torch.device("cpu")) else 0.0
+    recomputed = 1.0 if checkpointing_on(TrainConfig(method=method), Hardware.cpu()) else 0.0
     run = eta.estimate(round(tokens * epochs), arch.total_params, method, recomputed, "cpu", cpu.bf16_tflops * 1e12)
     rate = cpu.bf16_tflops * 1e12 * eta.EFFICIENCY["cpu"] / run.flops_per_token
     return TrainingEstimate(method=method, tokens=tokens, epochs=epochs, flops_per_token=run.flops_per_token,

@@ -12,7 +12,7 @@ redraws the same bits from the same seed, so nothing the size of x is stored bey
 one input share). Same function: each element kept with probability 1 − p and scaled by 1 / (1 − p), independently
 per adapter and per call — only the random stream differs from PyTorch's, and p is applied rounded to a multiple of
 2⁻¹⁶. Measured on the same run ("Seventh run"): 3.6% faster than PEFT's dropout in the same process and 1.1 GiB
-lighter (the memory of the run without dropout); model.py attaches it to LoRA on one GPU (QLoRA and FSDP2 runs keep
+lighter (the memory of the run without dropout); the plan gives it to LoRA on one GPU (QLoRA and FSDP2 runs keep
 PEFT's dropout: not measured there).
 
 It plugs in without patching PEFT: each adapter's ``lora_A`` (an ``nn.Linear``) becomes a ``DropoutLinear`` that owns
@@ -66,19 +66,8 @@ def fused_dropout_available(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
-def fused_dropout_for(method: str, device: torch.device) -> bool:
-    """Whether a run of ``method`` on ``device`` gets the kernels (in one process: prepare_model asks,
-    build_sharded_model does not): LoRA only — QLoRA's measured configuration (bench/results/fast_engine.md, fifth
-    run) keeps PEFT's dropout, and its speed with this one is not measured yet (bench/gpu_session.sh AB)."""
-    return method == "lora" and fused_dropout_available(device)
-
-
-def fused_dropout_applies(method: str, rank: int, p: float, device: torch.device) -> bool:
-    """Whether an adapter of this rank and dropout gets the kernel in such a run (``fuse_adapter_dropout``'s rule)."""
-    return _fusable(rank, p) and fused_dropout_for(method, device)
-
-
-def _fusable(rank: int, p: float) -> bool:
+def fusable(rank: int, p: float) -> bool:
+    """Whether an adapter of this rank and dropout gets the kernel (``fuse_adapter_dropout``'s rule)."""
     return p > 0 and rank <= MAX_RANK
 
 
@@ -94,7 +83,7 @@ def fuse_adapter_dropout(model: Any) -> int:
         for name, dropout in layer.lora_dropout.items():
             lora_a = getattr(layer.lora_A, name, None)
             if (not isinstance(dropout, nn.Dropout) or type(lora_a) is not nn.Linear or lora_a.bias is not None
-                    or not _fusable(lora_a.out_features, dropout.p) or name in getattr(layer, "lora_variant", {})):
+                    or not fusable(lora_a.out_features, dropout.p) or name in getattr(layer, "lora_variant", {})):
                 continue
             layer.lora_A[name] = DropoutLinear(lora_a, dropout.p)
             layer.lora_dropout[name] = nn.Identity()

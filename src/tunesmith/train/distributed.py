@@ -29,6 +29,11 @@ class Processes:
     local_rank: int
     device: torch.device
 
+    @classmethod
+    def single(cls, device: torch.device) -> Processes:
+        """One process on ``device``, without torchrun (benchmarks and tests that call the loop themselves)."""
+        return cls(0, 1, 0, device)
+
     @property
     def main(self) -> bool:
         return self.rank == 0
@@ -44,7 +49,7 @@ def init_processes() -> Processes:
     if world == 1:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
-        return Processes(0, 1, 0, device)
+        return Processes.single(device)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)

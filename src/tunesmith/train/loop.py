@@ -37,16 +37,9 @@ from .distributed import Processes, barrier, full_state_dict, init_processes, ma
 from .eta import Eta, cpu_warning, estimate, planned_tokens
 from .kernels import attention_implementation
 from .loss import fused_head_supported, loss_sum
-from .model import (
-    Precision,
-    build_model,
-    build_sharded_model,
-    count_parameters,
-    embeddings_on,
-    embeddings_to,
-    resolve_precision,
-)
-from .plan import OPTIMIZER_MEMORY, TrainPlan, describe, plan_training, weights_precision
+from .measure import measure_hardware
+from .model import build_model, count_parameters, embeddings_on, embeddings_to
+from .plan import OPTIMIZER_MEMORY, Precision, TrainPlan, describe, needs_host_link, plan_training
 
 Event = Callable[[dict[str, Any]], None]
 
@@ -98,29 +91,27 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
                         f"max_length and {train_split.dropped_unsupervised} with no supervised tokens)",
                         hint="check the data with `tunesmith data prepare`, or raise train.max_length")
 
-    precision = resolve_precision(tcfg.precision, tcfg.method, device)
     packed = device.type == "cuda" if tcfg.packing == "auto" else bool(tcfg.packing)
     fingerprint = _fingerprint(tcfg, config.model.name_or_path, [train_file, eval_file])
-    plan = plan_training(load_model_config(config.model, model_path), tcfg, device, procs.world, precision.weights)
+    hardware = measure_hardware(device, host_link=needs_host_link(tcfg, procs.world))
+    plan = plan_training(load_model_config(config.model, model_path), tcfg, hardware=hardware, world=procs.world)
     emit({"event": "plan", "message": describe(plan), **plan.to_dict()})
-    precision = weights_precision(plan, precision)
-    tcfg = tcfg.model_copy(update={"optim": plan.optimizer})
+    precision = plan.precision
     attn = attention_implementation(device.type, packed)
-    if procs.distributed:
-        model = build_sharded_model(config.model, tcfg, procs, precision, attn, model_path, plan.checkpointed_layers,
-                                    plan.sharding == "replicate", plan.reshard_after_forward)
-    else:
-        model = build_model(config.model, tcfg, device, precision, attn, model_path, plan.checkpointed_layers,
-                            plan.offload_checkpoints, plan.offloaded_layers)
+    model = build_model(config.model, tcfg, plan, procs, attn_implementation=attn, path=model_path)
     if plan.embeddings_on_cpu:
         embeddings_to(model, "cpu")
     trainable, total = count_parameters(model)
-    eta = _estimate(train_split, tcfg, plan, total, device, precision, procs.world) if procs.main else None
+    eta = _estimate(train_split, tcfg, plan, parameters=total, device=device, world=procs.world) \
+        if procs.main else None
 
     task_eval = _task_eval(config, tokenizer, eval_file) if eval_file and tcfg.task_eval_samples else None
-    history = fit(model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                  train_split.examples, eval_split.examples if eval_split else [], tcfg, out, device, precision,
-                  packed, resume, fingerprint, emit, procs, task_eval, eta=eta)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    setup = StepSetup(procs=procs, precision=precision, optimizer=plan.optimizer, pad_id=pad_id, packed=packed,
+                      fused_loss=fused_head_supported(model))
+    history = fit(model=model, setup=setup, tcfg=tcfg, train_examples=train_split.examples,
+                  eval_examples=eval_split.examples if eval_split else [], out=out, resume=resume,
+                  fingerprint=fingerprint, emit=emit, task_eval=task_eval, eta=eta)
 
     artefact = _save_final(model, tokenizer, tcfg.method, out, precision, procs)
     if not procs.main:
@@ -148,10 +139,11 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
 METRICS = "metrics.jsonl"
 
 
-def _estimate(split: TokenizedSplit, tcfg: TrainConfig, plan: TrainPlan, parameters: int, device: torch.device,
-              precision: Precision, world: int) -> Eta:
+def _estimate(split: TokenizedSplit, tcfg: TrainConfig, plan: TrainPlan, *, parameters: int, device: torch.device,
+              world: int) -> Eta:
     """The whole run's token count and duration, from the matmul rate measured now in the dtype the layers compute
     in (bf16 under autocast, else the weights' dtype)."""
+    precision = plan.precision
     tokens = planned_tokens(split.stats["tokens"], split.stats["examples"],
                             tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps * world,
                             tcfg.num_train_epochs, tcfg.max_steps)
@@ -170,31 +162,49 @@ def _announce(eta: Eta, emit: Event) -> list[str]:
     return [warning] if warning else []
 
 
-def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examples: list[TokenizedChat],
-        tcfg: TrainConfig, out: Path, device: torch.device, precision: Precision, packed: bool,
-        resume: bool = False, fingerprint: str = "", emit: Event = lambda _e: None,
-        procs: Processes | None = None, task_eval: Callable[[Any], dict[str, float]] | None = None,
-        fused_loss: bool | None = None, loss_kernel: bool = True, eta: Eta | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StepSetup:
+    """How every step of a run computes, fixed before the first: built once by ``train()`` from the plan (or by a
+    benchmark or a test around a model built by hand) and handed to the loop's calls."""
+
+    procs: Processes
+    precision: Precision
+    optimizer: str
+    """The plan's optimizer (adamw_torch | adamw_8bit | adamw_8bit_bf16): what the loop builds and checkpoints."""
+    pad_id: int
+    packed: bool
+    """Examples packed into rows with per-example positions (batching.py), else padded micro-batches."""
+    fused_loss: bool
+    """The loss over the head in chunks, never the whole logits (loss.py): where ``fused_head_supported(model)``;
+    one process and FSDP2 alike. Benchmarks force either path."""
+    loss_kernel: bool = True
+    """With ``fused_loss``: Liger's kernel where installed, else our PyTorch chunks (benchmarks ablate it)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.procs.device
+
+
+def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig, train_examples: list[TokenizedChat],
+        eval_examples: list[TokenizedChat], out: Path, resume: bool = False, fingerprint: str = "",
+        emit: Event = lambda _e: None, task_eval: Callable[[Any], dict[str, float]] | None = None,
+        eta: Eta | None = None) -> dict[str, Any]:
     """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand.
-    ``fused_loss`` / ``loss_kernel`` force the loss path (None: fused where the head allows; benchmarks ablate).
     ``eta``: the whole run's estimate, announced for the steps left once a resume has found its step."""
-    procs = procs or Processes(0, 1, 0, device)
-    world = procs.world
+    procs, device, precision = setup.procs, setup.device, setup.precision
     per_step = tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(train_examples) / (per_step * world))
+    steps_per_epoch = math.ceil(len(train_examples) / (per_step * procs.world))
     total_steps = tcfg.max_steps or math.ceil(tcfg.num_train_epochs * steps_per_epoch)
-    # one process and FSDP2 alike (src/tunesmith/train/loss.py)
-    fused = fused_head_supported(model) if fused_loss is None else fused_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, tcfg, device)
+    optimizer = _optimizer(params, setup.optimizer, tcfg, device)
     scheduler = _scheduler(optimizer, tcfg, total_steps)
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
     step = 0
     if resume:
-        step = _resume(ckpt_root, model, optimizer, scheduler, fingerprint, tcfg, emit, procs)
+        step = _resume(ckpt_root, model, optimizer, scheduler, fingerprint, tcfg, emit, procs, setup.optimizer)
     elif checkpoint.latest(ckpt_root) is not None:
         raise UserError(f"{out} already holds checkpoints of a run",
                         hint="pass --resume to continue it, or choose another --out folder")
@@ -207,7 +217,8 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
     micro_size = tcfg.per_device_train_batch_size
     stop = _SignalFlag()
     emit({"event": "start", "total_steps": total_steps, "start_step": step, "steps_per_epoch": steps_per_epoch,
-          "examples": len(train_examples), "packed": packed, "fused_loss": fused, "precision": precision.name})
+          "examples": len(train_examples), "packed": setup.packed, "fused_loss": setup.fused_loss,
+          "precision": precision.name})
     window_tokens, window_start = 0, time.perf_counter()
     total_tokens, run_start = 0, time.perf_counter()
     last_loss: float | None = None
@@ -215,22 +226,25 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
     with stop, _adapter_inputs_in_compute_dtype(model, precision):
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            indices = step_groups(epoch_order(len(train_examples), tcfg.seed, epoch), per_step * world)[in_epoch]
+            indices = step_groups(epoch_order(len(train_examples), tcfg.seed, epoch),
+                                  per_step * procs.world)[in_epoch]
             model.train()
             while True:
                 try:
                     batches, real, n_targets, step_loss = _accumulate(
-                        model, train_examples, indices, micro_size, tcfg.max_length, pad_id, packed, device,
-                        precision, procs, fused, loss_kernel, step + 1, ckpt_root, _row_tokens(tcfg, micro_size))
+                        model, setup=setup, examples=train_examples, indices=indices, micro_size=micro_size,
+                        max_length=tcfg.max_length, row_tokens=_row_tokens(tcfg, micro_size))
                     break
                 except torch.OutOfMemoryError:
                     optimizer.zero_grad(set_to_none=True)
                     _free_cuda(device)
                     if tcfg.on_oom != "shrink" or micro_size == 1 or procs.distributed:
-                        raise _oom_error(model, tcfg, micro_size, device) from None
+                        raise _oom_error(model, tcfg, micro_size, setup) from None
                     micro_size //= 2  # same sequences in the step, smaller micro-batches: same optimisation
                     warnings.append(f"out of memory at step {step + 1}: retried with micro-batches of {micro_size}")
                     emit({"event": "warning", "message": warnings[-1]})
+            if not math.isfinite(step_loss):  # a non-finite micro-batch loss makes the sum non-finite
+                raise _nan_error(step + 1, "loss", ckpt_root)
             grad_norm = _clip(params, tcfg.max_grad_norm)
             if not math.isfinite(grad_norm):
                 raise _nan_error(step + 1, "gradient norm", ckpt_root)
@@ -255,7 +269,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
 
             end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
             if eval_examples and _due(tcfg.eval_strategy, tcfg.eval_steps, step, end_of_epoch):
-                eval_metrics = evaluate_loss(model, eval_examples, pad_id, tcfg, device, precision, procs)
+                eval_metrics = evaluate_loss(model, eval_examples, setup=setup, tcfg=tcfg)
                 if task_eval is not None:
                     # generation as the training forward runs: bf16 autocast over fp32 adapters (whose inputs the
                     # loop leaves in bf16), the tokens looked up on the GPU
@@ -265,7 +279,7 @@ def fit(model: Any, pad_id: int, train_examples: list[TokenizedChat], eval_examp
                 emit({"event": "eval", "step": step, **eval_metrics})
             if stop.raised or (step < total_steps and _due(tcfg.save_strategy, tcfg.save_steps, step, end_of_epoch)):
                 path = checkpoint.save(ckpt_root, step, model, optimizer, scheduler,
-                                       {"step": step, "fingerprint": fingerprint, "optimizer": tcfg.optim},
+                                       {"step": step, "fingerprint": fingerprint, "optimizer": setup.optimizer},
                                        tcfg.save_total_limit, procs)
                 emit({"event": "checkpoint", "step": step, "path": str(path)})
             if stop.raised:
@@ -286,11 +300,12 @@ def _row_tokens(tcfg: TrainConfig, micro_size: int) -> int | None:
     return max(tcfg.max_length, tcfg.packed_row_tokens * micro_size // tcfg.per_device_train_batch_size)
 
 
-def _accumulate(model: Any, examples: list[TokenizedChat], indices: list[int], micro_size: int, max_length: int,
-                pad_id: int, packed: bool, device: torch.device, precision: Precision, procs: Processes, fused: bool,
-                loss_kernel: bool, step: int, ckpt_root: Path, row_tokens: int | None = None
-                ) -> tuple[list[Any], int, float, float]:
-    """Forward and backward over one step's micro-batches; gradients are left summed in ``.grad``."""
+def _accumulate(model: Any, *, setup: StepSetup, examples: list[TokenizedChat], indices: list[int], micro_size: int,
+                max_length: int, row_tokens: int | None) -> tuple[list[Any], int, float, float]:
+    """Forward and backward over one step's micro-batches; gradients are left summed in ``.grad``. Returns the
+    micro-batches, how many of them are this process's own, and the step's supervised tokens and summed loss over
+    every process."""
+    procs, pad_id, packed = setup.procs, setup.pad_id, setup.packed
     batches = micro_batches(examples, indices, micro_size, max_length, pad_id, packed, procs.rank, procs.world,
                             row_tokens)
     # every process runs the same number of micro-batches (FSDP2 gathers weights in each forward): a process with
@@ -303,23 +318,22 @@ def _accumulate(model: Any, examples: list[TokenizedChat], indices: list[int], m
     n_targets = sum_all(sum(b.num_targets for b in batches[:real]), procs)
     # the step's loss is summed on the GPU and read once at the end: reading it per micro-batch would make the CPU
     # wait for each backward before preparing the next micro-batch
-    step_loss = torch.zeros((), device=device)
+    step_loss = torch.zeros((), device=setup.device)
     for i, batch in enumerate(batches):
         set_gradient_sync(model, i == n_micro - 1)
-        with _autocast(device, precision):
-            loss, _ = loss_sum(model, batch.to(device), fused, loss_kernel)
+        with _autocast(setup.device, setup.precision):
+            loss, _ = loss_sum(model, batch.to(setup.device), setup.fused_loss, setup.loss_kernel)
         weight = procs.world / n_targets if i < real else 0.0  # FSDP2 averages gradients over processes
         (loss * weight).backward()
         if i < real:
             step_loss += loss.detach().float()
-    total = step_loss.item()
-    if not math.isfinite(total):  # a non-finite micro-batch loss makes the sum non-finite
-        raise _nan_error(step, "loss", ckpt_root)
-    return batches, real, n_targets, sum_all(total, procs)
+    # a non-finite loss on any process stays non-finite in the sum: every process stops at the same step
+    return batches, real, n_targets, sum_all(step_loss.item(), procs)
 
 
-def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, device: torch.device) -> RunError:
+def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, setup: StepSetup) -> RunError:
     """Out of GPU memory: say what the memory model expected and what to change."""
+    device = setup.device
     from ..hardware.memory import architecture_from_config, estimate_memory
 
     have = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
@@ -329,7 +343,7 @@ def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, device: torch.dev
         arch = architecture_from_config(base.config)
         row = _row_tokens(tcfg, micro_size)  # a packed row's own budget, when one is set
         batch, length = (1, row) if row else (micro_size, tcfg.max_length)
-        optimizer, weights = OPTIMIZER_MEMORY.get(tcfg.optim, OPTIMIZER_MEMORY["adamw_torch"])
+        optimizer, weights = OPTIMIZER_MEMORY[setup.optimizer]
         est = estimate_memory(arch, tcfg.method, batch, length,
                               checkpointing="full" if tcfg.gradient_checkpointing is not False else "none",
                               optimizer=optimizer, full_precision=weights, lora_r=tcfg.lora.r)
@@ -350,10 +364,10 @@ def _free_cuda(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, examples: list[TokenizedChat], pad_id: int, tcfg: TrainConfig, device: torch.device,
-                  precision: Precision, procs: Processes | None = None) -> dict[str, float]:
+def evaluate_loss(model: Any, examples: list[TokenizedChat], *, setup: StepSetup, tcfg: TrainConfig
+                  ) -> dict[str, float]:
     """Mean token loss, perplexity and next-token accuracy over the supervised tokens of ``examples``."""
-    procs = procs or Processes(0, 1, 0, device)
+    procs, pad_id, device = setup.procs, setup.pad_id, setup.device
     model.eval()
     total = correct = 0.0
     count = 0
@@ -362,7 +376,7 @@ def evaluate_loss(model: Any, examples: list[TokenizedChat], pad_id: int, tcfg: 
     real = len(batches)
     batches += micro_batches(examples, [0], 1, tcfg.max_length, pad_id, False) * (max_all(real, procs) - real)
     for i, batch in enumerate(batches):
-        with _autocast(device, precision):
+        with _autocast(device, setup.precision):
             loss, right = loss_sum(model, batch.to(device), fused=False)
         if i < real:
             total += loss.item()
@@ -389,15 +403,15 @@ def _task_eval(config: Config, tokenizer: Any, eval_file: Path) -> Callable[[Any
 
 
 def _resume(root: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str, tcfg: TrainConfig,
-            emit: Event, procs: Processes) -> int:
+            emit: Event, procs: Processes, planned: str) -> int:
     ckpt = checkpoint.latest(root)
     if ckpt is None:
         raise UserError(f"--resume: no complete checkpoint in {root}",
                         hint="run without --resume to start, or point --out at the interrupted run's folder")
-    written_by = ckpt.state.get("optimizer", tcfg.optim)  # checkpoints before this key: as planned now
-    if written_by != tcfg.optim:  # whatever on_config_change says: one optimizer's states do not load into another
+    written_by = ckpt.state.get("optimizer", planned)  # checkpoints before this key: as planned now
+    if written_by != planned:  # whatever on_config_change says: one optimizer's states do not load into another
         raise UserError(f"--resume: checkpoint {ckpt.path.name} holds {written_by} optimizer states; this run "
-                        f"plans {tcfg.optim}", hint=f"set train.optim: {written_by} to resume it")
+                        f"plans {planned}", hint=f"set train.optim: {written_by} to resume it")
     if ckpt.state.get("fingerprint") != fingerprint:
         message = f"--resume: the config or data differ from those of checkpoint {ckpt.path.name}"
         if tcfg.on_config_change == "refuse":
@@ -429,18 +443,20 @@ def _save_final(model: Any, tokenizer: Any, method: str, out: Path, precision: P
     return target
 
 
-def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def _optimizer(params: list[torch.nn.Parameter], name: str, cfg: TrainConfig, device: torch.device
+               ) -> torch.optim.Optimizer:
+    """The plan's optimizer ``name`` over ``params``, with the config's learning rate and weight decay."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    if cfg.optim == "adamw_8bit":
+    if name == "adamw_8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise UserError("train.optim: adamw_8bit needs bitsandbytes", hint="pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate)
-    if cfg.optim == "adamw_8bit_bf16":
+    if name == "adamw_8bit_bf16":
         from torchao.optim import AdamW8bit  # the plan checked that it is installed
 
         # its update compiles once per parameter shape; the same hyper-parameters as the other AdamWs

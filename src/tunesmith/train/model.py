@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -12,102 +11,65 @@ import torch
 from ..config import ModelConfig, TrainConfig
 from ..errors import UserError
 from ..models import base_model, load_model, model_skeleton
-from .adapter_dropout import fuse_adapter_dropout, fused_dropout_for
+from .adapter_dropout import fuse_adapter_dropout
 from .distributed import Processes, materialize, shard
 from .offload import ActivationOffloader, offloaded_checkpoint, offloaded_layer, synchronous_offloaded_checkpoint
+from .plan import Precision, TrainPlan
 
 
-@dataclass(frozen=True)
-class Precision:
-    """Resolved numerics: the dtype weights are stored in and the autocast dtype (None = no autocast)."""
-
-    weights: torch.dtype
-    autocast: torch.dtype | None
-
-    @property
-    def name(self) -> str:
-        return "bf16" if self.autocast == torch.bfloat16 else "fp16" if self.autocast == torch.float16 else "fp32"
-
-
-def resolve_precision(choice: str, method: str, device: torch.device) -> Precision:
-    """``auto``: bf16 autocast where the GPU has it, else fp32. Full fine-tuning keeps fp32 master weights (an
-    optimizer update smaller than bf16's resolution would otherwise be lost); LoRA/QLoRA keep the frozen base in the
-    autocast dtype and the adapters in fp32 (PEFT's default)."""
-    has_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if choice == "auto":
-        choice = "bf16" if has_bf16 else "fp32"
-    if choice == "bf16" and device.type == "cuda" and not has_bf16:
-        raise UserError("train.precision: bf16 is not supported by this GPU", hint="use fp16 or fp32, or auto")
-    if choice == "bf16" and device.type != "cuda":
-        raise UserError("train.precision: bf16 training needs a CUDA GPU here", hint="use precision: auto or fp32")
-    if choice == "fp16" and device.type != "cuda":
-        raise UserError("train.precision: fp16 needs a CUDA GPU", hint="use precision: auto or fp32")
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[choice]
-    if method == "full" or autocast is None:
-        return Precision(torch.float32, autocast)
-    return Precision(autocast, autocast)
-
-
-def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, precision: Precision,
-                attn_implementation: str | None, path: str, checkpointed_layers: int | None = None,
-                offload_checkpoints: bool = False, offloaded_layers: int = 0) -> Any:
-    """Load the base and make exactly the intended parameters trainable."""
-    method = train_cfg.method
-    quant = _bnb_config(train_cfg, precision) if method == "qlora" else None
-    model = load_model(model_cfg, dtype=precision.weights, quantization=quant,
-                       device_map={"": device.index or 0} if (quant is not None and device.type == "cuda") else None,
-                       path=path, attn_implementation=attn_implementation)
-    if quant is None:
-        model.to(device)
-    return prepare_model(model, train_cfg, device, checkpointed_layers, offload_checkpoints=offload_checkpoints,
-                         offloaded_layers=offloaded_layers)
-
-
-def build_sharded_model(model_cfg: ModelConfig, train_cfg: TrainConfig, procs: Processes, precision: Precision,
-                        attn_implementation: str | None, path: str, checkpointed_layers: int | None = None,
-                        replicate: bool = False, reshard_after_forward: bool = True) -> Any:
-    """FSDP2: every process builds the model without memory (parameters on the meta device), shards it, then
-    receives its shards from the main process — the only one that reads the weights (one CPU copy in all, not one
-    per GPU: a 70B model loads on a node whose GPUs could not each hold it)."""
+def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, plan: TrainPlan, procs: Processes, *,
+                attn_implementation: str | None, path: str) -> Any:
+    """Load the base and build it as ``plan`` says (``prepare_model``). One process reads the weights onto its
+    device (QLoRA: quantized as they load). FSDP2: every process builds the model without memory (parameters on the
+    meta device) and shards it, then receives its shards from the main process — the only one that reads the
+    weights (one CPU copy in all, not one per GPU: a 70B model loads on a node whose GPUs could not each hold it)."""
+    precision = plan.precision
+    if not procs.distributed:
+        quant = _bnb_config(train_cfg, precision) if train_cfg.method == "qlora" else None
+        on_gpu = quant is not None and procs.device.type == "cuda"
+        model = load_model(model_cfg, dtype=precision.weights, quantization=quant,
+                           device_map={"": procs.device.index or 0} if on_gpu else None,
+                           path=path, attn_implementation=attn_implementation)
+        if quant is None:
+            model.to(procs.device)
+        return prepare_model(model, train_cfg, plan)
     skeleton = model_skeleton(model_cfg, dtype=precision.weights, path=path, attn_implementation=attn_implementation)
-    # PEFT's own adapter dropout: the fused kernel (adapter_dropout.py) is not measured under FSDP2
-    model = prepare_model(skeleton, train_cfg, procs.device, checkpointed_layers, compile_layers=False,
-                          fused_dropout=False)
     full_state = None
     if procs.main:
         real = load_model(model_cfg, dtype=precision.weights, path=path, attn_implementation=attn_implementation)
         if train_cfg.method != "full":
             real = _add_lora(real, train_cfg)
         full_state = real.state_dict()
-    shard(model, procs, train_cfg.method, precision.autocast, replicate, reshard_after_forward)
-    materialize(model, procs, full_state)
-    if _compiling(train_cfg, procs.device):
-        compile_decoder_layers(model)  # after sharding, as measured (bench/results/scale_out.md)
-    return model
+    return prepare_model(skeleton, train_cfg, plan, procs=procs, full_state=full_state)
 
 
-def prepare_model(model: Any, train_cfg: TrainConfig, device: torch.device,
-                  checkpointed_layers: int | None = None, compile_layers: bool | None = None,
-                  offload_checkpoints: bool = False, fused_dropout: bool = True, offloaded_layers: int = 0) -> Any:
-    """Adapters and checkpointing on an already loaded base (benchmarks build random-weight bases themselves).
-    ``checkpointed_layers``: how many decoder layers recompute their activations (the plan's choice); None: all or
-    none, as ``train.gradient_checkpointing`` says. ``offload_checkpoints``: their inputs wait in CPU memory.
-    ``offloaded_layers``: more layers, neither recomputed nor kept, whose saved activations wait in CPU memory.
-    ``fused_dropout``: on CUDA, LoRA adapters draw their input dropout inside their first product (adapter_dropout.py).
-    """
+def prepare_model(model: Any, train_cfg: TrainConfig, plan: TrainPlan, *, procs: Processes | None = None,
+                  full_state: dict[str, torch.Tensor] | None = None) -> Any:
+    """The one build order, on a loaded base (benchmarks build random-weight bases themselves) or, with several
+    ``procs``, on a skeleton whose weights (``full_state``, the main process's) arrive once it is sharded:
+    adapters → dropout → checkpointing and offload → shard → compile, each as ``plan`` decided."""
     model.config.use_cache = False
     if train_cfg.method != "full":
+        # first: the adapters are modules inside the decoder layers that checkpointing, FSDP2 and compile wrap
         model = _add_lora(model, train_cfg)
-        if fused_dropout and fused_dropout_for(train_cfg.method, device):
+        if plan.fused_dropout:
+            # each adapter draws its dropout in its first product: no mask kept for backward (adapter_dropout.py)
             fuse_adapter_dropout(model)
-    if checkpointed_layers is None:
-        checkpointed_layers = decoder_layer_count(model) if checkpointing_on(train_cfg, device) else 0
-    if checkpointed_layers + offloaded_layers > 0:
-        set_checkpointing(model, checkpointed_layers, offload_checkpoints, offloaded_layers)
+    # None: every layer, where the plan could not count them (a config without num_hidden_layers)
+    layers = decoder_layer_count(model) if plan.checkpointed_layers is None else plan.checkpointed_layers
+    if layers + plan.offloaded_layers > 0:
+        set_checkpointing(model, layers, plan.offload_checkpoints, plan.offloaded_layers)
         if train_cfg.method == "qlora":
             # the guide's QLoRA gotcha: inputs of frozen 4-bit layers must carry grad for checkpointed blocks
             model.enable_input_require_grads()
-    if _compiling(train_cfg, device) if compile_layers is None else compile_layers:
+    if procs is not None and procs.distributed:
+        # FSDP2 wraps the layers as they will run: adapters in place, trainable flags and checkpointing set
+        shard(model, procs, train_cfg.method, plan.precision.autocast, plan.sharding == "replicate",
+              plan.reshard_after_forward)
+        materialize(model, procs, full_state)
+    if plan.compile_layers:
+        # last: checkpointing stays outside the compiled region and re-runs the compiled layer in backward; under
+        # FSDP2, compiled after sharding, as measured (bench/results/scale_out.md)
         compile_decoder_layers(model)
     return model
 
@@ -204,20 +166,6 @@ def count_parameters(model: Any) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
-
-
-def checkpointing_on(cfg: TrainConfig, device: torch.device) -> bool:
-    """All-or-nothing checkpointing where no layer count is planned: ``auto`` = on for qlora and on GPUs."""
-    if cfg.gradient_checkpointing == "auto":
-        return cfg.method == "qlora" or device.type == "cuda"
-    return bool(cfg.gradient_checkpointing)
-
-
-def _compiling(cfg: TrainConfig, device: torch.device) -> bool:
-    if cfg.compile == "auto":
-        # measured on H200s for every method, one GPU and FSDP2 (bench/results/fast_engine.md, scale_out.md)
-        return device.type == "cuda"
-    return bool(cfg.compile)
 
 
 def _enable_checkpointing(model: Any) -> None:

@@ -1,8 +1,15 @@
 """Numerics and memory of a run, chosen from the memory model (src/tunesmith/hardware/memory.py) before any weight
 is loaded, and reported in run.json and on the console — never a silent fall-back.
 
+``plan_training`` is a pure function of the model's config, the train config, the machine's facts (``Hardware``,
+measured once by src/tunesmith/train/measure.py or taken from the GPU catalogue) and the process count: it asks no
+GPU and imports nothing to find out. ``tunesmith train`` builds the model and runs the loop as it says, and
+``tunesmith advise`` asks it which optimizer full fine-tuning gets.
+
 The ``auto`` choices made here:
 
+- ``train.precision: auto`` — bf16 autocast where the GPU has it, else fp32 (``_precision``); full fine-tuning keeps
+  fp32 master weights unless its optimizer trains bf16 weights.
 - ``train.optim: auto`` — full fine-tuning keeps fp32 master weights and fp32 AdamW states when they fit on the
   GPU (16 bytes per parameter with the gradients); else, on one GPU, bf16 weights rounded stochastically with 8-bit
   states and fp32 update maths (torchao, 6 bytes per parameter; measured faster than the next choice), or fp32
@@ -18,18 +25,29 @@ The ``auto`` choices made here:
   wait for backward in CPU memory (all but the three in flight), and the checkpointing choice is made again with it.
 - ``train.offload_layers: auto`` — of those layers, LoRA with compiled layers offloads some whole instead of
   recomputing them: as many as the GPU→CPU link can copy while forward runs (``_choose_offloaded_layers``).
+- ``train.compile: auto`` — on a GPU; LoRA on one GPU draws the adapters' dropout in the fused kernel.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
 from ..config import TrainConfig
 from ..errors import UserError
-from .model import Precision, checkpointing_on
+from ..hardware.machine import Hardware
+from ..hardware.memory import (
+    ALLOCATOR_SLACK,
+    CUDA_CONTEXT_GIB,
+    Architecture,
+    MemoryEstimate,
+    architecture_from_config,
+    estimate_memory,
+    lora_trainable_params,
+)
+from .adapter_dropout import fusable
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -59,9 +77,22 @@ the allocator needs slack for fragmentation."""
 
 
 @dataclass(frozen=True)
+class Precision:
+    """Resolved numerics: the dtype weights are stored in and the autocast dtype (None = no autocast)."""
+
+    weights: torch.dtype
+    autocast: torch.dtype | None
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.autocast == torch.bfloat16 else "fp16" if self.autocast == torch.float16 else "fp32"
+
+
+@dataclass(frozen=True)
 class TrainPlan:
-    optimizer: str                 # adamw_torch | adamw_8bit | adamw_8bit_bf16
+    optimizer: str                 # adamw_torch | adamw_8bit | adamw_8bit_bf16 — what the loop builds
     master_weights: str            # fp32 | bf16 | STOCHASTIC_BF16 (adapters: fp32) — what the optimizer updates
+    precision: Precision           # the dtypes the model is built and run in
     checkpointed_layers: int | None  # decoder layers recomputed in backward; None: all (layer count unknown here)
     layers: int
     sharding: str | None           # several processes: shard | replicate; one process: None
@@ -72,55 +103,57 @@ class TrainPlan:
     embeddings_on_cpu: bool = False  # frozen input embeddings looked up in CPU memory
     offload_checkpoints: bool = False  # checkpointed layers' inputs kept in CPU memory until backward
     offloaded_layers: int = 0  # layers neither recomputed nor kept: their saved activations in CPU memory
+    fused_dropout: bool = False  # LoRA adapters draw their input dropout in the fused kernel (adapter_dropout.py)
+    compile_layers: bool = False  # each decoder layer compiled with torch.compile
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "precision": self.precision.name}
 
 
-def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, world: int,
-                  weights_dtype: torch.dtype, gpu_gib: float | None = None) -> TrainPlan:
-    """Resolve ``optim`` and ``gradient_checkpointing`` for this model, micro-batch, GPU and process count.
-    ``gpu_gib``: the GPU memory available (the device's free memory when None)."""
+def plan_training(model_config: Any, tcfg: TrainConfig, *, hardware: Hardware, world: int) -> TrainPlan:
+    """Resolve ``precision``, ``optim``, ``gradient_checkpointing``, the offloading, the sharding and ``compile``
+    for this model, config, machine and process count — from these arguments alone."""
+    precision = _precision(tcfg.precision, tcfg.method, hardware)
     layers = int(getattr(model_config, "num_hidden_layers", 0) or 0)
-    _check_configured_optimizer(tcfg, device, world)
-    budget = _budget_gib(tcfg, device, gpu_gib)
+    _check_configured_optimizer(tcfg, hardware, world)
+    compiled = _compiles(tcfg, hardware)
+    fused_dropout = _fused_dropout(tcfg, hardware, world)
+    budget = _budget_gib(tcfg, hardware)
     arch = _architecture(model_config)
     if arch is None or budget is None:  # CPU, or an architecture the memory model does not know
         optimizer = "adamw_torch" if tcfg.optim == "auto" else tcfg.optim
-        master = _master_weights(tcfg, weights_dtype, optimizer)
         # layers unknown (a config without num_hidden_layers): None lets the model count its own blocks
-        ckpt = (layers or None) if checkpointing_on(tcfg, device) else 0
+        ckpt = (layers or None) if checkpointing_on(tcfg, hardware) else 0
         sharding = None if world == 1 else ("replicate" if tcfg.sharding == "replicate" else "shard")
         offload = tcfg.offload_checkpoints is True and _offload_checkpoints(tcfg, world, 1 if ckpt is None else ckpt)
         offloaded = 0
         if tcfg.offload_layers != "auto" and ckpt is not None:
             offloaded = _configured_offloaded_layers(tcfg, world, ckpt)[0]
             ckpt -= offloaded
-        return TrainPlan(optimizer, master, ckpt, layers, sharding, sharding != "replicate", budget, None,
+        return TrainPlan(optimizer, _master_weights(tcfg, precision, optimizer), _weights_for(optimizer, precision),
+                         ckpt, layers, sharding, sharding != "replicate", budget, None,
                          "no GPU memory to plan for" if budget is None else "architecture not in the memory model",
-                         offload_checkpoints=offload, offloaded_layers=offloaded)
+                         offload_checkpoints=offload, offloaded_layers=offloaded, fused_dropout=fused_dropout,
+                         compile_layers=compiled)
 
     # a packed row's budget, or a padded micro-batch
     tokens = tcfg.packed_row_tokens or tcfg.per_device_train_batch_size * tcfg.max_length
-    sharding, shard_why = _choose_sharding(arch, model_config, tcfg, tokens, world, budget)
-    shards = world if sharding == "shard" else 1
-    optimizer, why = _choose_optimizer(arch, model_config, tcfg, tokens, world, shards, budget, device)
-    master = _master_weights(tcfg, weights_dtype, optimizer)
-    copy_gib = _fsdp_copies_gib(arch, model_config, tcfg, sharding)
-    masks = _dropout_mask_bytes(tcfg, device, world)
-    ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget,
-                                                     optimizer, layers, copy_gib, mask_bytes=masks)
-    on_cpu = _embeddings_on_cpu(model_config, tcfg, world, estimate > budget)
+    step = _Step(arch, model_config, tcfg, tokens, world, 1, budget, layers, _head(hardware),
+                 _dropout_mask_bytes(tcfg, fused_dropout), compiled)
+    sharding, shard_why = _choose_sharding(step)
+    step = replace(step, shards=world if sharding == "shard" else 1)
+    optimizer, why = _choose_optimizer(step, hardware)
+    copy_gib = _fsdp_copies_gib(step, sharding)
+    ckpt, estimate, ckpt_why = _choose_checkpointing(step, optimizer, extra_gib=copy_gib)
+    on_cpu = _embeddings_on_cpu(step, estimate > budget)
     if on_cpu:
         freed = _embedding_gib(model_config)
         copy_gib -= freed
-        ckpt, estimate, ckpt_why = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget,
-                                                         optimizer, layers, copy_gib, mask_bytes=masks)
+        ckpt, estimate, ckpt_why = _choose_checkpointing(step, optimizer, extra_gib=copy_gib)
         ckpt_why += f"; frozen input embeddings in CPU memory (-{freed:.2f} GiB)"
     offload = False
     if _offload_checkpoints(tcfg, world, ckpt):
-        moved = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget, optimizer, layers,
-                                      copy_gib, offload=True, mask_bytes=masks)
+        moved = _choose_checkpointing(step, optimizer, extra_gib=copy_gib, offload=True)
         # auto: only if it buys something — fewer layers recomputed, or a step that did not fit
         if tcfg.offload_checkpoints is True or moved[0] < ckpt or estimate > budget:
             ckpt, estimate, ckpt_why = moved
@@ -128,14 +161,13 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
             ckpt_why += "; checkpointed layers' inputs in CPU memory" if offload else ""
     offloaded = 0
     if tcfg.offload_layers != 0 and (ckpt or tcfg.offload_layers != "auto"):  # a count asked for is checked
-        offloaded, why_offloaded = _choose_offloaded_layers(arch, tcfg, tokens, device, world, ckpt, offload,
-                                                            _memory(arch, model_config, tcfg, tokens, shards,
-                                                                    "full", optimizer, masks).layer_gib)
+        offloaded, why_offloaded = _choose_offloaded_layers(step, hardware, checkpointed=ckpt,
+                                                            inputs_offloaded=offload,
+                                                            layer_gib=_memory(step, "full", optimizer).layer_gib)
         if offloaded:
             # the offloaded layers' activations come back one layer ahead of their backward: while a neighbour
             # recomputes, one of them is on the GPU besides (measured: below the loss-time peak with 2 kept layers)
-            with_them = _choose_checkpointing(arch, model_config, tcfg, tokens, shards, budget, optimizer, layers,
-                                              copy_gib, offload=offload, mask_bytes=masks, fixed=ckpt,
+            with_them = _choose_checkpointing(step, optimizer, extra_gib=copy_gib, offload=offload, fixed=ckpt,
                                               offloaded=True)[1]
             if with_them > budget and tcfg.offload_layers == "auto":
                 offloaded, why_offloaded = 0, "no layers offloaded whole (one arriving would not fit)"
@@ -154,16 +186,23 @@ def plan_training(model_config: Any, tcfg: TrainConfig, device: torch.device, wo
             estimate += gathered / 2**30
         reshard_why = f"; {sharding}" + ("" if sharding == "replicate" or reshard else
                                          ", gathered weights kept from forward to backward") + shard_why
-    return TrainPlan(optimizer, master, ckpt, layers, sharding, reshard, round(budget, 1), round(estimate, 1),
-                     f"{why}; {ckpt_why}{reshard_why}", on_cpu, offload, offloaded)
+    return TrainPlan(optimizer, _master_weights(tcfg, precision, optimizer), _weights_for(optimizer, precision),
+                     ckpt, layers, sharding, reshard, round(budget, 1), round(estimate, 1),
+                     f"{why}; {ckpt_why}{reshard_why}", on_cpu, offload, offloaded, fused_dropout, compiled)
 
 
-def weights_precision(plan: TrainPlan, precision: Precision) -> Precision:
-    """The precision the model is built in: adamw_8bit_bf16 trains bf16 weights (no fp32 masters, no autocast
-    copies); every other choice keeps ``precision``."""
-    if plan.optimizer == "adamw_8bit_bf16":
-        return Precision(torch.bfloat16, torch.bfloat16)
-    return precision
+def needs_host_link(tcfg: TrainConfig, world: int) -> bool:
+    """Whether the plan may spend the GPU→CPU link's rate (``Hardware.host_link_bytes_per_s``): LoRA on one GPU with
+    compiled layers and ``train.offload_layers: auto`` — where offloading layers whole was measured. Elsewhere the
+    rate is not measured (a copy of 256 MiB, three times)."""
+    return tcfg.offload_layers == "auto" and world == 1 and tcfg.method == "lora" and tcfg.compile is not False
+
+
+def checkpointing_on(tcfg: TrainConfig, hardware: Hardware) -> bool:
+    """All-or-nothing checkpointing where no layer count is planned: ``auto`` = on for qlora and on GPUs."""
+    if tcfg.gradient_checkpointing == "auto":
+        return tcfg.method == "qlora" or hardware.device == "cuda"
+    return bool(tcfg.gradient_checkpointing)
 
 
 def describe(plan: TrainPlan) -> str:
@@ -183,55 +222,115 @@ def describe(plan: TrainPlan) -> str:
 # --- choices -------------------------------------------------------------------------------------------------------
 
 
-def _choose_sharding(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int,
-                     budget: float) -> tuple[str | None, str]:
-    if world == 1:
+@dataclass(frozen=True)
+class _Step:
+    """What every memory estimate of one run shares: the model, the config, a micro-batch's tokens, the processes
+    and how many of them share the weights, the budget, and how the step's loss and adapters run."""
+
+    arch: Architecture
+    model_config: Any
+    tcfg: TrainConfig
+    tokens: int
+    world: int
+    shards: int             # 1 when each GPU holds the whole model (one process, or replicated)
+    budget: float
+    layers: int
+    head: str               # the memory model's logits policy: "fused" (Liger's kernel) or "chunked"
+    mask_bytes: int         # see ``_dropout_mask_bytes``
+    compiled: bool
+
+
+def _precision(choice: str, method: str, hardware: Hardware) -> Precision:
+    """``auto``: bf16 autocast where the GPU has it, else fp32. Full fine-tuning keeps fp32 master weights (an
+    optimizer update smaller than bf16's resolution would otherwise be lost); LoRA/QLoRA keep the frozen base in the
+    autocast dtype and the adapters in fp32 (PEFT's default)."""
+    gpu = hardware.device == "cuda"
+    has_bf16 = gpu and hardware.bf16
+    if choice == "auto":
+        choice = "bf16" if has_bf16 else "fp32"
+    if choice == "bf16" and gpu and not has_bf16:
+        raise UserError("train.precision: bf16 is not supported by this GPU", hint="use fp16 or fp32, or auto")
+    if choice == "bf16" and not gpu:
+        raise UserError("train.precision: bf16 training needs a CUDA GPU here", hint="use precision: auto or fp32")
+    if choice == "fp16" and not gpu:
+        raise UserError("train.precision: fp16 needs a CUDA GPU", hint="use precision: auto or fp32")
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[choice]
+    if method == "full" or autocast is None:
+        return Precision(torch.float32, autocast)
+    return Precision(autocast, autocast)
+
+
+def _weights_for(optimizer: str, precision: Precision) -> Precision:
+    """The precision the model is built in: adamw_8bit_bf16 trains bf16 weights (no fp32 masters, no autocast
+    copies); every other choice keeps ``precision``."""
+    if optimizer == "adamw_8bit_bf16":
+        return Precision(torch.bfloat16, torch.bfloat16)
+    return precision
+
+
+def _compiles(tcfg: TrainConfig, hardware: Hardware) -> bool:
+    if tcfg.compile == "auto":
+        # measured on H200s for every method, one GPU and FSDP2 (bench/results/fast_engine.md, scale_out.md)
+        return hardware.device == "cuda"
+    return bool(tcfg.compile)
+
+
+def _fused_dropout(tcfg: TrainConfig, hardware: Hardware, world: int) -> bool:
+    """Whether the adapters draw their dropout in the fused kernel (src/tunesmith/train/adapter_dropout.py): LoRA in
+    one process where the kernels run. QLoRA's measured configuration (bench/results/fast_engine.md, fifth run)
+    keeps PEFT's dropout, its speed with the kernel not measured yet (bench/gpu_session.sh AB); FSDP2 runs keep it
+    too (not measured there)."""
+    return world == 1 and tcfg.method == "lora" and hardware.fused_dropout_kernel
+
+
+def _choose_sharding(step: _Step) -> tuple[str | None, str]:
+    tcfg = step.tcfg
+    if step.world == 1:
         return None, ""
     if tcfg.sharding != "auto":
         return tcfg.sharding, " (as configured)"
     # replicated, each GPU holds what one GPU would (full fine-tuning: fp32 masters and AdamW states, unsharded)
-    whole = (_estimate(arch, model_config, tcfg, tokens, 1, "full", "adamw_torch")
-             + _fsdp_copies_gib(arch, model_config, tcfg, "replicate"))
-    if whole <= budget:
+    whole = _estimate(step, "full", "adamw_torch") + _fsdp_copies_gib(step, "replicate")
+    if whole <= step.budget:
         return "replicate", f" (the whole run fits one GPU: {whole:.1f} GiB)"
     return "shard", f" (the whole run needs {whole:.0f} GiB on one GPU)"
 
 
-def _check_configured_optimizer(tcfg: TrainConfig, device: torch.device, world: int) -> None:
+def _check_configured_optimizer(tcfg: TrainConfig, hardware: Hardware, world: int) -> None:
     """An optimizer set in the config that cannot run here is one error before anything loads."""
     if tcfg.optim in ("adamw_8bit", "adamw_8bit_bf16") and world > 1:
         raise UserError(f"train.optim: {tcfg.optim} runs on one GPU only (not measured on FSDP2's sharded "
                         "parameters)", hint="use optim: auto or adamw_torch with several GPUs (the states are "
                                             "sharded, so fp32 AdamW fits where 8-bit was needed on one GPU)")
-    missing = _stochastic_bf16_missing(device, tcfg) if tcfg.optim == "adamw_8bit_bf16" else None
+    missing = _stochastic_bf16_missing(hardware, tcfg) if tcfg.optim == "adamw_8bit_bf16" else None
     if missing:
         raise UserError(f"train.optim: adamw_8bit_bf16 {missing[0]}", hint=missing[1])
 
 
-def _master_weights(tcfg: TrainConfig, weights_dtype: torch.dtype, optimizer: str) -> str:
+def _master_weights(tcfg: TrainConfig, precision: Precision, optimizer: str) -> str:
     """What the optimizer updates, as the plan reports it."""
     if optimizer == "adamw_8bit_bf16":
         return STOCHASTIC_BF16
-    dtype = _DTYPE_NAMES.get(weights_dtype, str(weights_dtype))
+    dtype = _DTYPE_NAMES.get(precision.weights, str(precision.weights))
     if tcfg.method != "full":
         return f"fp32 adapters on a frozen {'NF4' if tcfg.method == 'qlora' else dtype} base"
     return dtype
 
 
-def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, world: int, shards: int,
-                      budget: float, device: torch.device) -> tuple[str, str]:
+def _choose_optimizer(step: _Step, hardware: Hardware) -> tuple[str, str]:
+    tcfg, budget, world = step.tcfg, step.budget, step.world
     if tcfg.optim != "auto":
         return tcfg.optim, f"optimizer {tcfg.optim} as configured"
     if tcfg.method != "full":
         return "adamw_torch", "fp32 AdamW for the adapters"
-    fp32 = _estimate(arch, model_config, tcfg, tokens, shards, "full", "adamw_torch")
+    fp32 = _estimate(step, "full", "adamw_torch")
     if fp32 <= budget:
         return "adamw_torch", f"fp32 AdamW fits ({fp32:.1f} GiB with every layer checkpointed)"
     if world > 1:
         raise UserError(f"full fine-tuning with fp32 AdamW needs ~{fp32:.0f} GiB per GPU on {world} GPUs; "
                         f"{budget:.0f} GiB is available", hint="use more GPUs, method: lora, or a smaller model")
-    choice = "adamw_8bit" if _stochastic_bf16_missing(device, tcfg) else "adamw_8bit_bf16"
-    eight = _estimate(arch, model_config, tcfg, tokens, shards, "full", choice)
+    choice = "adamw_8bit" if _stochastic_bf16_missing(hardware, tcfg) else "adamw_8bit_bf16"
+    eight = _estimate(step, "full", choice)
     if eight > budget:
         raise UserError(f"full fine-tuning needs ~{eight:.0f} GiB even with 8-bit AdamW; {budget:.0f} GiB is "
                         "available", hint="use method: lora or qlora, several GPUs (tunesmith train --gpus N), or a "
@@ -244,34 +343,31 @@ def _choose_optimizer(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: i
                     "and torchao)")
 
 
-def _stochastic_bf16_missing(device: torch.device, tcfg: TrainConfig) -> tuple[str, str] | None:
+def _stochastic_bf16_missing(hardware: Hardware, tcfg: TrainConfig) -> tuple[str, str] | None:
     """What adamw_8bit_bf16 lacks here (what, and the fix), or None: it needs bf16 weights — a CUDA GPU with bf16
     and train.precision auto or bf16 — and torchao."""
-    import importlib.util
-
     if tcfg.precision not in ("auto", "bf16"):
         return (f"trains bf16 weights, but train.precision is {tcfg.precision}",
                 "set train.precision: bf16 (or auto), or another optim")
-    if device.type != "cuda" or not torch.cuda.is_bf16_supported():
+    if hardware.device != "cuda" or not hardware.bf16:
         return "trains bf16 weights, which needs a CUDA GPU with bf16", "use optim: auto, adamw_torch or adamw_8bit"
-    if importlib.util.find_spec("torchao") is None:
+    if not hardware.torchao:
         return "needs torchao", "pip install 'tunesmith[gpu]'"
     return None
 
 
-def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
-                          budget: float, optimizer: str, layers: int, extra_gib: float = 0.0, offload: bool = False,
-                          mask_bytes: int = 1, fixed: int | None = None, offloaded: bool = False
-                          ) -> tuple[int, float, str]:
-    """How many layers (the first ones) not to keep for backward, the estimated peak, and why. ``fixed``: that many,
-    only estimated; ``offloaded``: some of them are offloaded whole (one arrives during a neighbour's recompute)."""
-    from ..hardware.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB
-
-    full = _memory(arch, model_config, tcfg, tokens, shards, "full", optimizer, mask_bytes)
-    none = _memory(arch, model_config, tcfg, tokens, shards, "none", optimizer, mask_bytes).total_gib + extra_gib
+def _choose_checkpointing(step: _Step, optimizer: str, *, extra_gib: float = 0.0, offload: bool = False,
+                          fixed: int | None = None, offloaded: bool = False) -> tuple[int, float, str]:
+    """How many layers (the first ones) not to keep for backward, the estimated peak, and why. ``extra_gib``: memory
+    beyond the memory model's (FSDP2's gathered copies); ``offload``: checkpointed layers' inputs in CPU memory;
+    ``fixed``: that many, only estimated; ``offloaded``: some of them are offloaded whole (one arrives during a
+    neighbour's recompute)."""
+    tcfg, layers, budget = step.tcfg, step.layers, step.budget
+    full = _memory(step, "full", optimizer)
+    none = _memory(step, "none", optimizer).total_gib + extra_gib
     # a kept layer holds its activations in place of its bf16 input; offloaded, a checkpointed layer's input leaves
     # the GPU, except the ones being copied out and back
-    boundary = model_config.hidden_size * tokens * 2 / 2**30
+    boundary = step.model_config.hidden_size * step.tokens * 2 / 2**30
     without_layers = full.peak_allocated_gib - full.head_and_transients_gib
 
     def peak(checkpointed: int) -> float:
@@ -302,28 +398,26 @@ def _choose_checkpointing(arch: Any, model_config: Any, tcfg: TrainConfig, token
     return checkpointed, peak(checkpointed), kept
 
 
-def _choose_offloaded_layers(arch: Any, tcfg: TrainConfig, tokens: int, device: torch.device, world: int,
-                             checkpointed: int, inputs_offloaded: bool, layer_gib: float) -> tuple[int, str]:
+def _choose_offloaded_layers(step: _Step, hardware: Hardware, *, checkpointed: int, inputs_offloaded: bool,
+                             layer_gib: float) -> tuple[int, str]:
     """How many of the ``checkpointed`` layers to offload whole instead of recomputing, and why.
 
     auto: as many as the GPU→CPU link can copy in OFFLOAD_LINK_SHARE of the forward's time — the forward timed at
-    FORWARD_PEAK_SHARE of the GPU's datasheet peak, the link measured now (offload.host_link_rate), a layer's bytes
-    from the memory model. Only where it was measured: LoRA on one GPU, compiled layers, inputs offloaded too."""
+    FORWARD_PEAK_SHARE of the GPU's datasheet peak, the link's measured rate (``Hardware.host_link_bytes_per_s``), a
+    layer's bytes from the memory model. Only where it was measured: LoRA on one GPU, compiled layers, inputs
+    offloaded too."""
+    tcfg = step.tcfg
     if tcfg.offload_layers != "auto":
-        return _configured_offloaded_layers(tcfg, world, checkpointed)
-    name = _cuda_gpu_name(device)
-    if not (world == 1 and name is not None and tcfg.method == "lora" and inputs_offloaded
-            and tcfg.compile is not False):
+        return _configured_offloaded_layers(tcfg, step.world, checkpointed)
+    if not (needs_host_link(tcfg, step.world) and hardware.device == "cuda" and inputs_offloaded):
         return 0, "no layers offloaded whole (measured for LoRA on one GPU with compiled layers)"
-    from ..hardware.catalog import GPU_ALIASES, GPUS
-    from .offload import host_link_rate
-
-    gpu = GPUS.get(GPU_ALIASES.get(name, name))
-    if gpu is None:
-        return 0, f"no layers offloaded whole ({name} is not in the GPU catalogue; set train.offload_layers)"
-    rate = host_link_rate(device)
+    if hardware.bf16_tflops is None:
+        return 0, f"no layers offloaded whole ({hardware.name} is not in the GPU catalogue; set train.offload_layers)"
+    rate = hardware.host_link_bytes_per_s
+    if rate is None:  # a catalogue GPU (tunesmith advise): nothing measured
+        return 0, "no layers offloaded whole (the GPU→CPU link was not measured; set train.offload_layers)"
     # the decoder layers' forward: 2 FLOPs per token per weight of their linear layers
-    forward_s = 2 * tokens * arch.quantizable_params / (gpu.bf16_tflops * 1e12 * FORWARD_PEAK_SHARE)
+    forward_s = 2 * step.tokens * step.arch.quantizable_params / (hardware.bf16_tflops * 1e12 * FORWARD_PEAK_SHARE)
     count = min(checkpointed, int(OFFLOAD_LINK_SHARE * rate * forward_s / (layer_gib * 2**30)))
     return count, (f"{count} of them offloaded whole instead of recomputed (GPU→CPU link {rate / 1e9:.0f} GB/s; "
                    f"{layer_gib:.2f} GiB each)")
@@ -341,13 +435,6 @@ def _configured_offloaded_layers(tcfg: TrainConfig, world: int, checkpointed: in
     return tcfg.offload_layers, f"{tcfg.offload_layers} layers offloaded whole, as configured"
 
 
-def _cuda_gpu_name(device: torch.device) -> str | None:
-    """The GPU's name as the driver reports it, lower case; None off CUDA."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_name(device).strip().lower()
-
-
 def _offload_checkpoints(tcfg: TrainConfig, world: int, checkpointed: int) -> bool:
     if tcfg.offload_checkpoints is True and world > 1:
         raise UserError("train.offload_checkpoints: true runs on one GPU (not measured under FSDP2)",
@@ -360,16 +447,17 @@ def _offload_checkpoints(tcfg: TrainConfig, world: int, checkpointed: int) -> bo
     return world == 1 and checkpointed > 0 and budget_bound
 
 
-def _fsdp_copies_gib(arch: Any, model_config: Any, tcfg: TrainConfig, sharding: str | None) -> float:
+def _fsdp_copies_gib(step: _Step, sharding: str | None) -> float:
     """Compute-dtype weights FSDP2 holds beyond the memory model's per-GPU share (src/tunesmith/train/distributed.py).
     Replicated full fine-tuning: every layer's gathered copy lives all step (measured +12 GiB on two H200s for 8B LoRA
     while its frozen weights still went through FSDP2); replicated LoRA leaves its frozen weights out of FSDP2, so
     nothing is copied. Sharded: the root's embeddings and head stay gathered from forward to backward (the loss
     reads the head)."""
     if sharding == "replicate":
-        return arch.total_params * 2 / 2**30 if tcfg.method == "full" else 0.0
+        return step.arch.total_params * 2 / 2**30 if step.tcfg.method == "full" else 0.0
     if sharding == "shard":
-        return (1 if getattr(model_config, "tie_word_embeddings", False) else 2) * _embedding_gib(model_config)
+        tied = getattr(step.model_config, "tie_word_embeddings", False)
+        return (1 if tied else 2) * _embedding_gib(step.model_config)
     return 0.0
 
 
@@ -378,8 +466,10 @@ def _embedding_gib(model_config: Any) -> float:
     return model_config.vocab_size * model_config.hidden_size * 2 / 2**30
 
 
-def _embeddings_on_cpu(model_config: Any, tcfg: TrainConfig, world: int, short_of_memory: bool) -> bool:
-    possible = tcfg.method != "full" and world == 1 and not getattr(model_config, "tie_word_embeddings", False)
+def _embeddings_on_cpu(step: _Step, short_of_memory: bool) -> bool:
+    tcfg = step.tcfg
+    possible = (tcfg.method != "full" and step.world == 1
+                and not getattr(step.model_config, "tie_word_embeddings", False))
     if tcfg.embeddings_on_cpu == "auto":
         return possible and short_of_memory
     if tcfg.embeddings_on_cpu and not possible:
@@ -392,62 +482,51 @@ def _embeddings_on_cpu(model_config: Any, tcfg: TrainConfig, world: int, short_o
 # --- the memory model ----------------------------------------------------------------------------------------------
 
 
-def _estimate(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
-              checkpointing: str, optimizer: str) -> float:
-    """Peak GiB per GPU; ``shards`` is 1 when each GPU holds the whole model (one process, or replicated)."""
-    return _memory(arch, model_config, tcfg, tokens, shards, checkpointing, optimizer).total_gib
+def _estimate(step: _Step, checkpointing: str, optimizer: str) -> float:
+    """Peak GiB per GPU."""
+    return _memory(step, checkpointing, optimizer).total_gib
 
 
-def _memory(arch: Any, model_config: Any, tcfg: TrainConfig, tokens: int, shards: int,
-            checkpointing: str, optimizer: str, mask_bytes: int = 1) -> Any:
+def _memory(step: _Step, checkpointing: str, optimizer: str) -> MemoryEstimate:
     """The memory model's estimate (src/tunesmith/hardware/memory.py) for this run, its terms included;
-    ``optimizer`` is one of OPTIMIZER_MEMORY's names; ``mask_bytes``: see ``_dropout_mask_bytes``."""
-    from ..hardware.memory import estimate_memory, lora_trainable_params
-
+    ``optimizer`` is one of OPTIMIZER_MEMORY's names."""
+    tcfg = step.tcfg
     trainable, adapted = (0, 0)
     if tcfg.method != "full":
-        trainable, adapted = lora_trainable_params(model_config, tcfg.lora.r, tcfg.lora.target_modules)
-    est = estimate_memory(arch, tcfg.method, 1, tokens, lora_r=tcfg.lora.r, lora_trainable=trainable,
-                          adapted_in_features=adapted, lora_dropout=tcfg.lora.dropout, checkpointing=checkpointing,
-                          logits=_head(), optimizer=OPTIMIZER_MEMORY[optimizer][0],
-                          full_precision=OPTIMIZER_MEMORY[optimizer][1], shards=shards,
-                          compiled=tcfg.compile is not False, dropout_mask_bytes=mask_bytes)
-    return est
+        trainable, adapted = lora_trainable_params(step.model_config, tcfg.lora.r, tcfg.lora.target_modules)
+    return estimate_memory(step.arch, tcfg.method, 1, step.tokens, lora_r=tcfg.lora.r, lora_trainable=trainable,
+                           adapted_in_features=adapted, lora_dropout=tcfg.lora.dropout, checkpointing=checkpointing,
+                           logits=step.head, optimizer=OPTIMIZER_MEMORY[optimizer][0],
+                           full_precision=OPTIMIZER_MEMORY[optimizer][1], shards=step.shards,
+                           compiled=step.compiled, dropout_mask_bytes=step.mask_bytes)
 
 
-def _dropout_mask_bytes(tcfg: TrainConfig, device: torch.device, world: int) -> int:
+def _dropout_mask_bytes(tcfg: TrainConfig, fused_dropout: bool) -> int:
     """Bytes per adapted input feature the adapters' dropout keeps for backward: none where the fused kernel draws
-    the mask (src/tunesmith/train/adapter_dropout.py; one process — FSDP2 runs keep PEFT's dropout), else PEFT's
-    1-byte mask. Measured on one H200 (bench/results/fast_engine.md, "Seventh run"): 8B LoRA, rows of 12,288
-    tokens, 2 layers kept: 18.92 GiB fused vs 20.03 GiB with PEFT's dropout."""
-    from .adapter_dropout import fused_dropout_applies
-
-    fused = world == 1 and fused_dropout_applies(tcfg.method, tcfg.lora.r, tcfg.lora.dropout, device)
-    return 0 if fused else 1
+    the mask (``_fused_dropout``), else PEFT's 1-byte mask. Measured on one H200 (bench/results/fast_engine.md,
+    "Seventh run"): 8B LoRA, rows of 12,288 tokens, 2 layers kept: 18.92 GiB fused vs 20.03 GiB with PEFT's
+    dropout."""
+    return 0 if fused_dropout and fusable(tcfg.lora.r, tcfg.lora.dropout) else 1
 
 
-def _head() -> str:
+def _head(hardware: Hardware) -> str:
     """How the loss meets the vocabulary: Liger's fused kernel where installed (tiles of logits; measured 20.0 GiB
     for an 8B LoRA step of 8K tokens against 20.4 estimated), else our PyTorch chunks — on one GPU and under FSDP2
     alike (src/tunesmith/train/loss.py)."""
-    from .kernels import fused_loss_kernel_available
-
-    return "fused" if fused_loss_kernel_available() else "chunked"
+    return "fused" if hardware.fused_loss_kernel else "chunked"
 
 
-def _architecture(model_config: Any) -> Any:
-    from ..hardware.memory import architecture_from_config
-
+def _architecture(model_config: Any) -> Architecture | None:
     try:
         return architecture_from_config(model_config)
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
 
 
-def _budget_gib(tcfg: TrainConfig, device: torch.device, gpu_gib: float | None) -> float | None:
-    if device.type != "cuda":
+def _budget_gib(tcfg: TrainConfig, hardware: Hardware) -> float | None:
+    if hardware.free_gib is None:  # the CPU: no GPU memory to plan for
         return None
     # what is free now (another process may share the GPU), not the card's size
-    total = gpu_gib or torch.cuda.mem_get_info(device)[0] / 2**30
+    total = hardware.free_gib
     limit = min(total, tcfg.memory_limit_gb) if tcfg.memory_limit_gb else total
     return limit * HEADROOM
