@@ -333,9 +333,9 @@ def _accumulate(model: Any, *, setup: StepSetup, examples: list[TokenizedChat], 
 
 def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, setup: StepSetup) -> RunError:
     """Out of GPU memory: say what the memory model expected and what to change."""
-    device = setup.device
     from ..hardware.memory import architecture_from_config, estimate_memory
 
+    device = setup.device
     have = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     detail = ""
     try:
