@@ -239,7 +239,7 @@ def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig, train_examples: list
                     optimizer.zero_grad(set_to_none=True)
                     _free_cuda(device)
                     if tcfg.on_oom != "shrink" or micro_size == 1 or procs.distributed:
-                        raise _oom_error(model, tcfg, micro_size, setup) from None
+                        raise _oom_error(model, tcfg, micro_size, device, setup.optimizer) from None
                     micro_size //= 2  # same sequences in the step, smaller micro-batches: same optimisation
                     warnings.append(f"out of memory at step {step + 1}: retried with micro-batches of {micro_size}")
                     emit({"event": "warning", "message": warnings[-1]})
@@ -331,11 +331,12 @@ def _accumulate(model: Any, *, setup: StepSetup, examples: list[TokenizedChat], 
     return batches, real, n_targets, sum_all(step_loss.item(), procs)
 
 
-def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, setup: StepSetup) -> RunError:
-    """Out of GPU memory: say what the memory model expected and what to change."""
+def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, device: torch.device,
+               optimizer_name: str = "adamw_torch") -> RunError:
+    """Out of GPU memory: say what the memory model expected (with the plan's ``optimizer_name``) and what to
+    change."""
     from ..hardware.memory import architecture_from_config, estimate_memory
 
-    device = setup.device
     have = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     detail = ""
     try:
@@ -343,7 +344,7 @@ def _oom_error(model: Any, tcfg: TrainConfig, micro_size: int, setup: StepSetup)
         arch = architecture_from_config(base.config)
         row = _row_tokens(tcfg, micro_size)  # a packed row's own budget, when one is set
         batch, length = (1, row) if row else (micro_size, tcfg.max_length)
-        optimizer, weights = OPTIMIZER_MEMORY[setup.optimizer]
+        optimizer, weights = OPTIMIZER_MEMORY[optimizer_name]
         est = estimate_memory(arch, tcfg.method, batch, length,
                               checkpointing="full" if tcfg.gradient_checkpointing is not False else "none",
                               optimizer=optimizer, full_precision=weights, lora_r=tcfg.lora.r)
