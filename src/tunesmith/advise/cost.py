@@ -110,7 +110,8 @@ def _seed_varlen_lengths(n: int = 4000) -> list[int]:
             for _ in range(n)]
 
 
-def calibrated_mfu(method: str, engine: str = "recipe", pad_eff: float = 1.0, packing: bool = False) -> tuple[float, str]:
+def calibrated_mfu(method: str, engine: str = "recipe", pad_eff: float = 1.0,
+                   packing: bool = False) -> tuple[float, str]:
     """MFU for ``method`` at a padding efficiency, and a sentence naming the measurements it comes from.
 
     mfu = mfu_fixed × pad_eff ** k, where k makes the formula reproduce the measured variable-length run. With
