@@ -25,7 +25,7 @@ from typing import Any
 
 from .config import Config
 from .errors import Interrupted, RunError, TunesmithError, UserError
-from .manifest import sha256_file, write_json_atomic
+from .records import sha256_file, write_json_atomic
 from .report import stage_warnings
 
 STAGE_FILE = "stage.json"

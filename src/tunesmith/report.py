@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .manifest import versions
+from .records import versions
 
 STAGE_FILE = "stage.json"
 STAGE_ORDER = ("generate", "data", "baseline", "train", "eval", "merge", "export", "report")
