@@ -68,12 +68,12 @@ def test_second_run_skips_every_stage_whose_inputs_did_not_change(tmp_path, tiny
     assert _statuses(first)["merge"] == "not needed"  # full fine-tuning already holds a whole model
     assert Path(first.report_html).is_file()
     train_record = read_stage(cfg.out_dir, "train")
-    assert train_record["status"] == "done"
+    assert train_record.status == "done"
 
     second = run(cfg)
     assert _statuses(second)["generate"] == "up to date"
     assert _statuses(second)["train"] == "up to date"
-    assert read_stage(cfg.out_dir, "train")["finished"] == train_record["finished"]
+    assert read_stage(cfg.out_dir, "train").finished == train_record.finished
 
 
 def test_a_changed_training_setting_retrains_but_keeps_the_generated_data(tmp_path, tiny_model_dir):
@@ -112,7 +112,7 @@ def test_an_interrupted_run_continues_training_from_its_checkpoint(tmp_path, tin
 
     with pytest.raises(KeyboardInterrupt):
         run(cfg, on_event=stop_after_first_checkpoint)
-    assert read_stage(cfg.out_dir, "generate")["status"] == "done"
+    assert read_stage(cfg.out_dir, "generate").status == "done"
     assert read_stage(cfg.out_dir, "train") is None  # not finished, so never recorded as done
 
     again = run(cfg)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field
 
 from .base import Section
 
 StageName = Literal["generate", "data", "baseline", "train", "eval", "merge", "export", "report"]
-"""The stages of ``tunesmith run``, in order."""
+"""The stages of ``tunesmith run``, in the order they run: the one list of their names."""
+
+STAGE_NAMES: tuple[StageName, ...] = get_args(StageName)
 
 
 class PipelineConfig(Section):
