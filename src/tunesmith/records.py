@@ -80,13 +80,17 @@ class Record(BaseModel):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: not a {cls.WHAT} (not valid JSON: {exc.msg}) — written by "
+            raise UserError(f"{path}:{exc.lineno}: not {cls._a()} (not valid JSON: {exc.msg}) — written by "
                             f"{cls.COMMAND}", hint=hint) from None
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise UserError(f"{path}: not a {cls.WHAT} ({_problem(exc)}) — written by {cls.COMMAND}",
+            raise UserError(f"{path}: not {cls._a()} ({_problem(exc)}) — written by {cls.COMMAND}",
                             hint=hint) from None
+
+    @classmethod
+    def _a(cls) -> str:
+        return f"{'an' if cls.WHAT[0] in 'aeiou' else 'a'} {cls.WHAT}"
 
 
 def _problem(exc: ValidationError) -> str:
@@ -279,10 +283,8 @@ class ExportRecord(Record):
         if not isinstance(data, dict):
             return data
         nested = {k: v for k, v in data.items() if k in cls.model_fields}
-        extra = {k: v for k, v in data.items() if k not in cls.model_fields}
-        if extra:
-            nested["result"] = {**nested.get("result", {}), **extra}
-        return nested
+        return {**nested, "result": {**nested.get("result", {}),
+                                     **{k: v for k, v in data.items() if k not in cls.model_fields}}}
 
     @model_serializer(mode="wrap")
     def _flatten(self, handler: Any) -> dict[str, Any]:
