@@ -33,4 +33,5 @@ class PipelineConfig(Section):
 
     skip: list[StageName] = Field(default_factory=list)
     """Stages not to run, e.g. ``[baseline]`` to save time or ``[export]`` without llama.cpp installed. Stages with
-    nothing to do are passed over anyway (merge after full fine-tuning, export with no formats configured)."""
+    nothing to do are passed over anyway, with the reason (baseline and eval without an eval set, merge after full
+    fine-tuning, export with no formats configured)."""
