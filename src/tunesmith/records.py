@@ -73,23 +73,23 @@ class Record(BaseModel):
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise UserError(f"{path}: no {cls.WHAT} here (no {path.name}) — written by {cls.COMMAND}",
-                            hint=hint) from None
+            raise UserError(f"{path}: not found — {cls._named()} is written by {cls.COMMAND}", hint=hint) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"{path}: cannot read the {cls.WHAT} ({exc})", hint=hint) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: not {cls._a()} (not valid JSON: {exc.msg}) — written by "
+            raise UserError(f"{path}:{exc.lineno}: not {cls._named()} (not valid JSON: {exc.msg}) — written by "
                             f"{cls.COMMAND}", hint=hint) from None
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise UserError(f"{path}: not {cls._a()} ({_problem(exc)}) — written by {cls.COMMAND}",
+            raise UserError(f"{path}: not {cls._named()} ({_problem(exc)}) — written by {cls.COMMAND}",
                             hint=hint) from None
 
     @classmethod
-    def _a(cls) -> str:
+    def _named(cls) -> str:
+        """``a train run record``, ``an export record``."""
         return f"{'an' if cls.WHAT[0] in 'aeiou' else 'a'} {cls.WHAT}"
 
 
@@ -231,7 +231,7 @@ class TrainRun(Record):
             return self.model.model_copy(update={"name_or_path": self.base_model_path})
         return self.model
 
-    def eval_conversations_file(self) -> Path | None:
+    def existing_eval_file(self) -> Path | None:
         """The run's eval file while it exists, else None."""
         return Path(self.eval_file) if self.eval_file and Path(self.eval_file).is_file() else None
 

@@ -56,7 +56,7 @@ def load_conversations(path: str | Path, limit: int) -> list[list[dict[str, Any]
 
 def conversations_for(run: TrainRun | None, limit: int = 4) -> list[list[dict[str, Any]]]:
     """The run's eval conversations if it had an eval file that still exists, else the built-in ones."""
-    eval_file = run.eval_conversations_file() if run is not None else None
+    eval_file = run.existing_eval_file() if run is not None else None
     if eval_file is not None:
         found = load_conversations(eval_file, limit)
         if found:
