@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field
 
 from .base import Section
 
 StageName = Literal["generate", "data", "baseline", "train", "eval", "merge", "export", "report"]
-"""The stages of ``tunesmith run``, in order."""
+"""The stages of ``tunesmith run``, in the order they run: the one list of their names."""
+
+STAGE_NAMES: tuple[StageName, ...] = get_args(StageName)
 
 
 class PipelineConfig(Section):
@@ -31,4 +33,5 @@ class PipelineConfig(Section):
 
     skip: list[StageName] = Field(default_factory=list)
     """Stages not to run, e.g. ``[baseline]`` to save time or ``[export]`` without llama.cpp installed. Stages with
-    nothing to do are passed over anyway (merge after full fine-tuning, export with no formats configured)."""
+    nothing to do are passed over anyway, with the reason (baseline and eval without an eval set, merge after full
+    fine-tuning, export with no formats configured)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, where
+from ..records import PreparedData, PreparedInput, versions
 from . import clean
 from .formats import Example, read_file
 from .report import EXAMPLES_PER_RULE, length_stats, plot_lengths, role_counts, snippet, turn_counts, write_reports
@@ -143,8 +144,7 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
                            max_length, out)
     files["lengths_png"] = str(out / "lengths.png")
     files.update(write_reports(report, log.snippets, out))
-    files["manifest"] = _write_manifest(out / "manifest.json", cfg, train_files, eval_path, inputs, report["counts"],
-                                        files)
+    files["manifest"] = _write_manifest(out, cfg, train_files, eval_path, inputs, report["counts"], files)
     watch.lap("write_and_report")
     if len(train) < data.min_examples:
         raise UserError(f"only {len(train)} training example(s) left after cleaning, fewer than data.min_examples "
@@ -413,23 +413,16 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _write_manifest(path: Path, cfg: Any, train_files: list[str], eval_path: str | None, inputs: list[dict[str, Any]],
+def _write_manifest(out: Path, cfg: Any, train_files: list[str], eval_path: str | None, inputs: list[dict[str, Any]],
                     counts: dict[str, int], files: dict[str, str]) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for pkg in ("tunesmith", "datasketch", "sentence-transformers", "transformers", "jsonschema"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            versions[pkg] = None
-    manifest = {"stage": "data", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "inputs": inputs,
-                "config": {"data": {**cfg.data.model_dump(mode="json"), "train_files": train_files,
-                                    "eval_file": eval_path},
-                           "model": cfg.model.model_dump(mode="json"), "train": {"max_length": cfg.train.max_length}},
-                "counts": counts, "outputs": {k: Path(v).name for k, v in files.items()}, "versions": versions}
-    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return str(path)
+    record = PreparedData(created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          inputs=[PreparedInput(**i) for i in inputs],
+                          config={"data": {**cfg.data.model_dump(mode="json"), "train_files": train_files,
+                                           "eval_file": eval_path},
+                                  "model": cfg.model.model_dump(mode="json"),
+                                  "train": {"max_length": cfg.train.max_length}},
+                          counts=counts, outputs={k: Path(v).name for k, v in files.items()}, versions=versions())
+    return str(record.write(out))
 
 
 def read_examples(path: str | Path, max_errors: int = 20) -> list[dict[str, Any]]:

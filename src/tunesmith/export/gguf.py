@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RunError, UserError
+from ..records import ExportRecord, versions
 from .converter import find_converter, llama_cpp_version
 from .ollama import match_template, system_fits_modelfile, write_modelfile
 from .samples import conversations_for, prompt_part, trained_in
@@ -157,10 +158,9 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
             failed = target.with_name(target.name + ".failed")
             os.replace(target, failed)  # not left where a user or the Modelfile would pick it up
             modelfile.unlink()
-            record = {"stage": "export", "format": "gguf", "source": str(source), "quant": quant, "failed": True,
-                      "check": asdict(check), "llama_cpp_version": version}
-            report = out / f"model-{quant}.export.json"
-            report.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            report = ExportRecord(stage="export", kind="gguf", source=str(source), failed=True,
+                                  result={"quant": quant, "check": asdict(check), "llama_cpp_version": version},
+                                  versions=versions()).write(out, f"model-{quant}.export.json")
             raise RunError(f"{target}: llama.cpp's greedy output differs from the HF model in f32 "
                            f"({check.identical}/{check.num_prompts} prompts identical): the conversion is wrong; "
                            f"the file was moved to {failed}", hint=f"report it with {report}")
@@ -181,8 +181,8 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
     result = GgufResult(path=str(target), quant=quant, size_bytes=target.stat().st_size, tensor_types=types,
                         modelfile=str(modelfile), template_family=match.family, check=check,
                         warnings=tuple(warnings), llama_cpp_version=version)
-    record = {"stage": "export", "format": "gguf", "source": str(source), **result.to_dict()}
-    (out / f"model-{quant}.export.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    ExportRecord(stage="export", kind="gguf", source=str(source), result=result.to_dict(),
+                 versions=versions()).write(out, f"model-{quant}.export.json")
     return result
 
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import RunError
-from ..manifest import sha256_file
+from ..records import sha256_file
 from .distributed import Processes, barrier
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ from ..chat import TokenizedChat
 from ..config import Config, TrainConfig, dump_config
 from ..errors import Interrupted, RunError, UserError
 from ..gguf_import import imported_source
-from ..manifest import sha256_file, write_manifest
 from ..models import base_model, load_model_config, load_tokenizer, resolve_model_path
+from ..records import TrainFiles, TrainRun, sha256_file, versions
 from . import checkpoint
 from .batching import epoch_order, micro_batches, step_groups
 from .dataset import TokenizedSplit, read_records, split_paths, tokenize_split
@@ -132,15 +132,16 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
     result = TrainResult(str(out), tcfg.method, history["steps"], history["epochs"], history["train_loss"],
                          history["eval_loss"], history["eval_token_accuracy"], history["tokens_per_s"],
                          trainable, total, str(artefact), data, tuple(history["warnings"]))
-    write_manifest(out, {
-        "stage": "train", "config": config.model_dump(mode="json"), "config_yaml": dump_config(config),
-        "base_model": config.model.name_or_path, "base_model_path": model_path,
-        "base_model_source": imported_source(Path(model_path)), "method": tcfg.method,
-        "precision": precision.name, "packing": packed, "device": device.type, "processes": procs.world,
-        "plan": plan.to_dict(),
-        "outputs": {"adapter" if tcfg.method != "full" else "model": str(artefact), "metrics": str(out / METRICS)},
-        "fingerprint": fingerprint, "result": result.to_dict(),
-    })
+    full = tcfg.method == "full"
+    TrainRun(model=config.model, base_model_path=model_path, base_model_source=imported_source(Path(model_path)),
+             method=tcfg.method, quantization=tcfg.quant if tcfg.method == "qlora" else None,
+             train_file=str(Path(train_file).resolve()),
+             eval_file=str(Path(eval_file).resolve()) if eval_file else None,
+             outputs=TrainFiles(adapter=None if full else str(artefact), model=str(artefact) if full else None,
+                                metrics=str(out / METRICS)),
+             config=config.model_dump(mode="json"), config_yaml=dump_config(config), precision=precision.name,
+             packing=packed, device=device.type, processes=procs.world, plan=plan.to_dict(), fingerprint=fingerprint,
+             result=result.to_dict(), versions=versions()).write(out)
     return result
 
 
