@@ -186,7 +186,7 @@ def test_train_on_several_processes_names_the_torchrun_log_when_a_worker_fails(t
                            str(run_dir)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     log = run_dir / "torchrun.log"
     assert proc.returncode == 1, proc.stderr
-    assert f"torchrun exited with code 1; its output is in {log}" in proc.stderr
+    assert f"torchrun exited with code 1; its output is in {log} (shown above)" in proc.stderr
     assert "missing.jsonl" in log.read_text() and "missing.jsonl" in proc.stderr  # kept, and shown as it ran
     assert "Traceback" not in proc.stderr.split("error: torchrun")[-1]
 

@@ -131,10 +131,14 @@ def run(command: Sequence[str], *, what: str, log_path: str | Path, env: Mapping
 
 
 def failure(child: Child, code: int) -> RunError:
-    """The error for a child that exited with ``code``: what it was, the log file, its last lines."""
+    """The error for a child that exited with ``code``: what it was, the log file, its last lines (unless they
+    were shown as it ran)."""
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     tail = log_tail(child.log_path)
-    last = f"; its last lines:\n{tail}" if tail else " (it wrote nothing)"
+    if child.copiers:  # its output was shown as it ran: the log is named, not quoted again
+        last = " (shown above)" if tail else " (it wrote nothing)"
+    else:
+        last = f"; its last lines:\n{tail}" if tail else " (it wrote nothing)"
     return RunError(f"{child.what} {how}; its output is in {child.log_path}{last}",
                     hint=f"read {child.log_path} for the cause")
 
