@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import time
 
 import pytest
@@ -261,6 +262,7 @@ def scorer_module(tmp_path, monkeypatch):
         "    return 'maybe'\n"
     )
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "my_eval_scorers", raising=False)  # imported from an earlier test's folder
     return "my_eval_scorers"
 
 

@@ -94,7 +94,7 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
 
     cfg = load_config(config, set_ or [])
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch_under_torchrun(gpus)
+        _relaunch_under_torchrun(gpus, Path(out or Path(cfg.out_dir) / "train") / "torchrun.log")
     from .train import train as run_train
 
     with _Progress(enabled=not as_json, activity="train: loading and planning") as progress:
@@ -197,18 +197,24 @@ def serve(artefact: Annotated[Path, typer.Argument(help="GGUF file/folder, merge
     if dry_run:
         emit(serve_plan.to_dict(), as_json, lambda r: console.print(" ".join(r["command"])))
         return
+    from . import processes
+
+    log = serving.log_path(serve_plan)
     console.print(f"serving [bold]{serve_plan.model}[/bold] with {serve_plan.engine} on {serve_plan.base_url} "
-                  "(Ctrl-C stops it)")
-    process = serving.start(serve_plan)
+                  f"(Ctrl-C stops it; output in {log})")
+    child = serving.start(serve_plan, log)
     try:
-        sys.exit(process.wait())
+        code = processes.wait(child)
     finally:
-        serving.stop(process)
+        serving.stop(child)
+    if code != 0:
+        raise processes.failure(child, code)
 
 
-def _relaunch_under_torchrun(n: int) -> None:
-    """Re-run this same command as ``n`` torchrun processes (one per GPU); the config is identical."""
-    import subprocess
+def _relaunch_under_torchrun(n: int, log: Path) -> None:
+    """Re-run this same command as ``n`` torchrun processes (one per GPU); the config is identical. Their output
+    is shown and kept in ``log`` (in the run folder)."""
+    from . import processes
 
     argv: list[str] = []
     skip = False
@@ -222,7 +228,13 @@ def _relaunch_under_torchrun(n: int) -> None:
         argv.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
            "-m", "tunesmith", *argv]
-    sys.exit(subprocess.call(cmd))
+    # its own process group, stopped on SIGTERM/Ctrl-C here (torchrun passes SIGTERM on: the workers checkpoint)
+    with processes.running(cmd, what="torchrun", log_path=log, stop_timeout_s=120.0,
+                           echo=(sys.stdout.buffer, sys.stderr.buffer)) as child:
+        code = processes.wait(child)
+    if code != 0:
+        raise processes.failure(child, code)
+    sys.exit(0)
 
 
 class _Progress:

@@ -24,6 +24,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+from . import hooks
 from .config import Config
 from .config.pipeline import STAGE_NAMES, StageName
 from .errors import Interrupted, RunError, TunesmithError, UserError
@@ -231,14 +232,7 @@ def _resume_hint(ctx: _Context, name: str) -> str:
 
 
 def _call(ref: str) -> Callable[..., Any]:
-    module, _, func = ref.partition(":")
-    if not module or not func:
-        raise UserError(f"pipeline.generate: {ref!r} is not `module:function`", hint="e.g. tunesmith.demo:generate")
-    try:
-        return getattr(import_module(module), func)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"pipeline.generate: cannot import {ref!r} ({exc})",
-                        hint="check the module path; it must be importable from the working directory") from None
+    return hooks.resolve(ref, "pipeline.generate")
 
 
 # --- the stages ----------------------------------------------------------------------------------------------------

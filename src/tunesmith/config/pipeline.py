@@ -17,8 +17,9 @@ STAGE_NAMES: tuple[StageName, ...] = get_args(StageName)
 class PipelineConfig(Section):
     generate: str | None = None
     """``module:function`` run first, called with one argument: the folder to write into (``generate_dir``). For
-    data that is made rather than given — the SQL demo builds its database and chat examples this way. None: the
-    data already exists."""
+    data that is made rather than given — the SQL demo builds its database and chat examples this way
+    (``tunesmith.demo:write_demo``). A function of your project (a module under the working directory) or of
+    tunesmith; the standard library, builtins and installed packages are refused. None: the data already exists."""
 
     generate_options: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for ``generate`` after the folder, e.g. ``{num_train: 1200}`` for the SQL demo."""

@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import json
 import os
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import processes
 from ..errors import RunError, UserError
 from ..records import ExportRecord, versions
 from .converter import find_converter, llama_cpp_version
@@ -123,10 +123,10 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
     warnings: list[str] = []
 
     if quant in FLOAT_TYPES:
-        _convert(converter, source, target, quant)
+        _convert(converter, source, target, quant, out / f"model-{quant}.convert.log")
     else:
         intermediate = out / f"model-{_intermediate_type(source)}.tmp.gguf"
-        _convert(converter, source, intermediate, _intermediate_type(source))
+        _convert(converter, source, intermediate, _intermediate_type(source), out / f"model-{quant}.convert.log")
         try:
             _quantize(intermediate, target, quant, n_threads)
         finally:
@@ -210,26 +210,31 @@ def _intermediate_type(source: Path) -> str:
     return "bf16" if dtype == "bfloat16" else "f16"
 
 
-def _convert(converter: Path, source: Path, target: Path, outtype: str) -> None:
+def _convert(converter: Path, source: Path, target: Path, outtype: str, log_path: Path) -> None:
     staging = target.with_name(target.name + ".partial")
     cmd = [sys.executable, str(converter), str(source), "--outfile", str(staging), "--outtype", outtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not staging.is_file():
+    try:
+        processes.run(cmd, what=f"llama.cpp's converter on {source}", log_path=log_path)
+    except RunError:
         staging.unlink(missing_ok=True)
-        log = (proc.stdout + proc.stderr).strip()
+        log = processes.log_tail(log_path, lines=200)
         arch = _architecture(source)
         if "is not supported" in log:
             raise UserError(f"{source}: architecture {arch} is not supported by llama.cpp's GGUF converter "
                             f"(llama-cpp-python {llama_cpp_version()})",
                             hint="GGUF needs an architecture llama.cpp implements (Llama, Mistral, Qwen2/3, Gemma, "
                                  f"Phi-3 …): `python {converter} --print-supported-models` lists them; export this "
-                                 "model with --format awq or serve the merged folder with vLLM instead")
+                                 "model with --format awq or serve the merged folder with vLLM instead") from None
         if "pre-tokenizer" in log and "not recognized" in log.lower():
             raise UserError(f"{source}: llama.cpp does not recognise this tokenizer's pre-tokenizer",
                             hint="llama.cpp converts tokenizers it knows by hash; a freshly trained byte-level BPE "
-                                 "is not among them (a SentencePiece-style byte-fallback BPE is)")
-        tail = "\n".join(log.splitlines()[-6:])
-        raise RunError(f"llama.cpp's converter failed on {source} (exit {proc.returncode}):\n{tail}")
+                                 "is not among them (a SentencePiece-style byte-fallback BPE is)") from None
+        raise  # the RunError names the log file and quotes its last lines
+    except BaseException:  # interrupted: no partial file is left behind
+        staging.unlink(missing_ok=True)
+        raise
+    if not staging.is_file():
+        raise RunError(f"llama.cpp's converter wrote no {staging.name} for {source}; its output is in {log_path}")
     os.replace(staging, target)
 
 
