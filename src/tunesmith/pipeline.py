@@ -20,7 +20,6 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
