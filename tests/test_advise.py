@@ -222,7 +222,7 @@ def test_unknown_model_and_gpu_names_list_close_matches():
 def test_a_broken_data_line_is_named_by_file_and_line(tmp_path):
     data = write_chat(tmp_path / "train.jsonl", 3)
     data.write_text(data.read_text() + "{not json\n")
-    with pytest.raises(UserError, match=r"train.jsonl:4: not valid JSON"):
+    with pytest.raises(UserError, match=r"train.jsonl:4: invalid JSON at column 2"):
         advise(data, "llama-3.1-8b", "a10g", drivers=["format"])
 
 
