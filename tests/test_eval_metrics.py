@@ -302,10 +302,10 @@ def test_a_scorer_that_cannot_be_imported_is_a_user_error(scorer_module):
 @pytest.mark.parametrize(("content", "message"), [
     (b'{"input": "a", "expected": "b"}\n\n{"input": "c", "expected": \n', r"eval\.jsonl:3: invalid JSON at column"),
     (b'{"input": "a", "expected": "b"}\n["not", "an", "object"]\n',
-     r"eval\.jsonl:2: expected a JSON object, got a JSON array"),
+     r"eval\.jsonl:2: expected a JSON object, got a list"),
     (b'{"input": "a"}\n', r"eval\.jsonl:1: expected: missing"),
     (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "hi"}]}\n',
-     r"eval\.jsonl:1: messages\[2\]: the last message must be the assistant"),
+     r"eval\.jsonl:1: messages\[1\]: the last message must be the assistant"),
     (b'{"input": "a", "expected": "\xff"}\n', r"eval\.jsonl:1: invalid UTF-8"),
     (b"\n \n", "no examples"),
 ])

@@ -25,7 +25,7 @@ from . import clean
 from .formats import Example, read_file
 from .report import EXAMPLES_PER_RULE, length_stats, plot_lengths, role_counts, snippet, turn_counts, write_reports
 from .split import holdout_indices
-from .validate import check_record, raise_problems
+from .validate import check_record, raise_problems, read_examples
 
 RULES = ("validate", "short_outputs", "json_outputs", "overlong", "exact_dedup", "minhash", "embedding", "leakage")
 """Report order: the order rules run in. Quality filters run before de-duplication, so the example that
@@ -423,22 +423,6 @@ def _write_manifest(out: Path, cfg: Any, train_files: list[str], eval_path: str 
                                   "train": {"max_length": cfg.train.max_length}},
                           counts=counts, outputs={k: Path(v).name for k, v in files.items()}, versions=versions())
     return str(record.write(out))
-
-
-def read_examples(path: str | Path, max_errors: int = 20) -> list[dict[str, Any]]:
-    """Canonical chat records of one JSONL file (a prepared split or a raw file in any supported format), read
-    line by line and validated. Any structural problem raises one UserError listing ``file:line: field: reason``."""
-    return [record for _, record in read_numbered(path, max_errors)]
-
-
-def read_numbered(path: str | Path, max_errors: int = 20) -> list[tuple[int, dict[str, Any]]]:
-    """Like ``read_examples``, with each record's 1-based line number (for messages about later stages)."""
-    examples = read_file(path)
-    for ex in examples:
-        if ex.record is not None:
-            ex.problems += check_record(ex.record, ex.source, ex.line)
-    raise_problems([p for ex in examples for p in ex.problems], max_errors)
-    return [(ex.line, ex.record) for ex in examples if ex.record is not None]
 
 
 def prepared_files(path: str | Path) -> tuple[Path, Path | None]:

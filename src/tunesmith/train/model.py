@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..compat import disable_checkpointing, enable_checkpointing
 from ..config import ModelConfig, TrainConfig
 from ..errors import UserError
 from ..models import base_model, load_model, model_skeleton
@@ -162,12 +163,9 @@ def set_checkpointing(model: Any, layers: int, offload: bool | Literal["synchron
     if layers + offloaded_layers > len(blocks) or min(layers, offloaded_layers) < 0:
         raise ValueError(f"{layers} checkpointed + {offloaded_layers} offloaded layers: the model has {len(blocks)}")
     if layers + offloaded_layers == 0:
-        if hasattr(model, "activation_checkpointing_disable"):
-            model.activation_checkpointing_disable()
-        else:
-            model.gradient_checkpointing_disable()
+        disable_checkpointing(model)
         return None
-    _enable_checkpointing(model)
+    enable_checkpointing(model)
     offloader = ActivationOffloader() if offload is True or offloaded_layers else None
     recompute = offloaded_checkpoint(offloader) if offload is True else None
     if offload == "synchronous":
@@ -218,14 +216,6 @@ def _compiling(cfg: TrainConfig, device: torch.device) -> bool:
         # measured on H200s for every method, one GPU and FSDP2 (bench/results/fast_engine.md, scale_out.md)
         return device.type == "cuda"
     return bool(cfg.compile)
-
-
-def _enable_checkpointing(model: Any) -> None:
-    # non-reentrant checkpointing: works with frozen inputs and with LoRA; transformers renamed the method in 5.2x
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _bnb_config(cfg: TrainConfig, precision: Precision) -> Any:
