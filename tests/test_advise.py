@@ -222,7 +222,7 @@ def test_unknown_model_and_gpu_names_list_close_matches():
 def test_a_broken_data_line_is_named_by_file_and_line(tmp_path):
     data = write_chat(tmp_path / "train.jsonl", 3)
     data.write_text(data.read_text() + "{not json\n")
-    with pytest.raises(UserError, match=r"train.jsonl:4: not valid JSON"):
+    with pytest.raises(UserError, match=r"train.jsonl:4: invalid JSON at column 2"):
         advise(data, "llama-3.1-8b", "a10g", drivers=["format"])
 
 
@@ -309,15 +309,9 @@ def test_cli_without_drivers_off_a_terminal_defaults_to_not_yet():
 
 
 def test_cli_unknown_driver_is_a_one_line_error_with_exit_code_2():
-    import sys
-    from unittest import mock
-
     from tunesmith.cli import main
 
-    with mock.patch.object(sys, "argv", ["tunesmith", "advise", "--driver", "latncy"]), \
-            pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
+    assert main(["advise", "--driver", "latncy"]) == 2
 
 
 def test_interactive_questions_fill_in_what_the_flags_left_out(monkeypatch, tmp_path):

@@ -17,7 +17,7 @@ from tunesmith.hardware.memory import (
     lora_trainable_params,
 )
 
-SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GUIDE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def tiny_config(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=256):
@@ -37,7 +37,7 @@ def test_catalogue_configs_rebuild_the_published_parameter_counts(name):
 def test_llama_3_1_8b_lora_r16_on_all_seven_projections_matches_the_seeds_printout():
     config = catalogue_config("llama-3.1-8b")
     arch = architecture_from_config(config)
-    trainable, adapted_in = lora_trainable_params(config, 16, SEED_TARGETS)
+    trainable, adapted_in = lora_trainable_params(config, 16, GUIDE_TARGETS)
     # the seed: "trainable params: 41,943,040 || all params: 8,072,204,288" (all = base + adapters)
     assert trainable == 41_943_040
     assert arch.total_params + trainable == 8_072_204_288
@@ -56,11 +56,11 @@ def test_weight_gradient_and_optimizer_bytes_equal_a_real_lora_models_tensors():
 
     config = tiny_config()
     arch = architecture_from_config(config)
-    trainable, adapted_in = lora_trainable_params(config, 8, SEED_TARGETS)
+    trainable, adapted_in = lora_trainable_params(config, 8, GUIDE_TARGETS)
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=SEED_TARGETS))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=GUIDE_TARGETS))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     model(input_ids=torch.randint(0, 256, (2, 16)), labels=torch.randint(0, 256, (2, 16))).loss.backward()
@@ -128,7 +128,7 @@ def _saved_bytes_per_token_per_layer(config, method, dropout, tokens=(4, 128)):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
         if method == "lora":
             model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
-                                                     target_modules=SEED_TARGETS))
+                                                     target_modules=GUIDE_TARGETS))
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         model.train()
         seen = {}
@@ -151,7 +151,7 @@ def _saved_bytes_per_token_per_layer(config, method, dropout, tokens=(4, 128)):
 def test_saved_activations_per_layer_match_the_formula_on_a_real_forward(method, shape):
     config = tiny_config(**shape)
     arch = architecture_from_config(config)
-    _, adapted_in = lora_trainable_params(config, 8, SEED_TARGETS)
+    _, adapted_in = lora_trainable_params(config, 8, GUIDE_TARGETS)
     measured = _saved_bytes_per_token_per_layer(config, method, dropout=0.05)
     # on the CPU, dropout keeps an fp32 noise tensor (4 bytes) where CUDA's fused dropout keeps a 1-byte mask
     formula = layer_activation_bytes_per_token(arch, method, 8, adapted_in, 0.05, dropout_mask_bytes=4)
@@ -214,7 +214,7 @@ def test_whole_step_peak_estimate_is_within_10_percent_of_a_real_cpu_training_st
     dtype = torch.float32 if precision == "mixed" else torch.bfloat16  # mixed: fp32 master weights + autocast
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if method == "lora":
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=SEED_TARGETS))
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=GUIDE_TARGETS))
     if checkpointing == "full":
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -236,7 +236,7 @@ def test_whole_step_peak_estimate_is_within_10_percent_of_a_real_cpu_training_st
         step()
 
     arch = architecture_from_config(config)
-    trainable, adapted = lora_trainable_params(config, 16, SEED_TARGETS) if method == "lora" else (0, 0)
+    trainable, adapted = lora_trainable_params(config, 16, GUIDE_TARGETS) if method == "lora" else (0, 0)
     est = estimate_memory(arch, method, 4, 256, lora_r=16, lora_trainable=trainable, adapted_in_features=adapted,
                           checkpointing=checkpointing, logits="full", full_precision=precision, dropout_mask_bytes=4)
     assert est.peak_allocated_gib * GIB == pytest.approx(tracker.peak, rel=0.10)

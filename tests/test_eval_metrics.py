@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import time
 
 import pytest
@@ -261,6 +262,7 @@ def scorer_module(tmp_path, monkeypatch):
         "    return 'maybe'\n"
     )
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "my_eval_scorers", raising=False)  # imported from an earlier test's folder
     return "my_eval_scorers"
 
 
@@ -300,10 +302,10 @@ def test_a_scorer_that_cannot_be_imported_is_a_user_error(scorer_module):
 @pytest.mark.parametrize(("content", "message"), [
     (b'{"input": "a", "expected": "b"}\n\n{"input": "c", "expected": \n', r"eval\.jsonl:3: invalid JSON at column"),
     (b'{"input": "a", "expected": "b"}\n["not", "an", "object"]\n',
-     r"eval\.jsonl:2: expected a JSON object, got a JSON array"),
+     r"eval\.jsonl:2: expected a JSON object, got a list"),
     (b'{"input": "a"}\n', r"eval\.jsonl:1: expected: missing"),
     (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "hi"}]}\n',
-     r"eval\.jsonl:1: messages\[2\]: the last message must be the assistant"),
+     r"eval\.jsonl:1: messages\[1\]: the last message must be the assistant"),
     (b'{"input": "a", "expected": "\xff"}\n', r"eval\.jsonl:1: invalid UTF-8"),
     (b"\n \n", "no examples"),
 ])

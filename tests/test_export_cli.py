@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from records_fixtures import write_train_run
 from test_merge import make_adapter
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -22,7 +23,7 @@ def tunesmith(*args: str) -> subprocess.CompletedProcess:
 def test_merge_command_prints_one_json_object_with_the_parity(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     make_adapter(tiny_model_dir, run / "adapter")
-    (run / "run.json").write_text(json.dumps({"method": "lora", "base_model": str(tiny_model_dir)}))
+    write_train_run(run, tiny_model_dir)
 
     proc = tunesmith("merge", str(run), "--dtype", "float32", "--json")
 

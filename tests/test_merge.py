@@ -10,6 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from records_fixtures import write_train_run
 from tunesmith.errors import RunError, UserError
 from tunesmith.export import merge
 
@@ -100,7 +101,7 @@ def test_qlora_adapter_is_merged_into_the_full_precision_base(tiny_model_dir, tm
     pytest.importorskip("bitsandbytes")
     run = tmp_path / "run"
     make_adapter(tiny_model_dir, run / "adapter", quantized=True)
-    (run / "run.json").write_text(json.dumps({"method": "qlora", "base_model": str(tiny_model_dir)}))
+    write_train_run(run, tiny_model_dir, method="qlora")
 
     result = merge(run, tmp_path / "merged")
 
@@ -126,8 +127,7 @@ def test_run_eval_data_is_used_for_parity_when_present(tiny_model_dir, adapter_d
     eval_rows = [{"messages": [{"role": "user", "content": f"question {i}"},
                                {"role": "assistant", "content": f"answer {i}"}]} for i in range(2)]
     (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
-    (run / "run.json").write_text(json.dumps({"method": "lora", "config": {"model": {"name_or_path":
-                                                                                      str(tiny_model_dir)}}}))
+    write_train_run(run, tiny_model_dir, eval_file=run / "eval.jsonl")
 
     result = merge(run, tmp_path / "merged", dtype="float32")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tunesmith.config import load_config
-from tunesmith.errors import RunError
+from tunesmith.errors import RunError, UserError
 from tunesmith.pipeline import read_stage, run
 
 EXAMPLES = [
@@ -68,12 +68,12 @@ def test_second_run_skips_every_stage_whose_inputs_did_not_change(tmp_path, tiny
     assert _statuses(first)["merge"] == "not needed"  # full fine-tuning already holds a whole model
     assert Path(first.report_html).is_file()
     train_record = read_stage(cfg.out_dir, "train")
-    assert train_record["status"] == "done"
+    assert train_record.status == "done"
 
     second = run(cfg)
     assert _statuses(second)["generate"] == "up to date"
     assert _statuses(second)["train"] == "up to date"
-    assert read_stage(cfg.out_dir, "train")["finished"] == train_record["finished"]
+    assert read_stage(cfg.out_dir, "train").finished == train_record.finished
 
 
 def test_a_changed_training_setting_retrains_but_keeps_the_generated_data(tmp_path, tiny_model_dir):
@@ -112,7 +112,7 @@ def test_an_interrupted_run_continues_training_from_its_checkpoint(tmp_path, tin
 
     with pytest.raises(KeyboardInterrupt):
         run(cfg, on_event=stop_after_first_checkpoint)
-    assert read_stage(cfg.out_dir, "generate")["status"] == "done"
+    assert read_stage(cfg.out_dir, "generate").status == "done"
     assert read_stage(cfg.out_dir, "train") is None  # not finished, so never recorded as done
 
     again = run(cfg)
@@ -130,3 +130,28 @@ def test_a_failing_stage_is_named_with_how_to_continue(tmp_path, tiny_model_dir)
     assert "stage `generate` failed" in info.value.message
     assert "could not reach its source" in info.value.message
     assert "re-run the same `tunesmith run` command" in info.value.hint
+
+
+def test_without_an_eval_set_the_eval_stages_are_passed_over_and_the_rest_still_runs(tmp_path, tiny_model_dir):
+    make_data(tmp_path / "raw")
+    cfg = _config(tmp_path, tiny_model_dir, "pipeline.generate=null", "train.method=lora", "data.eval_fraction=0",
+                  f"data.train_files=[{tmp_path / 'raw' / 'train.jsonl'}]", "data.short_outputs.enabled=false")
+    result = run(cfg)
+
+    reason = "no eval set — data.eval_fraction is 0 and no eval file is given"
+    outcomes = {s.name: s for s in result.stages}
+    assert {n: (outcomes[n].status, outcomes[n].summary) for n in ("baseline", "eval")} == \
+        {"baseline": ("not needed", reason), "eval": ("not needed", reason)}
+    assert [outcomes[n].status for n in ("data", "train", "merge", "report")] == ["ran"] * 4
+    assert not (Path(cfg.out_dir) / "baseline").exists()
+    assert f"The eval was not run: {reason}." in Path(result.report_md).read_text()
+    assert "The eval was not run: no eval set" in Path(result.report_html).read_text()
+
+
+def test_every_stage_name_has_one_entry_in_the_stage_table():
+    from tunesmith.config.pipeline import STAGE_NAMES
+    from tunesmith.pipeline import STAGES
+
+    assert tuple(STAGES) == STAGE_NAMES
+    with pytest.raises(UserError, match=r"pipeline\.skip"):
+        load_config(None, ["pipeline.skip=[evaluate]"])

@@ -67,7 +67,7 @@ def test_markdown_report_has_the_same_eval_numbers(finished_run):
     base, tuned = _scores(cfg.out_dir, "baseline"), _scores(cfg.out_dir, "eval")
     assert f"| exact | {100 * base['exact']:.1f}% |" in text
     assert f"{100 * tuned['exact']:.1f}%" in text
-    steps = read_stage(cfg.out_dir, "train")["outputs"]["result"]["steps"]
+    steps = read_stage(cfg.out_dir, "train").outputs.result["steps"]
     assert f"| steps | {steps} |" in text
 
 
@@ -93,12 +93,12 @@ def test_report_renders_in_headless_chromium_and_shows_the_numbers(finished_run,
 
 
 def test_warnings_of_any_stage_are_shown_first_in_both_reports(tmp_path):
+    from tunesmith.records import StageRecord
     from tunesmith.report import write_report
 
     def stage(name, outputs):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "stage.json").write_text(json.dumps(
-            {"stage": name, "status": "done", "seconds": 1.0, "summary": f"{name} done", "outputs": outputs}))
+        StageRecord(stage=name, key="0" * 16, status="done", seconds=1.0, summary=f"{name} done", outputs=outputs,
+                    finished=0.0).write(tmp_path / name)
 
     stage("merge", {"model_dir": "m", "result": {"parity": {}, "warnings": ["merged in bfloat16 <lossy>"]}})
     stage("export", {"export_dir": "e", "result": {"artefacts": [

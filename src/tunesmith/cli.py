@@ -3,6 +3,11 @@
 Every command: parse → load config → call the library function → render the result (rich, or ``--json``).
 Heavy libraries are imported inside command bodies so ``tunesmith --help`` is instant. User errors become one
 message and exit code 2, runtime failures exit code 1; ``--debug`` shows the traceback for bug reports.
+
+With ``--json`` a command prints one JSON object on stdout whatever happens: its result, or, when it fails with a
+tunesmith error, ``{"error": {"message", "hint", "kind", "exit_code"}}`` (same exit code as without ``--json``), so
+a script reads stdout alone. Usage mistakes (an unknown option) stay click's text on stderr, exit code 2.
+``main(argv)`` returns the exit code instead of exiting, for in-process tests; the console script exits with it.
 """
 
 from __future__ import annotations
@@ -16,19 +21,28 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from .errors import TunesmithError
+from .errors import TunesmithError, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs correctly: advise → data → train → eval → merge/export → serve.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare and inspect training data.")
 app.add_typer(data_app, name="data")
 
 console = Console(stderr=True, soft_wrap=True)
 _DEBUG = {"on": False}
+_INVOCATION: dict[str, Any] = {"argv": [], "json": False}
+"""This call of ``main``: its arguments (re-run under torchrun) and whether the command asked for ``--json``."""
+
+
+def _json_mode(value: bool) -> bool:
+    _INVOCATION["json"] = value  # set while parsing, so an error raised by the command body is rendered as JSON
+    return value
+
 
 ConfigArg = Annotated[Path, typer.Argument(help="tunesmith YAML config.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
+JsonOpt = Annotated[bool, typer.Option("--json", callback=_json_mode, help=(
+    "Print the result as one JSON object on stdout; an error too, as {\"error\": {\"message\", \"hint\", …}}."))]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder.")]
 PromptsOpt = Annotated[Path | None, typer.Option(
     "--prompts", help="Chat JSONL (e.g. prepared/eval.jsonl) whose conversations the checks run on.")]
@@ -86,7 +100,11 @@ def validate(config: ConfigArg, set_: SetOpt = None, as_json: JsonOpt = False) -
 
 @app.command()
 def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
-          resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
+          resume: Annotated[bool, typer.Option(
+              "--resume", help="Continue the run in --out from its newest complete checkpoint.")] = False,
+          from_checkpoint: Annotated[Path | None, typer.Option(
+              "--from-checkpoint", metavar="CHECKPOINT", help="Continue from this checkpoint of the run in --out "
+              "(e.g. runs/x/checkpoints/step-40) instead of the newest; implies --resume.")] = None,
           gpus: Annotated[int, typer.Option("--gpus", help="Processes/GPUs: >1 shards with FSDP2 via torchrun.")] = 1,
           as_json: JsonOpt = False) -> None:
     """Train (full / LoRA / QLoRA, as the config says) and write a run folder."""
@@ -94,11 +112,11 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
 
     cfg = load_config(config, set_ or [])
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch_under_torchrun(gpus)
+        raise typer.Exit(_relaunch_under_torchrun(gpus, Path(out or Path(cfg.out_dir) / "train") / "torchrun.log"))
     from .train import train as run_train
 
     with _Progress(enabled=not as_json, activity="train: loading and planning") as progress:
-        result = run_train(cfg, out_dir=out, resume=resume, on_event=progress.on_event)
+        result = run_train(cfg, out_dir=out, resume=from_checkpoint or resume, on_event=progress.on_event)
     emit(result, as_json, lambda r: console.print(f"[green]done[/green]: {r.summary()}"))
 
 
@@ -197,22 +215,28 @@ def serve(artefact: Annotated[Path, typer.Argument(help="GGUF file/folder, merge
     if dry_run:
         emit(serve_plan.to_dict(), as_json, lambda r: console.print(" ".join(r["command"])))
         return
+    from . import processes
+
+    log = serving.log_path(serve_plan)
     console.print(f"serving [bold]{serve_plan.model}[/bold] with {serve_plan.engine} on {serve_plan.base_url} "
-                  "(Ctrl-C stops it)")
-    process = serving.start(serve_plan)
+                  f"(Ctrl-C stops it; output in {log})")
+    child = serving.start(serve_plan, log)
     try:
-        sys.exit(process.wait())
+        code = processes.wait(child)
     finally:
-        serving.stop(process)
+        serving.stop(child)
+    if code != 0:
+        raise processes.failure(child, code)
 
 
-def _relaunch_under_torchrun(n: int) -> None:
-    """Re-run this same command as ``n`` torchrun processes (one per GPU); the config is identical."""
-    import subprocess
+def _relaunch_under_torchrun(n: int, log: Path) -> int:
+    """Re-run this same command as ``n`` torchrun processes (one per GPU); the config is identical. Their output
+    is shown and kept in ``log`` (in the run folder)."""
+    from . import processes
 
     argv: list[str] = []
     skip = False
-    for arg in sys.argv[1:]:
+    for arg in _INVOCATION["argv"]:
         if skip or arg.startswith("--gpus="):
             skip = False
             continue
@@ -222,7 +246,13 @@ def _relaunch_under_torchrun(n: int) -> None:
         argv.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
            "-m", "tunesmith", *argv]
-    sys.exit(subprocess.call(cmd))
+    # its own process group, stopped on SIGTERM/Ctrl-C here (torchrun passes SIGTERM on: the workers checkpoint)
+    with processes.running(cmd, what="torchrun", log_path=log, stop_timeout_s=120.0,
+                           echo=(sys.stdout.buffer, sys.stderr.buffer)) as child:
+        code = processes.wait(child)
+    if code != 0:
+        raise processes.failure(child, code)
+    return 0
 
 
 class _Progress:
@@ -490,24 +520,42 @@ def _render_eval(report: Any) -> None:
     console.print(f"[green]report[/green]: {report.files['report_html']}")
 
 
-def main() -> None:
-    """Entry point: run the app, turning tunesmith errors into one message and an exit code."""
+def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` (default: the process's arguments) and return its exit code: 0, a tunesmith error
+    as one message (or one JSON object under ``--json``) and its code, click's own for usage mistakes."""
     import warnings
 
-    # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: noise for a user
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from . import compat
+
+    if compat.peft_warns_on_wrap(compat.installed("peft")):
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: noise for a user
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    args = sys.argv[1:] if argv is None else list(argv)
+    _INVOCATION.update(argv=args, json=False)
+    _DEBUG["on"] = False
     try:
-        app()
+        app(args=args, prog_name="tunesmith")
+    except SystemExit as exc:  # click ends every command this way (0 included), and --help, --show-completion
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     except TunesmithError as exc:
         if _DEBUG["on"]:
             raise
-        console.print(f"[bold red]error:[/bold red] {_escape(exc.message)}")
-        if exc.hint:
-            console.print(f"  [yellow]fix:[/yellow] {_escape(exc.hint)}")
-        sys.exit(exc.exit_code)
+        _report_error(exc)
+        return exc.exit_code
     except KeyboardInterrupt:
         console.print("interrupted")
-        sys.exit(130)
+        return 130
+    return 0
+
+
+def _report_error(exc: TunesmithError) -> None:
+    if _INVOCATION["json"]:
+        kind = "user_error" if isinstance(exc, UserError) else "run_error"
+        emit({"error": {"message": exc.message, "hint": exc.hint, "kind": kind, "exit_code": exc.exit_code}}, True)
+        return
+    console.print(f"[bold red]error:[/bold red] {_escape(exc.message)}")
+    if exc.hint:
+        console.print(f"  [yellow]fix:[/yellow] {_escape(exc.hint)}")
 
 
 def _escape(text: str) -> str:

@@ -1,7 +1,8 @@
 """The run report: one self-contained HTML file (pictures inlined as base64 PNG, no external assets) and Markdown.
 
 It reads only what the stages wrote under the run folder (``<stage>/stage.json`` and the files they name), so it
-can be rebuilt at any time with ``write_report(run_dir)``. Sections: the data, the training curves (loss and
+can be rebuilt at any time with ``write_report(run_dir)`` (``tunesmith run`` also says which stages it passed over,
+and why). Sections: the data, the training curves (loss and
 learning rate from ``metrics.jsonl``), base vs tuned eval metrics with 95% intervals and the examples that flipped,
 the artefacts with their parity checks, and the resolved config with library versions.
 """
@@ -18,11 +19,8 @@ from typing import Any
 
 import yaml
 
-from .manifest import versions
-
-STAGE_FILE = "stage.json"
-STAGE_ORDER = ("generate", "data", "baseline", "train", "eval", "merge", "export", "report")
-"""The pipeline's stages in the order they run (the report lists them so)."""
+from .config.pipeline import STAGE_NAMES
+from .records import StageRecord, versions
 
 
 @dataclass(frozen=True)
@@ -81,14 +79,18 @@ class ReportData:
     misses: list[Miss] = field(default_factory=list)
     """The first examples the tuned model (else the base) still gets wrong."""
     miss_count: int = 0
+    eval_not_run: str | None = None
+    """Why the eval stages were passed over (no eval set), when they were."""
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> ReportResult:
-    """Collect the stages' outputs under ``run_dir`` and write ``report.html`` and ``report.md`` to ``out_dir``."""
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
+                 passed_over: dict[str, str] | None = None) -> ReportResult:
+    """Collect the stages' outputs under ``run_dir`` and write ``report.html`` and ``report.md`` to ``out_dir``.
+    ``passed_over``: stages this run had nothing to do for, with the reason (their old records are not shown)."""
     run = Path(run_dir)
     out = Path(out_dir) if out_dir else run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    data = collect(run)
+    data = collect(run, passed_over or {})
     images = _plots(data.curves)
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text(render_html(data, images), encoding="utf-8")
@@ -102,30 +104,32 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
 
 # --- collecting -----------------------------------------------------------------------------------------------------
 
-def collect(run: Path) -> ReportData:
-    found = {p.parent.name: _read_json(p) for p in run.glob(f"*/{STAGE_FILE}")}
-    records = {name: found[name] for name in STAGE_ORDER if found.get(name)}
+def collect(run: Path, passed_over: dict[str, str]) -> ReportData:
+    records = {name: StageRecord.read(run / name) for name in STAGE_NAMES
+               if name not in passed_over and (run / name / StageRecord.FILE).is_file()}
     config = _read_json(run / "config.json") or {}
     train = records.get("train")
-    curves = _curves(Path(train["outputs"]["metrics_file"])) if train else {}
+    curves = _curves(Path(train.outputs.metrics_file)) if train else {}
     base_eval, tuned_eval = _eval_view(records.get("baseline")), _eval_view(records.get("eval"))
     metrics = _metric_rows(base_eval, tuned_eval)
     flips = _flips(base_eval, tuned_eval)
     flip_counts = _flip_counts(base_eval, tuned_eval)
     num_eval = (tuned_eval or base_eval or {}).get("n")
-    stages = [{"name": n, "seconds": r.get("seconds"), "summary": r.get("summary", "")} for n, r in records.items()
-              if n != "report"]
+    stages = [{"name": n, "seconds": records[n].seconds, "summary": records[n].summary} if n in records else
+              {"name": n, "seconds": 0.0, "summary": f"not needed: {passed_over[n]}"}
+              for n in STAGE_NAMES if n != "report" and (n in records or n in passed_over)]
     title = f"tunesmith run — {config.get('model', {}).get('name_or_path', '?')}"
     return ReportData(title, stages, _data_view(records), _train_view(train), curves, metrics, num_eval, flips,
                       flip_counts, _artefacts(records), yaml.safe_dump(config, sort_keys=False), versions(),
-                      stage_warnings(records), *_misses(tuned_eval or base_eval))
+                      stage_warnings(records), *_misses(tuned_eval or base_eval),
+                      eval_not_run=passed_over.get("eval") or passed_over.get("baseline"))
 
 
-def stage_warnings(records: dict[str, Any]) -> list[tuple[str, str]]:
+def stage_warnings(records: dict[str, StageRecord]) -> list[tuple[str, str]]:
     """Every ``warnings`` list of strings anywhere in each stage's outputs, in stage order, without repeats."""
     out: list[tuple[str, str]] = []
     for name, record in records.items():
-        for message in _warning_texts(record.get("outputs")):
+        for message in _warning_texts(record.outputs.model_dump(mode="json")):
             if (name, message) not in out:
                 out.append((name, message))
     return out
@@ -169,34 +173,33 @@ def _curves(path: Path) -> dict[str, list[tuple[float, float]]]:
     return curves
 
 
-def _data_view(records: dict[str, Any]) -> dict[str, Any] | None:
+def _data_view(records: dict[str, StageRecord]) -> dict[str, Any] | None:
     rec = records.get("data") or records.get("generate")
     if not rec:
         return None
-    result = rec["outputs"].get("result")
-    lengths = Path(rec["outputs"].get("prepared_dir", "")) / "lengths.png"  # the data stage's own length plot
     # Counts people read; per-rule timings stay in the data stage's own report.
-    numbers = {k: v for k, v in _flat_numbers(result).items() if not k.startswith(("timings", "cpu_s"))}
-    return {"stage": rec["stage"], "summary": rec.get("summary", ""), "numbers": numbers,
-            "lengths_png": lengths.read_bytes() if rec["stage"] == "data" and lengths.is_file() else None}
+    numbers = {k: v for k, v in _flat_numbers(rec.outputs.result).items() if not k.startswith(("timings", "cpu_s"))}
+    lengths = Path(rec.outputs.prepared_dir) / "lengths.png" if rec.stage == "data" else None  # its length plot
+    return {"stage": rec.stage, "summary": rec.summary, "numbers": numbers,
+            "lengths_png": lengths.read_bytes() if lengths is not None and lengths.is_file() else None}
 
 
-def _train_view(rec: dict[str, Any] | None) -> dict[str, Any] | None:
+def _train_view(rec: StageRecord | None) -> dict[str, Any] | None:
     if not rec:
         return None
-    result = rec["outputs"].get("result") or {}
+    result = rec.outputs.result
     keep = ("method", "steps", "epochs", "train_loss", "eval_loss", "eval_token_accuracy", "tokens_per_s",
             "trainable_params", "total_params")
-    return {"summary": rec.get("summary", ""), "seconds": rec.get("seconds"),
+    return {"summary": rec.summary, "seconds": rec.seconds,
             "numbers": {k: result[k] for k in keep if result.get(k) is not None}}
 
 
-def _eval_view(rec: dict[str, Any] | None) -> dict[str, Any] | None:
+def _eval_view(rec: StageRecord | None) -> dict[str, Any] | None:
     """Scores and per-example verdicts of the (one) model an eval stage scored: its ``metrics.json`` and
     ``predictions.jsonl``."""
     if not rec:
         return None
-    folder = Path(rec["outputs"]["eval_dir"])
+    folder = Path(rec.outputs.eval_dir)
     doc = _read_json(folder / "metrics.json") or {}
     models = doc.get("models") or [{}]
     scores = {}
@@ -273,22 +276,21 @@ def _misses(view: dict[str, Any] | None, limit: int = 8) -> tuple[list[Miss], in
     return misses, len(wrong)
 
 
-def _artefacts(records: dict[str, Any]) -> list[dict[str, Any]]:
+def _artefacts(records: dict[str, StageRecord]) -> list[dict[str, Any]]:
     out = []
     train = records.get("train")
     if train:
-        full = (train["outputs"].get("result") or {}).get("method") == "full"
+        full = train.outputs.result.get("method") == "full"
         out.append({"name": "fine-tuned model (HF folder)" if full else "LoRA adapter (PEFT folder)",
-                    "path": train["outputs"].get("artefact_dir"),
+                    "path": train.outputs.artefact_dir,
                     "check": "evaluated directly by the eval stage" if records.get("eval") else "—"})
     merge = records.get("merge")
     if merge:
-        parity = (merge["outputs"].get("result") or {}).get("parity") or {}
-        out.append({"name": "merged model (HF folder)", "path": merge["outputs"].get("model_dir"),
-                    "check": _merge_check(parity)})
+        out.append({"name": "merged model (HF folder)", "path": merge.outputs.model_dir,
+                    "check": _merge_check(merge.outputs.result.get("parity") or {})})
     export = records.get("export")
     if export:
-        for item in (export["outputs"].get("result") or {}).get("artefacts", []):
+        for item in export.outputs.result.get("artefacts", []):
             out.append({"name": f"GGUF {item.get('quant', '')}", "path": item.get("path"),
                         "check": _gguf_check(item.get("check"))})
     return out
@@ -447,6 +449,8 @@ def render_html(d: ReportData, images: dict[str, bytes]) -> str:
         parts.append("</table>")
         if d.num_eval:
             parts.append(f"<p>{d.num_eval} eval examples; intervals are bootstrap 95% confidence intervals.</p>")
+    elif d.eval_not_run:
+        parts.append(f"<p id='eval-not-run'>The eval was not run: {e(d.eval_not_run)}.</p>")
     else:
         parts.append("<p>No eval stage ran.</p>")
     if d.flips:
@@ -509,8 +513,10 @@ def render_markdown(d: ReportData, image_names: list[str]) -> str:
     if d.train:
         lines += [d.train["summary"], "", *_md_kv(d.train["numbers"]), ""]
         lines += [f"![{n}]({n}.png)" for n in image_names]
-    lines += ["", "## Evaluation: base vs tuned", "", "| metric | base | 95% CI | tuned | 95% CI |",
-              "|---|---:|---|---:|---|"]
+    lines += ["", "## Evaluation: base vs tuned", ""]
+    if d.eval_not_run:
+        lines += [f"The eval was not run: {d.eval_not_run}.", ""]
+    lines += ["| metric | base | 95% CI | tuned | 95% CI |", "|---|---:|---|---:|---|"]
     lines += [f"| {r.name} | {_pct(r.base)} | {_ci(r.base_ci)} | {_pct(r.tuned)} | {_ci(r.tuned_ci)} |"
               for r in d.metrics]
     if d.flips:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 import time
 import urllib.error
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import processes
 from .errors import RunError, UserError
 
 ENGINES = ("auto", "llama.cpp", "vllm")
@@ -63,19 +63,23 @@ def plan(artefact: str | Path, *, host: str = "127.0.0.1", port: int = 8000, eng
     return _vllm_plan(path, host, port, base)
 
 
-def start(serve_plan: ServePlan, log_path: str | Path | None = None) -> subprocess.Popen:
-    """Start the server as a child process (its output goes to ``log_path`` or is discarded)."""
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 — the child owns it
-    return subprocess.Popen(serve_plan.command, stdout=log, stderr=subprocess.STDOUT)
+def log_path(serve_plan: ServePlan) -> Path:
+    """Where the server's output goes: ``serve.log`` beside the artefact (in its folder)."""
+    artefact = Path(serve_plan.artefact)
+    return (artefact.parent if artefact.is_file() else artefact) / "serve.log"
 
 
-def wait_ready(serve_plan: ServePlan, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    """Block until ``GET /v1/models`` answers; RunError if the server exits or the timeout passes."""
+def start(serve_plan: ServePlan, log: str | Path) -> processes.Child:
+    """Start the server as a child in its own process group, its output to ``log``; stopped when tunesmith stops."""
+    return processes.start(serve_plan.command, what=f"the {serve_plan.engine} server", log_path=log)
+
+
+def wait_ready(serve_plan: ServePlan, child: processes.Child, timeout_s: float = 120.0) -> None:
+    """Block until ``GET /v1/models`` answers; RunError (naming the log) if the server exits or the timeout passes."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RunError(f"the {serve_plan.engine} server exited with code {process.returncode} before it was ready",
-                           hint="run the command by hand to see its output: " + " ".join(serve_plan.command))
+        if child.process.poll() is not None:
+            raise processes.failure(child, child.process.returncode)
         try:
             with urllib.request.urlopen(serve_plan.base_url + "/models", timeout=2) as response:
                 if response.status == 200:
@@ -83,18 +87,13 @@ def wait_ready(serve_plan: ServePlan, process: subprocess.Popen, timeout_s: floa
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.3)
-    raise RunError(f"the {serve_plan.engine} server did not answer on {serve_plan.base_url} within {timeout_s:.0f} s")
+    raise RunError(f"the {serve_plan.engine} server did not answer on {serve_plan.base_url} within {timeout_s:.0f} s",
+                   hint=f"its output is in {child.log_path}")
 
 
-def stop(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    """Terminate the server, then kill it if it does not exit in time."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def stop(child: processes.Child) -> None:
+    """Stop the server and everything it started: SIGTERM to its group, then SIGKILL if it does not exit in time."""
+    processes.stop(child)
 
 
 def _gguf_file(path: Path) -> Path | None:

@@ -6,6 +6,11 @@
 - ``advise``: the entry point that runs them in order and writes a starter config
 """
 
+import sys
+
+from .. import StageModule
 from .advise import Advice, advise
 
 __all__ = ["Advice", "advise"]
+
+sys.modules[__name__].__class__ = StageModule  # `tunesmith.advise(...)` calls advise() (src/tunesmith/__init__.py)

@@ -35,7 +35,7 @@ from .cost import (
 from .dataset_stats import DatasetStats, count_dataset
 from .decide import Decision, choose_method, decide
 
-SEED_EFFECTIVE_BATCH = 16
+GUIDE_EFFECTIVE_BATCH = 16
 """The guide's 4 × 4 = 16 sequences per optimizer step; kept when the micro-batch has to shrink."""
 
 CPU_SERVE = ("llama.cpp / Ollama: merge (`tunesmith merge`), export a GGUF (`tunesmith export --format gguf`, "
@@ -135,7 +135,7 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
                      "are for one GPU; use LoRA to spread over several.")
         num_gpus = 1
     micro = min(micro_batch_size, max_mb[method])
-    accumulation = max(1, math.ceil(SEED_EFFECTIVE_BATCH / (micro * num_gpus)))
+    accumulation = max(1, math.ceil(GUIDE_EFFECTIVE_BATCH / (micro * num_gpus)))
 
     training = _training(arch, method, stats, length, micro, epochs, gpu_spec, num_gpus, lora_params)
     if gpu_spec.cpu:
@@ -327,9 +327,9 @@ def _config_from_json(path: Path) -> Any:
 
 
 def _lora_targets(arch: Architecture) -> list[str] | str:
-    from ..config import SEED_TARGETS
+    from ..config import GUIDE_TARGETS
 
-    return list(SEED_TARGETS) if set(SEED_TARGETS) <= set(arch.linear_targets) else "all-linear"
+    return list(GUIDE_TARGETS) if set(GUIDE_TARGETS) <= set(arch.linear_targets) else "all-linear"
 
 
 def _lora_counts(config: Any, r: int, targets: list[str] | str) -> tuple[int, int]:

@@ -41,14 +41,14 @@ class Calibration:
         return self.tokens_per_s * self.flops_per_token / (self.peak_tflops * 1e12)
 
 
-_SEED_SRC = ("bench seed_recipe.py on 1× H200 (notes/performance.md): Llama-3.1-8B shape, bf16, SDPA, TRL defaults "
+_RECIPE_SRC = ("bench seed_recipe.py on 1× H200 (docs/performance.md): Llama-3.1-8B shape, bf16, SDPA, TRL defaults "
              "incl. gradient checkpointing, batch 4 × GA 4 × 2048")
 CALIBRATION: tuple[Calibration, ...] = (
-    Calibration("seed", "lora", 6918, 33.2e9, 989, True, _SEED_SRC + ", LoRA r16 all-linear, every row 2048"),
-    Calibration("seed", "lora", 2166, 33.2e9, 989, False, _SEED_SRC + ", LoRA, --varlen (log-normal lengths)"),
-    Calibration("seed", "qlora", 7534, 33.2e9, 989, True, _SEED_SRC + ", QLoRA NF4, every row 2048"),
-    Calibration("seed", "qlora", 2109, 33.2e9, 989, False, _SEED_SRC + ", QLoRA, --varlen"),
-    Calibration("seed", "full", 7259, 48.2e9, 989, True, _SEED_SRC.replace("batch 4 × GA 4", "batch 1 × GA 16")
+    Calibration("recipe", "lora", 6918, 33.2e9, 989, True, _RECIPE_SRC + ", LoRA r16 all-linear, every row 2048"),
+    Calibration("recipe", "lora", 2166, 33.2e9, 989, False, _RECIPE_SRC + ", LoRA, --varlen (log-normal lengths)"),
+    Calibration("recipe", "qlora", 7534, 33.2e9, 989, True, _RECIPE_SRC + ", QLoRA NF4, every row 2048"),
+    Calibration("recipe", "qlora", 2109, 33.2e9, 989, False, _RECIPE_SRC + ", QLoRA, --varlen"),
+    Calibration("recipe", "full", 7259, 48.2e9, 989, True, _RECIPE_SRC.replace("batch 4 × GA 4", "batch 1 × GA 16")
                 + ", full fine-tuning, pure bf16 (weights and AdamW states)"),
 )
 """Every measured run the time model is calibrated on — the ONE place to add tunesmith's own engine numbers."""
@@ -110,7 +110,8 @@ def _seed_varlen_lengths(n: int = 4000) -> list[int]:
             for _ in range(n)]
 
 
-def calibrated_mfu(method: str, engine: str = "seed", pad_eff: float = 1.0, packing: bool = False) -> tuple[float, str]:
+def calibrated_mfu(method: str, engine: str = "recipe", pad_eff: float = 1.0,
+                   packing: bool = False) -> tuple[float, str]:
     """MFU for ``method`` at a padding efficiency, and a sentence naming the measurements it comes from.
 
     mfu = mfu_fixed × pad_eff ** k, where k makes the formula reproduce the measured variable-length run. With
@@ -148,7 +149,7 @@ def _rows(engine: str, method: str) -> list[Calibration]:
 
 def estimate_training(arch: Architecture, method: str, tokens: int, epochs: float, seq_len: float, *,
                       peak_tflops: float, price_per_hour: float, num_gpus: int = 1, lora_params: int = 0,
-                      pad_eff: float = 1.0, packing: bool = False, engine: str = "seed") -> TrainingEstimate:
+                      pad_eff: float = 1.0, packing: bool = False, engine: str = "recipe") -> TrainingEstimate:
     """Hours and dollars to train ``tokens`` real tokens for ``epochs`` on ``num_gpus`` GPUs."""
     fpt = flops_per_token(arch, method, seq_len, lora_params)
     mfu, source = calibrated_mfu(method, engine, pad_eff, packing)

@@ -1,13 +1,14 @@
 """Counting a chat dataset for the advisor: examples, tokens (with the target tokenizer when one is available) and
 the length distribution that decides padding waste, memory and time.
 
-This is a count, not validation: ``tunesmith data prepare`` validates and cleans. A line that is not a JSON object
-with a ``messages`` list is still an error here (file:line), because counting it would be a guess.
+The file is read by the data stage's reader (``tunesmith.data.read_numbered``): every format ``tunesmith data prepare``
+accepts (OpenAI chat, ShareGPT, alpaca, prompt/completion) is counted, and a line it would refuse is refused here with
+the same file:line message, because counting it would be a guess. Cleaning (duplicates, quality rules) is not applied:
+this counts the file as given.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,27 +54,25 @@ class DatasetStats:
 
 
 def count_dataset(path: str | Path, tokenizer: Any = None, tokenizer_name: str | None = None) -> DatasetStats:
-    """Count ``path`` (chat JSONL, one ``{"messages": [...]}`` per line)."""
+    """Count ``path`` (JSONL in any format ``tunesmith data prepare`` reads)."""
+    from ..data import read_numbered
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--data {path}: file not found",
                         hint="give a chat JSONL file (one {\"messages\": [...]} per line)")
+    records = read_numbered(path, hint="fix these lines, or run `tunesmith data prepare --skip-bad-lines` to set "
+                                       "them aside and count its prepared train.jsonl")
     lengths: list[int] = []
     supervised = 0
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            messages = _messages(path, line_no, line)
-            try:
-                total, sup = _count(messages, tokenizer)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise UserError(f"{where(path, line_no, 'messages')}: cannot be tokenized ({exc})",
-                                hint="check it with `tunesmith data prepare`, which names the broken field") from None
-            lengths.append(total)
-            supervised += sup
-    if not lengths:
-        raise UserError(f"{path}: no examples (the file is empty)", hint="give a chat JSONL file with examples")
+    for line_no, record in records:
+        try:
+            total, sup = _count(record["messages"], tokenizer)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{where(path, line_no, 'messages')}: cannot be tokenized ({exc})",
+                            hint="check it with `tunesmith data prepare`, which names the broken field") from None
+        lengths.append(total)
+        supervised += sup
     ordered = sorted(lengths)
 
     def pct(q: float) -> int:
@@ -83,19 +82,6 @@ def count_dataset(path: str | Path, tokenizer: Any = None, tokenizer_name: str |
                         total_tokens=sum(lengths), supervised_tokens=supervised,
                         mean_tokens=round(sum(lengths) / len(lengths), 1), p50_tokens=pct(0.5), p90_tokens=pct(0.9),
                         p99_tokens=pct(0.99), max_tokens=ordered[-1], lengths=tuple(lengths))
-
-
-def _messages(path: Path, line_no: int, line: str) -> list[dict[str, Any]]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{where(path, line_no)}: not valid JSON ({exc.msg} at column {exc.colno})",
-                        hint="one JSON object per line (JSONL)") from None
-    messages = record.get("messages") if isinstance(record, dict) else None
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise UserError(f"{where(path, line_no, 'messages')}: expected a list of {{role, content}} objects",
-                        hint="the chat format: {\"messages\": [{\"role\": \"user\", \"content\": \"…\"}, …]}")
-    return messages
 
 
 def _count(messages: list[dict[str, Any]], tokenizer: Any) -> tuple[int, int]:

@@ -19,11 +19,11 @@ from .data import DataConfig
 from .eval import EvalConfig, MetricConfig, metric_name
 from .model import ModelConfig
 from .pipeline import PipelineConfig
-from .train import PRESETS, SEED_TARGETS, LoraSection, QuantSection, TrainConfig
+from .train import GUIDE_TARGETS, PRESETS, LoraSection, QuantSection, TrainConfig
 
 __all__ = [
+    "GUIDE_TARGETS",
     "PRESETS",
-    "SEED_TARGETS",
     "Config",
     "DataConfig",
     "EvalConfig",

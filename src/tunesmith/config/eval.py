@@ -89,7 +89,9 @@ class CustomMetric(Section):
     name: str | None = None
     """Label in reports (default: the function's name)."""
     function: str
-    """``module:function`` importable from the working directory. As a ``scorer`` it is called
+    """``module:function``: a function of your project (a module under the working directory, e.g. ``my_scorers.py``
+    next to the config) or of tunesmith; the standard library, builtins and installed packages are refused, since
+    the function is called with the model's output (docs/reliability.md). As a ``scorer`` it is called
     ``f(prediction, expected)`` and returns a bool, a score in [0, 1], or ``(score, reason)``. As
     ``extract_answer`` it is called ``f(prediction)`` and returns the answer text, then compared like ``exact``."""
     mode: Literal["scorer", "extract_answer"] = "scorer"

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field
 
 from .base import Section
 
 StageName = Literal["generate", "data", "baseline", "train", "eval", "merge", "export", "report"]
-"""The stages of ``tunesmith run``, in order."""
+"""The stages of ``tunesmith run``, in the order they run: the one list of their names."""
+
+STAGE_NAMES: tuple[StageName, ...] = get_args(StageName)
 
 
 class PipelineConfig(Section):
     generate: str | None = None
     """``module:function`` run first, called with one argument: the folder to write into (``generate_dir``). For
-    data that is made rather than given — the SQL demo builds its database and chat examples this way. None: the
-    data already exists."""
+    data that is made rather than given — the SQL demo builds its database and chat examples this way
+    (``tunesmith.demo:write_demo``). A function of your project (a module under the working directory) or of
+    tunesmith; the standard library, builtins and installed packages are refused. None: the data already exists."""
 
     generate_options: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for ``generate`` after the folder, e.g. ``{num_train: 1200}`` for the SQL demo."""
@@ -31,4 +34,5 @@ class PipelineConfig(Section):
 
     skip: list[StageName] = Field(default_factory=list)
     """Stages not to run, e.g. ``[baseline]`` to save time or ``[export]`` without llama.cpp installed. Stages with
-    nothing to do are passed over anyway (merge after full fine-tuning, export with no formats configured)."""
+    nothing to do are passed over anyway, with the reason (baseline and eval without an eval set, merge after full
+    fine-tuning, export with no formats configured)."""

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from .base import Section
 
-SEED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GUIDE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The guide's LoRA targets: all seven linear projections of a Llama-style block."""
 
 # The guide's "LoRA hyperparameter guide". A preset fills only the fields the user did not set.
@@ -16,7 +16,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "conservative": {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1e-4},
     "recommended": {"lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
                     "learning_rate": 2e-4},
-    "aggressive": {"lora": {"r": 64, "alpha": 128, "target_modules": list(SEED_TARGETS)}, "learning_rate": 3e-4},
+    "aggressive": {"lora": {"r": 64, "alpha": 128, "target_modules": list(GUIDE_TARGETS)}, "learning_rate": 3e-4},
 }
 
 
@@ -29,13 +29,12 @@ class LoraSection(Section):
 
     dropout: float = Field(0.05, ge=0, lt=1)
     """Dropout on the LoRA input. LoRA on one CUDA GPU: each adapter draws it inside its first product (no mask
-    stored; src/tunesmith/train/adapter_dropout.py), with p rounded to a multiple of 2⁻¹⁶. QLoRA and several GPUs:
-    PEFT's dropout (the fused one not measured there yet)."""
+    stored), with p rounded to a multiple of 2⁻¹⁶. QLoRA and several GPUs: PEFT's dropout."""
 
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases to train (PEFT's ``bias``)."""
 
-    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: list(SEED_TARGETS))
+    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: list(GUIDE_TARGETS))
     """Module names to adapt, or ``all-linear`` (every linear layer but the output head)."""
 
     use_rslora: bool = False
@@ -84,7 +83,7 @@ class TrainConfig(Section):
     packed_row_tokens: int | None = Field(None, ge=8)
     """With packing: tokens per packed row, at least ``max_length``; None: per_device_train_batch_size ×
     max_length. For a row size between those multiples: fewer, longer rows per step cost less per token, for a
-    little more memory (bench/results/fast_engine.md). The step's sequences are unchanged."""
+    little more memory. The step's sequences are unchanged."""
 
     gradient_accumulation_steps: int = Field(4, ge=1)
     """Micro-batches per optimizer step. The guide's 4 × 4 = 16 sequences per step."""
@@ -148,17 +147,17 @@ class TrainConfig(Section):
     offload_checkpoints: Literal["auto"] | bool = "auto"
     """One GPU: the inputs of checkpointed decoder layers (the one tensor each keeps for backward: tokens × hidden
     × 2 bytes, 2 GiB for an 8B model's 32 layers at 8K tokens) wait for backward in pinned CPU memory, copied out
-    and back on side streams while the GPU computes (src/tunesmith/train/offload.py). ``auto``: when layers must
+    and back on side streams while the GPU computes. ``auto``: when layers must
     be checkpointed to fit ``memory_limit_gb`` and the freed memory lets fewer be checkpointed or the step fit.
     Reported in run.json's plan."""
 
     offload_layers: Literal["auto"] | int = "auto"
     """One GPU, layers that must not stay in GPU memory: this many of them are not recomputed in backward but
     offloaded whole — everything they save for backward waits in pinned CPU memory, copied out while forward goes
-    on and back while backward works on the layers after them (src/tunesmith/train/offload.py). It spends the
+    on and back while backward works on the layers after them. It spends the
     GPU↔CPU link instead of a forward's FLOPs, so only as many pay as the link can move while forward runs.
     ``auto``: LoRA with compiled layers whose checkpointed inputs are offloaded: that many, from the link's speed
-    (measured at the start of the run) and the GPU's datasheet peak (bench/results/fast_engine.md). A number:
+    (measured at the start of the run) and the GPU's datasheet peak. A number:
     exactly that many (at most the layers the plan checkpoints). 0: none. Reported in run.json's plan."""
 
     packing: Literal["auto"] | bool = "auto"
@@ -167,8 +166,8 @@ class TrainConfig(Section):
 
     compile: Literal["auto"] | bool = "auto"
     """Compile each decoder layer with torch.compile (fuses norms, RoPE, SwiGLU and the adapters' small ops; the
-    first steps wait ~1 minute for compilation). ``auto``: on for CUDA GPUs, where it is faster for every method
-    (bench/results/fast_engine.md), off on the CPU."""
+    first steps wait ~1 minute for compilation). ``auto``: on for CUDA GPUs, where it is faster for every method,
+    off on the CPU."""
 
     logging_steps: int = Field(10, ge=1)
     """Log loss, learning rate and throughput every N optimizer steps."""

@@ -15,7 +15,7 @@ Files are read line by line in binary with a per-line byte cap, so a multi-GB si
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,11 +59,18 @@ class Example:
         return f"{self.source}:{self.line}"
 
 
-def read_file(path: str | Path, max_line_bytes: int = 16 * 2**20, max_depth: int = 32) -> list[Example]:
-    """Every non-blank line of ``path`` as an Example (canonical record + per-line problems).
+Converter = Callable[[dict[str, Any]], tuple[dict[str, Any] | None, str, list[tuple[str | None, str]]]]
+"""A parsed line → (record, format name, [(field, reason)]): ``to_canonical``, or the eval set's, which adds its
+``{"input", "expected"}`` shape to these."""
+
+
+def read_file(path: str | Path, max_line_bytes: int = 16 * 2**20, max_depth: int = 32,
+              convert: Converter | None = None) -> list[Example]:
+    """Every non-blank line of ``path`` as an Example (canonical record + per-line problems). The one reader of
+    users' data files: data prepare, train, advise and eval all read through it.
 
     File-level problems (missing, empty, a JSON array instead of JSONL) raise ``UserError`` at once: no line of
-    such a file can be used."""
+    such a file can be used. ``convert``: how a parsed line becomes a record (default ``to_canonical``)."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
@@ -80,7 +87,7 @@ def read_file(path: str | Path, max_line_bytes: int = 16 * 2**20, max_depth: int
             raise UserError(f"{where(source, line_no)}: this is pretty-printed JSON spread over several lines; "
                             "tunesmith reads JSONL (one JSON object per line)",
                             hint=f"convert it, e.g. jq -c . {path.name} > data.jsonl")
-        examples.append(parse_line(source, line_no, text, max_depth))
+        examples.append(parse_line(source, line_no, text, max_depth, convert))
     if not examples:
         raise UserError(f"{source}: no examples (the file is empty or only blank lines)",
                         hint="one JSON object per line, e.g. {\"messages\": [...]}")
@@ -132,7 +139,7 @@ def iter_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, str | Pro
                 yield line_no, text
 
 
-def parse_line(source: str, line_no: int, text: str, max_depth: int = 32) -> Example:
+def parse_line(source: str, line_no: int, text: str, max_depth: int = 32, convert: Converter | None = None) -> Example:
     """One line of JSON → an Example with its canonical record, or with the problems that prevent one."""
     def bad(reason: str, fld: str | None = None) -> Example:
         return Example(source, line_no, None, problems=[Problem(source, line_no, reason, fld)])
@@ -149,7 +156,7 @@ def parse_line(source: str, line_no: int, text: str, max_depth: int = 32) -> Exa
         return bad(f"expected a JSON object, got {_kind(obj)}")
     if _depth_exceeds(obj, max_depth):
         return bad(f"JSON nested too deeply (over data.max_depth={max_depth})")
-    record, fmt, problems = to_canonical(obj)
+    record, fmt, problems = (convert or to_canonical)(obj)
     problems = [Problem(source, line_no, reason, fld) for fld, reason in problems]
     return Example(source, line_no, record if not problems else None, fmt, problems)
 

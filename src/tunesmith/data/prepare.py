@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, where
+from ..records import PreparedData, PreparedInput, versions
 from . import clean
 from .formats import Example, read_file
 from .report import EXAMPLES_PER_RULE, length_stats, plot_lengths, role_counts, snippet, turn_counts, write_reports
 from .split import holdout_indices
-from .validate import check_record, raise_problems
+from .validate import check_record, raise_problems, read_examples
 
 RULES = ("validate", "short_outputs", "json_outputs", "overlong", "exact_dedup", "minhash", "embedding", "leakage")
 """Report order: the order rules run in. Quality filters run before de-duplication, so the example that
@@ -143,8 +144,7 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
                            max_length, out)
     files["lengths_png"] = str(out / "lengths.png")
     files.update(write_reports(report, log.snippets, out))
-    files["manifest"] = _write_manifest(out / "manifest.json", cfg, train_files, eval_path, inputs, report["counts"],
-                                        files)
+    files["manifest"] = _write_manifest(out, cfg, train_files, eval_path, inputs, report["counts"], files)
     watch.lap("write_and_report")
     if len(train) < data.min_examples:
         raise UserError(f"only {len(train)} training example(s) left after cleaning, fewer than data.min_examples "
@@ -413,39 +413,16 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _write_manifest(path: Path, cfg: Any, train_files: list[str], eval_path: str | None, inputs: list[dict[str, Any]],
+def _write_manifest(out: Path, cfg: Any, train_files: list[str], eval_path: str | None, inputs: list[dict[str, Any]],
                     counts: dict[str, int], files: dict[str, str]) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for pkg in ("tunesmith", "datasketch", "sentence-transformers", "transformers", "jsonschema"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            versions[pkg] = None
-    manifest = {"stage": "data", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "inputs": inputs,
-                "config": {"data": {**cfg.data.model_dump(mode="json"), "train_files": train_files,
-                                    "eval_file": eval_path},
-                           "model": cfg.model.model_dump(mode="json"), "train": {"max_length": cfg.train.max_length}},
-                "counts": counts, "outputs": {k: Path(v).name for k, v in files.items()}, "versions": versions}
-    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return str(path)
-
-
-def read_examples(path: str | Path, max_errors: int = 20) -> list[dict[str, Any]]:
-    """Canonical chat records of one JSONL file (a prepared split or a raw file in any supported format), read
-    line by line and validated. Any structural problem raises one UserError listing ``file:line: field: reason``."""
-    return [record for _, record in read_numbered(path, max_errors)]
-
-
-def read_numbered(path: str | Path, max_errors: int = 20) -> list[tuple[int, dict[str, Any]]]:
-    """Like ``read_examples``, with each record's 1-based line number (for messages about later stages)."""
-    examples = read_file(path)
-    for ex in examples:
-        if ex.record is not None:
-            ex.problems += check_record(ex.record, ex.source, ex.line)
-    raise_problems([p for ex in examples for p in ex.problems], max_errors)
-    return [(ex.line, ex.record) for ex in examples if ex.record is not None]
+    record = PreparedData(created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          inputs=[PreparedInput(**i) for i in inputs],
+                          config={"data": {**cfg.data.model_dump(mode="json"), "train_files": train_files,
+                                           "eval_file": eval_path},
+                                  "model": cfg.model.model_dump(mode="json"),
+                                  "train": {"max_length": cfg.train.max_length}},
+                          counts=counts, outputs={k: Path(v).name for k, v in files.items()}, versions=versions())
+    return str(record.write(out))
 
 
 def prepared_files(path: str | Path) -> tuple[Path, Path | None]:

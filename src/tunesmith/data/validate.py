@@ -2,16 +2,18 @@
 
 Each problem names the file, the 1-based line, the field (``messages[2].role``: message index 2, counted from 0
 as in the JSON) and what is wrong; never the training text. ``check_record`` returns the problems of one record;
-``raise_problems`` turns a list of them into one ``UserError`` (up to a cap, then "and N more").
+``raise_problems`` turns a list of them into one ``UserError`` (up to a cap, then "and N more"). ``read_numbered``
+is what every later reader of a user's file calls (train, advise): read in any accepted format, then checked here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .formats import Problem, _kind, _short
+from .formats import Problem, _kind, _short, read_file
 
 ROLES = ("system", "user", "assistant", "tool")
 RECORD_KEYS = {"messages", "tools", "parallel_tool_calls"}
@@ -22,8 +24,9 @@ ROLE_ALIASES = {"bot": "assistant", "gpt": "assistant", "model": "assistant", "a
 guessing a role silently would train on the wrong turns)."""
 
 
-def check_record(record: dict[str, Any], source: str, line: int) -> list[Problem]:
-    """Every structural problem of one canonical record (an empty list when it is fine to train on)."""
+def check_record(record: dict[str, Any], source: str, line: int, for_training: bool = True) -> list[Problem]:
+    """Every structural problem of one canonical record (an empty list when it is fine to train on).
+    ``for_training=False`` (an eval set): no rule about what there is to learn from, the structure only."""
     out: list[Problem] = []
 
     def add(reason: str, fld: str | None = None) -> None:
@@ -84,7 +87,7 @@ def check_record(record: dict[str, Any], source: str, line: int) -> list[Problem
         if role == "assistant":
             assistants += 1
             trained += msg.get("weight", 1) != 0
-    if not roles_ok:
+    if not roles_ok or not for_training:
         return out
     if assistants == 0:
         add("no assistant message: nothing to learn from", "messages")
@@ -93,7 +96,11 @@ def check_record(record: dict[str, Any], source: str, line: int) -> list[Problem
     return out
 
 
-def raise_problems(problems: Sequence[Problem], max_errors: int) -> None:
+SKIP_HINT = ("fix these lines, or set data.on_bad_lines: skip (--skip-bad-lines) to write them to rejects.jsonl "
+             "and go on")
+
+
+def raise_problems(problems: Sequence[Problem], max_errors: int, hint: str = SKIP_HINT) -> None:
     """One UserError listing up to ``max_errors`` problems (with how many lines they span), or nothing."""
     if not problems:
         return
@@ -103,8 +110,24 @@ def raise_problems(problems: Sequence[Problem], max_errors: int) -> None:
     text = f"{len(problems)} problem(s) in {len(lines)} line(s):\n  " + "\n  ".join(shown)
     if more:
         text += f"\n  … and {more} more"
-    raise UserError(text, hint="fix these lines, or set data.on_bad_lines: skip (--skip-bad-lines) to write them "
-                               "to rejects.jsonl and go on")
+    raise UserError(text, hint=hint)
+
+
+def read_examples(path: str | Path, max_errors: int = 20) -> list[dict[str, Any]]:
+    """Canonical chat records of one JSONL file (a prepared split or a raw file in any supported format), read
+    line by line and validated. Any structural problem raises one UserError listing ``file:line: field: reason``."""
+    return [record for _, record in read_numbered(path, max_errors)]
+
+
+def read_numbered(path: str | Path, max_errors: int = 20,
+                  hint: str = SKIP_HINT) -> list[tuple[int, dict[str, Any]]]:
+    """Like ``read_examples``, with each record's 1-based line number (for messages about later stages)."""
+    examples = read_file(path)
+    for ex in examples:
+        if ex.record is not None:
+            ex.problems += check_record(ex.record, ex.source, ex.line)
+    raise_problems([p for ex in examples for p in ex.problems], max_errors, hint)
+    return [(ex.line, ex.record) for ex in examples if ex.record is not None]
 
 
 def _role_hint(role: Any) -> str:

@@ -7,15 +7,17 @@ eval loss → statistics and flips against the first model → predictions.jsonl
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import StageModule
 from ..config import Config, MetricConfig, metric_name
 from ..errors import UserError
-from ..manifest import write_manifest
+from ..records import EvalRun, versions
 from .evalset import EvalExample, eval_file, load_eval_set
 from .generate import encode_prompts, generate_llama_cpp, generate_transformers, generate_vllm, vllm_available
 from .loss import answer_loss
@@ -92,8 +94,8 @@ def evaluate(config: Config, models: Sequence[str] | None = None, out_dir: str |
     result = EvalReport(str(out), str(path), len(examples),
                         [ModelScores(r.label, r.kind, summaries[r.label], r.loss, round(r.seconds, 3)) for r in runs],
                         comparisons, {k: str(v) for k, v in files.items()})
-    write_manifest(out, {"stage": "eval", "config": config.model_dump(mode="json"),
-                         "models": [asdict(s) for s in specs], "outputs": result.files, "result": result.to_dict()})
+    EvalRun(config=config.model_dump(mode="json"), models=[asdict(s) for s in specs], outputs=result.files,
+            result=result.to_dict(), versions=versions()).write(out)
     return result
 
 
@@ -222,3 +224,4 @@ def _empty_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
+sys.modules[__name__].__class__ = StageModule  # `tunesmith.evaluate(...)` calls evaluate() (src/tunesmith/__init__.py)

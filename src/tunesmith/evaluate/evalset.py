@@ -1,10 +1,13 @@
-"""The eval set: prompts and expected answers, from any of the three accepted shapes.
+"""The eval set: prompts and expected answers, read by the data stage's reader (``tunesmith.data.formats``).
 
 - a prepared folder → its ``eval.jsonl``;
-- chat records ``{"messages": [...]}``: the last message is the assistant's expected answer, the ones before it
-  are the prompt;
+- chat records in any format ``tunesmith data prepare`` reads (OpenAI ``messages``, ShareGPT, alpaca,
+  prompt/completion), checked by the same rules: the last message is the assistant's expected answer, the ones
+  before it are the prompt;
 - ``{"input": ..., "expected": ...}`` records: the prompt is ``system`` (optional) + a user message made from
   ``prompt_template``. A non-string ``expected`` (a JSON object for the JSON metrics) is kept as JSON text.
+
+A broken line is refused with the message data prepare gives for it (file:line: field: reason), all of them at once.
 """
 
 from __future__ import annotations
@@ -14,9 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError, where
+from ..data.formats import Example, Problem, read_file, to_canonical
+from ..data.validate import check_record, raise_problems
+from ..errors import UserError
 
-ROLES = ("system", "user", "assistant", "tool")
+CHAT_KEYS = {"messages", "conversations", "instruction", "prompt", "completion"}
+"""Keys by which the data stage's reader recognises a chat record (any other line with ``input`` or ``expected`` is
+an eval-shaped one)."""
+EVAL_KEYS = {"input", "expected", "tools", "id"}
+MAX_ERRORS = 20
 
 
 @dataclass(frozen=True)
@@ -60,77 +69,47 @@ def eval_file(dataset: str | None, train_dataset: str | None = None) -> Path:
 
 def load_eval_set(path: Path, prompt_template: str = "{input}", system: str | None = None,
                   limit: int | None = None) -> list[EvalExample]:
-    """Every example of the file (or the first ``limit``); a broken line is a UserError naming file:line."""
-    examples: list[EvalExample] = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
-            text = _decode(raw, path, lineno)
-            if not text.strip():
-                continue
-            examples.append(_example(_parse(text, path, lineno), path, lineno, prompt_template, system))
-    if not examples:
-        raise UserError(f"{path}: no examples (the file is empty)", hint="one JSON object per line")
-    return examples
+    """Every example of the file (or the first ``limit``); broken lines are one UserError naming file:line."""
+    examples = read_file(path, convert=_eval_record)
+    for ex in examples:
+        if ex.record is not None and ex.format != "eval":
+            ex.problems += check_record(ex.record, ex.source, ex.line, for_training=False) or _answer_problems(ex)
+    raise_problems([p for ex in examples for p in ex.problems], MAX_ERRORS,
+                   hint="fix these lines of the eval set: each is a chat record (its last message the expected "
+                        "answer) or {\"input\": ..., \"expected\": ...}")
+    return [_example(ex, prompt_template, system) for ex in examples[:limit]]
 
 
-def _decode(raw: bytes, path: Path, lineno: int) -> str:
-    if lineno == 1:
-        raw = raw.removeprefix(b"\xef\xbb\xbf")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{where(path, lineno)}: invalid UTF-8 at byte {exc.start + 1} of the line",
-                        hint="save the file as UTF-8") from None
-    if "\x00" in text:
-        raise UserError(f"{where(path, lineno)}: NUL byte at column {text.index(chr(0)) + 1}")
-    return text
+def _eval_record(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, str, list[tuple[str | None, str]]]:
+    """The data stage's conversion, plus the eval-only ``{"input", "expected"}`` shape."""
+    if CHAT_KEYS & obj.keys() or not {"input", "expected"} & obj.keys():
+        return to_canonical(obj)
+    problems: list[tuple[str | None, str]] = [(k, "missing") for k in ("input", "expected") if k not in obj]
+    problems += [(k, f"unknown key (expected {', '.join(sorted(EVAL_KEYS))})") for k in obj if k not in EVAL_KEYS]
+    if obj.get("tools") is not None and not isinstance(obj["tools"], list):
+        problems.append(("tools", "must be a list of tool definitions"))
+    return (None if problems else obj), "eval", problems
 
 
-def _parse(text: str, path: Path, lineno: int) -> dict[str, Any]:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{where(path, lineno)}: invalid JSON at column {exc.colno}: {exc.msg}",
-                        hint="one JSON object per line (JSONL)") from None
-    except (RecursionError, ValueError) as exc:
-        raise UserError(f"{where(path, lineno)}: unreadable JSON ({type(exc).__name__})") from None
-    if not isinstance(record, dict):
-        kind = "a JSON array" if isinstance(record, list) else type(record).__name__
-        raise UserError(f"{where(path, lineno)}: expected a JSON object, got {kind}",
-                        hint="one object per line: {\"messages\": [...]} or {\"input\": ..., \"expected\": ...}")
-    return record
+def _answer_problems(ex: Example) -> list[Problem]:
+    """The eval set's one rule beyond the data stage's: the conversation ends with the expected answer."""
+    messages = ex.record["messages"]
+    last = messages[-1]
+    if len(messages) >= 2 and last.get("role") == "assistant" and isinstance(last.get("content"), str):
+        return []
+    return [Problem(ex.source, ex.line, "the last message must be the assistant's expected answer (text), after at "
+                                        "least one prompt message", f"messages[{len(messages) - 1}]")]
 
 
-def _example(record: dict[str, Any], path: Path, lineno: int, template: str, system: str | None) -> EvalExample:
-    if "messages" in record:
-        return _chat_example(record, path, lineno)
-    if "input" in record and "expected" in record:
+def _example(ex: Example, template: str, system: str | None) -> EvalExample:
+    record = ex.record
+    if ex.format == "eval":
         prompt = [{"role": "system", "content": system}] if system else []
         prompt.append({"role": "user", "content": template.replace("{input}", _as_text(record["input"]))})
-        return EvalExample(lineno, prompt, _as_text(record["expected"]), record.get("tools"))
-    missing = "expected" if "input" in record else "input" if "expected" in record else "messages"
-    raise UserError(f"{where(path, lineno, missing)}: missing",
-                    hint="each line needs `messages` (chat, last turn = expected answer) or `input` and `expected`")
-
-
-def _chat_example(record: dict[str, Any], path: Path, lineno: int) -> EvalExample:
+        return EvalExample(ex.line, prompt, _as_text(record["expected"]), record.get("tools"))
     messages = record["messages"]
-    if not isinstance(messages, list) or len(messages) < 2:
-        raise UserError(f"{where(path, lineno, 'messages')}: expected a list with a prompt and an answer")
-    for i, msg in enumerate(messages, start=1):
-        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
-            role = msg.get("role") if isinstance(msg, dict) else None
-            raise UserError(f"{where(path, lineno, f'messages[{i}].role')}: {role!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(msg.get("content"), str) and not msg.get("tool_calls"):
-            raise UserError(f"{where(path, lineno, f'messages[{i}].content')}: expected a string")
-    last = messages[-1]
-    if last["role"] != "assistant" or not isinstance(last.get("content"), str):
-        raise UserError(f"{where(path, lineno, f'messages[{len(messages)}]')}: the last message must be the "
-                        "assistant's expected answer (text)")
     prompt = [{k: v for k, v in m.items() if k != "weight"} for m in messages[:-1]]
-    return EvalExample(lineno, prompt, last["content"], record.get("tools"))
+    return EvalExample(ex.line, prompt, messages[-1]["content"], record.get("tools"))
 
 
 def _as_text(value: Any) -> str:

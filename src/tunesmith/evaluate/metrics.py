@@ -8,13 +8,10 @@ generation starts, and are ``UserError``s.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import os
 import re
 import sqlite3
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .. import hooks
 from ..errors import UserError
 
 TRAILING_PUNCTUATION = ".!?;,:"
@@ -270,31 +268,6 @@ def _as_verdict(result: Any, label: str) -> Verdict:
                         "(score, reason)", error=True)
 
 
-def import_function(spec: str, field: str) -> Callable[..., Any]:
-    """``module:function`` imported from the working directory or the installed packages."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise UserError(f"{field}: {spec!r} is not `module:function`", hint="e.g. function: my_scorers:score_sql")
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"{field}: cannot import module {module_name!r} ({exc})",
-                        hint="run from the folder holding the module, or install it") from None
-    except Exception as exc:
-        raise UserError(f"{field}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        if added:
-            sys.path.remove(cwd)
-    function = getattr(module, attr, None)
-    if not callable(function):
-        raise UserError(f"{field}: {module_name!r} has no function {attr!r}")
-    return function
-
-
 # --- building scorers from options --------------------------------------------------------------------------------
 
 def build_scorer(kind: str, options: dict[str, Any], field: str = "eval.metrics") -> Scorer:
@@ -328,7 +301,7 @@ def build_scorer(kind: str, options: dict[str, Any], field: str = "eval.metrics"
         return partial(sql_execution_match, database=database, timeout_s=options.get("timeout_s", 5.0),
                        max_rows=options.get("max_rows", 10_000))
     if kind == "custom":
-        function = import_function(options["function"], f"{field}.function")
+        function = hooks.resolve(options["function"], f"{field}.function")
         return partial(custom_score, function=function, label=options["function"], mode=options.get("mode", "scorer"))
     raise UserError(f"{field}: unknown metric type {kind!r}")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import UserError
-from ..manifest import MANIFEST, read_manifest
+from ..records import TrainRun
 
 
 @dataclass(frozen=True)
@@ -38,16 +38,16 @@ def resolve_spec(spec: str, base: ModelConfig) -> ModelSpec:
             raise UserError(f"--model {spec}: GGUF file not found")
         return ModelSpec(spec, "gguf", base, gguf=str(path))
     if path.is_dir():
-        if (path / MANIFEST).is_file():
+        if (path / TrainRun.FILE).is_file():
             return _from_run(spec, path)
         if (path / "adapter_config.json").is_file():
-            if (path.parent / MANIFEST).is_file():
+            if (path.parent / TrainRun.FILE).is_file():
                 return _from_run(spec, path.parent)
             return ModelSpec(spec, "adapter", _adapter_base(path, base), adapter=str(path))
         if (path / "config.json").is_file():
             return ModelSpec(spec, "model", base.model_copy(update={"name_or_path": str(path)}))
         raise UserError(f"--model {spec}: not a model, adapter or run folder (no config.json, adapter_config.json "
-                        f"or {MANIFEST})")
+                        f"or {TrainRun.FILE})")
     if spec.startswith("local:") or (spec.count("/") == 1 and not spec.startswith((".", "/", "~"))):
         return ModelSpec(spec, "model", base.model_copy(update={"name_or_path": spec}))
     raise UserError(f"--model {spec}: does not exist",
@@ -55,26 +55,11 @@ def resolve_spec(spec: str, base: ModelConfig) -> ModelSpec:
 
 
 def _from_run(label: str, run_dir: Path) -> ModelSpec:
-    manifest = read_manifest(run_dir)
-    outputs = manifest.get("outputs") or {}
-    try:
-        base = ModelConfig.model_validate((manifest.get("config") or {}).get("model") or {})
-    except ValueError:
-        base = ModelConfig(name_or_path=str(manifest.get("base_model_path") or manifest.get("base_model")))
-    if outputs.get("adapter"):
-        return ModelSpec(label, "adapter", base, adapter=_existing(outputs["adapter"], run_dir, "adapter"))
-    if outputs.get("model"):
-        return ModelSpec(label, "model", base.model_copy(update={"name_or_path": _existing(outputs["model"], run_dir,
-                                                                                            "model")}))
-    raise UserError(f"{run_dir / MANIFEST}: names no adapter or model output", hint="was the training finished?")
-
-
-def _existing(recorded: str, run_dir: Path, name: str) -> str:
-    # the run folder may have moved since training: fall back to the sub-folder next to run.json
-    for candidate in (Path(recorded), run_dir / name):
-        if candidate.is_dir():
-            return str(candidate)
-    raise UserError(f"{run_dir}: its {name}/ folder is missing")
+    run = TrainRun.read(run_dir)
+    folder = str(run.artefact(run_dir))
+    if run.method == "full":
+        return ModelSpec(label, "model", run.model.model_copy(update={"name_or_path": folder}))
+    return ModelSpec(label, "adapter", run.base_model(), adapter=folder)
 
 
 def _adapter_base(adapter: Path, fallback: ModelConfig) -> ModelConfig:

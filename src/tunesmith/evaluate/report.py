@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..manifest import write_json_atomic
+from ..records import write_json_atomic
 from .evalset import EvalExample
 from .metrics import Verdict
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RunError, UserError
+from ..records import ExportRecord, versions
 
 SCHEME = "W4A16_ASYM"
 GROUP_SIZE = 128
@@ -107,8 +108,8 @@ def to_awq(model_dir: str | Path, out_dir: str | Path, *, calibration: list[list
     result = AwqResult(out_dir=str(out), scheme=SCHEME, group_size=quant["group_size"], num_bits=quant["num_bits"],
                        quant_method=quant["quant_method"], format=quant["format"], size_bytes=_size(out),
                        source_size_bytes=_size(source), check=check)
-    (out / "export.json").write_text(json.dumps({"stage": "export", "format": "awq", "source": str(source),
-                                                 **result.to_dict()}, indent=2) + "\n", encoding="utf-8")
+    ExportRecord(stage="export", kind="awq", source=str(source), result=result.to_dict(),
+                 versions=versions()).write(out)
     return result
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
+from .. import processes
 from ..errors import RunError, UserError
 
 SCRIPT = "convert_hf_to_gguf.py"
@@ -82,13 +82,17 @@ def setup_converter(sdist: str | Path | None = None) -> Path:
 def _download_sdist(version: str, into: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            f"llama-cpp-python=={version}", "-d", str(into)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
-    if proc.returncode != 0 or not found:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RunError(f"could not download the llama-cpp-python {version} source distribution: {tail[0]}",
+    log = converter_home().parent / f"download-llama.cpp-{version}.log"
+    try:
+        processes.run(cmd, what=f"pip download of llama-cpp-python {version}", log_path=log)
+    except RunError as exc:
+        raise RunError(f"could not download the llama-cpp-python {version} source distribution: {exc.message}",
                        hint="download it where there is network (pip download --no-deps --no-binary :all: "
-                            f"llama-cpp-python=={version}) and run `{SETUP_COMMAND} --sdist FILE`")
+                            f"llama-cpp-python=={version}) and run `{SETUP_COMMAND} --sdist FILE`") from None
+    found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
+    if not found:
+        raise RunError(f"pip downloaded no llama-cpp-python {version} source distribution; its output is in {log}",
+                       hint=f"download it by hand and run `{SETUP_COMMAND} --sdist FILE`")
     return found[0]
 
 

@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import json
 import os
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import processes
 from ..errors import RunError, UserError
+from ..records import ExportRecord, versions
 from .converter import find_converter, llama_cpp_version
 from .ollama import match_template, system_fits_modelfile, write_modelfile
 from .samples import conversations_for, prompt_part, trained_in
@@ -122,10 +123,10 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
     warnings: list[str] = []
 
     if quant in FLOAT_TYPES:
-        _convert(converter, source, target, quant)
+        _convert(converter, source, target, quant, out / f"model-{quant}.convert.log")
     else:
         intermediate = out / f"model-{_intermediate_type(source)}.tmp.gguf"
-        _convert(converter, source, intermediate, _intermediate_type(source))
+        _convert(converter, source, intermediate, _intermediate_type(source), out / f"model-{quant}.convert.log")
         try:
             _quantize(intermediate, target, quant, n_threads)
         finally:
@@ -157,10 +158,9 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
             failed = target.with_name(target.name + ".failed")
             os.replace(target, failed)  # not left where a user or the Modelfile would pick it up
             modelfile.unlink()
-            record = {"stage": "export", "format": "gguf", "source": str(source), "quant": quant, "failed": True,
-                      "check": asdict(check), "llama_cpp_version": version}
-            report = out / f"model-{quant}.export.json"
-            report.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            report = ExportRecord(stage="export", kind="gguf", source=str(source), failed=True,
+                                  result={"quant": quant, "check": asdict(check), "llama_cpp_version": version},
+                                  versions=versions()).write(out, f"model-{quant}.export.json")
             raise RunError(f"{target}: llama.cpp's greedy output differs from the HF model in f32 "
                            f"({check.identical}/{check.num_prompts} prompts identical): the conversion is wrong; "
                            f"the file was moved to {failed}", hint=f"report it with {report}")
@@ -181,8 +181,8 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
     result = GgufResult(path=str(target), quant=quant, size_bytes=target.stat().st_size, tensor_types=types,
                         modelfile=str(modelfile), template_family=match.family, check=check,
                         warnings=tuple(warnings), llama_cpp_version=version)
-    record = {"stage": "export", "format": "gguf", "source": str(source), **result.to_dict()}
-    (out / f"model-{quant}.export.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    ExportRecord(stage="export", kind="gguf", source=str(source), result=result.to_dict(),
+                 versions=versions()).write(out, f"model-{quant}.export.json")
     return result
 
 
@@ -210,26 +210,31 @@ def _intermediate_type(source: Path) -> str:
     return "bf16" if dtype == "bfloat16" else "f16"
 
 
-def _convert(converter: Path, source: Path, target: Path, outtype: str) -> None:
+def _convert(converter: Path, source: Path, target: Path, outtype: str, log_path: Path) -> None:
     staging = target.with_name(target.name + ".partial")
     cmd = [sys.executable, str(converter), str(source), "--outfile", str(staging), "--outtype", outtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not staging.is_file():
+    try:
+        processes.run(cmd, what=f"llama.cpp's converter on {source}", log_path=log_path)
+    except RunError:
         staging.unlink(missing_ok=True)
-        log = (proc.stdout + proc.stderr).strip()
+        log = processes.log_tail(log_path, lines=200)
         arch = _architecture(source)
         if "is not supported" in log:
             raise UserError(f"{source}: architecture {arch} is not supported by llama.cpp's GGUF converter "
                             f"(llama-cpp-python {llama_cpp_version()})",
                             hint="GGUF needs an architecture llama.cpp implements (Llama, Mistral, Qwen2/3, Gemma, "
                                  f"Phi-3 …): `python {converter} --print-supported-models` lists them; export this "
-                                 "model with --format awq or serve the merged folder with vLLM instead")
+                                 "model with --format awq or serve the merged folder with vLLM instead") from None
         if "pre-tokenizer" in log and "not recognized" in log.lower():
             raise UserError(f"{source}: llama.cpp does not recognise this tokenizer's pre-tokenizer",
                             hint="llama.cpp converts tokenizers it knows by hash; a freshly trained byte-level BPE "
-                                 "is not among them (a SentencePiece-style byte-fallback BPE is)")
-        tail = "\n".join(log.splitlines()[-6:])
-        raise RunError(f"llama.cpp's converter failed on {source} (exit {proc.returncode}):\n{tail}")
+                                 "is not among them (a SentencePiece-style byte-fallback BPE is)") from None
+        raise  # the RunError names the log file and quotes its last lines
+    except BaseException:  # interrupted: no partial file is left behind
+        staging.unlink(missing_ok=True)
+        raise
+    if not staging.is_file():
+        raise RunError(f"llama.cpp's converter wrote no {staging.name} for {source}; its output is in {log_path}")
     os.replace(staging, target)
 
 

@@ -20,7 +20,6 @@ moves logits by the adapter's whole effect, which the result reports beside the 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -29,7 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import QuantSection
 from ..errors import RunError, UserError
+from ..records import ExportRecord, TrainRun, versions
 from .samples import conversations_for
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -71,8 +72,8 @@ class MergeResult:
     base: str
     adapter: str
     method: str
-    """``lora`` or ``qlora`` (from the run's manifest or the adapter; a QLoRA adapter is merged into the
-    full-precision base)."""
+    """``lora`` or ``qlora``, as the run's record says (``lora`` without one); a QLoRA adapter is merged into the
+    full-precision base."""
     dtype: str
     parity: Parity
     base_dtype: str = ""
@@ -112,9 +113,11 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}",
                         hint="or leave it out to keep the base model's own dtype")
-    run = Path(run_dir) if run_dir is not None else None
-    adapter_dir, base_name, method = resolve_inputs(run, base, adapter)
-    settings = _model_settings(manifest_of(run))
+    run_path = Path(run_dir) if run_dir is not None else None
+    run = _train_run(run_path)
+    adapter_dir, base_name = resolve_inputs(run_path, run, base, adapter)
+    method = run.method if run is not None else "lora"
+    settings = _model_settings(run)
     base_dtype = stored_dtype(base_name, settings)
     dtype = dtype or base_dtype
     torch_dtype = getattr(torch, dtype)
@@ -155,13 +158,14 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
                         f"keep {base_dtype}")
     drift = None
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is not None:
-        drift = _quantized_base_drift(base_name, settings, adapter_dir, batches, got, torch_dtype,
-                                      _find(manifest_of(run), "quant", dict))
+        drift = _quantized_base_drift(base_name, settings, adapter_dir, batches, got, torch_dtype, run.quantization)
     result = MergeResult(out_dir=str(out), base=base_name, adapter=str(adapter_dir.resolve()), method=method,
                          dtype=dtype,
                          parity=parity, base_dtype=base_dtype, precision_loss=loss, quantized_base_drift=drift,
                          warnings=tuple(warnings))
-    _write_manifest(staging, result)
+    ExportRecord(stage="merge", kind="merged", source=result.adapter,
+                 train_run=str(run_path.resolve()) if run is not None else None,
+                 result=result.to_dict(), versions=versions()).write(staging)
     if not parity.passed:
         raise RunError(f"merged model differs from base + adapter: max |Δlogit| {parity.max_abs_diff:.3g} > tolerance "
                        f"{parity.tolerance:.3g}; the merged folder was left at {staging} for inspection (not at {out})",
@@ -172,38 +176,42 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
     return result
 
 
-def resolve_inputs(run_dir: Path | None, base: str | None, adapter: str | Path | None) -> tuple[Path, str, str]:
-    """(adapter folder, base model, method) from a run folder and/or explicit paths; one clear error otherwise."""
-    manifest: dict[str, Any] = {}
-    if run_dir is not None:
-        if not run_dir.is_dir():
-            raise UserError(f"{run_dir}: run folder not found", hint="pass the folder `tunesmith train` wrote")
-        manifest = _read_manifest(run_dir)
+def _train_run(run_dir: Path | None) -> TrainRun | None:
+    """The record of a run folder; None without a folder, or for a bare adapter folder (no run.json)."""
+    if run_dir is None:
+        return None
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: run folder not found", hint="pass the folder `tunesmith train` wrote")
+    return TrainRun.read(run_dir) if (run_dir / TrainRun.FILE).is_file() else None
+
+
+def resolve_inputs(run_dir: Path | None, run: TrainRun | None, base: str | None,
+                   adapter: str | Path | None) -> tuple[Path, str]:
+    """(adapter folder, base model) from a run folder (and its record) and/or explicit paths; one clear error
+    otherwise."""
+    full = run.method == "full" if run is not None else \
+        run_dir is not None and (run_dir / "model" / "config.json").is_file()
     if adapter is not None:
         adapter_dir = Path(adapter)
-    elif run_dir is not None and (run_dir / "adapter_config.json").is_file():
-        adapter_dir = run_dir
+    elif run is not None and not full:
+        adapter_dir = run.artefact(run_dir)
     elif run_dir is not None:
-        # the run folder may have moved since training: its own adapter/ first, then the recorded path
-        recorded = (manifest.get("outputs") or {}).get("adapter")
-        adapter_dir = run_dir / "adapter"
-        if not adapter_dir.is_dir() and isinstance(recorded, str) and Path(recorded).is_dir():
-            adapter_dir = Path(recorded)
+        # no record: a bare adapter folder, or a folder holding one in adapter/
+        adapter_dir = run_dir if (run_dir / "adapter_config.json").is_file() else run_dir / "adapter"
     else:
         raise UserError("nothing to merge: give a run folder, or --base and --adapter")
     if not (adapter_dir / "adapter_config.json").is_file():
-        if run_dir is not None and (run_dir / "model" / "config.json").is_file():
+        if full:
             raise UserError(f"{run_dir}: this run fine-tuned the full model (model/), there is no adapter to merge",
                             hint=f"export it directly: tunesmith export {run_dir / 'model'} --format gguf")
         raise UserError(f"{adapter_dir}: no adapter_config.json — not a PEFT adapter folder",
                         hint="pass a run folder written by `tunesmith train` with method lora/qlora, or --adapter DIR")
-    adapter_cfg = _read_json(adapter_dir / "adapter_config.json")
-    base_name = base or _manifest_base(manifest) or adapter_cfg.get("base_model_name_or_path")
+    recorded = _read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+    base_name = base or (run.base_model().name_or_path if run is not None else recorded)
     if not base_name:
         raise UserError(f"{adapter_dir}: the adapter does not record its base model",
                         hint="pass the base model with --base")
-    method = str(manifest.get("method") or _find(manifest, "method") or "lora")
-    return adapter_dir, str(base_name), method
+    return adapter_dir, str(base_name)
 
 
 def check_adapter_fits(adapter_dir: Path, model: Any, base_name: str) -> None:
@@ -296,23 +304,17 @@ def _difference(got: list[Any], reference: list[Any]) -> dict[str, float]:
 
 
 def _quantized_base_drift(base_name: str, settings: dict[str, Any], adapter_dir: Path, batches: list[list[int]],
-                          merged: list[Any], torch_dtype: Any, quant: dict[str, Any] | None) -> dict[str, float]:
+                          merged: list[Any], torch_dtype: Any, quant: QuantSection) -> dict[str, float]:
     """Logits of the 4-bit base + adapter (as trained) vs the merged model's."""
     from transformers import BitsAndBytesConfig
 
     from ..config import ModelConfig
     from ..models import load_model
 
-    quant = quant or {}
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=str(quant.get("quant_type") or "nf4"),
-                                bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
-                                bnb_4bit_compute_dtype=torch_dtype)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                                bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=torch_dtype)
     model = load_model(ModelConfig(**{**settings, "name_or_path": base_name}), quantization=config, device_map="cpu")
     return _merged_against(model, adapter_dir, base_name, batches, merged)
-
-
-def manifest_of(run_dir: Path | None) -> dict[str, Any]:
-    return _read_manifest(run_dir) if run_dir is not None and run_dir.is_dir() else {}
 
 
 def _attach(model: Any, adapter_dir: Path, base_name: str) -> Any:
@@ -333,20 +335,10 @@ def _load_base(name: str, torch_dtype: Any, settings: dict[str, Any]) -> Any:
     return load_model(ModelConfig(**{**settings, "name_or_path": name}), dtype=torch_dtype, device_map="cpu")
 
 
-def _model_settings(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The run's ``model:`` section minus the name (trust_remote_code, revision, allow_pickle, chat_template …),
-    so the base loads as it did in training."""
-    from ..config import ModelConfig
-
-    section = (manifest.get("config") or {}).get("model")
-    if not isinstance(section, dict):
-        return {}
-    keep = {k: v for k, v in section.items() if k in ModelConfig.model_fields and k not in ("name_or_path", "dtype")}
-    try:
-        ModelConfig(**keep)
-    except ValueError:
-        return {}
-    return keep
+def _model_settings(run: TrainRun | None) -> dict[str, Any]:
+    """The run's ``model:`` section minus the name and dtype (trust_remote_code, revision, allow_pickle,
+    chat_template …), so the base loads as it did in training."""
+    return run.model.model_dump(exclude={"name_or_path", "dtype"}) if run is not None else {}
 
 
 def _load_tokenizer(adapter_dir: Path, base_name: str, settings: dict[str, Any]) -> Any:
@@ -396,28 +388,6 @@ def _generation_config(base_name: str, model: Any, tokenizer: Any) -> Any:
     return config
 
 
-def _write_manifest(folder: Path, result: MergeResult) -> None:
-    from .. import __version__
-
-    payload = {"stage": "merge", "tunesmith": __version__, **result.to_dict(), "versions": _versions()}
-    (folder / "export.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "safetensors"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
-    return out
-
-
-def _read_manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "run.json"
-    return _read_json(path) if path.is_file() else {}
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -426,34 +396,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return data
-
-
-def _manifest_base(manifest: dict[str, Any]) -> str | None:
-    """The base model a run trained on: the resolved ``base_model_path`` of run.json while it exists, else
-    ``base_model`` (as configured: a hub id or ``local:`` name), else the config's model.name_or_path."""
-    path = manifest.get("base_model_path")
-    if isinstance(path, str) and Path(path).is_dir():
-        return path
-    for key in ("base_model", "base_model_path", "base"):
-        value = manifest.get(key)
-        if isinstance(value, str) and value:
-            return value
-        if isinstance(value, dict) and isinstance(value.get("path"), str):
-            return value["path"]
-    config = manifest.get("config")
-    if isinstance(config, dict) and isinstance(config.get("model"), dict):
-        name = config["model"].get("name_or_path")
-        return name if isinstance(name, str) else None
-    return None
-
-
-def _find(node: Any, key: str, kind: type = str) -> Any:
-    """The first value of type ``kind`` under ``key`` anywhere in nested dicts (depth first), or None."""
-    if isinstance(node, dict):
-        if isinstance(node.get(key), kind):
-            return node[key]
-        for value in node.values():
-            found = _find(value, key, kind)
-            if found is not None:
-                return found
-    return None

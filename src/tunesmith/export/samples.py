@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, where
+from ..records import ExportRecord, TrainRun
 
 BUILTIN_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
     ({"role": "user", "content": "What is the capital of France?"},
@@ -53,9 +54,9 @@ def load_conversations(path: str | Path, limit: int) -> list[list[dict[str, Any]
     return out
 
 
-def conversations_for(run_dir: Path | None, limit: int = 4) -> list[list[dict[str, Any]]]:
-    """The run's eval conversations if its manifest points to an eval file that exists, else the built-in ones."""
-    eval_file = _eval_file(run_dir) if run_dir is not None else None
+def conversations_for(run: TrainRun | None, limit: int = 4) -> list[list[dict[str, Any]]]:
+    """The run's eval conversations if it had an eval file that still exists, else the built-in ones."""
+    eval_file = run.existing_eval_file() if run is not None else None
     if eval_file is not None:
         found = load_conversations(eval_file, limit)
         if found:
@@ -63,20 +64,15 @@ def conversations_for(run_dir: Path | None, limit: int = 4) -> list[list[dict[st
     return [list(c) for c in BUILTIN_CONVERSATIONS[:limit]]
 
 
-def trained_in(model_dir: Path) -> Path | None:
-    """The training run folder a merged model came from (its merge record names the adapter, inside the run
-    folder or its ``adapter/``), so exports are checked on that run's eval conversations; None if unknown."""
-    try:
-        record = json.loads((model_dir / "export.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+def trained_in(model_dir: Path) -> TrainRun | None:
+    """The train run a merged model came from (its merge record names it), so exports are checked on that run's
+    eval conversations; None for a model folder that merge did not write or whose run folder is gone."""
+    if not (model_dir / ExportRecord.FILE).is_file():
         return None
-    adapter = record.get("adapter") if isinstance(record, dict) else None
-    if not isinstance(adapter, str):
+    run_dir = ExportRecord.read(model_dir).train_run
+    if run_dir is None or not (Path(run_dir) / TrainRun.FILE).is_file():
         return None
-    for folder in (Path(adapter), Path(adapter).parent):
-        if (folder / "run.json").is_file():
-            return folder
-    return None
+    return TrainRun.read(run_dir)
 
 
 def prompt_part(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -85,32 +81,3 @@ def prompt_part(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if messages[i].get("role") == "assistant":
             return messages[:i] or messages
     return messages
-
-
-def _eval_file(run_dir: Path) -> Path | None:
-    """The eval JSONL a run was evaluated on: ``prepared/eval.jsonl`` beside it, or the path in run.json."""
-    manifest = run_dir / "run.json"
-    candidates: list[Path] = []
-    if manifest.is_file():
-        try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            data = {}
-        recorded = (data.get("eval") or {}).get("file") if isinstance(data.get("eval"), dict) else None
-        if isinstance(recorded, str):
-            candidates += [Path(recorded), run_dir / recorded]
-        for value in _strings(data):
-            if value.endswith("eval.jsonl"):
-                candidates += [Path(value), run_dir / value]
-    candidates.append(run_dir / "eval.jsonl")
-    return next((p for p in candidates if p.is_file()), None)
-
-
-def _strings(node: Any) -> list[str]:
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [s for v in node.values() for s in _strings(v)]
-    if isinstance(node, list):
-        return [s for v in node for s in _strings(v)]
-    return []

@@ -1,5 +1,10 @@
 """Training: full fine-tuning, LoRA and QLoRA from one config, one loop."""
 
+import sys
+
+from .. import StageModule
 from .loop import StepSetup, TrainResult, evaluate_loss, fit, train
 
 __all__ = ["StepSetup", "TrainResult", "evaluate_loss", "fit", "train"]
+
+sys.modules[__name__].__class__ = StageModule  # `tunesmith.train(...)` calls train() (src/tunesmith/__init__.py)

@@ -5,11 +5,16 @@ A checkpoint is written into ``checkpoints/.tmp-<step>``, every file is fsynced 
 leaves only a ``.tmp-`` folder, which is ignored; a renamed checkpoint whose files no longer match their checksums
 is skipped with a warning. Trainable weights are safetensors; optimizer/scheduler/RNG states are loaded with
 ``torch.load(weights_only=True)`` (no arbitrary unpickling).
+
+Each checkpoint's ``trainer_state.json`` also keeps what its run's fingerprint was computed from (the train settings
+that change the optimisation, the model and the data files' hashes), so a resume that is refused because they differ
+names what changed. Checkpoints written before that record still resume, with the shorter message.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -23,8 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import RunError
-from ..manifest import sha256_file
+from ..errors import RunError, UserError
+from ..records import sha256_file
 from .distributed import Processes, barrier
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,72 @@ class Checkpoint:
     path: Path
     step: int
     state: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a run's optimisation depends on: a resume continues only where these are unchanged."""
+
+    config: dict[str, Any]
+    """The train settings that change the optimisation (as in the config: ``learning_rate``, ``lora.r``, …)."""
+    model: str
+    files: tuple[tuple[str, str], ...]
+    """(path, sha256) of each data file read (train, then eval)."""
+
+    @property
+    def digest(self) -> str:
+        # the same bytes as before the inputs were kept, so older checkpoints of an unchanged run still match
+        digest = hashlib.sha256(json.dumps([self.config, self.model], sort_keys=True).encode())
+        for _, sha in self.files:
+            digest.update(sha.encode())
+        return digest.hexdigest()[:16]
+
+    def to_state(self) -> dict[str, Any]:
+        """The checkpoint's record of this fingerprint: the digest and what it was computed from."""
+        return {"fingerprint": self.digest, "fingerprint_inputs": {
+            "config": self.config, "model": self.model, "files": [{"path": p, "sha256": h} for p, h in self.files]}}
+
+
+def fingerprint(config: dict[str, Any], model: str, files: list[Path | None]) -> Fingerprint:
+    return Fingerprint(config, model, tuple((str(f), sha256_file(f)) for f in files if f is not None))
+
+
+def changes(state: dict[str, Any], now: Fingerprint) -> list[str]:
+    """What differs between the fingerprint a checkpoint recorded and ``now``, as the config spells it:
+    ``train.learning_rate (0.001 → 0.0002)``, ``data file train.jsonl``. Empty for a checkpoint from before the
+    inputs were recorded (nothing to compare with)."""
+    recorded = state.get("fingerprint_inputs")
+    if not isinstance(recorded, dict):
+        return []
+    old, new = _flat(recorded.get("config", {}), "train."), _flat(now.config, "train.")
+    out = [f"{key} ({_shown(old.get(key))} → {_shown(new.get(key))})" for key in sorted(old.keys() | new.keys())
+           if old.get(key, _ABSENT) != new.get(key, _ABSENT)]
+    if recorded.get("model") != now.model:
+        out.append(f"model.name_or_path ({_shown(recorded.get('model'))} → {_shown(now.model)})")
+    old_files = [(f["path"], f["sha256"]) for f in recorded.get("files", [])]
+    if len(old_files) != len(now.files):
+        out.append(f"data files ({len(old_files)} → {len(now.files)})")
+    else:
+        out += [f"data file {Path(path).name}" for (path, sha), (_, old_sha) in zip(now.files, old_files, strict=True)
+                if sha != old_sha]
+    return out
+
+
+_ABSENT = object()
+
+
+def _flat(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else value if isinstance(value, str) else json.dumps(value)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -94,6 +165,25 @@ def _seal(tmp: Path, final: Path, root: Path, step: int, state: dict[str, Any]) 
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
+
+
+def chosen(root: Path, wanted: bool | str | Path) -> Checkpoint | None:
+    """The checkpoint a resume continues from: the newest complete one (``wanted=True``), or the folder named, which
+    must be a complete checkpoint in ``root`` (this run's ``checkpoints/``)."""
+    if wanted is True:
+        return latest(root)
+    path = Path(wanted)
+    if path.resolve().parent != root.resolve():
+        raise UserError(f"--from-checkpoint {path}: not a checkpoint of this run (its checkpoints are in {root})",
+                        hint=f"pass --out {path.parent.parent} to continue the run it belongs to")
+    if not (path.is_dir() and path.name.startswith("step-") and path.name[5:].isdigit()):
+        raise UserError(f"--from-checkpoint {path}: no such checkpoint (a folder step-<N> in {root})",
+                        hint="see `ls " + str(root) + "`, or use --resume for the newest complete one")
+    problem = _verify(path)
+    if problem:
+        raise UserError(f"--from-checkpoint {path}: not a complete checkpoint ({problem})",
+                        hint="choose an older one, or use --resume for the newest complete one")
+    return Checkpoint(path, int(path.name[5:]), json.loads((path / "trainer_state.json").read_text()))
 
 
 def latest(root: Path) -> Checkpoint | None:

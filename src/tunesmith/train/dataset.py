@@ -36,7 +36,7 @@ def split_paths(dataset: str | None) -> tuple[Path, Path | None]:
 def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, canonical record) for each example: any supported format, validated by the data stage;
     structural problems are one UserError listing file:line: field: reason."""
-    from ..data.prepare import read_numbered
+    from ..data import read_numbered
 
     return read_numbered(path)
 

@@ -9,7 +9,6 @@ gradients on variable-length data.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import random
@@ -28,8 +27,8 @@ from ..config import Config, TrainConfig, dump_config
 from ..errors import Interrupted, RunError, UserError
 from ..gguf_import import imported_source
 from ..hardware.machine import measure_matmul_flops
-from ..manifest import sha256_file, write_manifest
 from ..models import base_model, load_model_config, load_tokenizer, resolve_model_path
+from ..records import TrainFiles, TrainRun, versions
 from . import checkpoint
 from .batching import epoch_order, micro_batches, step_groups
 from .dataset import TokenizedSplit, read_records, split_paths, tokenize_split
@@ -71,9 +70,10 @@ class TrainResult:
                 f"{self.trainable_params:,} of {self.total_params:,} parameters trained → {self.artefact}")
 
 
-def train(config: Config, out_dir: str | Path | None = None, resume: bool = False,
+def train(config: Config, out_dir: str | Path | None = None, resume: bool | str | Path = False,
           on_event: Event | None = None) -> TrainResult:
-    """Train as ``config.train`` says and write a run folder (adapter/ or model/, checkpoints/, metrics, run.json)."""
+    """Train as ``config.train`` says and write a run folder (adapter/ or model/, checkpoints/, metrics, run.json).
+    ``resume``: True continues from the newest complete checkpoint, a path from that checkpoint of this run."""
     tcfg = config.train
     out = Path(out_dir) if out_dir else Path(config.out_dir) / "train"
     _seed_everything(tcfg.seed, tcfg.deterministic)
@@ -124,15 +124,16 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool = Fals
     result = TrainResult(str(out), tcfg.method, history["steps"], history["epochs"], history["train_loss"],
                          history["eval_loss"], history["eval_token_accuracy"], history["tokens_per_s"],
                          trainable, total, str(artefact), data, tuple(history["warnings"]))
-    write_manifest(out, {
-        "stage": "train", "config": config.model_dump(mode="json"), "config_yaml": dump_config(config),
-        "base_model": config.model.name_or_path, "base_model_path": model_path,
-        "base_model_source": imported_source(Path(model_path)), "method": tcfg.method,
-        "precision": precision.name, "packing": packed, "device": device.type, "processes": procs.world,
-        "plan": plan.to_dict(),
-        "outputs": {"adapter" if tcfg.method != "full" else "model": str(artefact), "metrics": str(out / METRICS)},
-        "fingerprint": fingerprint, "result": result.to_dict(),
-    })
+    full = tcfg.method == "full"
+    TrainRun(model=config.model, base_model_path=model_path, base_model_source=imported_source(Path(model_path)),
+             method=tcfg.method, quantization=tcfg.quant if tcfg.method == "qlora" else None,
+             train_file=str(Path(train_file).resolve()),
+             eval_file=str(Path(eval_file).resolve()) if eval_file else None,
+             outputs=TrainFiles(adapter=None if full else str(artefact), model=str(artefact) if full else None,
+                                metrics=str(out / METRICS)),
+             config=config.model_dump(mode="json"), config_yaml=dump_config(config), precision=precision.name,
+             packing=packed, device=device.type, processes=procs.world, plan=plan.to_dict(),
+             fingerprint=fingerprint.digest, result=result.to_dict(), versions=versions()).write(out)
     return result
 
 
@@ -186,9 +187,9 @@ class StepSetup:
 
 
 def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig, train_examples: list[TokenizedChat],
-        eval_examples: list[TokenizedChat], out: Path, resume: bool = False, fingerprint: str = "",
-        emit: Event = lambda _e: None, task_eval: Callable[[Any], dict[str, float]] | None = None,
-        eta: Eta | None = None) -> dict[str, Any]:
+        eval_examples: list[TokenizedChat], out: Path, resume: bool | str | Path = False,
+        fingerprint: checkpoint.Fingerprint | None = None, emit: Event = lambda _e: None,
+        task_eval: Callable[[Any], dict[str, float]] | None = None, eta: Eta | None = None) -> dict[str, Any]:
     """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand.
     ``eta``: the whole run's estimate, announced for the steps left once a resume has found its step."""
     procs, device, precision = setup.procs, setup.device, setup.precision
@@ -204,7 +205,8 @@ def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig, train_examples: list
     ckpt_root = out / "checkpoints"
     step = 0
     if resume:
-        step = _resume(ckpt_root, model, optimizer, scheduler, fingerprint, tcfg, emit, procs, setup.optimizer)
+        step = _resume(ckpt_root, model, optimizer, scheduler, fingerprint, tcfg, emit, procs, resume,
+                       setup.optimizer)
     elif checkpoint.latest(ckpt_root) is not None:
         raise UserError(f"{out} already holds checkpoints of a run",
                         hint="pass --resume to continue it, or choose another --out folder")
@@ -279,7 +281,8 @@ def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig, train_examples: list
                 emit({"event": "eval", "step": step, **eval_metrics})
             if stop.raised or (step < total_steps and _due(tcfg.save_strategy, tcfg.save_steps, step, end_of_epoch)):
                 path = checkpoint.save(ckpt_root, step, model, optimizer, scheduler,
-                                       {"step": step, "fingerprint": fingerprint, "optimizer": setup.optimizer},
+                                       {"step": step, **(fingerprint.to_state() if fingerprint else {}),
+                                        "optimizer": setup.optimizer},
                                        tcfg.save_total_limit, procs)
                 emit({"event": "checkpoint", "step": step, "path": str(path)})
             if stop.raised:
@@ -403,9 +406,9 @@ def _task_eval(config: Config, tokenizer: Any, eval_file: Path) -> Callable[[Any
                                    config.eval.batch_size)
 
 
-def _resume(root: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str, tcfg: TrainConfig,
-            emit: Event, procs: Processes, planned: str) -> int:
-    ckpt = checkpoint.latest(root)
+def _resume(root: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: checkpoint.Fingerprint | None,
+            tcfg: TrainConfig, emit: Event, procs: Processes, wanted: bool | str | Path, planned: str) -> int:
+    ckpt = checkpoint.chosen(root, wanted)
     if ckpt is None:
         raise UserError(f"--resume: no complete checkpoint in {root}",
                         hint="run without --resume to start, or point --out at the interrupted run's folder")
@@ -413,8 +416,10 @@ def _resume(root: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint:
     if written_by != planned:  # whatever on_config_change says: one optimizer's states do not load into another
         raise UserError(f"--resume: checkpoint {ckpt.path.name} holds {written_by} optimizer states; this run "
                         f"plans {planned}", hint=f"set train.optim: {written_by} to resume it")
-    if ckpt.state.get("fingerprint") != fingerprint:
-        message = f"--resume: the config or data differ from those of checkpoint {ckpt.path.name}"
+    if fingerprint is not None and ckpt.state.get("fingerprint") != fingerprint.digest:
+        changed = checkpoint.changes(ckpt.state, fingerprint)
+        message = (f"--resume: the config or data differ from those of checkpoint {ckpt.path.name}"
+                   + (f"; changed: {'; '.join(changed)}" if changed else ""))
         if tcfg.on_config_change == "refuse":
             raise UserError(message, hint="resume with the original config and data, or set "
                                           "train.on_config_change: warn to continue anyway")
@@ -537,15 +542,11 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _fingerprint(cfg: TrainConfig, model_name: str, files: list[Path | None]) -> str:
+def _fingerprint(cfg: TrainConfig, model_name: str, files: list[Path | None]) -> checkpoint.Fingerprint:
     # what changes the optimisation; logging/saving cadence may change on resume
     relevant = cfg.model_dump(mode="json", exclude={"logging_steps", "save_strategy", "save_steps",
                                                      "save_total_limit", "on_config_change", "report_to"})
-    digest = hashlib.sha256(json.dumps([relevant, model_name], sort_keys=True).encode())
-    for f in files:
-        if f is not None:
-            digest.update(sha256_file(f).encode())
-    return digest.hexdigest()[:16]
+    return checkpoint.fingerprint(relevant, model_name, files)
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..compat import disable_checkpointing, enable_checkpointing
 from ..config import ModelConfig, TrainConfig
 from ..errors import UserError
 from ..models import base_model, load_model, model_skeleton
@@ -124,12 +125,9 @@ def set_checkpointing(model: Any, layers: int, offload: bool | Literal["synchron
     if layers + offloaded_layers > len(blocks) or min(layers, offloaded_layers) < 0:
         raise ValueError(f"{layers} checkpointed + {offloaded_layers} offloaded layers: the model has {len(blocks)}")
     if layers + offloaded_layers == 0:
-        if hasattr(model, "activation_checkpointing_disable"):
-            model.activation_checkpointing_disable()
-        else:
-            model.gradient_checkpointing_disable()
+        disable_checkpointing(model)
         return None
-    _enable_checkpointing(model)
+    enable_checkpointing(model)
     offloader = ActivationOffloader() if offload is True or offloaded_layers else None
     recompute = offloaded_checkpoint(offloader) if offload is True else None
     if offload == "synchronous":
@@ -166,14 +164,6 @@ def count_parameters(model: Any) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
-
-
-def _enable_checkpointing(model: Any) -> None:
-    # non-reentrant checkpointing: works with frozen inputs and with LoRA; transformers renamed the method in 5.2x
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _bnb_config(cfg: TrainConfig, precision: Precision) -> Any:
