@@ -90,15 +90,9 @@ def test_project_functions_and_tunesmiths_own_still_resolve(project):
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    """Run the CLI in this process through its real entry point (``main``: error → message + exit code)."""
-    saved = sys.argv
-    sys.argv = ["tunesmith", *argv]
-    try:
-        with pytest.raises(SystemExit) as info:
-            cli.main()
-    finally:
-        sys.argv = saved
-    return info.value.code, capsys.readouterr().err
+    """Run the CLI in this process through its real entry point (``main(argv)``: error → message + exit code)."""
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("spec", ["os:makedirs", "my_hooks:makedirs", "subprocess:run", "builtins:eval"])
