@@ -327,3 +327,14 @@ def test_a_conversation_may_end_with_the_call_and_trains_on_it(tools_tokenizer):
     chat = tokenize_chat(tools_tokenizer, record["messages"][:2], record["tools"])
     assert supervised_runs(tools_tokenizer, chat) == [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>']
+
+
+def test_tool_use_written_as_text_without_structured_calls_stays_valid(tmp_path):
+    from tunesmith.data import read_examples
+
+    src = write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [
+        {"from": "human", "value": "Weather in Oslo?"},
+        {"from": "gpt", "value": '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'},
+        {"from": "tool", "value": "2 degrees, snow"},
+        {"from": "gpt", "value": "It is snowing at 2 degrees."}]}])
+    assert [m["role"] for m in read_examples(src)[0]["messages"]] == ["user", "assistant", "tool", "assistant"]

@@ -258,6 +258,8 @@ class _Calls:
                 add(f"is {_fn(name)}, but the call it answers ({self.made[call_id][0]}) calls {_fn(called)}",
                     f"messages[{index}].name")
             return
+        if "tool_call_id" not in msg and not self.made and not self.broken:
+            return  # tool use written as text (ShareGPT has no tool_calls): no structured call to answer
         # a bad id is taken as the answer to the first call still waiting: that call is not reported a second time
         waiting = f" ({self.made[self.pending.pop(0)][0]} is waiting for an answer)" if self.pending else ""
         if "tool_call_id" not in msg:
