@@ -272,18 +272,28 @@ def json_output_problems(records: Sequence[dict[str, Any]], validator: Any | Non
     return out
 
 
-def token_lengths(records: Sequence[dict[str, Any]], tokenizer: Any) -> list[int]:
+def token_lengths(records: Sequence[dict[str, Any]], tokenizer: Any,
+                  names: Sequence[str] | None = None) -> list[int]:
     """Tokens per example exactly as training sees them (chat template, end-of-turn tokens, content as text).
 
     Same segmentation as ``chat.tokenize_chat`` (so the counts are equal), but the pieces of ``TOKENIZE_CHUNK``
-    examples at a time are tokenised in two batched calls (content / template text) instead of one call each."""
+    examples at a time are tokenised in two batched calls (content / template text) instead of one call each.
+    ``names`` (``file:line`` of each record) lead the message when the chat template cannot render one."""
+    from ..errors import UserError
+
     lengths: list[int] = []
     for start in range(0, len(records), TOKENIZE_CHUNK):
         chunk = records[start:start + TOKENIZE_CHUNK]
         owners: dict[bool, list[int]] = {True: [], False: []}
         texts: dict[bool, list[str]] = {True: [], False: []}
         for pos, record in enumerate(chunk):
-            for seg in segments(tokenizer, record["messages"], record.get("tools")):
+            try:
+                pieces = segments(tokenizer, record["messages"], record.get("tools"))
+            except UserError as exc:
+                if names is None:
+                    raise
+                raise UserError(f"{names[start + pos]}: {exc.message}", hint=exc.hint) from None
+            for seg in pieces:
                 owners[seg.content].append(pos)
                 texts[seg.content].append(seg.text)
         counts = [0] * len(chunk)

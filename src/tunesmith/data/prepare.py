@@ -123,6 +123,10 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
 
     tokenizer = load_tokenizer(cfg.model)
     watch.lap("load_tokenizer")
+    # every example must render with the chat template (tool calls included) before any is cleaned or written;
+    # the token counts are kept for the rules and the report, so this costs no second rendering
+    _lengths(sorted([*train, *evals], key=lambda ex: (ex.source, ex.line)), tokenizer)
+    watch.lap("render")
     train = _quality_filters(train, data, tokenizer, max_length, log, watch)
     train, features = _deduplicate(train, data, log, watch)
 
@@ -324,7 +328,8 @@ def _quality_filters(train: list[Example], data: Any, tokenizer: Any, max_length
 def _lengths(exs: list[Example], tokenizer: Any) -> list[int]:
     """Token lengths of ``exs``, counting only those not yet counted."""
     todo = [ex for ex in exs if ex.tokens is None]
-    for ex, n in zip(todo, clean.token_lengths([ex.record for ex in todo], tokenizer), strict=True):
+    for ex, n in zip(todo, clean.token_lengths([ex.record for ex in todo], tokenizer, [ex.id for ex in todo]),
+                     strict=True):
         ex.tokens = n
     return [ex.tokens or 0 for ex in exs]
 

@@ -84,7 +84,10 @@ def inspect_example(config: Any, index: int) -> dict[str, Any]:
     train_path, _ = split_paths(config.train.dataset)
     for i, (lineno, record) in enumerate(read_records(train_path)):
         if i == index:
-            segs = segments(tokenizer, record["messages"], record.get("tools"))
+            try:
+                segs = segments(tokenizer, record["messages"], record.get("tools"))
+            except UserError as exc:
+                raise UserError(f"{where(train_path, lineno)}: {exc.message}", hint=exc.hint) from None
             chat = tokenize_chat(tokenizer, record["messages"], record.get("tools"))
             return {
                 "file": str(train_path), "line": lineno,
