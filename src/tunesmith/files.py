@@ -67,12 +67,25 @@ def storage_error(exc: BaseException, path: str | Path, needed: int | None = Non
     reason = _refusal(exc, path, free_at_failure)
     if reason is None:
         return None
-    thing = f"{what} ({path})" if what else str(path)
     if reason in NO_SPACE.values():
-        needs = f"needs about {size(needed)}, " if needed else ""
-        return RunError(f"disk full while writing {thing}: {needs}{size(free_space(path))} free", hint=hint)
+        return disk_full(path, needed, what=what, hint=hint)
+    thing = f"{what} ({path})" if what else str(path)
     return RunError(f"cannot write {thing}: {reason}", hint="choose another --out, or make it writable"
                     if reason in (REFUSED[errno.EROFS], REFUSED[errno.EACCES], REFUSED[errno.EPERM]) else hint)
+
+
+def disk_full(path: str | Path, needed: int | None = None, *, what: str | None = None,
+              hint: str = HINT) -> RunError:
+    """The one message for a write of ``path`` that ran out of space: the bytes needed when known, the free space."""
+    thing = f"{what} ({path})" if what else str(path)
+    needs = f"needs about {size(needed)}, " if needed else ""
+    return RunError(f"disk full while writing {thing}: {needs}{size(free_space(path))} free", hint=hint)
+
+
+def out_of_space(log: str, free_at_failure: int) -> bool:
+    """Whether a child process (llama.cpp's converter, its quantizer) that failed writing failed for space: it
+    said so, or the disk was full when it stopped (its log may be cut short: the log is on the same disk)."""
+    return free_at_failure < FULL_BELOW or any(words in log for words in NO_SPACE.values()) or "[Errno 28]" in log
 
 
 def _refusal(exc: BaseException, path: str | Path, free_at_failure: int | None) -> str | None:

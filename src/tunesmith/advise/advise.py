@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..files import write_text_atomic
 from . import catalog
 from .cost import (
     API_PRICES_PER_MTOK,
@@ -441,4 +442,4 @@ def _wrap(text: str) -> list[str]:
 def _write(path: Path, text: str) -> None:
     if path.parent and not path.parent.exists():
         raise UserError(f"--write-config {path}: folder {path.parent} does not exist")
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)
