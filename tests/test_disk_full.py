@@ -24,12 +24,12 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpf
 
 
 class SmallDisk:
-    """A tmpfs of a few hundred KB or MB: a real file system that runs out of space."""
+    """A tmpfs of a few hundred KB or MB: a real file system that runs out of space (or, ``ro``, refuses writes)."""
 
-    def __init__(self, path: Path, size: str) -> None:
+    def __init__(self, path: Path, size: str, options: str = "") -> None:
         self.path = path
         path.mkdir(parents=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(path)], check=True)
 
     def grow(self, size: str) -> None:
         """Free space the way an operator would: give the file system more room."""
@@ -47,8 +47,8 @@ class SmallDisk:
 def small_disk(tmp_path):
     disks = []
 
-    def make(size: str) -> SmallDisk:
-        disks.append(SmallDisk(tmp_path / f"disk{len(disks)}", size))
+    def make(size: str, options: str = "") -> SmallDisk:
+        disks.append(SmallDisk(tmp_path / f"disk{len(disks)}", size, options))
         return disks[-1]
 
     yield make
@@ -142,6 +142,18 @@ def test_data_prepare_that_does_not_fit_leaves_the_earlier_prepared_folder_as_it
 
     assert_one_disk_full_message(proc, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder, no half train.jsonl
+
+
+def test_data_prepare_onto_a_read_only_file_system_is_one_message(tiny_model_dir, tmp_path, small_disk):
+    disk = small_disk("1m", ",ro")
+    (tmp_path / "small.jsonl").write_text(_chats(40, 12))
+
+    proc = tunesmith("data", "prepare", str(tmp_path / "small.jsonl"), "--out", str(disk.path),
+                     "--set", f"model.name_or_path={tiny_model_dir}")
+
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out
+    assert f"cannot write {disk.path}" in out and "read-only" in out, out
 
 
 def test_a_merge_that_does_not_fit_leaves_no_merged_folder(tiny_model_dir, tmp_path, small_disk):

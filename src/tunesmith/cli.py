@@ -542,10 +542,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _report_error(exc)
         return exc.exit_code
-    except OSError as exc:  # a write that no stage turned into a message: still one when the storage refused it
+    except (OSError, RuntimeError) as exc:  # a write no stage turned into a message: one when the storage refused it
         from .files import storage_error
 
-        error = storage_error(exc, exc.filename or Path.cwd())
+        error = storage_error(exc, (exc.filename if isinstance(exc, OSError) else None) or Path.cwd())
         if error is None or _DEBUG["on"]:
             raise
         _report_error(error)

@@ -119,16 +119,16 @@ def storage_errors(path: str | Path, needed: int | None = None, *, what: str | N
 
 @contextmanager
 def writing(path: str | Path, needed: int | None = None, *, what: str | None = None,
-            hint: str = HINT) -> Iterator[None]:
+            target: str | Path | None = None, hint: str = HINT) -> Iterator[None]:
     """Whatever stops the block removes ``path`` (a file or a folder: the partial output of the block), and a
-    storage refusal becomes one RunError about it."""
+    storage refusal becomes one RunError about ``target`` (what ``path`` was to become; default ``path``)."""
     path = Path(path)
     try:
         yield
     except BaseException as exc:
         free = free_space(path)
         remove(path)
-        error = storage_error(exc, path, needed, what=what, free_at_failure=free, hint=hint)
+        error = storage_error(exc, target or path, needed, what=what, free_at_failure=free, hint=hint)
         if error is None:
             raise
         raise error from exc
@@ -154,7 +154,7 @@ def atomic_file(target: str | Path, needed: int | None = None, *, what: str | No
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_name(target)
-    with writing(staging, needed, what=what or str(target)):
+    with writing(staging, needed, what=what, target=target):
         yield staging
         _fsync(staging)
         os.replace(staging, target)
@@ -169,7 +169,7 @@ def atomic_folder(target: str | Path, needed: int | None = None, *, what: str | 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_name(target)
     remove(staging)
-    with writing(staging, needed, what=what or str(target)):
+    with writing(staging, needed, what=what, target=target):
         staging.mkdir()
         yield staging
         for f in staging.rglob("*"):
@@ -199,7 +199,7 @@ def atomic_files(folder: str | Path, last: str | None = None) -> Iterator[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder / f".staging-{os.getpid()}"
     remove(staging)
-    with writing(staging, what=str(folder)):
+    with writing(staging, target=folder):
         staging.mkdir()
         yield staging
         written = sorted((f for f in staging.iterdir() if f.is_file()), key=lambda f: f.name == last)

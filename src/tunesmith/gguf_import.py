@@ -140,7 +140,7 @@ def build_from_gguf(gguf: Path, out: Path, *, sha256: str, identity: str | None 
     for stale in out.parent.glob(f".{out.name}.tmp*"):  # left by a build that was killed (the lock is held)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    with writing(tmp, what=f"the model imported from {gguf.name}"):
+    with writing(tmp, what=f"the model imported from {gguf.name}", target=out):
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         record = {"gguf": gguf.name, "sha256": sha256, "identity": identity, "files": _file_sizes(tmp)}

@@ -140,7 +140,8 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
         shutil.rmtree(staging)
     merged = peft_model.merge_and_unload()
     merged.generation_config = _generation_config(base_name, merged, tokenizer)
-    with writing(staging, sum(p.numel() * p.element_size() for p in merged.parameters()), what="the merged model"):
+    needed = sum(p.numel() * p.element_size() for p in merged.parameters())
+    with writing(staging, needed, what="the merged model", target=out):
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
     del merged, peft_model, model
@@ -164,7 +165,7 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
                          dtype=dtype,
                          parity=parity, base_dtype=base_dtype, precision_loss=loss, quantized_base_drift=drift,
                          warnings=tuple(warnings))
-    with writing(staging, what="the merged model"):
+    with writing(staging, what="the merged model", target=out):
         ExportRecord(stage="merge", kind="merged", source=result.adapter,
                      train_run=str(run_path.resolve()) if run is not None else None,
                      result=result.to_dict(), versions=versions()).write(staging)

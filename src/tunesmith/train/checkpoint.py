@@ -127,7 +127,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: Any, schedule
     previous = latest_step(root)
     kept = f"checkpoint {previous} is intact" if previous is not None else "no earlier checkpoint"
     try:
-        with writing(tmp, _bytes(model, optimizer), what=f"checkpoint {step}",
+        with writing(tmp, _bytes(model, optimizer), what=f"checkpoint {step}", target=final,
                      hint="free disk space or lower train.save_total_limit, then continue with --resume"):
             if procs.main:
                 remove(tmp)
