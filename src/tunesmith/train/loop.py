@@ -428,14 +428,24 @@ def _save_final(model: Any, tokenizer: Any, method: str, out: Path, precision: P
         state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
     elif cast is not None:
         model = model.to(cast)
-    tensors = state.values() if state is not None else (p for p in model.parameters() if cast or p.requires_grad)
     # written beside and renamed: a full disk leaves the run without a half-written adapter/ or model/
-    with atomic_folder(target, sum(t.numel() * t.element_size() for t in tensors)) as staging:
+    with atomic_folder(target, _saved_bytes(model, state, method == "full")) as staging:
         model.save_pretrained(staging, safe_serialization=True,
                               **({"state_dict": state} if state is not None else {}))
         tokenizer.save_pretrained(staging)
     barrier(procs)
     return target
+
+
+def _saved_bytes(model: Any, state: dict[str, torch.Tensor] | None, full: bool) -> int | None:
+    """About what the final save writes: every weight (full) or the trainable ones (an adapter); unknown for an
+    adapter taken from a consolidated state, which holds the frozen weights too."""
+    if full:
+        tensors = state.values() if state is not None else model.parameters()
+        return sum(t.numel() * t.element_size() for t in tensors)
+    if state is not None:
+        return None
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
