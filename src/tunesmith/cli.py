@@ -542,6 +542,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _report_error(exc)
         return exc.exit_code
+    except (OSError, RuntimeError) as exc:  # a write no stage turned into a message: one when the storage refused it
+        from .files import storage_error
+
+        error = storage_error(exc, (exc.filename if isinstance(exc, OSError) else None) or Path.cwd())
+        if error is None or _DEBUG["on"]:
+            raise
+        _report_error(error)
+        return error.exit_code
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .files import replace_folder, writing
 
 RECORD_NAME = "tunesmith_gguf_source.json"
 """Written last into a built folder: the GGUF it came from and its sha256 (a folder without it is incomplete)."""
@@ -139,12 +140,12 @@ def build_from_gguf(gguf: Path, out: Path, *, sha256: str, identity: str | None 
     for stale in out.parent.glob(f".{out.name}.tmp*"):  # left by a build that was killed (the lock is held)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    record = {"gguf": gguf.name, "sha256": sha256, "identity": identity, "files": _file_sizes(tmp)}
-    (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2), encoding="utf-8")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with writing(tmp, what=f"the model imported from {gguf.name}", target=out):
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        record = {"gguf": gguf.name, "sha256": sha256, "identity": identity, "files": _file_sizes(tmp)}
+        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        replace_folder(tmp, out)
     return out
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer, m
 from .config import ModelConfig, QuantSection
 from .config.pipeline import StageName
 from .errors import UserError
+from .files import write_json_atomic
 
 VERSIONED = ("tunesmith", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets",
              "tokenizers", "safetensors", "sentence-transformers", "datasketch", "jsonschema", "gguf",
@@ -369,16 +369,6 @@ class StageRecord(Record):
 
 
 # --- files ----------------------------------------------------------------------------------------------------------
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()

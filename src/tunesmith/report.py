@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .config.pipeline import STAGE_NAMES
+from .files import atomic_files
 from .records import StageRecord, versions
 
 
@@ -89,17 +90,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
     ``passed_over``: stages this run had nothing to do for, with the reason (their old records are not shown)."""
     run = Path(run_dir)
     out = Path(out_dir) if out_dir else run / "report"
-    out.mkdir(parents=True, exist_ok=True)
     data = collect(run, passed_over or {})
     images = _plots(data.curves)
-    html_path, md_path = out / "report.html", out / "report.md"
-    html_path.write_text(render_html(data, images), encoding="utf-8")
-    names = []
-    for name, png in images.items():
-        (out / f"{name}.png").write_bytes(png)
-        names.append(str(out / f"{name}.png"))
-    md_path.write_text(render_markdown(data, list(images)), encoding="utf-8")
-    return ReportResult(str(html_path), str(md_path), names)
+    with atomic_files(out) as staging:  # all the report's files or, when a write fails, none
+        (staging / "report.html").write_text(render_html(data, images), encoding="utf-8")
+        for name, png in images.items():
+            (staging / f"{name}.png").write_bytes(png)
+        (staging / "report.md").write_text(render_markdown(data, list(images)), encoding="utf-8")
+    return ReportResult(str(out / "report.html"), str(out / "report.md"), [str(out / f"{n}.png") for n in images])
 
 
 # --- collecting -----------------------------------------------------------------------------------------------------

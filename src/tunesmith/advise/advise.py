@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..files import write_text_atomic
 from ..hardware import catalog
 from ..hardware.machine import Hardware
 from ..hardware.memory import (
@@ -463,4 +464,4 @@ def _wrap(text: str) -> list[str]:
 def _write(path: Path, text: str) -> None:
     if path.parent and not path.parent.exists():
         raise UserError(f"--write-config {path}: folder {path.parent} does not exist")
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)

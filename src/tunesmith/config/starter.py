@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel
 
 from ..errors import UserError
+from ..files import write_text_atomic
 
 
 def starter_text() -> str:
@@ -27,7 +28,7 @@ def starter_text() -> str:
 def write_starter(path: Path, force: bool = False) -> None:
     if path.exists() and not force:
         raise UserError(f"{path} already exists", hint="pass --force to overwrite it, or choose another path")
-    path.write_text(starter_text(), encoding="utf-8")
+    write_text_atomic(path, starter_text())
 
 
 def _emit(model: BaseModel, lines: list[str], indent: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, where
+from ..files import atomic_files
 from ..records import PreparedData, PreparedInput, versions
 from . import clean
 from .formats import Example, read_file
@@ -134,21 +134,23 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
     train = _remove_leakage(train, features, evals, data, log)
     watch.lap("leakage")
 
-    # 6. write the splits and the rejects; 7. the report, the histogram and the manifest
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"train": _write_jsonl(out / "train.jsonl", (ex.record for ex in train)),
-             "eval": _write_jsonl(out / "eval.jsonl", (ex.record for ex in evals)),
-             "rejects": _write_jsonl(out / "rejects.jsonl", log.rejects)}
+    # 6. write the splits and the rejects; 7. the report, the histogram and the manifest — into a staging folder
+    # first, so a failed write (a full disk) leaves the folder as it was: no half-written train.jsonl, no mix of runs
     inputs = [{"path": f, "split": "train" if given_eval is not None else "train+eval", "sha256": _sha256(f),
                "examples": sum(1 for ex in pool if ex.source == f)} for f in train_files]
     if eval_path:
         inputs.append({"path": eval_path, "split": "eval", "sha256": _sha256(eval_path),
                        "examples": len(given_eval or [])})
-    report = _build_report([*pool, *(given_eval or [])], train, evals, log, tokenizer, inputs, holdout, cfg,
-                           max_length, out)
-    files["lengths_png"] = str(out / "lengths.png")
-    files.update(write_reports(report, log.snippets, out))
-    files["manifest"] = _write_manifest(out, cfg, train_files, eval_path, inputs, report["counts"], files)
+    with atomic_files(out, last=PreparedData.FILE) as staging:
+        files = {"train": _write_jsonl(staging / "train.jsonl", (ex.record for ex in train)),
+                 "eval": _write_jsonl(staging / "eval.jsonl", (ex.record for ex in evals)),
+                 "rejects": _write_jsonl(staging / "rejects.jsonl", log.rejects)}
+        report = _build_report([*pool, *(given_eval or [])], train, evals, log, tokenizer, inputs, holdout, cfg,
+                               max_length, staging)
+        files["lengths_png"] = str(staging / "lengths.png")
+        files.update(write_reports(report, log.snippets, staging))
+        files["manifest"] = _write_manifest(staging, cfg, train_files, eval_path, inputs, report["counts"], files)
+    files = {role: str(out / Path(path).name) for role, path in files.items()}
     watch.lap("write_and_report")
     if len(train) < data.min_examples:
         raise UserError(f"only {len(train)} training example(s) left after cleaning, fewer than data.min_examples "
@@ -404,12 +406,10 @@ def _resolve_config(config: Any) -> Any:
 
 
 def _write_jsonl(path: Path, rows: Any) -> str:
-    """One JSON object per line, written to a temporary name then renamed (no half-written file left behind)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    """One JSON object per line (into the staging folder ``prepare`` renames from)."""
+    with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return str(path)
 
 

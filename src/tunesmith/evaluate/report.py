@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..records import write_json_atomic
+from ..files import atomic_files, write_json_atomic
 from .evalset import EvalExample
 from .metrics import Verdict
 
@@ -78,18 +78,20 @@ def flips(before: Sequence[Verdict], after: Sequence[Verdict]) -> dict[str, list
 def write_report(out: Path, dataset: str, examples: Sequence[EvalExample], runs: Sequence[ModelRun],
                  summaries: dict[str, dict[str, MetricSummary]], comparisons: list[dict[str, Any]],
                  max_flips: int) -> dict[str, Path]:
-    """Write every output file into ``out``; flips in ``comparisons`` are eval-file line numbers."""
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"predictions": out / "predictions.jsonl", "metrics": out / "metrics.json", "chart": out / "chart.png",
-             "report_md": out / "report.md", "report_html": out / "report.html"}
-    write_predictions(files["predictions"], examples, runs)
-    write_json_atomic(files["metrics"], metrics_payload(dataset, len(examples), runs, summaries, comparisons))
-    bar_chart(files["chart"], runs, summaries)
-    files["report_md"].write_text(markdown(dataset, examples, runs, summaries, comparisons, files["chart"].name,
-                                           max_flips), encoding="utf-8")
-    files["report_html"].write_text(html_page(dataset, examples, runs, summaries, comparisons, files["chart"],
-                                              max_flips), encoding="utf-8")
-    return files
+    """Write every output file into ``out`` — all of them or, when a write fails, none; flips in ``comparisons``
+    are eval-file line numbers."""
+    names = {"predictions": "predictions.jsonl", "metrics": "metrics.json", "chart": "chart.png",
+             "report_md": "report.md", "report_html": "report.html"}
+    with atomic_files(out) as staging:
+        files = {role: staging / name for role, name in names.items()}
+        write_predictions(files["predictions"], examples, runs)
+        write_json_atomic(files["metrics"], metrics_payload(dataset, len(examples), runs, summaries, comparisons))
+        bar_chart(files["chart"], runs, summaries)
+        files["report_md"].write_text(markdown(dataset, examples, runs, summaries, comparisons, files["chart"].name,
+                                               max_flips), encoding="utf-8")
+        files["report_html"].write_text(html_page(dataset, examples, runs, summaries, comparisons, files["chart"],
+                                                  max_flips), encoding="utf-8")
+    return {role: out / name for role, name in names.items()}
 
 
 def write_predictions(path: Path, examples: Sequence[EvalExample], runs: Sequence[ModelRun]) -> None:

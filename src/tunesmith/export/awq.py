@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RunError, UserError
+from ..files import atomic_folder
 from ..records import ExportRecord, versions
 
 SCHEME = "W4A16_ASYM"
@@ -98,8 +99,9 @@ def to_awq(model_dir: str | Path, out_dir: str | Path, *, calibration: list[list
         raise UserError(f"{source}: llm-compressor cannot AWQ-quantize this model: {exc}",
                         hint=f"AWQ groups of {GROUP_SIZE} need every Linear input size to be a multiple of "
                              f"{GROUP_SIZE}") from None
-    model.save_pretrained(out, save_compressed=True)
-    tokenizer.save_pretrained(out)
+    with atomic_folder(out, what="the AWQ model") as staging:  # a full disk leaves no half-written folder
+        model.save_pretrained(staging, save_compressed=True)
+        tokenizer.save_pretrained(staging)
     del model
     torch.cuda.empty_cache()
 

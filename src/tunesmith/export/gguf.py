@@ -24,6 +24,7 @@ from typing import Any
 
 from .. import processes
 from ..errors import RunError, UserError
+from ..files import disk_full, free_space, out_of_space
 from ..records import ExportRecord, versions
 from .converter import find_converter, llama_cpp_version
 from .ollama import match_template, system_fits_modelfile, write_modelfile
@@ -202,12 +203,7 @@ def _model_folder(model_dir: str | Path) -> Path:
 
 def _intermediate_type(source: Path) -> str:
     """bf16 for bf16 checkpoints (no range loss), else f16; the quantizer reads either."""
-    try:
-        config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return "f16"
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    return "bf16" if dtype == "bfloat16" else "f16"
+    return "bf16" if _stored_dtype(source) == "bfloat16" else "f16"
 
 
 def _convert(converter: Path, source: Path, target: Path, outtype: str, log_path: Path) -> None:
@@ -216,8 +212,11 @@ def _convert(converter: Path, source: Path, target: Path, outtype: str, log_path
     try:
         processes.run(cmd, what=f"llama.cpp's converter on {source}", log_path=log_path)
     except RunError:
+        free = free_space(staging)
         staging.unlink(missing_ok=True)
         log = processes.log_tail(log_path, lines=200)
+        if out_of_space(log, free):
+            raise disk_full(target, _float_bytes(source, outtype), what="the GGUF file") from None
         arch = _architecture(source)
         if "is not supported" in log:
             raise UserError(f"{source}: architecture {arch} is not supported by llama.cpp's GGUF converter "
@@ -238,6 +237,20 @@ def _convert(converter: Path, source: Path, target: Path, outtype: str, log_path
     os.replace(staging, target)
 
 
+def _float_bytes(source: Path, outtype: str) -> int:
+    """About how large the converter's f32/f16/bf16 file is: the source's safetensors rescaled to ``outtype``."""
+    stored = {"float32": 4, "float16": 2, "bfloat16": 2}.get(_stored_dtype(source), 4)
+    return sum(f.stat().st_size for f in source.glob("*.safetensors")) * (4 if outtype == "f32" else 2) // stored
+
+
+def _stored_dtype(source: Path) -> str:
+    try:
+        config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return "float32"
+    return config.get("dtype") or config.get("torch_dtype") or "float32"
+
+
 def _quantize(source: Path, target: Path, quant: str, n_threads: int | None) -> None:
     import llama_cpp
 
@@ -249,8 +262,12 @@ def _quantize(source: Path, target: Path, quant: str, n_threads: int | None) -> 
     with _native_output_to(log):
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(staging).encode(), ctypes.byref(params))
     if code != 0 or not staging.is_file():
+        free = free_space(staging)
         staging.unlink(missing_ok=True)
-        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-6:])
+        text = log.read_text(encoding="utf-8", errors="replace")
+        if out_of_space(text, free):
+            raise disk_full(target, what=f"the {quant} GGUF file")
+        tail = "\n".join(text.splitlines()[-6:])
         raise RunError(f"llama.cpp's quantizer failed ({quant}, return code {code}) on {source}:\n{tail}")
     os.replace(staging, target)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from ..config import QuantSection
 from ..errors import RunError, UserError
+from ..files import replace_folder, writing
 from ..records import ExportRecord, TrainRun, versions
 from .samples import conversations_for
 
@@ -140,8 +140,10 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
         shutil.rmtree(staging)
     merged = peft_model.merge_and_unload()
     merged.generation_config = _generation_config(base_name, merged, tokenizer)
-    merged.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
+    needed = sum(p.numel() * p.element_size() for p in merged.parameters())
+    with writing(staging, needed, what="the merged model", target=out):
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     del merged, peft_model, model
 
     reloaded = _load_base(str(staging), torch_dtype, {})
@@ -163,16 +165,15 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
                          dtype=dtype,
                          parity=parity, base_dtype=base_dtype, precision_loss=loss, quantized_base_drift=drift,
                          warnings=tuple(warnings))
-    ExportRecord(stage="merge", kind="merged", source=result.adapter,
-                 train_run=str(run_path.resolve()) if run is not None else None,
-                 result=result.to_dict(), versions=versions()).write(staging)
+    with writing(staging, what="the merged model", target=out):
+        ExportRecord(stage="merge", kind="merged", source=result.adapter,
+                     train_run=str(run_path.resolve()) if run is not None else None,
+                     result=result.to_dict(), versions=versions()).write(staging)
     if not parity.passed:
         raise RunError(f"merged model differs from base + adapter: max |Δlogit| {parity.max_abs_diff:.3g} > tolerance "
                        f"{parity.tolerance:.3g}; the merged folder was left at {staging} for inspection (not at {out})",
                        hint="re-run with --dtype float32 to rule out rounding; if it still fails, report a bug")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    replace_folder(staging, out)
     return result
 
 

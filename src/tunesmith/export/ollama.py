@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..files import write_text_atomic
+
 
 @dataclass(frozen=True)
 class Family:
@@ -126,7 +128,7 @@ def write_modelfile(path: str | Path, gguf_name: str, match: TemplateMatch) -> P
         lines.append(f'SYSTEM """{match.default_system}"""')
     for stop in match.stops:
         lines.append(f'PARAMETER stop "{_quote(stop)}"')
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(out, "\n".join(lines) + "\n")
     return out
 
 

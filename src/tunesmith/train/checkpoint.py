@@ -13,7 +13,6 @@ names what changed. Checkpoints written before that record still resume, with th
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import RunError, UserError
+from ..files import remove, replace_folder, writing
 from ..records import sha256_file
 from .distributed import Processes, barrier
 
@@ -124,31 +124,48 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: Any, schedule
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{step}"
     final = root / f"step-{step}"
-    if procs.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier(procs)
+    previous = latest_step(root)
+    kept = f"checkpoint {previous} is intact" if previous is not None else "no earlier checkpoint"
     try:
-        if procs.distributed:
-            _save_sharded(tmp, model, optimizer, procs)
-            torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / f"states-{procs.rank}.pt")
-        else:
-            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": _rng_state()}, tmp / "states.pt")
-        barrier(procs)
-        if procs.main:
-            _seal(tmp, final, root, step, state)
-        barrier(procs)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RunError(f"disk full while writing checkpoint {step} in {root}; the previous checkpoint is intact",
-                           hint="free disk space or lower train.save_total_limit, then resume with --resume") from None
-        raise RunError(f"could not write checkpoint {step} in {root}: {exc}") from None
+        with writing(tmp, _bytes(model, optimizer), what=f"checkpoint {step}", target=final,
+                     hint="free disk space or lower train.save_total_limit, then continue with --resume"):
+            if procs.main:
+                remove(tmp)
+                tmp.mkdir()
+            barrier(procs)
+            if procs.distributed:
+                _save_sharded(tmp, model, optimizer, procs)
+                torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / f"states-{procs.rank}.pt")
+            else:
+                save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "rng": _rng_state()}, tmp / "states.pt")
+            barrier(procs)
+            if procs.main:
+                _seal(tmp, final, root, step, state)
+            barrier(procs)
+    except RunError as exc:
+        raise RunError(f"{exc.message}; {kept}", hint=exc.hint) from exc.__cause__
+    except OSError as exc:  # not a refusal of the storage: still one message, and the partial folder is gone
+        raise RunError(f"could not write checkpoint {step} in {root}: {exc}; {kept}") from exc
     if procs.main:
         _prune(root, keep)
     return final
+
+
+def _bytes(model: torch.nn.Module, optimizer: Any) -> int:
+    """What a checkpoint holds: the trainable weights and the optimizer's tensors (AdamW: two per weight)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                 if isinstance(t, torch.Tensor))
+    return weights + states
+
+
+def latest_step(root: Path) -> int | None:
+    """The step of the newest complete-looking checkpoint folder in ``root`` (not verified: for messages)."""
+    steps = [int(d.name[5:]) for d in root.iterdir() if d.name.startswith("step-") and d.name[5:].isdigit()
+             and (d / INDEX).is_file()]
+    return max(steps, default=None)
 
 
 def _seal(tmp: Path, final: Path, root: Path, step: int, state: dict[str, Any]) -> None:
@@ -161,10 +178,7 @@ def _seal(tmp: Path, final: Path, root: Path, step: int, state: dict[str, Any]) 
     index = tmp / INDEX
     index.write_text(json.dumps({"step": step, "files": files}, indent=2))
     _fsync(index)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
+    replace_folder(tmp, final)
 
 
 def chosen(root: Path, wanted: bool | str | Path) -> Checkpoint | None:
@@ -306,11 +320,3 @@ def _as_python_state(s: Any) -> tuple:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -25,6 +25,7 @@ import torch
 from ..chat import TokenizedChat
 from ..config import Config, TrainConfig, dump_config
 from ..errors import Interrupted, RunError, UserError
+from ..files import atomic_folder, storage_errors, write_text_atomic
 from ..gguf_import import imported_source
 from ..hardware.machine import measure_matmul_flops
 from ..models import base_model, load_model_config, load_tokenizer, resolve_model_path
@@ -443,10 +444,24 @@ def _save_final(model: Any, tokenizer: Any, method: str, out: Path, precision: P
         state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
     elif cast is not None:
         model = model.to(cast)
-    model.save_pretrained(target, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
-    tokenizer.save_pretrained(target)
+    # written beside and renamed: a full disk leaves the run without a half-written adapter/ or model/
+    with atomic_folder(target, _saved_bytes(model, state, method == "full")) as staging:
+        model.save_pretrained(staging, safe_serialization=True,
+                              **({"state_dict": state} if state is not None else {}))
+        tokenizer.save_pretrained(staging)
     barrier(procs)
     return target
+
+
+def _saved_bytes(model: Any, state: dict[str, torch.Tensor] | None, full: bool) -> int | None:
+    """About what the final save writes: every weight (full) or the trainable ones (an adapter); unknown for an
+    adapter taken from a consolidated state, which holds the frozen weights too."""
+    if full:
+        tensors = state.values() if state is not None else model.parameters()
+        return sum(t.numel() * t.element_size() for t in tensors)
+    if state is not None:
+        return None
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def _optimizer(params: list[torch.nn.Parameter], name: str, cfg: TrainConfig, device: torch.device
@@ -550,7 +565,7 @@ def _fingerprint(cfg: TrainConfig, model_name: str, files: list[Path | None]) ->
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
+    with storage_errors(path), open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
 
 
@@ -562,7 +577,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.unlink()
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class _SignalFlag:
