@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..paths import output_file
 from . import catalog
 from .cost import (
     API_PRICES_PER_MTOK,
@@ -93,6 +94,8 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
     """The advisor. ``model``: a catalogue name, a hub id, a model folder or a config.json; ``gpu``: a catalogue
     name (detected when None, else an A100 80GB is assumed and said so)."""
     notes: list[str] = []
+    if write_config is not None:  # a bad path fails before any work, whatever the advice
+        output_file(write_config, "--write-config")
     _check_api_model(api_model, api_prices)
     resolved = resolve_model(model) if model else None
     named_gpu = catalog.lookup_gpu(gpu) if gpu else None  # an unknown name fails before any work
@@ -439,6 +442,4 @@ def _wrap(text: str) -> list[str]:
 
 
 def _write(path: Path, text: str) -> None:
-    if path.parent and not path.parent.exists():
-        raise UserError(f"--write-config {path}: folder {path.parent} does not exist")
-    path.write_text(text, encoding="utf-8")
+    output_file(path, "--write-config").write_text(text, encoding="utf-8")

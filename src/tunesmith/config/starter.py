@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel
 
 from ..errors import UserError
+from ..paths import output_file
 
 
 def starter_text() -> str:
@@ -25,6 +26,7 @@ def starter_text() -> str:
 
 
 def write_starter(path: Path, force: bool = False) -> None:
+    output_file(path, "")
     if path.exists() and not force:
         raise UserError(f"{path} already exists", hint="pass --force to overwrite it, or choose another path")
     path.write_text(starter_text(), encoding="utf-8")
