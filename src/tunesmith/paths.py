@@ -77,4 +77,5 @@ def _writable(folder: Path, named: str, option: str) -> None:
         return
     readonly = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     why = "is on a read-only file system" if readonly else "is not writable (permission denied)"
-    raise UserError(f"{named}: cannot write there, {folder} {why}", hint=f"choose a writable place for {option}")
+    raise UserError(f"{named}: cannot write there, {folder} {why}",
+                    hint=f"choose a writable place for {option}" if option else "choose a writable place")

@@ -205,6 +205,14 @@ def _model_folder(model_dir: str | Path) -> Path:
     from ..models import resolve_model_path
 
     refuse_run_folder(model_dir)
+    given, name = Path(model_dir), str(model_dir)
+    hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))  # resolved (or refused) below
+    hint = "pass a model folder: a merged one (tunesmith merge RUN writes RUN/merged) or a full fine-tuning run's " \
+           "RUN/model"
+    if given.is_file() and given.suffix.lower() != ".gguf":
+        raise UserError(f"{model_dir}: is a file, not a model folder", hint=hint)
+    if not given.exists() and not hub_id:
+        raise UserError(f"{model_dir}: not found", hint=hint)
     path = Path(resolve_model_path(ModelConfig(name_or_path=str(model_dir))))
     if not path.is_dir():
         raise UserError(f"{model_dir}: GGUF export needs a local model folder (config.json + safetensors)",
