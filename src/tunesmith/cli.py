@@ -118,8 +118,8 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
         raise typer.Exit(_relaunch_under_torchrun(gpus, run_dir / "torchrun.log"))
     from .train import train as run_train
 
-    with _Progress(enabled=not as_json, activity="train: loading and planning") as progress, \
-            _TrainSignals(run_dir) as signals:
+    with _TrainSignals(run_dir) as signals, \
+            _Progress(enabled=not as_json, activity="train: loading and planning") as progress:
         result = run_train(cfg, out_dir=out, resume=from_checkpoint or resume,
                            on_event=lambda e: (signals.on_event(e), progress.on_event(e)))
     emit(result, as_json, lambda r: console.print(f"[green]done[/green]: {r.summary()}"))
@@ -175,10 +175,11 @@ def export(model_dir: Annotated[Path, typer.Argument(help="Merged (or fully fine
     if format_ not in ("gguf", "awq"):
         raise UserError(f"--format {format_}: expected gguf or awq", hint="e.g. --format gguf --quant q8_0")
     from .export.gguf import refuse_run_folder
+    from .paths import output_folder
 
     refuse_run_folder(model_dir)
     named = model_dir if model_dir.name not in ("", "..") else model_dir.resolve()  # `export .` has no name
-    target = out or named.with_name(f"{named.name}-{format_}")
+    target = output_folder(out or named.with_name(f"{named.name}-{format_}"))
     with _Progress(enabled=not as_json, activity=f"export {format_}"):
         if format_ == "gguf":
             from .export.gguf import to_gguf
