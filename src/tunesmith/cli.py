@@ -114,6 +114,10 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
 
     cfg = load_config(config, set_ or [])
     run_dir = output_folder(out or Path(cfg.out_dir) / "train", "--out" if out else "out_dir")
+    if from_checkpoint is not None:  # a wrong checkpoint is refused before the model loads and the run folder is made
+        from .train.checkpoint import chosen
+
+        chosen(run_dir / "checkpoints", from_checkpoint)
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_relaunch_under_torchrun(gpus, run_dir / "torchrun.log"))
     from .train import train as run_train
