@@ -120,11 +120,13 @@ CASES = [
     ("export-prompts-empty", "export {w}/full/model --prompts {w}/empty.jsonl --out {w}/x", 2,
      ["--prompts {w}/empty.jsonl: no conversations"]),
     ("from-checkpoint-missing", "train {w}/cfg.yaml --out {w}/t --from-checkpoint {w}/nope", 2,
-     ["--from-checkpoint {w}/nope: not found"]),
+     ["--from-checkpoint {w}/nope: no such checkpoint (nothing at that path)"]),
     # a train run folder given to export: the folder to export instead
     ("export-full-run-folder", "export {w}/full", 2,
      ["this is a train run folder; its model is {w}/full/model", "tunesmith export {w}/full/model"]),
     ("export-lora-run-folder", "export {w}/lora", 2, ["merge it first", "tunesmith merge {w}/lora"]),
+    ("train-onto-a-finished-run", "train {w}/cfg.yaml --out {w}/lora", 2,
+     ["--out {w}/lora: holds a finished train run (run.json)"]),
     # flags out of range or unknown
     ("gpus-zero", "train {w}/cfg.yaml --gpus 0 --out {w}/t", 2, ["--gpus"]),
     ("gpus-negative", "train {w}/cfg.yaml --gpus -1 --out {w}/t", 2, ["--gpus"]),

@@ -113,7 +113,11 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
     from .paths import output_folder
 
     cfg = load_config(config, set_ or [])
-    run_dir = output_folder(out or Path(cfg.out_dir) / "train", "--out" if out else "out_dir")
+    option = "--out" if out else "out_dir"
+    run_dir = output_folder(out or Path(cfg.out_dir) / "train", option)
+    if not (resume or from_checkpoint) and (run_dir / "run.json").is_file():  # a finished run is not overwritten
+        raise UserError(f"{option} {run_dir}: holds a finished train run (run.json); training again would replace it",
+                        hint=f"choose another {option}, or remove {run_dir} first")
     if from_checkpoint is not None:  # a wrong checkpoint is refused before the model loads and the run folder is made
         from .train.checkpoint import chosen
 

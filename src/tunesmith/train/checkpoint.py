@@ -175,7 +175,7 @@ def chosen(root: Path, wanted: bool | str | Path) -> Checkpoint | None:
         return latest(root)
     path = Path(wanted)
     if not path.exists():
-        raise UserError(f"--from-checkpoint {path}: not found",
+        raise UserError(f"--from-checkpoint {path}: no such checkpoint (nothing at that path)",
                         hint=f"see `ls {root}`, or use --resume for the newest complete one")
     if path.resolve().parent != root.resolve():
         other_run = path.parent.name == "checkpoints"
