@@ -280,7 +280,6 @@ class _TrainSignals:
     def _handle(self, signum: int, _frame: Any) -> None:
         import signal
 
-        from .errors import Interrupted
         from .train.checkpoint import newest_sealed
 
         name = signal.Signals(signum).name

@@ -93,7 +93,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise UserError(f"{path}: the config file is empty",
-                        hint=f"write one with `tunesmith init {path} --force`, or pass no config for the defaults")
+                        hint=f"write one with `tunesmith init {path} --force` (every key with its default)")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
