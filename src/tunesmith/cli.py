@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from .errors import TunesmithError, UserError
+from .errors import Interrupted, RunError, TunesmithError, UserError
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs correctly: advise → data → train → eval → merge/export → serve.")
@@ -105,18 +105,31 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
           from_checkpoint: Annotated[Path | None, typer.Option(
               "--from-checkpoint", metavar="CHECKPOINT", help="Continue from this checkpoint of the run in --out "
               "(e.g. runs/x/checkpoints/step-40) instead of the newest; implies --resume.")] = None,
-          gpus: Annotated[int, typer.Option("--gpus", help="Processes/GPUs: >1 shards with FSDP2 via torchrun.")] = 1,
+          gpus: Annotated[int, typer.Option("--gpus", min=1,
+                                            help="Processes/GPUs: >1 shards with FSDP2 via torchrun.")] = 1,
           as_json: JsonOpt = False) -> None:
     """Train (full / LoRA / QLoRA, as the config says) and write a run folder."""
     from .config import load_config
+    from .paths import output_folder
 
     cfg = load_config(config, set_ or [])
+    option = "--out" if out else "out_dir"
+    run_dir = output_folder(out or Path(cfg.out_dir) / "train", option)
+    if not (resume or from_checkpoint) and (run_dir / "run.json").is_file():  # a finished run is not overwritten
+        raise UserError(f"{option} {run_dir}: holds a finished train run (run.json); training again would replace it",
+                        hint=f"choose another {option}, or remove {run_dir} first")
+    if from_checkpoint is not None:  # a wrong checkpoint is refused before the model loads and the run folder is made
+        from .train.checkpoint import chosen
+
+        chosen(run_dir / "checkpoints", from_checkpoint)
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        raise typer.Exit(_relaunch_under_torchrun(gpus, Path(out or Path(cfg.out_dir) / "train") / "torchrun.log"))
+        raise typer.Exit(_relaunch_under_torchrun(gpus, run_dir / "torchrun.log"))
     from .train import train as run_train
 
-    with _Progress(enabled=not as_json, activity="train: loading and planning") as progress:
-        result = run_train(cfg, out_dir=out, resume=from_checkpoint or resume, on_event=progress.on_event)
+    with _TrainSignals(run_dir) as signals, \
+            _Progress(enabled=not as_json, activity="train: loading and planning") as progress:
+        result = run_train(cfg, out_dir=out, resume=from_checkpoint or resume,
+                           on_event=lambda e: (signals.on_event(e), progress.on_event(e)))
     emit(result, as_json, lambda r: console.print(f"[green]done[/green]: {r.summary()}"))
 
 
@@ -132,7 +145,8 @@ def merge(run_dir: Annotated[Path | None, typer.Argument(help="Run folder from `
           dtype: Annotated[str | None, typer.Option(
               "--dtype", help="bfloat16 | float16 | float32 (default: the base model's own dtype).")] = None,
           tolerance: Annotated[float | None, typer.Option(
-              "--tolerance", help="Allowed max |Δlogit| as a fraction of the largest logit (default per dtype).")]
+              "--tolerance", min=0.0,
+              help="Allowed max |Δlogit| as a fraction of the largest logit (default per dtype).")]
           = None,
           prompts: PromptsOpt = None,
           as_json: JsonOpt = False) -> None:
@@ -167,8 +181,13 @@ def export(model_dir: Annotated[Path, typer.Argument(help="Merged (or fully fine
     from .errors import UserError
 
     if format_ not in ("gguf", "awq"):
-        raise UserError(f"--format {format_}: expected gguf or awq")
-    target = out or model_dir.with_name(f"{model_dir.name}-{format_}")
+        raise UserError(f"--format {format_}: expected gguf or awq", hint="e.g. --format gguf --quant q8_0")
+    from .export.gguf import refuse_run_folder
+    from .paths import output_folder
+
+    refuse_run_folder(model_dir)
+    named = model_dir if model_dir.name not in ("", "..") else model_dir.resolve()  # `export .` has no name
+    target = output_folder(out or named.with_name(f"{named.name}-{format_}"))
     with _Progress(enabled=not as_json, activity=f"export {format_}"):
         if format_ == "gguf":
             from .export.gguf import to_gguf
@@ -202,7 +221,7 @@ def setup_gguf(sdist: Annotated[Path | None, typer.Option(
 def serve(artefact: Annotated[Path, typer.Argument(help="GGUF file/folder, merged or AWQ folder, run or adapter.")],
           host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes the model.")]
           = "127.0.0.1",
-          port: Annotated[int, typer.Option("--port")] = 8000,
+          port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
           engine: Annotated[str, typer.Option("--engine", help="auto | llama.cpp | vllm.")] = "auto",
           base: Annotated[str | None, typer.Option("--base", help="Base model for an adapter (vLLM).")] = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the server command, start nothing.")]
@@ -227,6 +246,51 @@ def serve(artefact: Annotated[Path, typer.Argument(help="GGUF file/folder, merge
         serving.stop(child)
     if code != 0:
         raise processes.failure(child, code)
+
+
+class _TrainSignals:
+    """SIGTERM/SIGINT to `tunesmith train` outside its loop — loading the model before it, saving the result after
+    it — as one message and exit 130, instead of a silent kill (SIGTERM) or a bare exit (Ctrl-C). Inside the loop
+    its own handler (train/loop.py) checkpoints at the step boundary first."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.looped = False
+        """The loop has started: after it, the run's checkpoints are what a resume continues from."""
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _TrainSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        self.looped = self.looped or event["event"] == "start"
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        import signal
+
+        from .train.checkpoint import newest_sealed
+
+        name = signal.Signals(signum).name
+        if not self.looped:
+            raise Interrupted(f"interrupted by {name} during start-up; nothing was written",
+                              hint="run the same command again")
+        last = newest_sealed(self.run_dir / "checkpoints")
+        raise Interrupted(f"interrupted by {name} while the trained model was being saved; "
+                          + (f"the last checkpoint is {last}" if last else "no checkpoint was written"),
+                          hint="continue with the same command plus --resume" if last else
+                          "run the same command again to start over")
 
 
 def _relaunch_under_torchrun(n: int, log: Path) -> int:
@@ -446,7 +510,7 @@ def advise(
 
 @data_app.command("inspect")
 def data_inspect(config: ConfigArg, set_: SetOpt = None,
-                 index: Annotated[int, typer.Option(help="Which example (0-based) of the training data.")] = 0,
+                 index: Annotated[int, typer.Option(min=0, help="Which example (0-based) of the training data.")] = 0,
                  as_json: JsonOpt = False) -> None:
     """Show one training example as the model sees it, supervised (trained-on) tokens highlighted."""
     from .config import load_config
@@ -472,8 +536,13 @@ def _check_conversations(path: Path | None, limit: int = 8) -> Any:
     if path is None:
         return None
     from .export.samples import load_conversations
+    from .paths import input_file
 
-    return load_conversations(path, limit)
+    hint = "a chat JSONL file, one {\"messages\": [...]} per line (e.g. prepared/eval.jsonl)"
+    found = load_conversations(input_file(path, "--prompts", hint=hint), limit)
+    if not found:
+        raise UserError(f"--prompts {path}: no conversations (the file is empty)", hint=hint)
+    return found
 
 
 @app.command("eval")
@@ -536,24 +605,53 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=args, prog_name="tunesmith")
     except SystemExit as exc:  # click ends every command this way (0 included), and --help, --show-completion
+        if _by_ctrl_c(exc):  # typer turns Ctrl-C into a bare exit 130
+            _report_error(Interrupted("interrupted by SIGINT (Ctrl-C)", hint="run the same command again"))
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     except TunesmithError as exc:
         if _DEBUG["on"]:
             raise
         _report_error(exc)
         return exc.exit_code
-    except (OSError, RuntimeError) as exc:  # a write no stage turned into a message: one when the storage refused it
-        from .files import storage_error
-
-        error = storage_error(exc, (exc.filename if isinstance(exc, OSError) else None) or Path.cwd())
-        if error is None or _DEBUG["on"]:
-            raise
-        _report_error(error)
-        return error.exit_code
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
+    except Exception as exc:  # not turned into a message by a stage: still one message; --debug gives the traceback
+        if _DEBUG["on"]:
+            raise
+        error = _unexpected_error(exc)
+        _report_error(error)
+        return error.exit_code
     return 0
+
+
+def _unexpected_error(exc: Exception) -> TunesmithError:
+    """An error no stage turned into a message: a write the storage refused (disk full, read-only), another refusal
+    of the system (a path checked earlier may have changed since), or a bug in tunesmith."""
+    from .files import storage_error
+
+    if isinstance(exc, (OSError, RuntimeError)):
+        error = storage_error(exc, (exc.filename if isinstance(exc, OSError) else None) or Path.cwd())
+        if error is not None:
+            return error
+    if isinstance(exc, OSError):
+        return RunError(_os_message(exc), hint="check the path and the disk; --debug shows where it happened")
+    return RunError(f"internal error: {type(exc).__name__}: {exc}",
+                    hint="this is a bug in tunesmith: run the same command with --debug and report the traceback")
+
+
+def _by_ctrl_c(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _os_message(exc: OSError) -> str:
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' → '.join(paths) or 'a file'}: {exc.strerror or exc}"
 
 
 def _report_error(exc: TunesmithError) -> None:

@@ -27,6 +27,7 @@ from . import hooks
 from .config import Config
 from .config.pipeline import STAGE_NAMES, StageName
 from .errors import Interrupted, RunError, TunesmithError, UserError
+from .paths import output_folder
 from .records import (
     DataOutputs,
     EvalOutputs,
@@ -112,8 +113,7 @@ def run(config: Config, out_dir: str | Path | None = None, on_event: Event | Non
     """Run every stage that is out of date, in order, and write the report. Raises on the first failing stage,
     naming it; finished stages stay finished, so the same command continues where it stopped."""
     emit = on_event or (lambda _e: None)
-    out = Path(out_dir) if out_dir else Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir or config.out_dir, "--out" if out_dir else "out_dir", create=True)
     write_json_atomic(out / "config.json", config.model_dump(mode="json"))
     ctx = _Context(config=config, out=out, emit=emit)
     outcomes: list[StageOutcome] = []

@@ -24,6 +24,7 @@ from ..hardware.memory import (
     estimate_memory,
     largest_micro_batch,
 )
+from ..paths import output_file
 from .cost import (
     API_PRICES_PER_MTOK,
     OPENAI_TRAINING_PER_MTOK,
@@ -101,6 +102,8 @@ def advise(data: str | Path | None = None, model: str | None = None, gpu: str | 
     """The advisor. ``model``: a catalogue name, a hub id, a model folder or a config.json; ``gpu``: a catalogue
     name (detected when None, else an A100 80GB is assumed and said so)."""
     notes: list[str] = []
+    if write_config is not None:  # a bad path fails before any work, whatever the advice
+        output_file(write_config, "--write-config")
     _check_api_model(api_model, api_prices)
     resolved = resolve_model(model) if model else None
     named_gpu = catalog.lookup_gpu(gpu) if gpu else None  # an unknown name fails before any work
@@ -462,6 +465,4 @@ def _wrap(text: str) -> list[str]:
 
 
 def _write(path: Path, text: str) -> None:
-    if path.parent and not path.parent.exists():
-        raise UserError(f"--write-config {path}: folder {path.parent} does not exist")
-    write_text_atomic(path, text)
+    write_text_atomic(output_file(path, "--write-config"), text)

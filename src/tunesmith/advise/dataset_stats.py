@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, where
+from ..paths import input_file
 
 CHARS_PER_TOKEN = 4.0
 """Without a tokenizer, tokens are estimated from characters (about 4 per token for English BPE vocabularies)."""
@@ -57,10 +58,7 @@ def count_dataset(path: str | Path, tokenizer: Any = None, tokenizer_name: str |
     """Count ``path`` (JSONL in any format ``tunesmith data prepare`` reads)."""
     from ..data import read_numbered
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--data {path}: file not found",
-                        hint="give a chat JSONL file (one {\"messages\": [...]} per line)")
+    path = input_file(path, "--data", hint="give a chat JSONL file (one {\"messages\": [...]} per line)")
     records = read_numbered(path, hint="fix these lines, or run `tunesmith data prepare --skip-bad-lines` to set "
                                        "them aside and count its prepared train.jsonl")
     lengths: list[int] = []

@@ -69,12 +69,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     source = str(path) if path is not None else "<defaults>"
     if path is not None:
         raw, lines = _read_yaml(Path(path))
+    overridden: dict[tuple[str, ...], str] = {}
     for item in overrides:
-        _apply_override(raw, item)
+        overridden[_apply_override(raw, item)] = item
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(_format_validation(exc, source, lines),
+        raise UserError(_format_validation(exc, source, lines, overridden),
                         hint="see `tunesmith init` for a commented config with every key") from None
 
 
@@ -84,9 +85,15 @@ def dump_config(config: Config) -> str:
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a config file",
+                        hint="give the YAML file itself (e.g. tunesmith.yaml), or create one with `tunesmith init`")
     if not path.is_file():
         raise UserError(f"{path}: config file not found", hint="check the path, or create one with `tunesmith init`")
     text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise UserError(f"{path}: the config file is empty",
+                        hint=f"write one with `tunesmith init {path} --force` (every key with its default)")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -117,13 +124,14 @@ def _collect_lines(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...]
             _collect_lines(item, key, out)
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
+    """Set one ``section.key=value`` in ``raw``; returns the keys it set (to name the override in errors)."""
     if "=" not in item:
-        raise UserError(f"--set {item!r}: expected section.key=value", hint="e.g. --set train.learning_rate=1e-4")
+        raise UserError(f"--set {item}: expected section.key=value", hint="e.g. --set train.learning_rate=1e-4")
     dotted, value_text = item.split("=", 1)
     keys = [k for k in dotted.strip().split(".") if k]
     if not keys:
-        raise UserError(f"--set {item!r}: empty key")
+        raise UserError(f"--set {item}: empty key", hint="e.g. --set train.learning_rate=1e-4")
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError:
@@ -132,34 +140,37 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     for depth, key in enumerate(keys):
         last = depth == len(keys) - 1
         if not isinstance(cursor, dict | list):
-            raise UserError(f"--set {item!r}: `{'.'.join(keys[:depth])}` is a single value, not a section",
+            raise UserError(f"--set {item}: `{'.'.join(keys[:depth])}` is a single value, not a section",
                             hint="write the whole value, or use the mapping form in the config file")
         if isinstance(cursor, list):  # a numeric key indexes a list: eval.metrics.0.database=shop.db
             if not key.isdigit() or int(key) >= len(cursor):
-                raise UserError(f"--set {item!r}: `{'.'.join(keys[:depth])}` is a list of {len(cursor)}; "
+                raise UserError(f"--set {item}: `{'.'.join(keys[:depth])}` is a list of {len(cursor)}; "
                                 f"`{key}` is not an index into it", hint=f"use 0 … {len(cursor) - 1}")
             if last:
                 cursor[int(key)] = value
-                return
+                break
             cursor = cursor[int(key)]
             continue
         if last:
             cursor[key] = value
-            return
+            break
         nxt = cursor.get(key)
         if not isinstance(nxt, dict | list):
             nxt = {}
             cursor[key] = nxt
         cursor = nxt
+    return tuple(keys)
 
 
-def _format_validation(exc: ValidationError, source: str, lines: dict[tuple[str, ...], int]) -> str:
+def _format_validation(exc: ValidationError, source: str, lines: dict[tuple[str, ...], int],
+                       overridden: dict[tuple[str, ...], str]) -> str:
     problems = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int) or True)
         key = ".".join(loc) or "(top level)"
+        item = _override_of(loc, overridden)
         line = _nearest_line(loc, lines)
-        prefix = f"{source}:{line}" if line else source
+        prefix = f"--set {item}" if item is not None else f"{source}:{line}" if line else source
         if err["type"] == "extra_forbidden":
             msg = f"{prefix}: unknown key `{key}`" + _suggest(loc)
         else:
@@ -168,6 +179,16 @@ def _format_validation(exc: ValidationError, source: str, lines: dict[tuple[str,
             msg = f"{prefix}: `{key}`: {err['msg']} (got {shown})"
         problems.append(msg)
     return "invalid config:\n  " + "\n  ".join(problems)
+
+
+def _override_of(loc: tuple[str, ...], overridden: dict[tuple[str, ...], str]) -> str | None:
+    """The last ``--set`` that set ``loc``, a section above it, or a key below it (which made ``loc`` a mapping)."""
+    found = None
+    for keys, item in overridden.items():
+        n = min(len(keys), len(loc))
+        if keys[:n] == loc[:n]:
+            found = item
+    return found
 
 
 def _nearest_line(loc: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> int | None:

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from ..errors import UserError
 from ..files import write_text_atomic
+from ..paths import output_file
 
 
 def starter_text() -> str:
@@ -26,6 +27,7 @@ def starter_text() -> str:
 
 
 def write_starter(path: Path, force: bool = False) -> None:
+    output_file(path, "")
     if path.exists() and not force:
         raise UserError(f"{path} already exists", hint="pass --force to overwrite it, or choose another path")
     write_text_atomic(path, starter_text())

@@ -73,6 +73,8 @@ def read_file(path: str | Path, max_line_bytes: int = 16 * 2**20, max_depth: int
     such a file can be used. ``convert``: how a parsed line becomes a record (default ``to_canonical``)."""
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        raise UserError(f"{source}: is a folder, not a data file", hint="give the JSONL file(s) in it")
     if not path.is_file():
         raise UserError(f"{source}: data file not found", hint="check the path")
     examples: list[Example] = []

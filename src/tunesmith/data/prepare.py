@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import UserError, where
 from ..files import atomic_files
+from ..paths import output_folder
 from ..records import PreparedData, PreparedInput, versions
 from . import clean
 from .formats import Example, read_file
@@ -94,7 +95,8 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
         raise UserError("no input files", hint="pass JSONL files (tunesmith data prepare a.jsonl) or set "
                                                "data.train_files")
     eval_path = str(eval_file) if eval_file else data.eval_file
-    out = Path(out_dir or data.out_dir or Path(cfg.out_dir) / "data")
+    out = output_folder(out_dir or data.out_dir or Path(cfg.out_dir) / "data",
+                        "--out" if out_dir else "data.out_dir" if data.out_dir else "out_dir")
     max_length = data.overlong.max_length or cfg.train.max_length
     log, watch = _Log(), _Stopwatch()
 

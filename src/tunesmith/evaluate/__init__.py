@@ -17,6 +17,7 @@ from typing import Any
 from .. import StageModule
 from ..config import Config, MetricConfig, metric_name
 from ..errors import UserError
+from ..paths import output_folder
 from ..records import EvalRun, versions
 from .evalset import EvalExample, eval_file, load_eval_set
 from .generate import encode_prompts, generate_llama_cpp, generate_transformers, generate_vllm, vllm_available
@@ -64,7 +65,7 @@ def evaluate(config: Config, models: Sequence[str] | None = None, out_dir: str |
              on_event: Event | None = None) -> EvalReport:
     """Evaluate each model (``models``, else ``config.eval.models``) on ``config.eval.dataset`` and write a report."""
     ecfg = config.eval
-    out = Path(out_dir) if out_dir else Path(config.out_dir) / "eval"
+    out = output_folder(out_dir or Path(config.out_dir) / "eval", "--out" if out_dir else "out_dir")
     emit = on_event or (lambda _e: None)
 
     scorers = build_scorers(ecfg.metrics)

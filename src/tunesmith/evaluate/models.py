@@ -50,6 +50,9 @@ def resolve_spec(spec: str, base: ModelConfig) -> ModelSpec:
                         f"or {TrainRun.FILE})")
     if spec.startswith("local:") or (spec.count("/") == 1 and not spec.startswith((".", "/", "~"))):
         return ModelSpec(spec, "model", base.model_copy(update={"name_or_path": spec}))
+    if path.exists():
+        raise UserError(f"--model {spec}: is a file, not a model folder or a .gguf file",
+                        hint="give `base`, a run folder, an adapter folder, a model folder or a .gguf file")
     raise UserError(f"--model {spec}: does not exist",
                     hint="give `base`, a run folder, an adapter folder, a model folder or a .gguf file")
 

@@ -20,7 +20,9 @@ from typing import Any
 
 from ..errors import RunError, UserError
 from ..files import atomic_folder
+from ..paths import output_folder
 from ..records import ExportRecord, versions
+from .gguf import refuse_run_folder
 
 SCHEME = "W4A16_ASYM"
 GROUP_SIZE = 128
@@ -72,6 +74,7 @@ def to_awq(model_dir: str | Path, out_dir: str | Path, *, calibration: list[list
            num_calibration_samples: int = 128, max_seq_length: int = 1024, verify: bool = True,
            max_new_tokens: int = 24) -> AwqResult:
     """Quantize ``model_dir`` with AWQ (W4A16, group 128) into ``out_dir`` and check the reloaded model."""
+    refuse_run_folder(model_dir)
     oneshot, awq_modifier, quant_modifier = _require_llmcompressor()
     import torch
 
@@ -82,7 +85,7 @@ def to_awq(model_dir: str | Path, out_dir: str | Path, *, calibration: list[list
     if not (source / "config.json").is_file():
         raise UserError(f"{source}: not a model folder (no config.json)",
                         hint="merge the adapter first: tunesmith merge RUN_DIR --out merged/")
-    out = Path(out_dir)
+    out = output_folder(out_dir)
     tokenizer = _tokenizer(source)
     conversations = calibration or _default_calibration()
     dataset = _calibration_dataset(tokenizer, conversations, num_calibration_samples, max_seq_length)

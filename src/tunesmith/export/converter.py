@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import processes
 from ..errors import RunError, UserError
+from ..paths import input_file
 
 SCRIPT = "convert_hf_to_gguf.py"
 _PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
@@ -68,8 +69,8 @@ def setup_converter(sdist: str | Path | None = None) -> Path:
     target = converter_home()
     with tempfile.TemporaryDirectory(prefix="tunesmith-sdist-") as tmp:
         archive = Path(sdist) if sdist is not None else _download_sdist(version, Path(tmp))
-        if not archive.is_file():
-            raise UserError(f"{archive}: file not found", hint="pass the llama_cpp_python-<version>.tar.gz sdist")
+        input_file(archive, "--sdist" if sdist is not None else "",
+                   hint="pass the llama_cpp_python-<version>.tar.gz sdist")
         staging = Path(tmp) / "converter"
         _extract(archive, staging)
         if target.exists():

@@ -25,7 +25,8 @@ from typing import Any
 from .. import processes
 from ..errors import RunError, UserError
 from ..files import disk_full, free_space, out_of_space
-from ..records import ExportRecord, versions
+from ..paths import output_folder
+from ..records import ExportRecord, TrainRun, versions
 from .converter import find_converter, llama_cpp_version
 from .ollama import match_template, system_fits_modelfile, write_modelfile
 from .samples import conversations_for, prompt_part, trained_in
@@ -118,8 +119,7 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
     version = llama_cpp_version()
     converter = find_converter()
     source = _model_folder(model_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir, create=True)
     target = out / f"model-{quant}.gguf"
     warnings: list[str] = []
 
@@ -187,10 +187,33 @@ def to_gguf(model_dir: str | Path, out_dir: str | Path, quant: str = "f16", *, v
     return result
 
 
+def refuse_run_folder(model_dir: str | Path) -> None:
+    """A train run folder given where its model is expected: one message naming the folder to export instead."""
+    path = Path(model_dir)
+    if not (path / TrainRun.FILE).is_file():
+        return
+    run = TrainRun.read(path)
+    if run.method == "full":
+        model = run.artefact(path)
+        raise UserError(f"{path}: this is a train run folder; its model is {model} — export that",
+                        hint=f"tunesmith export {model}")
+    raise UserError(f"{path}: this is a {run.method} train run folder (an adapter, not a model); merge it first",
+                    hint=f"tunesmith merge {path} (writes {path / 'merged'}), then tunesmith export {path / 'merged'}")
+
+
 def _model_folder(model_dir: str | Path) -> Path:
     from ..config import ModelConfig
     from ..models import resolve_model_path
 
+    refuse_run_folder(model_dir)
+    given, name = Path(model_dir), str(model_dir)
+    hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))  # resolved (or refused) below
+    hint = "pass a model folder: a merged one (tunesmith merge RUN writes RUN/merged) or a full fine-tuning run's " \
+           "RUN/model"
+    if given.is_file() and given.suffix.lower() != ".gguf":
+        raise UserError(f"{model_dir}: is a file, not a model folder", hint=hint)
+    if not given.exists() and not hub_id:
+        raise UserError(f"{model_dir}: not found", hint=hint)
     path = Path(resolve_model_path(ModelConfig(name_or_path=str(model_dir))))
     if not path.is_dir():
         raise UserError(f"{model_dir}: GGUF export needs a local model folder (config.json + safetensors)",

@@ -30,6 +30,7 @@ from typing import Any
 from ..config import QuantSection
 from ..errors import RunError, UserError
 from ..files import replace_folder, writing
+from ..paths import output_folder
 from ..records import ExportRecord, TrainRun, versions
 from .samples import conversations_for
 
@@ -122,7 +123,7 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
     dtype = dtype or base_dtype
     torch_dtype = getattr(torch, dtype)
     relative = DEFAULT_RELATIVE_TOLERANCE[dtype] if tolerance is None else tolerance
-    out = Path(out_dir)
+    out = output_folder(out_dir)  # checked, not created: the merged model is renamed into place once it passes
     conversations = conversations or conversations_for(run)
 
     tokenizer = _load_tokenizer(adapter_dir, base_name, settings)
@@ -181,6 +182,8 @@ def _train_run(run_dir: Path | None) -> TrainRun | None:
     """The record of a run folder; None without a folder, or for a bare adapter folder (no run.json)."""
     if run_dir is None:
         return None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: is a file, not a run folder", hint="pass the folder `tunesmith train` wrote")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run folder not found", hint="pass the folder `tunesmith train` wrote")
     return TrainRun.read(run_dir) if (run_dir / TrainRun.FILE).is_file() else None
@@ -194,6 +197,10 @@ def resolve_inputs(run_dir: Path | None, run: TrainRun | None, base: str | None,
         run_dir is not None and (run_dir / "model" / "config.json").is_file()
     if adapter is not None:
         adapter_dir = Path(adapter)
+        if not adapter_dir.is_dir():
+            problem = "is a file, not a PEFT adapter folder" if adapter_dir.exists() else "not found"
+            raise UserError(f"--adapter {adapter_dir}: {problem}",
+                            hint="the adapter/ folder of a LoRA run, holding adapter_config.json")
     elif run is not None and not full:
         adapter_dir = run.artefact(run_dir)
     elif run_dir is not None:

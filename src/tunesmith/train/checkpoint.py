@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -187,9 +188,14 @@ def chosen(root: Path, wanted: bool | str | Path) -> Checkpoint | None:
     if wanted is True:
         return latest(root)
     path = Path(wanted)
+    if not path.exists():
+        raise UserError(f"--from-checkpoint {path}: no such checkpoint (nothing at that path)",
+                        hint=f"see `ls {root}`, or use --resume for the newest complete one")
     if path.resolve().parent != root.resolve():
+        other_run = path.parent.name == "checkpoints"
         raise UserError(f"--from-checkpoint {path}: not a checkpoint of this run (its checkpoints are in {root})",
-                        hint=f"pass --out {path.parent.parent} to continue the run it belongs to")
+                        hint=f"pass --out {path.parent.parent} to continue the run it belongs to" if other_run
+                        else f"pass a step-<N> folder of {root}")
     if not (path.is_dir() and path.name.startswith("step-") and path.name[5:].isdigit()):
         raise UserError(f"--from-checkpoint {path}: no such checkpoint (a folder step-<N> in {root})",
                         hint="see `ls " + str(root) + "`, or use --resume for the newest complete one")
@@ -198,6 +204,13 @@ def chosen(root: Path, wanted: bool | str | Path) -> Checkpoint | None:
         raise UserError(f"--from-checkpoint {path}: not a complete checkpoint ({problem})",
                         hint="choose an older one, or use --resume for the newest complete one")
     return Checkpoint(path, int(path.name[5:]), json.loads((path / "trainer_state.json").read_text()))
+
+
+def newest_sealed(root: Path) -> Path | None:
+    """The newest checkpoint folder whose index was written (it is written last), found without reading its files:
+    for a signal handler's message, which must be quick. A resume still verifies it (``latest``)."""
+    sealed = [(int(d.name[5:]), d) for d in root.glob("step-*") if d.name[5:].isdigit() and (d / INDEX).is_file()]
+    return max(sealed)[1] if sealed else None
 
 
 def latest(root: Path) -> Checkpoint | None:
@@ -222,7 +235,7 @@ def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: Any, scheduler:
     """Load trainable weights, optimizer, scheduler and RNG states from a verified checkpoint."""
     if procs is not None and procs.distributed:
         _load_sharded(ckpt.path, model, optimizer)
-        states = torch.load(ckpt.path / f"states-{procs.rank}.pt", weights_only=True, map_location="cpu")
+        states = _load_states(ckpt, f"states-{procs.rank}.pt", ("scheduler", "rng"))
         scheduler.load_state_dict(states["scheduler"])
         _set_rng_state(states["rng"])
         return
@@ -235,10 +248,26 @@ def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: Any, scheduler:
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-    states = torch.load(ckpt.path / "states.pt", weights_only=True, map_location="cpu")
+    states = _load_states(ckpt, "states.pt", ("optimizer", "scheduler", "rng"))
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     _set_rng_state(states["rng"])
+
+
+def _load_states(ckpt: Checkpoint, name: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A checkpoint's optimizer/scheduler/RNG states, unpickled only as plain tensors and containers: a file
+    whose unpickling would run code (a planted pickle, with its checksum updated to match) is refused unread."""
+    where = f"checkpoint {ckpt.path.name} ({ckpt.path})"
+    hint = "delete this checkpoint, or resume from an earlier one with --from-checkpoint"
+    try:
+        states = torch.load(ckpt.path / name, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise UserError(f"{where}: {name} is not a plain tensor file (refused to unpickle)", hint=hint) from None
+    except (RuntimeError, EOFError, ValueError) as exc:  # not a torch file: a truncated or foreign zip
+        raise UserError(f"{where}: {name} cannot be read ({str(exc).splitlines()[0]})", hint=hint) from None
+    if not isinstance(states, dict) or any(key not in states for key in keys):
+        raise UserError(f"{where}: {name} does not hold the {', '.join(keys)} states tunesmith writes", hint=hint)
+    return states
 
 
 def _save_sharded(folder: Path, model: Any, optimizer: Any, procs: Processes) -> None:

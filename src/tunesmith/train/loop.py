@@ -218,7 +218,7 @@ def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig, train_examples: list
 
     warnings = _announce(eta.remaining(1 - step / total_steps), emit) if eta is not None else []
     micro_size = tcfg.per_device_train_batch_size
-    stop = _SignalFlag()
+    stop = _SignalFlag(ckpt_root)
     emit({"event": "start", "total_steps": total_steps, "start_step": step, "steps_per_epoch": steps_per_epoch,
           "examples": len(train_examples), "packed": setup.packed, "fused_loss": setup.fused_loss,
           "precision": precision.name})
@@ -228,6 +228,7 @@ def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig, train_examples: list
     eval_metrics: dict[str, float] = {}
     with stop, _adapter_inputs_in_compute_dtype(model, precision):
         while step < total_steps:
+            stop.step = step + 1
             epoch, in_epoch = divmod(step, steps_per_epoch)
             indices = step_groups(epoch_order(len(train_examples), tcfg.seed, epoch),
                                   per_step * procs.world)[in_epoch]
@@ -581,10 +582,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 class _SignalFlag:
-    """Turns SIGTERM/SIGINT into a flag checked at the next step boundary (checkpoint, then exit)."""
+    """Turns SIGTERM/SIGINT into a flag checked at the next step boundary (checkpoint, then exit). A second signal
+    stops at once, without that checkpoint: ``Interrupted`` naming the step and the checkpoint a resume starts from."""
 
-    def __init__(self) -> None:
+    def __init__(self, ckpt_root: Path) -> None:
         self.raised: str | None = None
+        self.step = 0
+        """The step in progress (the loop sets it), for the message of a second signal."""
+        self._ckpt_root = ckpt_root
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _SignalFlag:
@@ -600,6 +605,12 @@ class _SignalFlag:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if self.raised:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.raised = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.raised:  # a second signal: stop now, mid-step; a half-written checkpoint stays a .tmp- folder
+            last = checkpoint.newest_sealed(self._ckpt_root)
+            if last is None:
+                raise Interrupted(f"stopped by a second {name} during step {self.step}; no checkpoint was written",
+                                  hint="run the same command again to start over")
+            raise Interrupted(f"stopped by a second {name} during step {self.step}; the last checkpoint is {last}",
+                              hint="continue with the same command plus --resume")
+        self.raised = name
