@@ -241,6 +241,29 @@ def test_a_signal_during_start_up_exits_130_with_one_line_and_writes_nothing(wor
     assert not run.exists()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_data_prepare_exits_with_one_line_and_leaves_no_prepared_folder(tmp_path, sig):
+    rows = [{"messages": [{"role": "user", "content": f"repeat {i} {i * 7} {i * 13}"},
+                          {"role": "assistant", "content": f"Here it is: {i} {i * 7} {i * 13}, and that is all."}]}
+            for i in range(3000)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "prepared"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "data", "prepare", str(data), "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # the first progress line: the command runs, its handler is in place
+        if "data prepare" in line:
+            break
+    proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=120)
+
+    assert proc.returncode == 128 + sig, rest  # before: killed silently (−15 / −1)
+    assert f"stopped by {sig.name} before the command finished" in rest
+    assert "Traceback" not in rest
+    assert not out.exists()
+
+
 def test_a_second_sigint_stops_mid_step_naming_the_step_and_the_last_checkpoint(tiny_model_dir, tmp_path):
     data = write_arithmetic(tmp_path / "data", n_train=512)
     cfg = tmp_path / "slow.yaml"  # 8 × 64 = 512 sequences a step (seconds on a CPU): both signals land inside one

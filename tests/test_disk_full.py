@@ -152,8 +152,9 @@ def test_data_prepare_onto_a_read_only_file_system_is_one_message(tiny_model_dir
                      "--set", f"model.name_or_path={tiny_model_dir}")
 
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "Traceback" not in out, out
-    assert f"cannot write {disk.path}" in out and "read-only" in out, out
+    # the --out check (paths.py) finds it before any work: a place the user can change, exit 2
+    assert proc.returncode == 2 and "Traceback" not in out, out
+    assert f"--out {disk.path}: cannot write there" in out and "read-only" in out, out
 
 
 def test_a_merge_that_does_not_fit_leaves_no_merged_folder(tiny_model_dir, tmp_path, small_disk):

@@ -12,16 +12,18 @@ a script reads stdout alone. Usage mistakes (an unknown option) stay click's tex
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from .errors import Interrupted, RunError, TunesmithError, UserError
+from .errors import Interrupted, RunError, Stopped, TunesmithError, UserError
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs correctly: advise → data → train → eval → merge/export → serve.")
@@ -603,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     _INVOCATION.update(argv=args, json=False)
     _DEBUG["on"] = False
     try:
-        app(args=args, prog_name="tunesmith")
+        with _stop_on_signals():
+            app(args=args, prog_name="tunesmith")
     except SystemExit as exc:  # click ends every command this way (0 included), and --help, --show-completion
         if _by_ctrl_c(exc):  # typer turns Ctrl-C into a bare exit 130
             _report_error(Interrupted("interrupted by SIGINT (Ctrl-C)", hint="run the same command again"))
@@ -625,12 +628,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP end a command with one message and exit 128 + the signal (Python's default would end it
+    silently): the signal becomes ``Stopped`` where the command is, so its ``finally`` blocks run — child processes
+    are stopped (processes.py), partial outputs removed (files.py). Training installs its own handler over this one
+    (a checkpoint, then exit 130). Ctrl-C stays KeyboardInterrupt."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise Stopped(signal.Signals(signum).name, signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _unexpected_error(exc: Exception) -> TunesmithError:
     """An error no stage turned into a message: a write the storage refused (disk full, read-only), another refusal
     of the system (a path checked earlier may have changed since), or a bug in tunesmith."""
+    import errno
+
     from .files import storage_error
 
-    if isinstance(exc, (OSError, RuntimeError)):
+    # permission refused: a read as likely as a write, so the system's own words, not "cannot write"
+    refused_access = isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM)
+    if isinstance(exc, (OSError, RuntimeError)) and not refused_access:
         error = storage_error(exc, (exc.filename if isinstance(exc, OSError) else None) or Path.cwd())
         if error is not None:
             return error

@@ -50,3 +50,14 @@ class Interrupted(RunError):
     """The run was stopped by a signal after writing a checkpoint. Exit code 130."""
 
     exit_code = 130
+
+
+class Stopped(TunesmithError):
+    """Stopped by SIGTERM or SIGHUP (a scheduler's pre-emption, a closed terminal) outside training, which checkpoints
+    on its own. Exit code 128 + the signal's number, as a shell reports a process the signal ended."""
+
+    def __init__(self, signal_name: str, signal_number: int) -> None:
+        super().__init__(f"stopped by {signal_name} before the command finished; what it had not finished writing "
+                         "was not kept", hint="run the same command again")
+        self.exit_code = 128 + signal_number
+
