@@ -259,22 +259,18 @@ class _TrainSignals:
         self.run_dir = run_dir
         self.looped = False
         """The loop has started: after it, the run's checkpoints are what a resume continues from."""
-        self._old: dict[int, Any] = {}
+        self._handling = contextlib.ExitStack()
 
     def __enter__(self) -> _TrainSignals:
         import signal
-        import threading
 
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
+        from .signals import handling
+
+        self._handling.enter_context(handling(self._handle, signal.SIGTERM, signal.SIGINT))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import signal
-
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
+        self._handling.close()
 
     def on_event(self, event: dict[str, Any]) -> None:
         self.looped = self.looped or event["event"] == "start"
@@ -635,21 +631,14 @@ def _stop_on_signals() -> Iterator[None]:
     are stopped (processes.py), partial outputs removed (files.py). Training installs its own handler over this one
     (a checkpoint, then exit 130). Ctrl-C stays KeyboardInterrupt."""
     import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    from .signals import handling
 
     def stop(signum: int, _frame: Any) -> None:
         raise Stopped(signal.Signals(signum).name, signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
+    with handling(stop, signal.SIGTERM, signal.SIGHUP):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _unexpected_error(exc: Exception) -> TunesmithError:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import signals
 from ..chat import TokenizedChat
 from ..config import Config, TrainConfig, dump_config
 from ..errors import Interrupted, RunError, UserError
@@ -590,19 +591,14 @@ class _SignalFlag:
         self.step = 0
         """The step in progress (the loop sets it), for the message of a second signal."""
         self._ckpt_root = ckpt_root
-        self._old: dict[int, Any] = {}
+        self._handling = contextlib.ExitStack()
 
     def __enter__(self) -> _SignalFlag:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
+        self._handling.enter_context(signals.handling(self._handle, signal.SIGTERM, signal.SIGINT))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
+        self._handling.close()
 
     def _handle(self, signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
