@@ -9,7 +9,7 @@ MESSAGES = [
 ]
 
 
-def _supervised_runs(tok, chat):
+def supervised_runs(tok, chat) -> list[str]:
     runs, cur = [], []
     for i, label in zip(chat.input_ids, chat.labels, strict=True):
         if label != IGNORE_INDEX:
@@ -24,7 +24,7 @@ def _supervised_runs(tok, chat):
 
 def test_labels_cover_only_assistant_turns_and_end_of_turn(tiny_tokenizer):
     chat = tokenize_chat(tiny_tokenizer, MESSAGES)
-    assert _supervised_runs(tiny_tokenizer, chat) == [
+    assert supervised_runs(tiny_tokenizer, chat) == [
         "SELECT COUNT(*) FROM orders;<|im_end|>",
         "SELECT COUNT(*) FROM customers;<|im_end|>",
     ]
@@ -36,7 +36,7 @@ def test_weight_zero_turn_is_not_trained_on(tiny_tokenizer):
     msgs = [dict(m) for m in MESSAGES]
     msgs[2]["weight"] = 0
     chat = tokenize_chat(tiny_tokenizer, msgs)
-    assert _supervised_runs(tiny_tokenizer, chat) == ["SELECT COUNT(*) FROM customers;<|im_end|>"]
+    assert supervised_runs(tiny_tokenizer, chat) == ["SELECT COUNT(*) FROM customers;<|im_end|>"]
 
 
 def test_special_token_text_in_content_is_not_a_control_token(tiny_tokenizer):

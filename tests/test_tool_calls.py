@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from data_cases import write_jsonl
-from tunesmith.chat import IGNORE_INDEX, prompt_ids, tokenize_chat
+from test_chat import supervised_runs
+from tunesmith.chat import prompt_ids, tokenize_chat
 from tunesmith.data import prepare
 from tunesmith.data.validate import check_record
 from tunesmith.errors import UserError
@@ -112,19 +113,6 @@ def tools_tokenizer(tools_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tools_model_dir)
-
-
-def supervised_runs(tok, chat) -> list[str]:
-    runs, cur = [], []
-    for i, label in zip(chat.input_ids, chat.labels, strict=True):
-        if label != IGNORE_INDEX:
-            cur.append(i)
-        elif cur:
-            runs.append(tok.decode(cur))
-            cur = []
-    if cur:
-        runs.append(tok.decode(cur))
-    return runs
 
 
 def test_labels_cover_the_rendered_tool_calls_and_end_of_turn_but_not_the_tool_results(tools_tokenizer):
