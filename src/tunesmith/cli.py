@@ -220,34 +220,31 @@ def setup_gguf(sdist: Annotated[Path | None, typer.Option(
 
 
 @app.command()
-def serve(artefact: Annotated[Path, typer.Argument(help="GGUF file/folder, merged or AWQ folder, run or adapter.")],
+def serve(artefact: Annotated[Path, typer.Argument(help="GGUF file/folder, merged model folder, run or adapter.")],
           host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes the model.")]
           = "127.0.0.1",
           port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
-          engine: Annotated[str, typer.Option("--engine", help="auto | llama.cpp | vllm.")] = "auto",
-          base: Annotated[str | None, typer.Option("--base", help="Base model for an adapter (vLLM).")] = None,
-          dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the server command, start nothing.")]
+          name: Annotated[str | None, typer.Option("--name", help="The model name clients send (default: the "
+                                                                   "artefact's file or folder name).")] = None,
+          base: Annotated[str | None, typer.Option("--base", help="Base model for an adapter (default: the one "
+                                                                   "its adapter_config.json names).")] = None,
+          n_ctx: Annotated[int, typer.Option("--n-ctx", min=16, help="Context length for a GGUF (tokens).")] = 4096,
+          threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for a GGUF.")] = None,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would serve it, start nothing.")]
           = False,
           as_json: JsonOpt = False) -> None:
-    """Serve an artefact on an OpenAI-compatible endpoint (llama.cpp for GGUF, vLLM otherwise)."""
+    """Serve one model on an OpenAI-compatible chat-completions endpoint (llama.cpp for GGUF, else transformers)."""
     from . import serve as serving
 
-    serve_plan = serving.plan(artefact, host=host, port=port, engine=engine, base=base)
+    serve_plan = serving.plan(artefact, host=host, port=port, name=name, base=base, n_ctx=n_ctx, n_threads=threads)
     if dry_run:
-        emit(serve_plan.to_dict(), as_json, lambda r: console.print(" ".join(r["command"])))
+        emit(serve_plan.to_dict(), as_json, lambda r: console.print(
+            f"{r['model']}: {r['engine']} on {r['path']}{' + ' + r['adapter'] if r['adapter'] else ''} at "
+            f"{r['base_url']}"))
         return
-    from . import processes
-
-    log = serving.log_path(serve_plan)
-    console.print(f"serving [bold]{serve_plan.model}[/bold] with {serve_plan.engine} on {serve_plan.base_url} "
-                  f"(Ctrl-C stops it; output in {log})")
-    child = serving.start(serve_plan, log)
-    try:
-        code = processes.wait(child)
-    finally:
-        serving.stop(child)
-    if code != 0:
-        raise processes.failure(child, code)
+    console.print(f"loading [bold]{_escape(serve_plan.spec.name)}[/bold] ({serve_plan.spec.engine})")
+    serving.run(serve_plan, on_ready=lambda: console.print(
+        f"serving [bold]{_escape(serve_plan.spec.name)}[/bold] on {serve_plan.base_url} (Ctrl-C stops it)"))
 
 
 class _TrainSignals:
@@ -403,6 +400,86 @@ class _Progress:
         """A task with no counts stops once a task with counts takes over (the counted one shows progress)."""
         if name in self.tasks:
             self.bar.remove_task(self.tasks.pop(name))
+
+
+server_app = typer.Typer(help="The self-hosted, OpenAI-compatible fine-tuning service (docs/server.md).")
+app.add_typer(server_app, name="server")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service (stored hashed in its database).")
+server_app.add_typer(keys_app, name="keys")
+DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="The service's folder: database, files, job runs.")]
+DatabaseOpt = Annotated[str | None, typer.Option("--database", help="Job store URL (default: sqlite:///DATA_DIR/"
+                                                                   "tunesmith.db; or postgresql://USER@HOST/DB).")]
+
+
+@server_app.callback(invoke_without_command=True)
+def server(ctx: typer.Context,
+           host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback needs API "
+                                                           "keys.")] = "127.0.0.1",
+           port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: a free one).")] = 8000,
+           data_dir: DataDirOpt = Path("tunesmith-server"), database: DatabaseOpt = None,
+           workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes to start (0: run "
+                                                                         "`tunesmith worker` elsewhere).")] = 1,
+           model: Annotated[list[str] | None, typer.Option("--model", help="A base model to offer besides "
+                                                                           "local:demo and local:smollm2-135m-instruct "
+                                                                           "(repeatable).")] = None,
+           require_keys: Annotated[bool, typer.Option("--require-keys", help="Require API keys on loopback "
+                                                                             "too.")] = False,
+           max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", min=1, help="Largest upload, in "
+                                                                                     "MiB.")] = 512,
+           export_gguf: Annotated[bool, typer.Option("--export-gguf", help="Jobs also export a GGUF (f16) for "
+                                                                           "llama.cpp serving.")] = False) -> None:
+    """Run the service: files, fine-tuning jobs, models and chat completions under /v1, the dashboard at /."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .server.main import serve as run_server
+    from .server.settings import DEFAULT_BASE_MODELS, ServerSettings
+
+    settings = ServerSettings(host=host, port=port, data_dir=data_dir, database=database, workers=workers,
+                              base_models=tuple(dict.fromkeys([*DEFAULT_BASE_MODELS, *(model or [])])),
+                              require_keys=require_keys, max_upload_bytes=max_upload_mb * 2**20,
+                              export_gguf=export_gguf)
+    run_server(settings, on_ready=lambda url: console.print(
+        f"tunesmith server on {url}/v1 (dashboard {url}/), {workers} worker(s), data in {data_dir}; "
+        "Ctrl-C stops it", highlight=False))
+    console.print("tunesmith server stopped")
+
+
+def _key_store(data_dir: Path, database: str | None) -> Any:
+    from .server.main import open_store
+    from .server.settings import ServerSettings
+
+    return open_store(ServerSettings(data_dir=data_dir, database=database))
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Argument(help="Who or what the key is for.")],
+                data_dir: DataDirOpt = Path("tunesmith-server"), database: DatabaseOpt = None,
+                as_json: JsonOpt = False) -> None:
+    """Make an API key; its secret is shown once (only its hash is stored)."""
+    key, secret = _key_store(data_dir, database).create_api_key(name=name)
+    emit({"id": key.id, "name": key.name, "key": secret}, as_json, lambda r: console.print(
+        f"API key {r['id']} ({_escape(r['name'])}):\n{r['key']}\nkeep it now: it is not shown again", highlight=False))
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDirOpt = Path("tunesmith-server"), database: DatabaseOpt = None,
+              as_json: JsonOpt = False) -> None:
+    """The keys, without their secrets."""
+    keys = [{"id": k.id, "name": k.name, "created_at": k.created_at, "revoked_at": k.revoked_at}
+            for k in _key_store(data_dir, database).list_api_keys()]
+    emit({"keys": keys}, as_json, lambda r: console.print("\n".join(
+        f"{k['id']}  {_escape(k['name'])}{'  (revoked)' if k['revoked_at'] else ''}" for k in r["keys"])
+        or "no API keys", highlight=False))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or name.")],
+                data_dir: DataDirOpt = Path("tunesmith-server"), database: DatabaseOpt = None) -> None:
+    """Revoke a key: requests with it are refused from now on."""
+    revoked = _key_store(data_dir, database).revoke_api_key(key=key)
+    if revoked is None:
+        raise UserError(f"no live API key with id or name {key!r}", hint="tunesmith server keys list shows them")
+    console.print(f"revoked {revoked.id} ({_escape(revoked.name)})", highlight=False)
 
 
 @app.command("run")
@@ -585,6 +662,28 @@ def _render_eval(report: Any) -> None:
         console.print(f"{c['after']} vs {c['before']} on {c['metric']}: {c['delta']:+.3f}, "
                       f"{len(c['fixed'])} wrong→right, {len(c['broken'])} right→wrong")
     console.print(f"[green]report[/green]: {report.files['report_html']}")
+
+
+@app.command()
+def worker(data_dir: Annotated[Path, typer.Option("--data-dir", help="The server's data folder (uploaded files, job "
+                                                  "run folders): shared with the server.")] = Path("tunesmith-server"),
+           database: Annotated[str | None, typer.Option(
+               "--database", metavar="URL", help="The server's job store (default: the SQLite file in --data-dir; "
+               "postgresql://USER@HOST/DB to share one store between machines).")] = None,
+           lease_s: Annotated[int, typer.Option("--lease-s", min=5, help="Seconds a job stays this worker's without "
+                                                "a heartbeat; after that another worker re-claims it.")] = 30,
+           once: Annotated[bool, typer.Option("--once", help="Run at most one job, then exit.")] = False,
+           settings_json: Annotated[str | None, typer.Option("--settings", hidden=True)] = None,
+           parent_pid: Annotated[int | None, typer.Option("--parent-pid", hidden=True)] = None) -> None:
+    """Run fine-tuning jobs from a server's job store, one at a time, until stopped (SIGTERM or Ctrl-C checkpoint
+    the running job and put it back in the queue)."""
+    from .server.settings import ServerSettings
+    from .server.worker import WorkerOptions, new_worker_id, run_worker
+
+    # a server's own workers get its settings whole; a worker started by hand, the store and the folder
+    settings = ServerSettings.model_validate_json(settings_json) if settings_json else \
+        ServerSettings(data_dir=data_dir, database=database)
+    run_worker(settings, WorkerOptions(worker_id=new_worker_id(), parent_pid=parent_pid, lease_s=lease_s, once=once))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,338 @@
+"""One fine-tuning job's run, in its own process: ``python -m tunesmith.server.jobrun JOB_ID --settings JSON``.
+
+The worker starts it (worker.py) and watches it; it runs tunesmith's own stages on the job's files —
+``tunesmith.pipeline.run`` (data prepare → baseline eval → train → eval → merge → export → report) into the job's
+run folder ``<data_dir>/jobs/<id>/`` — and writes what happens into the store as it happens: metrics rows (upserted
+by step, so steps redone after a resume replace their first run's), OpenAI-shaped events ("Step 3/30: training
+loss=1.23"), a checkpoints row per saved checkpoint. On success it sets the fine-tuned model's name, the artefacts
+and a results CSV (a ``fine-tune-results`` file); on a failure, the job's ``error``.
+
+Stopped by SIGTERM (a pause, a cancel, its worker stopping or dying), the training loop writes a checkpoint at the
+step boundary and the run exits with ``EXIT_STOPPED``; the next run of the job continues from that checkpoint,
+because the pipeline resumes a train stage cut off with unchanged inputs on its own.
+
+This module also holds the validation of a job's files (``validate_job_files``), which the worker runs before a
+job is queued: tunesmith's own reader and validator (those of ``tunesmith data prepare``), the failure worded as
+OpenAI words it — ``invalid_training_file``, "Example N, message M".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import io
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import Interrupted, TunesmithError, UserError
+from . import db
+from .settings import ServerSettings
+
+EXIT_SUCCEEDED, EXIT_FAILED, EXIT_STOPPED = 0, 3, 4
+"""The run's exit codes, read by the worker: succeeded (recorded), failed (recorded), stopped by a signal."""
+
+MIN_EXAMPLES = 10
+"""OpenAI's minimum for a training file (the guide: improvements show from 50–100 examples)."""
+PROBLEMS_SHOWN = 5
+"""Problems quoted in a failed validation's message (then how many more there are)."""
+
+
+def jobrun_command(settings: ServerSettings, job_id: str, *, parent_pid: int) -> list[str]:
+    return [sys.executable, "-m", "tunesmith.server.jobrun", job_id, "--settings", settings.model_dump_json(),
+            "--parent-pid", str(parent_pid)]
+
+
+# --- validation ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileProblem:
+    """Why a job's file cannot be trained on: the job's ``error`` as OpenAI shapes it."""
+
+    code: str
+    message: str
+    param: str
+
+
+def validate_job_files(store: db.Store, settings: ServerSettings, job: db.Job) -> FileProblem | None:
+    """The first problem of the job's training or validation file, or None when both can be trained on."""
+    if job.method.get("type") == "dpo" and not _dpo_available():
+        return FileProblem("invalid_method", "The job failed: DPO is not available in this tunesmith version "
+                           "(train.objective: dpo); use method supervised", "method")
+    for param, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file)):
+        if file_id is None:
+            continue
+        record = store.get_file(file_id)
+        if record is None:
+            return FileProblem(f"invalid_{param}", f"The job failed: {param} {file_id} was deleted", param)
+        problem = check_file(settings.files_dir / record.storage_name, file_id=file_id, param=param)
+        if problem is not None:
+            return problem
+    return None
+
+
+def check_file(path: Path, *, file_id: str, param: str) -> FileProblem | None:
+    """The file read and checked line by line as ``tunesmith data prepare`` reads it; the problems worded by
+    example (the 1-based line of the JSONL file) and message (1-based, within ``messages``)."""
+    from ..data.formats import read_file
+    from ..data.validate import check_record
+
+    which = "training" if param == "training_file" else "validation"
+    lead = f"The job failed due to an invalid {which} file."
+    try:
+        examples = read_file(path)
+    except UserError as exc:  # the whole file is unreadable (empty, a JSON array, …); its path is ours, not theirs
+        return FileProblem(f"invalid_{param}", f"{lead} {exc.message.replace(str(path), file_id)}", param)
+    for ex in examples:
+        if ex.record is not None:
+            ex.problems += check_record(ex.record, ex.source, ex.line, for_training=param == "training_file")
+    bad = [ex for ex in examples if ex.problems]
+    if bad:
+        shown = [_worded(ex.line, p.field, p.reason) for ex in bad[:PROBLEMS_SHOWN] for p in ex.problems[:1]]
+        more = f" (and {len(bad) - len(shown)} more examples with problems)" if len(bad) > len(shown) else ""
+        return FileProblem(f"invalid_{param}", f"{lead} Invalid file format. {'; '.join(shown)}{more}", param)
+    if param == "training_file" and len(examples) < MIN_EXAMPLES:
+        return FileProblem("invalid_n_examples", f"{lead} Training file has {len(examples)} example(s), but must "
+                           f"have at least {MIN_EXAMPLES} examples", param)
+    return None
+
+
+def _worded(line: int, field: str | None, reason: str) -> str:
+    message = re.match(r"messages\[(\d+)\]", field or "")
+    where = f"Example {line}" + (f", message {int(message.group(1)) + 1}" if message else "")
+    return f"{where}: {field}: {reason}" if field else f"{where}: {reason}"
+
+
+def _dpo_available() -> bool:
+    from ..config.train import TrainConfig
+
+    # DPO lands as train.objective (another branch); until then a DPO job is refused with a clear message
+    return "objective" in TrainConfig.model_fields
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+def run(store: db.Store, settings: ServerSettings, job: db.Job) -> None:
+    """Run the job's stages, reporting as they go; record success. Raises what the pipeline raises."""
+    from ..pipeline import run as run_pipeline
+    from .jobs import fine_tuned_name, job_config
+
+    out_dir = settings.data_dir / job.out_dir
+    config = job_config(job_id=job.id, model=job.model, hyperparameters=job.hyperparameters, method=job.method,
+                        seed=job.seed, train_file=_stored(store, settings, job.training_file),
+                        validation_file=_stored(store, settings, job.validation_file) if job.validation_file
+                        else None, out_dir=out_dir, settings=settings)
+    name = fine_tuned_name(job.model, job.suffix, job.id)
+    reporter = Reporter(store=store, job_id=job.id, data_dir=settings.data_dir, model_name=name)
+    result = run_pipeline(config, out_dir=out_dir, on_event=reporter)
+
+    train = next(s for s in result.stages if s.name == "train")
+    merge = next(s for s in result.stages if s.name == "merge")
+    export = next(s for s in result.stages if s.name == "export")
+    artefacts: dict[str, Any] = {"adapter": _relative(train.outputs["artefact_dir"], settings.data_dir)}
+    if merge.outputs:
+        artefacts["merged"] = _relative(merge.outputs["model_dir"], settings.data_dir)
+    if export.outputs:
+        artefacts["gguf"] = [_relative(a["path"], settings.data_dir) for a in export.outputs["result"]["artefacts"]]
+    if result.report_html:
+        artefacts["report"] = _relative(result.report_html, settings.data_dir)
+    metrics = store.metrics(job.id)
+    results = _results_file(store, settings, job, metrics)
+    trained = sum(int(m.values.get("tokens", 0)) for m in metrics if m.kind == "train")
+    done = store.update_job(job.id, only_if_status=("running",), status="succeeded", fine_tuned_model=name,
+                            finished_at=db.now(), trained_tokens=trained, estimated_finish=None,
+                            result_files=[results.id], artefacts=artefacts, worker_id=None, lease_expires_at=None)
+    if done is not None:
+        store.add_event(job.id, level="info", message=f"New fine-tuned model created: {name}")
+        store.add_event(job.id, level="info", message="The job has successfully completed")
+
+
+def _stored(store: db.Store, settings: ServerSettings, file_id: str) -> Path:
+    record = store.get_file(file_id)
+    if record is None:
+        raise UserError(f"file {file_id} was deleted before the job ran", hint="upload it again and create a new job")
+    return (settings.files_dir / record.storage_name).resolve()
+
+
+class Reporter:
+    """The pipeline's events → the store: metrics rows, events, checkpoints, the estimated finish."""
+
+    def __init__(self, *, store: db.Store, job_id: str, data_dir: Path, model_name: str) -> None:
+        self.store, self.job_id, self.data_dir, self.model_name = store, job_id, data_dir, model_name
+        self.total_steps = 0
+        self.started: tuple[int, float] | None = None
+        """The first step this run trained, and when: the estimated finish is measured from it."""
+        self.last_train: dict[str, Any] = {}
+        self.last_eval: dict[str, Any] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "start":
+            self.total_steps = int(event["total_steps"])
+        elif kind == "step":
+            self._step(event)
+        elif kind == "eval":
+            self._eval(event)
+        elif kind == "checkpoint":
+            self._checkpoint(event)
+        elif kind == "resumed":
+            self._say("info", f"Resumed from the checkpoint at step {event['step']}")
+        elif kind == "warning":
+            self._say("warn", self._plain(event["message"]))
+        elif kind == "stage_start" and event["stage"] in ("data", "train", "eval", "merge", "export"):
+            self._say("info", f"Stage {event['stage']}: " + ("continuing" if event["resume"] else "started"))
+        elif kind == "stage_done" and event["status"] in ("ran", "resumed"):
+            # the data, train and eval summaries speak of the job; merge's names the server's model cache
+            said = self._plain(event["summary"]) if event["name"] in ("data", "train", "eval") else "done"
+            self._say("info", f"Stage {event['name']}: {said}")
+
+    def _step(self, event: dict[str, Any]) -> None:
+        step, loss = int(event["step"]), float(event["loss"])
+        values = {k: event[k] for k in ("loss", "learning_rate", "grad_norm", "tokens", "supervised_tokens",
+                                         "tokens_per_s", "epoch") if k in event}
+        self.store.upsert_metric(self.job_id, kind="train", step=step, values=values)
+        self.last_train = {"step": step, "train_loss": loss}
+        data = {"step": step, "train_loss": loss, "total_steps": self.total_steps,
+                "learning_rate": event["learning_rate"], "grad_norm": event["grad_norm"]}
+        self.store.add_event(self.job_id, level="info", type="metrics", data=data,
+                             message=f"Step {step}/{self.total_steps}: training loss={loss:.2f}")
+        now = time.time()
+        if self.started is None:
+            self.started = (step, now)
+        elif step > self.started[0]:
+            per_step = (now - self.started[1]) / (step - self.started[0])
+            self.store.update_job(self.job_id, only_if_status=("running",),
+                                  estimated_finish=int(now + per_step * (self.total_steps - step)))
+
+    def _eval(self, event: dict[str, Any]) -> None:
+        step = int(event["step"])
+        values = {k: v for k, v in event.items() if k not in ("event", "step")}
+        self.store.upsert_metric(self.job_id, kind="eval", step=step, values=values)
+        self.last_eval = {"valid_loss": event.get("eval_loss"),
+                          "valid_mean_token_accuracy": event.get("eval_token_accuracy")}
+        if event.get("eval_loss") is not None:
+            self.store.add_event(self.job_id, level="info", type="metrics", data={"step": step, **self.last_eval},
+                                 message=f"Step {step}/{self.total_steps}: validation loss={event['eval_loss']:.2f}")
+
+    def _checkpoint(self, event: dict[str, Any]) -> None:
+        from .jobs import checkpoint_name
+
+        step = int(event["step"])
+        metrics = {"step": step, **({"train_loss": self.last_train["train_loss"]}
+                                    if self.last_train.get("step") == step else {}),
+                   **{k: v for k, v in self.last_eval.items() if v is not None}}
+        self.store.add_checkpoint(self.job_id, step_number=step, metrics=metrics,
+                                  fine_tuned_model_checkpoint=checkpoint_name(self.model_name, step),
+                                  path=_relative(event["path"], self.data_dir))
+        self._say("info", f"Checkpoint created at step {step}")
+
+    def _say(self, level: str, message: str) -> None:
+        self.store.add_event(self.job_id, level=level, message=message)  # type: ignore[arg-type]
+
+    def _plain(self, text: str) -> str:
+        return _plain(text, self.data_dir)
+
+
+def _plain(text: str, data_dir: Path) -> str:
+    """Paths in the server's data folder written as the job's own (``jobs/<id>/…``): the folder is the server's."""
+    return text.replace(f"{data_dir.resolve()}/", "").replace(f"{data_dir}/", "")
+
+
+RESULT_COLUMNS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+"""OpenAI's results CSV columns: one row per step."""
+
+
+def _results_file(store: db.Store, settings: ServerSettings, job: db.Job, metrics: list[db.Metric]) -> db.File:
+    evals = {m.step: m.values for m in metrics if m.kind == "eval"}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(RESULT_COLUMNS)
+    for m in (m for m in metrics if m.kind == "train"):
+        ev = evals.get(m.step, {})
+        writer.writerow([m.step, _number(m.values.get("loss")), "", _number(ev.get("eval_loss")),
+                         _number(ev.get("eval_token_accuracy"))])
+    from ..files import write_text_atomic
+
+    file_id = db.new_id("file-")
+    write_text_atomic(settings.files_dir / file_id, buffer.getvalue())
+    return store.create_file(owner=job.owner, filename=f"{job.id}-results.csv", purpose="fine-tune-results",
+                             bytes=(settings.files_dir / file_id).stat().st_size, id=file_id)
+
+
+def _number(value: Any) -> str:
+    return "" if value is None else f"{float(value):.6g}"
+
+
+def _relative(path: str, data_dir: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), data_dir.resolve())
+
+
+# --- the process --------------------------------------------------------------------------------------------------
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the worker dies (even by kill -9), so no orphan trains the job while another
+    worker runs it again: SIGTERM makes the training loop checkpoint and stop."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1  # <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the worker died before the request took effect
+        sys.exit(EXIT_STOPPED)
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    # outside the training loop (which checkpoints first): stop where the run is; finished stages stay finished
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}", hint="the job's next run continues from here")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunesmith.server.jobrun")
+    parser.add_argument("job_id")
+    parser.add_argument("--settings", required=True, help="the server's settings, as JSON")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+    from ..signals import handling
+
+    settings = ServerSettings.model_validate_json(args.settings)
+    store = db.connect(settings.database_url)
+    job = store.get_job(args.job_id)
+    if job is None:
+        return EXIT_FAILED
+    with handling(_interrupt, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        try:
+            run(store, settings, job)
+        except Interrupted:
+            return EXIT_STOPPED
+        except TunesmithError as exc:
+            _record_failure(store, job, _plain(exc.message, settings.data_dir))
+            return EXIT_FAILED
+        except Exception as exc:  # a bug: still the job's one error message, the traceback in the run's log
+            import traceback
+
+            traceback.print_exc()
+            _record_failure(store, job, _plain(f"internal error: {type(exc).__name__}: {exc}", settings.data_dir))
+            return EXIT_FAILED
+    return EXIT_SUCCEEDED
+
+
+def _record_failure(store: db.Store, job: db.Job, message: str) -> None:
+    """A failed stage as the job's error: the data stage's refusal is the training file's fault, others are ours."""
+    data_stage = message.startswith("stage `data` failed")
+    code, param = ("invalid_training_file", "training_file") if data_stage else ("server_error", None)
+    text = (f"The job failed due to an invalid training file. {message}" if data_stage else
+            f"The job failed: {message}")
+    failed = store.update_job(job.id, only_if_status=db.ACTIVE, status="failed", finished_at=db.now(),
+                              error={"code": code, "message": text, "param": param}, estimated_finish=None,
+                              worker_id=None, lease_expires_at=None)
+    if failed is not None:
+        store.add_event(job.id, level="error", message=text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Jobs end to end through the real ``openai`` client against ``tunesmith server`` with a worker: a job succeeds
+(events newest first, checkpoints ``ckpt-step-N``, the results CSV), a bad file fails asynchronously with example
+and message numbers, cancel mid-run, pause then resume, and kill -9 of the server mid-job: after a restart the job
+completes with the loss trajectory of an uninterrupted run. Tiny random ``local:demo`` model, a few steps."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from .conftest import RunningServer, start_server, write_chat_jsonl
+from .test_worker import runs_of, wait_for
+
+HYPER = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
+KILLED = {"n_epochs": 8, "batch_size": 4, "learning_rate_multiplier": 1.0}
+"""24 steps: the kill -9 lands mid-run even on an idle machine (steps of a tiny model take 0.1-0.3 s)."""
+"""12 examples → 3 steps an epoch, 9 steps, checkpoints after the first two epochs (steps 3 and 6)."""
+LONG = {"n_epochs": 25, "batch_size": 4, "learning_rate_multiplier": 1.0}
+"""75 steps: still running when a test cancels or pauses it."""
+TIMEOUT_S = 300
+
+
+def create_job(client: openai.OpenAI, tmp_path: Path, hyperparameters: dict, *, name: str = "train.jsonl",
+               lines: list[str] | None = None, seed: int = 7) -> object:
+    path = write_chat_jsonl(tmp_path / name, 12)
+    if lines is not None:
+        path.write_text("".join(line + "\n" for line in lines))
+    uploaded = client.files.create(file=path.open("rb"), purpose="fine-tune")
+    assert client.files.wait_for_processing(uploaded.id, poll_interval=0.2).status == "processed"
+    return client.fine_tuning.jobs.create(model="local:demo", training_file=uploaded.id, suffix="w", seed=seed,
+                                          method={"type": "supervised",
+                                                  "supervised": {"hyperparameters": hyperparameters}})
+
+
+def wait_status(client: openai.OpenAI, job_id: str, statuses: tuple[str, ...], timeout_s: float = TIMEOUT_S):
+    return wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job_id)).status in statuses and j, timeout_s,
+                    f"job {job_id} to be {' or '.join(statuses)}")
+
+
+def all_events(client: openai.OpenAI, job_id: str) -> list:
+    """Every event, newest first, page by page (``after`` walks back to older ones)."""
+    return list(client.fine_tuning.jobs.list_events(job_id, limit=7))
+
+
+def losses(client: openai.OpenAI, job_id: str) -> dict[int, float]:
+    """Each step's training loss, from the metrics events (the last one written for a step wins)."""
+    found: dict[int, float] = {}
+    for event in reversed(all_events(client, job_id)):
+        if event.type == "metrics" and "train_loss" in (event.data or {}):
+            found[event.data["step"]] = event.data["train_loss"]
+    return found
+
+
+def first_step_seen(client: openai.OpenAI, job_id: str) -> bool:
+    return any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job_id, limit=5).data)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with start_server(tmp_path_factory.mktemp("worker-api") / "data", workers=1) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def finished(server: RunningServer, tmp_path_factory):
+    """One job run to the end, uninterrupted: the reference the kill -9 test compares with."""
+    client = server.client()
+    job = create_job(client, tmp_path_factory.mktemp("reference"), HYPER)
+    assert job.status == "validating_files"
+    return wait_status(client, job.id, ("succeeded", "failed", "cancelled"))
+
+
+@pytest.mark.slow
+def test_a_job_succeeds_with_events_checkpoints_and_results(server, finished):
+    client = server.client(_strict_response_validation=True)  # every response parses under the client's schema
+    job = client.fine_tuning.jobs.retrieve(finished.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:local:demo:w:{job.id}"
+    assert job.trained_tokens > 0 and job.finished_at >= job.created_at and job.estimated_finish is None
+
+    events = all_events(client, job.id)
+    assert [e.created_at for e in events] == sorted((e.created_at for e in events), reverse=True)
+    messages = [e.message for e in reversed(events)]  # oldest first
+    assert messages[:4] == [f"Created fine-tuning job: {job.id}", f"Validating training file: {job.training_file}",
+                            "Files validated, moving job to queued state", "Fine-tuning job started"]
+    assert messages[-2:] == [f"New fine-tuned model created: {job.fine_tuned_model}",
+                             "The job has successfully completed"]
+    steps = [m for m in messages if m.startswith("Step ")]
+    assert [s.split(":")[0] for s in steps] == [f"Step {n}/9" for n in range(1, 10)]
+    assert messages.index("Checkpoint created at step 3") > messages.index(steps[2])
+
+    page = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1)
+    assert page.has_more and page.data[0].step_number == 6  # newest first
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id, limit=1))
+    assert [c.fine_tuned_model_checkpoint for c in checkpoints] == [f"{job.fine_tuned_model}:ckpt-step-{n}"
+                                                                    for n in (6, 3)]
+    assert checkpoints[1].metrics.step == 3
+    assert checkpoints[1].metrics.train_loss == pytest.approx(losses(client, job.id)[3])
+
+    csv = client.files.content(job.result_files[0]).text.splitlines()
+    assert csv[0] == "step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert [int(row.split(",")[0]) for row in csv[1:]] == list(range(1, 10))
+    train_losses = losses(client, job.id)
+    assert [float(row.split(",")[1]) for row in csv[1:]] == pytest.approx([train_losses[n] for n in range(1, 10)],
+                                                                          rel=1e-5)
+    assert client.files.retrieve(job.result_files[0]).purpose == "fine-tune-results"
+
+
+def test_a_succeeded_job_records_its_artefacts_in_its_own_folder(server, finished):
+    from tunesmith.server.db import connect
+    from tunesmith.server.settings import ServerSettings
+
+    record = connect(ServerSettings(data_dir=server.data_dir).database_url).get_job(finished.id)
+    assert record.artefacts["adapter"] == f"jobs/{finished.id}/train/adapter"
+    assert (server.data_dir / record.artefacts["adapter"] / "adapter_config.json").is_file()
+    assert (server.data_dir / record.artefacts["merged"] / "config.json").is_file()
+    assert (server.data_dir / record.artefacts["report"]).is_file()
+    assert record.worker_id is None and record.lease_expires_at is None and record.attempts == 1
+
+
+def test_a_bad_training_file_fails_the_job_asynchronously_with_example_and_message_numbers(server, tmp_path):
+    client = server.client()
+    good = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]})
+            for i in range(12)]
+    good[2] = json.dumps({"messages": [{"role": "user", "content": "q"}, {"content": "where is my role?"}]})
+    job = create_job(client, tmp_path, HYPER, lines=good)
+    assert job.status == "validating_files"  # accepted: validation is the worker's, as OpenAI does it
+    failed = wait_status(client, job.id, ("failed", "succeeded"), 120)
+    assert failed.status == "failed"
+    assert failed.error.code == "invalid_training_file"
+    assert failed.error.param == "training_file"
+    assert "Example 3, message 2" in failed.error.message
+    newest = client.fine_tuning.jobs.list_events(job.id, limit=1).data[0]
+    assert (newest.level, newest.message) == ("error", failed.error.message)
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_running_job_and_its_processes(server, tmp_path):
+    client = server.client()
+    job = create_job(client, tmp_path, LONG)
+    wait_for(lambda: first_step_seen(client, job.id), TIMEOUT_S, "the first training step")
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    wait_for(lambda: not runs_of(job.id), 60, "the job's run to stop")
+    stopped = max(losses(client, job.id))
+    assert stopped < 75
+    time.sleep(2)
+    after = client.fine_tuning.jobs.retrieve(job.id)
+    assert after.status == "cancelled" and after.fine_tuned_model is None
+    assert max(losses(client, job.id)) == stopped  # nothing trains on
+
+
+@pytest.mark.slow
+def test_pause_checkpoints_and_stops_resume_continues_to_the_end(server, tmp_path):
+    client = server.client()
+    job = create_job(client, tmp_path, {**LONG, "n_epochs": 4})  # 12 steps
+    wait_for(lambda: first_step_seen(client, job.id), TIMEOUT_S, "the first training step")
+    client.fine_tuning.jobs.pause(job.id)
+    paused = wait_status(client, job.id, ("paused", "succeeded"), 120)
+    assert paused.status == "paused", "the job finished before the pause reached it"
+    assert not runs_of(job.id)
+    at = max(losses(client, job.id))
+    assert at < 12
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number == at  # written on the way out
+
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    done = wait_status(client, job.id, ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in reversed(all_events(client, job.id))]
+    assert f"Fine-tuning job paused after step {at}; resume continues from its last checkpoint" in messages
+    assert f"Resumed from the checkpoint at step {at}" in messages
+    assert sorted(losses(client, job.id)) == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_server_mid_job_loses_nothing(tmp_path):
+    """The server dies by SIGKILL while its worker trains: the worker stops the run (it checkpoints) and puts the
+    job back in the queue, then exits; a restarted server's worker continues from the checkpoint, and every step's
+    loss equals the uninterrupted reference run's (same file, seed and hyperparameters)."""
+    data = tmp_path / "data"
+    with start_server(data, workers=1) as first:
+        client = first.client()
+        job = create_job(client, tmp_path, KILLED)
+        wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, TIMEOUT_S, "the first checkpoint")
+        first.process.kill()
+        first.process.wait()
+    wait_for(lambda: not runs_of(job.id) and not _workers_of(data), 150, "the orphaned worker and run to stop")
+
+    with start_server(data, workers=1) as second:
+        client = second.client()
+        done = wait_status(client, job.id, ("succeeded", "failed"))
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in reversed(all_events(client, job.id))]
+        assert "The worker stopped; the job is back in the queue and will continue from its last checkpoint" \
+            in messages
+        assert any(m.startswith("Resumed from the checkpoint at step ") for m in messages)
+        resumed = losses(client, job.id)
+        # the same job uninterrupted, on the same server after the resumed one
+        (tmp_path / "reference").mkdir()
+        uninterrupted = create_job(client, tmp_path / "reference", KILLED)
+        assert wait_status(client, uninterrupted.id, ("succeeded", "failed")).status == "succeeded"
+        reference = losses(client, uninterrupted.id)
+    assert sorted(resumed) == list(range(1, 25))
+    assert resumed == pytest.approx(reference, rel=1e-5)
+
+
+def _workers_of(data_dir: Path) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+            state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"worker" in args and any(str(data_dir).encode() in a for a in args) and state != "Z":
+            found.append(int(cmdline.parent.name))
+    return found
+
