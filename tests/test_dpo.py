@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tunesmith.chat import TokenizedChat, tokenize_chat
 from tunesmith.config import TrainConfig
@@ -125,3 +126,119 @@ def test_dpo_loss_and_gradients_equal_trl_dpo_trainer(tiny_model_dir, tiny_token
     for name in mine:
         torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
     assert any(g.abs().max() > 0 for g in mine.values())
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def dpo_config(tmp_path: Path, model_dir: Path, dataset: Path, **train) -> Path:
+    body = {"out_dir": str(tmp_path / "out"), "model": {"name_or_path": str(model_dir)},
+            "train": {"objective": "dpo", "dataset": str(dataset), "logging_steps": 1, "save_strategy": "no",
+                      "warmup_ratio": 0.0, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                      **train}}
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.mark.slow
+def test_prepared_pairs_train_and_the_preference_margin_rises(tiny_model_dir, tmp_path):
+    """Full fine-tuning on pairs the tiny model can learn to tell apart: the reward margin and the held-out
+    win-rate rise from the start (a margin of 0 and a win-rate of 0 at step 0: policy = reference)."""
+    from tunesmith.config import load_config
+    from tunesmith.data import prepare
+    from tunesmith.train import train
+
+    rows = preference_rows(36)
+    rows.append(rows[5])  # an exact duplicate pair: removed by prepare
+    raw = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = load_config(dpo_config(tmp_path, tiny_model_dir, tmp_path / "prepared", method="full", max_steps=8,
+                                 learning_rate=5e-3, eval_strategy="steps", eval_steps=8))
+    prepared = prepare(cfg, [raw], out_dir=tmp_path / "prepared")
+    assert prepared.removed_by_rule["exact_dedup"] == 1 and prepared.eval_examples >= 2
+    first = json.loads((tmp_path / "prepared" / "train.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"input", "preferred_output", "non_preferred_output"}
+
+    result = train(cfg, out_dir=tmp_path / "run")
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    margins = [r["rewards/margins"] for r in steps if r["type"] == "train"]
+    assert margins[0] == pytest.approx(0.0, abs=1e-5)  # the first step's policy is the reference
+    assert margins[-1] > 1.0 and margins[-1] > max(margins[:4])
+    assert all(k in steps[0] for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies"))
+    assert steps[-1]["type"] == "eval" and steps[-1]["eval_win_rate"] == result.eval_win_rate == 1.0
+    assert result.objective == "dpo" and "win-rate 100%" in result.summary()
+    assert (tmp_path / "run" / "reference_logps.json").is_file()
+
+
+BAD_PAIRS = [
+    ({"prompt": "Hi", "chosen": "Same answer.", "rejected": "Same answer."},
+     "non_preferred_output: is the same as preferred_output"),
+    ({"input": {"messages": [{"role": "user", "content": "Hi"}]},
+      "preferred_output": [{"role": "assistant", "content": "  "}],
+      "non_preferred_output": [{"role": "assistant", "content": "No."}]}, "preferred_output[0].content: is empty"),
+    ({"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "user", "content": "Hello."}],
+      "rejected": [{"role": "assistant", "content": "No."}]}, "preferred_output[0].role: must be 'assistant'"),
+    ({"prompt": [{"role": "user", "content": "Hi"}], "chosen": [], "rejected": "No."},
+     "preferred_output: must be a list of one assistant message, got 0 messages"),
+    ({"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes?"}], "chosen": "A.",
+      "rejected": "B."}, "input.messages[1].role: ends with an assistant message"),
+    ({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A."}],
+      "rejected": [{"role": "user", "content": "Ho"}, {"role": "assistant", "content": "B."}]},
+     "rejected: without `prompt`, `chosen` and `rejected` must be the same conversation"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A."}]},
+     "is a chat example, where preference pairs are expected"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_PAIRS)
+def test_a_bad_pair_is_one_error_naming_its_line_and_field(tiny_model_dir, tmp_path, bad, message):
+    from tunesmith.data import prepare
+    from tunesmith.errors import UserError
+
+    raw = write_jsonl(tmp_path / "pairs.jsonl", [*preference_rows(3), bad, *preference_rows(2, seed=3)])
+    cfg = {"model": {"name_or_path": str(tiny_model_dir)}, "train": {"objective": "dpo"},
+           "data": {"eval_fraction": 0}}
+    with pytest.raises(UserError) as info:
+        prepare(cfg, [raw], out_dir=tmp_path / "prepared")
+    assert f"pairs.jsonl:4: {message}" in info.value.message
+    assert "pairs.jsonl:1" not in info.value.message  # only the bad line
+
+
+def test_the_wrong_kind_of_data_for_the_objective_is_one_error_naming_the_file_and_line(tiny_model_dir, tmp_path):
+    from tunesmith.cli import main
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                               {"role": "assistant", "content": "Hello."}]}])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(2))
+    assert main(["train", str(dpo_config(tmp_path, tiny_model_dir, chat, max_steps=1))]) == 2
+    from tunesmith.data import read_numbered
+    from tunesmith.errors import UserError
+
+    with pytest.raises(UserError, match=r"chat\.jsonl:1: is a chat example, where preference pairs are expected"):
+        read_numbered(chat, preference=True)
+    with pytest.raises(UserError, match=r"pairs\.jsonl:1: is a preference pair .* set train\.objective: dpo"):
+        read_numbered(pairs)
+    sft = dpo_config(tmp_path, tiny_model_dir, pairs, max_steps=1)
+    sft.write_text(sft.read_text().replace("objective: dpo", "objective: sft"))
+    assert main(["train", str(sft)]) == 2
+
+
+def test_lora_dpo_runs_through_tunesmith_run_and_reports_the_win_rate(tiny_model_dir, tmp_path):
+    """The pipeline: data prepare on pairs, LoRA DPO (reference: adapters off) scored on the held-out pairs, merge;
+    the eval stages are skipped with the reason (the held-out split is preference pairs)."""
+    from tunesmith.config import load_config
+    from tunesmith.pipeline import run
+
+    raw = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(24))
+    path = dpo_config(tmp_path, tiny_model_dir, tmp_path / "unused", method="lora", max_steps=4,
+                      learning_rate=5e-3, eval_strategy="steps", eval_steps=4)
+    cfg = load_config(path, [f"data.train_files=[{raw}]", "data.eval_fraction=0.2"])
+    result = run(cfg)
+    stages = {s.name: s for s in result.stages}
+    assert stages["train"].status == "ran" and stages["merge"].status == "ran"
+    assert "win-rate" in stages["train"].summary
+    assert stages["eval"].status == "not needed" and "preference tuning" in stages["eval"].summary
+    train = json.loads((Path(stages["train"].outputs["run_dir"]) / "run.json").read_text())
+    assert train["result"]["eval_win_rate"] is not None and train["result"]["objective"] == "dpo"
