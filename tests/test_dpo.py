@@ -242,3 +242,27 @@ def test_lora_dpo_runs_through_tunesmith_run_and_reports_the_win_rate(tiny_model
     assert stages["eval"].status == "not needed" and "preference tuning" in stages["eval"].summary
     train = json.loads((Path(stages["train"].outputs["run_dir"]) / "run.json").read_text())
     assert train["result"]["eval_win_rate"] is not None and train["result"]["objective"] == "dpo"
+
+
+@pytest.mark.slow
+def test_a_lora_dpo_job_on_smollm2_runs_through_tunesmith_train(tmp_path):
+    """The real model (ChatML template, tied embeddings): a few LoRA DPO steps from the CLI; the adapter trained."""
+    from safetensors.torch import load_file
+
+    from tunesmith.cli import main
+    from tunesmith.local_model import ensure_named_model
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = preference_rows(3)
+    write_jsonl(data / "train.jsonl", rows[:2])
+    write_jsonl(data / "eval.jsonl", rows[2:])
+    cfg = dpo_config(tmp_path, ensure_named_model("smollm2-135m-instruct"), data, method="lora", max_steps=1,
+                     per_device_train_batch_size=2, learning_rate=1e-3, eval_strategy="steps", eval_steps=1,
+                     lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["result"]["objective"] == "dpo" and run["result"]["steps"] == 1
+    assert 0.0 <= run["result"]["eval_win_rate"] <= 1.0
+    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
