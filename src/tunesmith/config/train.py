@@ -97,7 +97,8 @@ class TrainConfig(Section):
 
     per_device_train_batch_size: int = Field(4, ge=1)
     """Sequences per micro-batch (without packing), or the packed token budget's multiplier
-    (with packing: per_device_train_batch_size × max_length tokens per micro-batch)."""
+    (with packing: per_device_train_batch_size × max_length tokens per micro-batch). With ``objective: dpo``:
+    preference pairs per micro-batch (two sequences each)."""
 
     packed_row_tokens: int | None = Field(None, ge=8)
     """With packing: tokens per packed row, at least ``max_length``; None: per_device_train_batch_size ×
