@@ -383,8 +383,10 @@ class _Progress:
                 info += f"  {event['tokens_per_s']:,.0f} tok/s"
             self.bar.update(self.tasks["train"], completed=event["step"], info=info)
         elif kind == "eval":
-            self._print(f"step {event['step']}: eval loss {event['eval_loss']:.4f}, "
-                        f"token accuracy {event['eval_token_accuracy']:.3f}")
+            # DPO's evaluation scores pairs: its win-rate instead of a token accuracy
+            score = f"win-rate {event['eval_win_rate']:.0%}" if "eval_win_rate" in event else \
+                f"token accuracy {event['eval_token_accuracy']:.3f}"
+            self._print(f"step {event['step']}: eval loss {event['eval_loss']:.4f}, {score}")
         elif kind in ("checkpoint", "resumed"):
             self._print(f"{kind} at step {event['step']}: {event['path']}")
         elif kind in ("plan", "eta"):

@@ -264,8 +264,9 @@ def _data_adapt(config: Config, outputs: DataOutputs) -> Config:
     """Train on the prepared folder; evaluate on its held-out split unless eval.dataset names another."""
     train = config.train.model_copy(update={"dataset": outputs.prepared_dir})
     held_out = _held_out(outputs.prepared_dir)
-    ev = config.eval.model_copy(update={"dataset": str(held_out)}) if config.eval.dataset is None and held_out \
-        else config.eval
+    # DPO's held-out split is preference pairs, which the train stage scores; generation needs a chat eval set
+    scored = config.eval.dataset is None and held_out and config.train.objective == "sft"
+    ev = config.eval.model_copy(update={"dataset": str(held_out)}) if scored else config.eval
     return config.model_copy(update={"train": train, "eval": ev})
 
 
@@ -277,6 +278,9 @@ def _held_out(folder: str | None) -> Path | None:
 
 def _no_eval_set(config: Config) -> str | None:
     """Why the eval stages have nothing to score, or None: eval.dataset, or the training data's held-out split."""
+    if config.train.objective == "dpo" and not config.eval.dataset:
+        return ("preference tuning: the train stage scores the held-out pairs (eval loss and win-rate); set "
+                "eval.dataset to a chat eval set for task metrics")
     if config.eval.dataset or _held_out(config.train.dataset):
         return None
     data = config.data
@@ -358,7 +362,7 @@ STAGES: dict[StageName, _Stage] = {
     "data": _Stage(
         depends=("generate",),
         sections=lambda c: {"data": c.data.model_dump(mode="json"), "model": c.model.model_dump(mode="json"),
-                            "max_length": c.train.max_length},
+                            "max_length": c.train.max_length, "objective": c.train.objective},
         files=_data_files,
         not_needed=lambda c: None if _data_files(c) else "no data.train_files: train.dataset is used as is",
         run=_data, adapt=_data_adapt),

@@ -186,8 +186,8 @@ def _train_view(rec: StageRecord | None) -> dict[str, Any] | None:
     if not rec:
         return None
     result = rec.outputs.result
-    keep = ("method", "steps", "epochs", "train_loss", "eval_loss", "eval_token_accuracy", "tokens_per_s",
-            "trainable_params", "total_params")
+    keep = ("method", "steps", "epochs", "train_loss", "eval_loss", "eval_token_accuracy", "eval_win_rate",
+            "tokens_per_s", "trainable_params", "total_params")
     return {"summary": rec.summary, "seconds": rec.seconds,
             "numbers": {k: result[k] for k in keep if result.get(k) is not None}}
 

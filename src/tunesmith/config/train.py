@@ -52,7 +52,26 @@ class QuantSection(Section):
     """Matmul dtype for the 4-bit layers. ``auto``: bf16 where the hardware has it, else fp32."""
 
 
+class DpoSection(Section):
+    beta: float = Field(0.1, gt=0)
+    """How far the tuned model may move from the reference (the model before tuning): the reward of an answer is
+    beta × (its log-probability under the model − under the reference). Lower lets it move further."""
+
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """``sigmoid``: the DPO paper's loss, −log σ(beta × the reward margin of the preferred answer). ``ipo``: the
+    IPO loss, (margin − 1 / (2 × beta))², on log-probabilities averaged per answer token; it stops pushing once
+    the margin reaches its target, so it over-fits small preference sets less."""
+
+
 class TrainConfig(Section):
+    objective: Literal["sft", "dpo"] = "sft"
+    """What the model learns from: ``sft`` imitates the assistant turns of chat examples; ``dpo`` (direct
+    preference optimisation) learns from pairs of answers to the same prompt, raising the preferred one over the
+    other (data: preference pairs, see ``dpo``)."""
+
+    dpo: DpoSection = DpoSection()
+    """Preference tuning settings (``objective: dpo`` only)."""
+
     method: Literal["full", "lora", "qlora"] = "lora"
     """What to train: every weight (``full``), low-rank adapters on a frozen base (``lora``), or adapters on a
     4-bit NF4 base (``qlora``)."""
@@ -78,7 +97,8 @@ class TrainConfig(Section):
 
     per_device_train_batch_size: int = Field(4, ge=1)
     """Sequences per micro-batch (without packing), or the packed token budget's multiplier
-    (with packing: per_device_train_batch_size × max_length tokens per micro-batch)."""
+    (with packing: per_device_train_batch_size × max_length tokens per micro-batch). With ``objective: dpo``:
+    preference pairs per micro-batch (two sequences each)."""
 
     packed_row_tokens: int | None = Field(None, ge=8)
     """With packing: tokens per packed row, at least ``max_length``; None: per_device_train_batch_size ×

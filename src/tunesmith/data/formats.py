@@ -8,6 +8,15 @@ The canonical record is the OpenAI chat format: ``{"messages": [{"role", "conten
 - alpaca: ``instruction``, optional ``input``, ``output``, optional ``system``
 - prompt/completion: ``prompt``, ``completion``
 
+Preference pairs (``train.objective: dpo``) have their own canonical record, OpenAI's preference format:
+``{"input": {"messages": [...], "tools"?: [...]}, "preferred_output": [assistant message],
+"non_preferred_output": [assistant message]}``. Accepted inputs:
+
+- OpenAI preference: ``input``, ``preferred_output``, ``non_preferred_output`` (unchanged)
+- TRL preference: ``prompt``, ``chosen``, ``rejected``, each a list of messages or a string (a string prompt is
+  one user turn, a string answer one assistant turn, rendered with the chat template like every other format);
+  without ``prompt``, ``chosen`` and ``rejected`` are whole conversations that differ only in their last message
+
 Files are read line by line in binary with a per-line byte cap, so a multi-GB single line costs bounded memory
 (256 KiB) and a whole file is never parsed at once. A UTF-8 BOM, CRLF line ends and blank lines are fine.
 """
@@ -166,6 +175,10 @@ def parse_line(source: str, line_no: int, text: str, max_depth: int = 32, conver
 def to_canonical(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, str, list[tuple[str | None, str]]]:
     """(canonical record, format name, [(field, reason)]) for one parsed line. The record is not validated here
     beyond what conversion needs (``validate.check_record`` does that)."""
+    if "preferred_output" in obj or "non_preferred_output" in obj:
+        return obj, "openai_preference", []
+    if "chosen" in obj or "rejected" in obj:
+        return _from_trl_preference(obj)
     if "messages" in obj:
         return obj, "openai", []
     if "conversations" in obj:
@@ -177,7 +190,50 @@ def to_canonical(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, str, list[
     keys = ", ".join(f"`{k}`" for k in list(obj)[:5]) or "none"
     return None, "", [("messages", f"missing (keys found: {keys}); expected `messages` (OpenAI chat), "
                                    "`conversations` (ShareGPT), `instruction`/`output` (alpaca) or "
-                                   "`prompt`/`completion`")]
+                                   "`prompt`/`completion`; preference pairs: `input`/`preferred_output`/"
+                                   "`non_preferred_output` (OpenAI) or `prompt`/`chosen`/`rejected` (TRL)")]
+
+
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
+"""The canonical preference record's keys (OpenAI's preference fine-tuning format)."""
+
+
+def is_preference(record: dict[str, Any]) -> bool:
+    """Whether a canonical record is a preference pair (else a chat example)."""
+    return "preferred_output" in record or "non_preferred_output" in record
+
+
+def _from_trl_preference(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, str, list[tuple[str | None, str]]]:
+    """TRL's ``prompt``/``chosen``/``rejected`` (conversational or plain text, explicit or implicit prompt) → the
+    canonical preference record. Only the shape is checked here; ``validate.check_preference`` checks the rest."""
+    problems = _unknown_keys(obj, {"prompt", "chosen", "rejected", "tools", "id"})
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            problems.append((key, "missing; a preference pair needs `chosen` and `rejected` answers"))
+        elif not isinstance(obj[key], str | list):
+            problems.append((key, f"must be a string or a list of messages, got {_kind(obj[key])}"))
+    prompt = obj.get("prompt")
+    if prompt is not None and not isinstance(prompt, str | list):
+        problems.append(("prompt", f"must be a string or a list of messages, got {_kind(prompt)}"))
+    if problems:
+        return None, "trl_preference", problems
+    chosen, rejected = obj["chosen"], obj["rejected"]
+    if prompt is None:  # implicit prompt: two whole conversations, the prompt is what they share
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            return None, "trl_preference", [("prompt", "missing; with plain-text `chosen`/`rejected` the prompt "
+                                                       "must be given as `prompt`")]
+        if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
+            return None, "trl_preference", [("rejected", "without `prompt`, `chosen` and `rejected` must be the "
+                                                         "same conversation up to their last (answer) message")]
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    record: dict[str, Any] = {
+        "input": {"messages": [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt},
+        "preferred_output": [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else chosen,
+        "non_preferred_output": [{"role": "assistant", "content": rejected}] if isinstance(rejected, str)
+        else rejected}
+    if obj.get("tools") is not None:
+        record["input"]["tools"] = obj["tools"]
+    return record, "trl_preference", []
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -23,10 +23,10 @@ from ..files import atomic_files
 from ..paths import output_folder
 from ..records import PreparedData, PreparedInput, versions
 from . import clean
-from .formats import Example, read_file
+from .formats import Example, is_preference, read_file
 from .report import EXAMPLES_PER_RULE, length_stats, plot_lengths, role_counts, snippet, turn_counts, write_reports
 from .split import holdout_indices
-from .validate import check_record, raise_problems, read_examples
+from .validate import check_preference, check_record, raise_problems, read_examples
 
 RULES = ("validate", "short_outputs", "json_outputs", "overlong", "exact_dedup", "minhash", "embedding", "leakage")
 """Report order: the order rules run in. Quality filters run before de-duplication, so the example that
@@ -116,6 +116,46 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
         holdout = (f"{len(held):,} of {len(pool):,} lines ({data.eval_fraction:.0%}, seed {data.seed}) chosen "
                    "before validation and cleaning")
 
+    # preference pairs (train.objective: dpo, or a file of them): their own validation and rules, same hold-out
+    preference = cfg.train.objective == "dpo" or _first_is_preference(pool)
+    if preference:
+        train, evals = _validate(train, evals, data.on_bad_lines, data.max_errors, log, check_preference)
+        watch.lap("validate")
+        train, tokenizer, views = _preference_rules(train, evals, data, cfg, max_length, log, watch)
+    else:
+        train, evals, tokenizer, views = _chat_rules(train, evals, data, cfg, max_length, log, watch)
+
+    # 6. write the splits and the rejects; 7. the report, the histogram and the manifest — into a staging folder
+    # first, so a failed write (a full disk) leaves the folder as it was: no half-written train.jsonl, no mix of runs
+    inputs = [{"path": f, "split": "train" if given_eval is not None else "train+eval", "sha256": _sha256(f),
+               "examples": sum(1 for ex in pool if ex.source == f)} for f in train_files]
+    if eval_path:
+        inputs.append({"path": eval_path, "split": "eval", "sha256": _sha256(eval_path),
+                       "examples": len(given_eval or [])})
+    with atomic_files(out, last=PreparedData.FILE) as staging:
+        files = {"train": _write_jsonl(staging / "train.jsonl", (ex.record for ex in train)),
+                 "eval": _write_jsonl(staging / "eval.jsonl", (ex.record for ex in evals)),
+                 "rejects": _write_jsonl(staging / "rejects.jsonl", log.rejects)}
+        report = _build_report([*pool, *(given_eval or [])], views(train), views(evals), log, tokenizer, inputs,
+                               holdout, cfg, max_length, staging)
+        files["lengths_png"] = str(staging / "lengths.png")
+        files.update(write_reports(report, log.snippets, staging))
+        files["manifest"] = _write_manifest(staging, cfg, train_files, eval_path, inputs, report["counts"], files)
+    files = {role: str(out / Path(path).name) for role, path in files.items()}
+    watch.lap("write_and_report")
+    if len(train) < data.min_examples:
+        raise UserError(f"only {len(train)} training example(s) left after cleaning, fewer than data.min_examples "
+                        f"({data.min_examples}); see {files['report_md']}",
+                        hint="add data, relax the rules that removed most, or lower data.min_examples")
+    return PrepareResult(str(out), len(train), len(evals), len(log.rejects),
+                         {k: v["count"] for k, v in report["rules"].items()},
+                         log.rules["overlong"].get("truncated", 0), files, watch.wall_s, watch.cpu_s)
+
+
+def _chat_rules(train: list[Example], evals: list[Example], data: Any, cfg: Any, max_length: int, log: _Log,
+                watch: _Stopwatch) -> tuple[list[Example], list[Example], Any, Any]:
+    """Chat examples: validate, render, the quality filters, de-duplication and leakage (steps 3 to 5).
+    Returns the splits, the tokenizer and how the report sees examples (as they are)."""
     # 3. validate: structural problems stop the run (all listed) unless bad lines are to be skipped
     train, evals = _validate(train, evals, data.on_bad_lines, data.max_errors, log)
     watch.lap("validate")
@@ -135,40 +175,85 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
     # 5. leakage: train examples that duplicate eval examples (exact, then the near-duplicate rules that ran)
     train = _remove_leakage(train, features, evals, data, log)
     watch.lap("leakage")
+    return train, evals, tokenizer, lambda exs: exs
 
-    # 6. write the splits and the rejects; 7. the report, the histogram and the manifest — into a staging folder
-    # first, so a failed write (a full disk) leaves the folder as it was: no half-written train.jsonl, no mix of runs
-    inputs = [{"path": f, "split": "train" if given_eval is not None else "train+eval", "sha256": _sha256(f),
-               "examples": sum(1 for ex in pool if ex.source == f)} for f in train_files]
-    if eval_path:
-        inputs.append({"path": eval_path, "split": "eval", "sha256": _sha256(eval_path),
-                       "examples": len(given_eval or [])})
-    with atomic_files(out, last=PreparedData.FILE) as staging:
-        files = {"train": _write_jsonl(staging / "train.jsonl", (ex.record for ex in train)),
-                 "eval": _write_jsonl(staging / "eval.jsonl", (ex.record for ex in evals)),
-                 "rejects": _write_jsonl(staging / "rejects.jsonl", log.rejects)}
-        report = _build_report([*pool, *(given_eval or [])], train, evals, log, tokenizer, inputs, holdout, cfg,
-                               max_length, staging)
-        files["lengths_png"] = str(staging / "lengths.png")
-        files.update(write_reports(report, log.snippets, staging))
-        files["manifest"] = _write_manifest(staging, cfg, train_files, eval_path, inputs, report["counts"], files)
-    files = {role: str(out / Path(path).name) for role, path in files.items()}
-    watch.lap("write_and_report")
-    if len(train) < data.min_examples:
-        raise UserError(f"only {len(train)} training example(s) left after cleaning, fewer than data.min_examples "
-                        f"({data.min_examples}); see {files['report_md']}",
-                        hint="add data, relax the rules that removed most, or lower data.min_examples")
-    return PrepareResult(str(out), len(train), len(evals), len(log.rejects),
-                         {k: v["count"] for k, v in report["rules"].items()},
-                         log.rules["overlong"].get("truncated", 0), files, watch.wall_s, watch.cpu_s)
+
+def _first_is_preference(pool: list[Example]) -> bool:
+    """Whether the input's first readable line is a preference pair: the file's kind (a line of the other kind is
+    then a problem with its line number)."""
+    first = next((ex.record for ex in pool if ex.record is not None), None)
+    return first is not None and is_preference(first)
+
+
+def _preference_view(record: dict[str, Any], key: str) -> dict[str, Any]:
+    """The chat a preference pair's answer ``key`` is trained as: the prompt, then that answer."""
+    prompt = record["input"]
+    return {"messages": [*prompt["messages"], *record[key]],
+            **({"tools": prompt["tools"]} if prompt.get("tools") else {})}
+
+
+def _preference_rules(train: list[Example], evals: list[Example], data: Any, cfg: Any, max_length: int, log: _Log,
+                      watch: _Stopwatch) -> tuple[list[Example], Any, Any]:
+    """Preference pairs: render both sequences of every pair, drop pairs over max_length (a pair is never
+    truncated: cutting one answer would change the preference), remove exact duplicates (prompt + both answers)
+    and train pairs that repeat an eval pair. The text-quality and near-duplicate rules are for chat examples and
+    are reported as not applied. Returns the train split, the tokenizer and the report's view of a pair (the
+    prompt with its preferred answer, its length the longer of the two sequences)."""
+    from ..models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    watch.lap("load_tokenizer")
+    both = sorted([*train, *evals], key=lambda ex: (ex.source, ex.line))
+    for ex, chosen, rejected in zip(both, *(clean.token_lengths([_preference_view(e.record, key) for e in both],
+                                                                 tokenizer, [e.id for e in both])
+                                            for key in ("preferred_output", "non_preferred_output")), strict=True):
+        ex.tokens = max(chosen, rejected)
+    watch.lap("render")
+    for rule in ("short_outputs", "json_outputs"):
+        log.rule(rule, False, note="not applied to preference pairs")
+    ol = data.overlong
+    log.rule("overlong", ol.enabled, note=f"max_length {max_length}; pairs are dropped, never truncated"
+             if ol.enabled else "")
+    if ol.enabled:
+        for ex in train:
+            if (ex.tokens or 0) > max_length:
+                log.drop("overlong", ex, "train", f"{ex.tokens} tokens, over max_length {max_length}")
+        train = [ex for ex in train if (ex.tokens or 0) <= max_length]
+
+    def keys(exs: list[Example]) -> list[str]:
+        return [clean.exact_key(clean.normalize(
+            clean.conversation_text(_preference_view(ex.record, "preferred_output")) + "\n\nrejected: "
+            + ex.record["non_preferred_output"][0]["content"])) for ex in exs]
+
+    log.rule("exact_dedup", data.exact_dedup.enabled)
+    if data.exact_dedup.enabled:
+        keep = _drop_matches(train, clean.exact_duplicates(keys(train)), train, "exact_dedup",
+                             "exact duplicate of {of}", log)
+        train = _select(train, keep)
+    for rule in ("minhash", "embedding"):
+        log.rule(rule, False, note="not applied to preference pairs")
+    lk = data.leakage
+    log.rule("leakage", lk.enabled and bool(evals), note=f"action: {lk.action}" if lk.enabled else "")
+    if lk.enabled and evals and train:
+        keep = _drop_matches(train, clean.exact_matches(keys(train), keys(evals)), evals, "leakage",
+                             "duplicates eval example {of} ({how})", log, remove=lk.action == "remove")
+        train = _select(train, keep)
+    watch.lap("exact_dedup")
+
+    def views(exs: list[Example]) -> list[Example]:
+        return [Example(ex.source, ex.line, _preference_view(ex.record, "preferred_output"), ex.format,
+                        tokens=ex.tokens) for ex in exs]
+
+    return train, tokenizer, views
 
 
 def _validate(train: list[Example], evals: list[Example], on_bad_lines: str, max_errors: int,
-              log: _Log) -> tuple[list[Example], list[Example]]:
-    """Check every readable record; stop with all problems listed, or reject the bad lines (``skip``)."""
+              log: _Log, check: Any = check_record) -> tuple[list[Example], list[Example]]:
+    """Check every readable record with ``check`` (chat examples, or preference pairs); stop with all problems
+    listed, or reject the bad lines (``skip``)."""
     for ex in (*train, *evals):
         if ex.record is not None:
-            ex.problems += check_record(ex.record, ex.source, ex.line)
+            ex.problems += check(ex.record, ex.source, ex.line)
     if on_bad_lines == "error":
         raise_problems(sorted((p for ex in (*train, *evals) for p in ex.problems),
                               key=lambda p: (p.source, p.line or 0)), max_errors)

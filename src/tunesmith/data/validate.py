@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .formats import Problem, _kind, _short, read_file
+from .formats import PREFERENCE_KEYS, Problem, _kind, _short, is_preference, read_file
 
 ROLES = ("system", "user", "assistant", "tool")
 RECORD_KEYS = {"messages", "tools", "parallel_tool_calls"}
@@ -33,6 +33,10 @@ def check_record(record: dict[str, Any], source: str, line: int, for_training: b
     def add(reason: str, fld: str | None = None) -> None:
         out.append(Problem(source, line, reason, fld))
 
+    if is_preference(record):
+        return [Problem(source, line, "is a preference pair (preferred and non-preferred answers), where chat "
+                                      "examples are expected; set train.objective: dpo to train on preference "
+                                      "pairs, or give a chat file")]
     for key in record:
         if key not in RECORD_KEYS:
             add(f"unknown key (expected {', '.join(sorted(RECORD_KEYS))})", key)
@@ -115,6 +119,76 @@ def check_record(record: dict[str, Any], source: str, line: int, for_training: b
     return out
 
 
+OUTPUT_KEYS = {"role", "content"}
+
+
+def check_preference(record: dict[str, Any], source: str, line: int) -> list[Problem]:
+    """Every structural problem of one canonical preference record: the prompt (``input``) is checked like a chat
+    record's messages and must end where an answer follows; each output is exactly one assistant message with
+    text; the two outputs differ (an identical pair teaches nothing and only adds noise to the loss)."""
+    if not is_preference(record):
+        return [Problem(source, line, "is a chat example, where preference pairs are expected (train.objective: "
+                                      "dpo): give `input`/`preferred_output`/`non_preferred_output` or `prompt`/"
+                                      "`chosen`/`rejected`, or set train.objective: sft")]
+    out: list[Problem] = []
+
+    def add(reason: str, fld: str | None = None) -> None:
+        out.append(Problem(source, line, reason, fld))
+
+    for key in record:
+        if key not in PREFERENCE_KEYS:
+            add(f"unknown key (expected {', '.join(PREFERENCE_KEYS)})", key)
+    prompt = record.get("input")
+    if not isinstance(prompt, dict):
+        add("missing" if "input" not in record else f"must be an object with messages, got {_kind(prompt)}",
+            "input")
+    else:
+        out += [Problem(p.source, p.line, p.reason, f"input.{p.field}" if p.field else "input")
+                for p in check_record(prompt, source, line, for_training=False)]
+        messages = prompt.get("messages")
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") == "assistant":
+            add("ends with an assistant message; the prompt ends with the turn the two outputs answer (a user or "
+                "tool message)", f"input.messages[{len(messages) - 1}].role")
+    answers = [_check_output(record, key, add) for key in ("preferred_output", "non_preferred_output")]
+    if answers[0] is not None and answers[0] == answers[1]:
+        add("is the same as preferred_output: a pair of equal answers teaches no preference",
+            "non_preferred_output")
+    return out
+
+
+def _check_output(record: dict[str, Any], key: str, add: Callable[[str, str | None], None]) -> str | None:
+    """The answer text of one output (None when it has problems, each added)."""
+    output = record.get(key)
+    if key not in record:
+        add("missing", key)
+        return None
+    if not isinstance(output, list) or len(output) != 1:
+        got = f"{len(output)} messages" if isinstance(output, list) else _kind(output)
+        add(f"must be a list of one assistant message, got {got}", key)
+        return None
+    msg, fld = output[0], f"{key}[0]"
+    if not isinstance(msg, dict):
+        add(f"must be an object with role and content, got {_kind(msg)}", fld)
+        return None
+    ok = True
+    for k in msg:
+        if k not in OUTPUT_KEYS:
+            add(f"unknown key (expected {', '.join(sorted(OUTPUT_KEYS))})", f"{fld}.{k}")
+            ok = False
+    if msg.get("role") != "assistant":
+        add(f"must be 'assistant' (the answer to the prompt), got {_short(msg.get('role'))}", f"{fld}.role")
+        ok = False
+    content = msg.get("content")
+    if not isinstance(content, str):
+        add("missing" if "content" not in msg else f"must be a string, got {_kind(content)}", f"{fld}.content")
+        return None
+    if not content.strip():
+        add("is empty", f"{fld}.content")
+        return None
+    return content if ok else None
+
+
 SKIP_HINT = ("fix these lines, or set data.on_bad_lines: skip (--skip-bad-lines) to write them to rejects.jsonl "
              "and go on")
 
@@ -138,13 +212,15 @@ def read_examples(path: str | Path, max_errors: int = 20) -> list[dict[str, Any]
     return [record for _, record in read_numbered(path, max_errors)]
 
 
-def read_numbered(path: str | Path, max_errors: int = 20,
-                  hint: str = SKIP_HINT) -> list[tuple[int, dict[str, Any]]]:
-    """Like ``read_examples``, with each record's 1-based line number (for messages about later stages)."""
+def read_numbered(path: str | Path, max_errors: int = 20, hint: str = SKIP_HINT,
+                  preference: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """Like ``read_examples``, with each record's 1-based line number (for messages about later stages).
+    ``preference``: the file holds preference pairs (``check_preference``), else chat examples."""
     examples = read_file(path)
+    check = check_preference if preference else check_record
     for ex in examples:
         if ex.record is not None:
-            ex.problems += check_record(ex.record, ex.source, ex.line)
+            ex.problems += check(ex.record, ex.source, ex.line)
     raise_problems([p for ex in examples for p in ex.problems], max_errors, hint)
     return [(ex.line, ex.record) for ex in examples if ex.record is not None]
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..data.formats import is_preference
 from ..errors import UserError, where
 from ..records import ExportRecord, TrainRun
 
@@ -44,6 +45,8 @@ def load_conversations(path: str | Path, limit: int) -> list[list[dict[str, Any]
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{where(path, number)}: not valid JSON ({exc.msg})") from None
+        if isinstance(record, dict) and is_preference(record):  # a preference pair: its preferred conversation
+            record = {"messages": [*record["input"].get("messages", []), *record["preferred_output"]]}
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list) or not messages:
             raise UserError(f"{where(path, number, 'messages')}: expected a non-empty list of messages",

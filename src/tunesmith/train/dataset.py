@@ -14,8 +14,20 @@ from ..errors import UserError, where
 
 
 @dataclass(frozen=True)
+class PreferencePair:
+    """One preference pair as the DPO loss sees it: the prompt followed by each answer, rendered and tokenised as
+    for supervised training, with only the answer supervised (earlier assistant turns of the prompt are context)."""
+
+    chosen: TokenizedChat
+    rejected: TokenizedChat
+    reference: tuple[float, float] | None = None
+    """Summed log-probabilities of the chosen and rejected answers under the reference model, where they were
+    computed once before training (full fine-tuning); None where the reference runs in each step (adapters off)."""
+
+
+@dataclass(frozen=True)
 class TokenizedSplit:
-    examples: list[TokenizedChat]
+    examples: list[TokenizedChat] | list[PreferencePair]
     dropped_overlong: int = 0
     truncated: int = 0
     dropped_unsupervised: int = 0
@@ -74,6 +86,47 @@ def tokenize_split(path: Path, tokenizer: Any, max_length: int, overlong: str) -
         "median_tokens": lengths[len(lengths) // 2] if lengths else 0,
     }
     return TokenizedSplit(examples, dropped, truncated, unsupervised, str(path), stats)
+
+
+def tokenize_preferences(path: Path, tokenizer: Any, max_length: int, overlong: str) -> TokenizedSplit:
+    """The preference pairs of a file (``train.objective: dpo``). A pair with either sequence over ``max_length``
+    is dropped, truncated (both sequences, keeping the start) or refused as a whole, never half kept."""
+    from ..data import read_numbered
+
+    pairs: list[PreferencePair] = []
+    dropped = truncated = unsupervised = 0
+    for lineno, record in read_numbered(path, preference=True):
+        prompt = [{**m, "weight": 0} if m.get("role") == "assistant" else m for m in record["input"]["messages"]]
+        tools = record["input"].get("tools")
+        try:
+            chosen, rejected = (tokenize_chat(tokenizer, [*prompt, *record[key]], tools)
+                                for key in ("preferred_output", "non_preferred_output"))
+        except UserError as exc:
+            raise UserError(f"{where(path, lineno)}: {exc.message}", hint=exc.hint) from None
+        longest = max(len(chosen.input_ids), len(rejected.input_ids))
+        if longest > max_length:
+            if overlong == "error":
+                raise UserError(f"{where(path, lineno)}: {longest} tokens, over train.max_length {max_length}",
+                                hint="raise train.max_length or set train.overlong: drop")
+            if overlong == "drop":
+                dropped += 1
+                continue
+            chosen, rejected = (TokenizedChat(c.input_ids[:max_length], c.labels[:max_length])
+                                for c in (chosen, rejected))
+            truncated += 1
+        if chosen.num_supervised == 0 or rejected.num_supervised == 0:
+            unsupervised += 1
+            continue
+        pairs.append(PreferencePair(chosen, rejected))
+    lengths = sorted(len(c.input_ids) for p in pairs for c in (p.chosen, p.rejected))
+    stats = {
+        "examples": len(pairs),
+        "tokens": sum(lengths),
+        "supervised_tokens": sum(c.num_supervised for p in pairs for c in (p.chosen, p.rejected)),
+        "max_tokens": lengths[-1] if lengths else 0,
+        "median_tokens": lengths[len(lengths) // 2] if lengths else 0,
+    }
+    return TokenizedSplit(pairs, dropped, truncated, unsupervised, str(path), stats)
 
 
 def inspect_example(config: Any, index: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,16 @@ import torch
 from .. import signals
 from ..chat import TokenizedChat
 from ..config import Config, TrainConfig, dump_config
+from ..config.train import DpoSection
 from ..errors import Interrupted, RunError, UserError
 from ..files import atomic_folder, storage_errors, write_text_atomic
 from ..gguf_import import imported_source
 from ..hardware.machine import measure_matmul_flops
 from ..models import base_model, load_model_config, load_tokenizer, resolve_model_path
 from ..records import TrainFiles, TrainRun, versions
-from . import checkpoint
+from . import checkpoint, preference
 from .batching import epoch_order, micro_batches, step_groups
-from .dataset import TokenizedSplit, read_records, split_paths, tokenize_split
+from .dataset import PreferencePair, TokenizedSplit, read_records, split_paths, tokenize_preferences, tokenize_split
 from .distributed import Processes, barrier, full_state_dict, init_processes, max_all, set_gradient_sync, sum_all
 from .eta import Eta, cpu_warning, estimate, planned_tokens
 from .kernels import attention_implementation
@@ -61,14 +62,21 @@ class TrainResult:
     data: dict[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     """What the run warned about as it went (a long CPU run, a shrunk micro-batch): the report lists them."""
+    objective: str = "sft"
+    eval_win_rate: float | None = None
+    """DPO: the share of held-out pairs whose preferred answer has the higher implicit reward."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
         ev = f", eval loss {self.eval_loss:.4f}" if self.eval_loss is not None else ""
+        if self.eval_win_rate is not None:
+            ev += f", eval win-rate {self.eval_win_rate:.0%}"
         tl = f"{self.train_loss:.4f}" if self.train_loss is not None else "n/a"
-        return (f"{self.method}: {self.steps} steps, train loss {tl}{ev}, {self.tokens_per_s:,.0f} tokens/s; "
+        objective = "" if self.objective == "sft" else f" {self.objective}"
+        return (f"{self.method}{objective}: {self.steps} steps, train loss {tl}{ev}, "
+                f"{self.tokens_per_s:,.0f} tokens/s; "
                 f"{self.trainable_params:,} of {self.total_params:,} parameters trained → {self.artefact}")
 
 
@@ -86,8 +94,9 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(config.model, path=model_path)
     train_file, eval_file = split_paths(tcfg.dataset)
-    train_split = tokenize_split(train_file, tokenizer, tcfg.max_length, tcfg.overlong)
-    eval_split = tokenize_split(eval_file, tokenizer, tcfg.max_length, "truncate") if eval_file else None
+    tokenize = tokenize_preferences if tcfg.objective == "dpo" else tokenize_split
+    train_split = tokenize(train_file, tokenizer, tcfg.max_length, tcfg.overlong)
+    eval_split = tokenize(eval_file, tokenizer, tcfg.max_length, "truncate") if eval_file else None
     if not train_split.examples:
         raise UserError(f"{train_file}: no trainable examples (after dropping {train_split.dropped_overlong} over "
                         f"max_length and {train_split.dropped_unsupervised} with no supervised tokens)",
@@ -107,12 +116,18 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
     eta = _estimate(train_split, tcfg, plan, parameters=total, device=device, world=procs.world) \
         if procs.main else None
 
-    task_eval = _task_eval(config, tokenizer, eval_file) if eval_file and tcfg.task_eval_samples else None
+    dpo = tcfg.objective == "dpo"
+    task_eval = _task_eval(config, tokenizer, eval_file) if eval_file and tcfg.task_eval_samples and not dpo \
+        else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     setup = StepSetup(procs=procs, precision=precision, optimizer=plan.optimizer, pad_id=pad_id, packed=packed,
-                      fused_loss=fused_head_supported(model))
-    history = fit(model=model, setup=setup, tcfg=tcfg, train_examples=train_split.examples,
-                  eval_examples=eval_split.examples if eval_split else [], out=out, resume=resume,
+                      fused_loss=fused_head_supported(model), preference=tcfg.dpo if dpo else None)
+    train_examples, eval_examples = train_split.examples, eval_split.examples if eval_split else []
+    if dpo and not preference.uses_adapters_as_reference(model):
+        train_examples, eval_examples = _reference_logps(model, setup, tcfg, train_examples, eval_examples, out,
+                                                         resume, emit)
+    history = fit(model=model, setup=setup, tcfg=tcfg, train_examples=train_examples,
+                  eval_examples=eval_examples, out=out, resume=resume,
                   fingerprint=fingerprint, emit=emit, task_eval=task_eval, eta=eta)
 
     artefact = _save_final(model, tokenizer, tcfg.method, out, precision, procs)
@@ -125,7 +140,8 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
             "eval": {**eval_split.stats, "file": str(eval_file)} if eval_split else None}
     result = TrainResult(str(out), tcfg.method, history["steps"], history["epochs"], history["train_loss"],
                          history["eval_loss"], history["eval_token_accuracy"], history["tokens_per_s"],
-                         trainable, total, str(artefact), data, tuple(history["warnings"]))
+                         trainable, total, str(artefact), data, tuple(history["warnings"]), tcfg.objective,
+                         history["eval_win_rate"])
     full = tcfg.method == "full"
     TrainRun(model=config.model, base_model_path=model_path, base_model_source=imported_source(Path(model_path)),
              method=tcfg.method, quantization=tcfg.quant if tcfg.method == "qlora" else None,
@@ -140,6 +156,37 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
 
 
 METRICS = "metrics.jsonl"
+REFERENCE = "reference_logps.json"
+"""DPO with full fine-tuning: the initial weights' log-probs of every pair, written once so a resumed run keeps
+the same reference (the weights it resumes from are no longer the initial ones)."""
+
+
+def _reference_logps(model: Any, setup: StepSetup, tcfg: TrainConfig, train_pairs: list[PreferencePair],
+                     eval_pairs: list[PreferencePair], out: Path, resume: bool | str | Path, emit: Event
+                     ) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """The pairs with their reference log-probs: computed with the initial weights before the first step, or read
+    back from the run folder on resume."""
+    path = out / REFERENCE
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        if len(saved["train"]) != len(train_pairs) or len(saved["eval"]) != len(eval_pairs):
+            raise UserError(f"{path}: holds reference log-probs of other data than this run's",
+                            hint="resume with the original data, or start a new run in another --out folder")
+        return ([replace(p, reference=tuple(r)) for p, r in zip(train_pairs, saved["train"], strict=True)],
+                [replace(p, reference=tuple(r)) for p, r in zip(eval_pairs, saved["eval"], strict=True)])
+    start = time.perf_counter()
+    train_pairs, eval_pairs = (preference.precompute(model, pairs, setup=setup,
+                                                     micro_size=tcfg.per_device_train_batch_size,
+                                                     max_length=tcfg.max_length)
+                               for pairs in (train_pairs, eval_pairs))
+    if setup.procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({"train": [p.reference for p in train_pairs],
+                                            "eval": [p.reference for p in eval_pairs]}))
+    emit({"event": "reference", "message": f"reference log-probs of {len(train_pairs) + len(eval_pairs)} pairs "
+                                           f"computed with the initial weights in {time.perf_counter() - start:.1f} s",
+          "pairs": len(train_pairs) + len(eval_pairs)})
+    return train_pairs, eval_pairs
 
 
 def _estimate(split: TokenizedSplit, tcfg: TrainConfig, plan: TrainPlan, *, parameters: int, device: torch.device,
@@ -182,14 +229,18 @@ class StepSetup:
     one process and FSDP2 alike. Benchmarks force either path."""
     loss_kernel: bool = True
     """With ``fused_loss``: Liger's kernel where installed, else our PyTorch chunks (benchmarks ablate it)."""
+    preference: DpoSection | None = None
+    """None: the supervised token loss over chat examples; the ``train.dpo`` settings: the DPO loss over
+    preference pairs (preference.py), each pair's two sequences in one micro-batch."""
 
     @property
     def device(self) -> torch.device:
         return self.procs.device
 
 
-def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig, train_examples: list[TokenizedChat],
-        eval_examples: list[TokenizedChat], out: Path, resume: bool | str | Path = False,
+def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig,
+        train_examples: list[TokenizedChat] | list[PreferencePair],
+        eval_examples: list[TokenizedChat] | list[PreferencePair], out: Path, resume: bool | str | Path = False,
         fingerprint: checkpoint.Fingerprint | None = None, emit: Event = lambda _e: None,
         task_eval: Callable[[Any], dict[str, float]] | None = None, eta: Eta | None = None) -> dict[str, Any]:
     """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand.
@@ -236,9 +287,9 @@ def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig, train_examples: list
             model.train()
             while True:
                 try:
-                    batches, real, n_targets, step_loss = _accumulate(
-                        model, setup=setup, examples=train_examples, indices=indices, micro_size=micro_size,
-                        max_length=tcfg.max_length, row_tokens=_row_tokens(tcfg, micro_size))
+                    batches, real, n_targets, step_loss, step_metrics = _objective_step(
+                        model, setup=setup, tcfg=tcfg, examples=train_examples, indices=indices,
+                        micro_size=micro_size)
                     break
                 except torch.OutOfMemoryError:
                     optimizer.zero_grad(set_to_none=True)
@@ -263,7 +314,7 @@ def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig, train_examples: list
             last_loss = step_loss / n_targets
             record = {"type": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss,
                       "learning_rate": float(scheduler.get_last_lr()[0]), "grad_norm": grad_norm,
-                      "tokens": tokens, "supervised_tokens": n_targets}
+                      "tokens": tokens, "supervised_tokens": n_targets, **step_metrics}
             if step % tcfg.logging_steps == 0 or step == total_steps:
                 _sync(device)
                 now = time.perf_counter()
@@ -274,7 +325,8 @@ def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig, train_examples: list
 
             end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
             if eval_examples and _due(tcfg.eval_strategy, tcfg.eval_steps, step, end_of_epoch):
-                eval_metrics = evaluate_loss(model, eval_examples, setup=setup, tcfg=tcfg)
+                evaluate = preference.evaluate if setup.preference is not None else evaluate_loss
+                eval_metrics = evaluate(model, eval_examples, setup=setup, tcfg=tcfg)
                 if task_eval is not None:
                     # generation as the training forward runs: bf16 autocast over fp32 adapters (whose inputs the
                     # loop leaves in bf16), the tokens looked up on the GPU
@@ -295,7 +347,22 @@ def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig, train_examples: list
     elapsed = time.perf_counter() - run_start
     return {"steps": step, "epochs": round(step / steps_per_epoch, 4), "train_loss": last_loss,
             "eval_loss": eval_metrics.get("eval_loss"), "eval_token_accuracy": eval_metrics.get("eval_token_accuracy"),
-            "tokens_per_s": total_tokens / max(elapsed, 1e-9), "warnings": warnings}
+            "tokens_per_s": total_tokens / max(elapsed, 1e-9), "warnings": warnings,
+            "eval_win_rate": eval_metrics.get("eval_win_rate")}
+
+
+def _objective_step(model: Any, *, setup: StepSetup, tcfg: TrainConfig,
+                    examples: list[TokenizedChat] | list[PreferencePair], indices: list[int], micro_size: int
+                    ) -> tuple[list[Any], int, int, float, dict[str, float]]:
+    """One step's forwards and backwards for the run's objective: (micro-batches, how many are this process's
+    own, the loss's divisor — supervised tokens for SFT, pairs for DPO —, the summed loss, metrics to log)."""
+    if setup.preference is not None:
+        return preference.accumulate(model, setup=setup, dpo=setup.preference, pairs=examples, indices=indices,
+                                     micro_size=micro_size, max_length=tcfg.max_length)
+    batches, real, n_targets, step_loss = _accumulate(model, setup=setup, examples=examples, indices=indices,
+                                                      micro_size=micro_size, max_length=tcfg.max_length,
+                                                      row_tokens=_row_tokens(tcfg, micro_size))
+    return batches, real, n_targets, step_loss, {}
 
 
 def _row_tokens(tcfg: TrainConfig, micro_size: int) -> int | None:
