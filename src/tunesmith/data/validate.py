@@ -25,13 +25,15 @@ ROLE_ALIASES = {"bot": "assistant", "gpt": "assistant", "model": "assistant", "a
 guessing a role silently would train on the wrong turns)."""
 
 
-def check_record(record: dict[str, Any], source: str, line: int, for_training: bool = True) -> list[Problem]:
+def check_record(record: dict[str, Any], source: str, line: int, for_training: bool = True,
+                 unit: str = "line") -> list[Problem]:
     """Every structural problem of one canonical record (an empty list when it is fine to train on).
-    ``for_training=False`` (an eval set): no rule about what there is to learn from, the structure only."""
+    ``for_training=False`` (an eval set): no rule about what there is to learn from, the structure only.
+    ``unit``: ``line`` (JSONL) or ``row`` (a table), as the example's messages count it."""
     out: list[Problem] = []
 
     def add(reason: str, fld: str | None = None) -> None:
-        out.append(Problem(source, line, reason, fld))
+        out.append(Problem(source, line, reason, fld, unit))
 
     for key in record:
         if key not in RECORD_KEYS:
@@ -126,7 +128,9 @@ def raise_problems(problems: Sequence[Problem], max_errors: int, hint: str = SKI
     lines = {(p.source, p.line) for p in problems}
     shown = [str(p) for p in problems[:max_errors]]
     more = len(problems) - len(shown)
-    text = f"{len(problems)} problem(s) in {len(lines)} line(s):\n  " + "\n  ".join(shown)
+    units = "line(s)" if all(p.unit == "line" for p in problems) else "row(s)" if all(
+        p.unit == "row" for p in problems) else "line(s) or row(s)"
+    text = f"{len(problems)} problem(s) in {len(lines)} {units}:\n  " + "\n  ".join(shown)
     if more:
         text += f"\n  … and {more} more"
     raise UserError(text, hint=hint)
@@ -144,7 +148,7 @@ def read_numbered(path: str | Path, max_errors: int = 20,
     examples = read_file(path)
     for ex in examples:
         if ex.record is not None:
-            ex.problems += check_record(ex.record, ex.source, ex.line)
+            ex.problems += check_record(ex.record, ex.source, ex.line, unit=ex.unit)
     raise_problems([p for ex in examples for p in ex.problems], max_errors, hint)
     return [(ex.line, ex.record) for ex in examples if ex.record is not None]
 
