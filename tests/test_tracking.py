@@ -2,6 +2,7 @@
 the over-fitting warning."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,31 @@ def test_early_stopping_stops_at_the_expected_step_and_keeps_the_best_steps_weig
     assert not all(torch.equal(kept[n], w) for n, w in weights_at[6].items())
     # save_total_limit 1 kept the newest regular checkpoint and, on top of it, the best one
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-3", "step-5"]
+
+
+def test_the_report_marks_the_best_step_and_shows_the_overfitting_warning(tmp_path):
+    from tunesmith.records import StageRecord
+    from tunesmith.report import write_report
+
+    train_curve = [(s, 3.0 - 0.3 * s) for s in range(1, 7)]
+    eval_curve = [(2, 1.0), (4, 1.1), (6, 1.3)]
+    warning = best.overfitting(train_curve, eval_curve)
+    (tmp_path / "train").mkdir()
+    metrics_file = tmp_path / "train" / "metrics.jsonl"
+    metrics_file.write_text("".join(json.dumps({"type": "train", "step": s, "loss": v, "learning_rate": 1e-3}) + "\n"
+                                    for s, v in train_curve)
+                            + "".join(json.dumps({"type": "eval", "step": s, "eval_loss": v}) + "\n"
+                                      for s, v in eval_curve))
+    result = {"method": "lora", "steps": 6, "best_step": 2, "best_metric": {"eval_loss": 1.0}, "kept_step": 6,
+              "stopped_early": False, "warnings": [warning]}
+    StageRecord(stage="train", key="0" * 16, status="done", seconds=1.0, summary="train done", finished=0.0,
+                outputs={"run_dir": str(tmp_path / "train"), "artefact_dir": str(tmp_path / "train"),
+                         "metrics_file": str(metrics_file), "result": result}).write(tmp_path / "train")
+    (tmp_path / "config.json").write_text("{}")
+    report = write_report(tmp_path)
+    page = Path(report.html).read_text()
+    assert ("<p id='best-step'>Best step: kept the weights of the last step, 6; the best eval_loss (1) was at step 2 "
+            "(train.load_best_model_at_end: true keeps the best step&#x27;s).</p>") in page
+    assert page.index("id='warnings'") < page.index("id='best-step'")
+    assert "<b>train</b>: over-fitting: eval loss rose from 1.0000 at step 2 to 1.3000 at step 6" in page
+    assert "Best step: kept the weights of the last step, 6" in Path(report.markdown).read_text()
