@@ -185,3 +185,28 @@ def test_the_report_marks_the_best_step_and_shows_the_overfitting_warning(tmp_pa
     assert page.index("id='warnings'") < page.index("id='best-step'")
     assert "<b>train</b>: over-fitting: eval loss rose from 1.0000 at step 2 to 1.3000 at step 6" in page
     assert "Best step: kept the weights of the last step, 6" in Path(report.markdown).read_text()
+
+
+def test_a_tracker_that_fails_mid_run_stops_it_with_one_message():
+    from tunesmith.errors import RunError
+    from tunesmith.train.tracking import Trackers
+
+    class Full:
+        def __init__(self):
+            self.logged = []
+
+        def log(self, metrics, step):
+            if step == 2:
+                raise OSError("No space left on device")
+            self.logged.append((step, metrics))
+
+        def close(self):
+            pass
+
+    full = Full()
+    trackers = Trackers([full])
+    trackers.log({"type": "train", "step": 1, "loss": 2.5, "epoch": 0.5}, 1)
+    trackers.log({"type": "train", "step": 2, "loss": 2.0}, 2)
+    with pytest.raises(RunError, match=r"a tracker failed to log \(OSError: No space left on device\)"):
+        trackers.close()
+    assert full.logged == [(1, {"train/loss": 2.5, "train/epoch": 0.5})]
