@@ -71,12 +71,15 @@ def test_empty_or_blank_file_is_an_error_naming_the_file(tmp_path):
             read_file(tmp_path / name)
 
 
-def test_json_array_file_is_refused_with_a_jsonl_hint(tmp_path):
+def test_a_json_array_is_read_as_rows_from_a_json_file_and_refused_in_a_jsonl_file(tmp_path):
     path = tmp_path / "array.json"
     path.write_text(json.dumps([chat(0), chat(1)], indent=2))
-    with pytest.raises(UserError, match=r"array.json:1: this is a JSON array; tunesmith reads JSONL") as err:
+    assert [(ex.id, ex.record) for ex in read_file(path)] == [(f"{path}: row 1", chat(0)), (f"{path}: row 2", chat(1))]
+    path = path.rename(tmp_path / "array.jsonl")
+    with pytest.raises(UserError, match=r"array.jsonl:1: this is a JSON array; a .jsonl file holds one JSON object "
+                                        "per line") as err:
         read_file(path)
-    assert "jq -c" in err.value.hint
+    assert "rename it to array.json" in err.value.hint and "jq -c" in err.value.hint
 
 
 def test_pretty_printed_json_is_refused_with_a_jsonl_hint(tmp_path):

@@ -36,11 +36,12 @@ class RunError(TunesmithError):
     exit_code = 1
 
 
-def where(path: object, line: int | None = None, field: str | None = None) -> str:
-    """``file:line: field`` prefix used by every message that points into a user's file."""
+def where(path: object, line: int | None = None, field: str | None = None, unit: str = "line") -> str:
+    """``file:line: field`` prefix used by every message that points into a user's file; ``file: row N: field``
+    for a table (parquet, CSV, Arrow, a JSON array, a hub dataset), whose rows have no line."""
     out = str(path)
     if line is not None:
-        out += f":{line}"
+        out += f":{line}" if unit == "line" else f": {unit} {line}"
     if field:
         out += f": {field}"
     return out

@@ -91,7 +91,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
     run = Path(run_dir)
     out = Path(out_dir) if out_dir else run / "report"
     data = collect(run, passed_over or {})
-    images = _plots(data.curves)
+    images = _plots(data.curves, data.train.get("chosen") if data.train else None)
     with atomic_files(out) as staging:  # all the report's files or, when a write fails, none
         (staging / "report.html").write_text(render_html(data, images), encoding="utf-8")
         for name, png in images.items():
@@ -187,9 +187,25 @@ def _train_view(rec: StageRecord | None) -> dict[str, Any] | None:
         return None
     result = rec.outputs.result
     keep = ("method", "steps", "epochs", "train_loss", "eval_loss", "eval_token_accuracy", "eval_win_rate",
-            "tokens_per_s", "trainable_params", "total_params")
+            "tokens_per_s", "trainable_params", "total_params", "best_step", "kept_step")
     return {"summary": rec.summary, "seconds": rec.seconds,
-            "numbers": {k: result[k] for k in keep if result.get(k) is not None}}
+            "numbers": {k: result[k] for k in keep if result.get(k) is not None}, "chosen": _chosen(result)}
+
+
+def _chosen(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The best evaluation and which step's weights the run kept, as a sentence and the step to mark on the curve
+    (None for a run without evaluations, or from before runs recorded them)."""
+    best_step, kept = result.get("best_step"), result.get("kept_step")
+    if best_step is None or kept is None:
+        return None
+    [(metric, value)] = result["best_metric"].items()
+    stopped = f"; early stopping ended the run at step {result['steps']}" if result.get("stopped_early") else ""
+    if kept == best_step:
+        text = f"kept the weights of step {kept}, the best {metric} ({value:.4g}){stopped}"
+    else:
+        text = (f"kept the weights of the last step, {kept}; the best {metric} ({value:.4g}) was at step "
+                f"{best_step} (train.load_best_model_at_end: true keeps the best step's){stopped}")
+    return {"step": best_step, "kept": kept == best_step, "text": text}
 
 
 def _eval_view(rec: StageRecord | None) -> dict[str, Any] | None:
@@ -323,7 +339,7 @@ def _flat_numbers(value: Any, prefix: str = "", depth: int = 0) -> dict[str, Any
 
 # --- pictures -------------------------------------------------------------------------------------------------------
 
-def _plots(curves: dict[str, list[tuple[float, float]]]) -> dict[str, bytes]:
+def _plots(curves: dict[str, list[tuple[float, float]]], chosen: dict[str, Any] | None = None) -> dict[str, bytes]:
     if not curves.get("loss"):
         return {}
     import matplotlib
@@ -338,6 +354,9 @@ def _plots(curves: dict[str, list[tuple[float, float]]]) -> dict[str, bytes]:
     if curves.get("eval_loss"):
         es, el = zip(*curves["eval_loss"], strict=True)
         ax.plot(es, el, "o-", label="eval loss", color="#dc2626")
+    if chosen is not None:
+        ax.axvline(chosen["step"], color="#111827", linestyle="--", linewidth=1,
+                   label=f"best step {chosen['step']}" + (" (kept)" if chosen["kept"] else ""))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per supervised token)")
     ax.set_yscale("log")
@@ -428,6 +447,8 @@ def render_html(d: ReportData, images: dict[str, bytes]) -> str:
     parts.append("<h2>Training</h2>")
     if d.train:
         parts.append(f"<p>{e(d.train['summary'])}</p>" + _kv_table(d.train["numbers"]))
+        if d.train.get("chosen"):
+            parts.append(f"<p id='best-step'>Best step: {e(d.train['chosen']['text'])}.</p>")
         for name in ("loss", "learning_rate"):
             if name in images:
                 b64 = base64.b64encode(images[name]).decode()
@@ -510,6 +531,8 @@ def render_markdown(d: ReportData, image_names: list[str]) -> str:
     lines += ["", "## Training", ""]
     if d.train:
         lines += [d.train["summary"], "", *_md_kv(d.train["numbers"]), ""]
+        if d.train.get("chosen"):
+            lines += [f"Best step: {d.train['chosen']['text']}.", ""]
         lines += [f"![{n}]({n}.png)" for n in image_names]
     lines += ["", "## Evaluation: base vs tuned", ""]
     if d.eval_not_run:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import Section
 
@@ -95,11 +95,33 @@ class LeakageSection(Section):
 
 class DataConfig(Section):
     train_files: list[str] = Field(default_factory=list)
-    """Raw JSONL files to prepare (OpenAI chat ``messages``, alpaca, ShareGPT ``conversations`` or
-    prompt/completion; one JSON object per line). Files given on the command line are used instead."""
+    """Data to prepare, in OpenAI chat ``messages``, alpaca, ShareGPT ``conversations`` or prompt/completion form:
+    JSONL files (one JSON object per line), ``.json`` (an array or JSON lines), ``.parquet``, ``.csv``, ``.arrow``,
+    folders written by datasets' ``save_to_disk``, or hub dataset ids (``org/name``, see ``split`` and
+    ``revision``). Files given on the command line are used instead."""
 
     eval_file: str | None = None
-    """A separate eval file. Given: nothing is held out of ``train_files``. None: ``eval_fraction`` is held out."""
+    """A separate eval set (any of the forms above). Given: nothing is held out of ``train_files``. None:
+    ``eval_fraction`` is held out."""
+
+    columns: dict[str, str] = Field(default_factory=dict)
+    """For tables (parquet, CSV, Arrow, a JSON array, a hub dataset): which column holds each field the formats
+    read, e.g. ``{messages: conversations}`` or ``{instruction: question, output: answer}``. Unmapped columns keep
+    their names."""
+
+    ignore_columns: list[str] = Field(default_factory=list)
+    """Table columns not to read (an ``id`` or ``source`` column of a hub dataset). Any other column that no
+    format reads is an error, so no data is dropped unseen."""
+
+    split: str = "train"
+    """The split of a hub dataset (or of a saved ``DatasetDict`` folder) that ``train_files`` names; datasets'
+    slicing works (``train[:1000]``)."""
+
+    eval_split: str = "test"
+    """The split ``eval_file`` reads when it is a hub dataset or a saved ``DatasetDict`` folder."""
+
+    revision: str | None = None
+    """The hub dataset's git revision (branch, tag or commit); None: its default branch."""
 
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     """Share of the examples held out as the eval split (the guide: 5–10%), chosen before any cleaning."""
@@ -146,6 +168,16 @@ class DataConfig(Section):
 
     leakage: LeakageSection = LeakageSection()
     """Train examples that duplicate eval examples."""
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        from ..data.formats import FORMAT_KEYS
+
+        unknown = sorted(set(value) - FORMAT_KEYS)
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}: map columns to {', '.join(sorted(FORMAT_KEYS))}")
+        return value
 
     @model_validator(mode="after")
     def _eval_source(self) -> DataConfig:

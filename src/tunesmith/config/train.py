@@ -221,8 +221,30 @@ class TrainConfig(Section):
     deterministic: bool = False
     """Use deterministic kernels, so a resumed run reproduces the uninterrupted one bit for bit (CPU)."""
 
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
-    """Experiment trackers. Empty: nothing leaves the machine."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    """Experiment trackers that receive the losses, learning rate, gradient norm, tokens/s, memory, eval metrics
+    and the config: ``tensorboard`` (event files in the run folder's tensorboard/), ``mlflow``
+    (``MLFLOW_TRACKING_URI``, else mlflow.db in the run folder) and ``wandb`` (``WANDB_MODE=offline`` needs no
+    network). Empty: nothing but the run folder's metrics.jsonl."""
+
+    metric_for_best_model: str = "eval_loss"
+    """The eval metric that picks the best step: ``eval_loss``, ``eval_perplexity``, ``eval_token_accuracy`` or a
+    task metric ``task_<name>`` (with ``task_eval_samples`` > 0). run.json records the best step."""
+
+    greater_is_better: bool | None = None
+    """Whether a higher ``metric_for_best_model`` is better. None: lower for eval loss and perplexity, higher for
+    token accuracy and task metrics."""
+
+    load_best_model_at_end: bool = False
+    """Keep the best step's weights as the run's adapter/model instead of the last step's. Each new best is
+    checkpointed (whatever ``save_strategy`` says) and never pruned by ``save_total_limit``."""
+
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations in a row without improving ``metric_for_best_model``. None: never."""
+
+    early_stopping_threshold: float = Field(0.0, ge=0)
+    """How much better than the best so far (in the metric's units) an evaluation must be to count as an
+    improvement."""
 
     on_config_change: Literal["refuse", "warn"] = "refuse"
     """On ``--resume``, what to do if the config or data differ from the checkpoint's."""
@@ -251,6 +273,9 @@ class TrainConfig(Section):
         if self.packed_row_tokens is not None and self.packed_row_tokens < self.max_length:
             raise ValueError(f"packed_row_tokens ({self.packed_row_tokens}) must be at least max_length "
                              f"({self.max_length}): a row holds at least one whole sequence")
+        if (self.load_best_model_at_end or self.early_stopping_patience) and self.eval_strategy == "no":
+            raise ValueError("load_best_model_at_end and early_stopping_patience need evaluations: set "
+                             "eval_strategy to epoch or steps")
         if self.optim == "adamw_8bit_bf16" and self.method != "full":
             raise ValueError(f"optim adamw_8bit_bf16 trains bf16 weights (full fine-tuning); {self.method}'s "
                              "adapters are fp32: use optim auto or adamw_torch")

@@ -17,13 +17,21 @@ Preference pairs (``train.objective: dpo``) have their own canonical record, Ope
   one user turn, a string answer one assistant turn, rendered with the chat template like every other format);
   without ``prompt``, ``chosen`` and ``rejected`` are whole conversations that differ only in their last message
 
-Files are read line by line in binary with a per-line byte cap, so a multi-GB single line costs bounded memory
-(256 KiB) and a whole file is never parsed at once. A UTF-8 BOM, CRLF line ends and blank lines are fine.
+JSONL files are read line by line in binary with a per-line byte cap, so a multi-GB single line costs bounded
+memory (256 KiB) and a whole file is never parsed at once. A UTF-8 BOM, CRLF line ends and blank lines are fine.
+
+Tables — ``.parquet``, ``.csv``, ``.arrow``, a ``.json`` file holding one JSON array, a ``save_to_disk`` folder and
+a hub dataset id (``org/name``) — are read through the ``datasets`` library (memory-mapped Arrow) and each row goes
+through the same conversion and validation, its problems numbered by row (``train.parquet: row 17: ...``).
+``columns`` renames a table's columns to the names above (``{messages: conversations}``: the chat is in the
+column ``conversations``); a column that no format reads is an error unless listed in ``ignore_columns``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +53,11 @@ class Problem:
     line: int | None
     reason: str
     field: str | None = None
+    unit: str = "line"
+    """What ``line`` counts: ``line`` of a JSONL file or ``row`` of a table (1-based either way)."""
 
     def __str__(self) -> str:
-        return f"{where(self.source, self.line, self.field)}: {self.reason}"
+        return f"{where(self.source, self.line, self.field, self.unit)}: {self.reason}"
 
 
 @dataclass
@@ -61,11 +71,14 @@ class Example:
     problems: list[Problem] = field(default_factory=list)
     tokens: int | None = None
     """Tokenised length once counted (chat template included), so it is counted once per example."""
+    unit: str = "line"
+    """What ``line`` counts: ``line`` (JSONL) or ``row`` (a table)."""
 
     @property
     def id(self) -> str:
-        """``file:line`` — how reports and rejects name an example (never by its text)."""
-        return f"{self.source}:{self.line}"
+        """``file:line`` (``file: row N`` for a table) — how reports and rejects name an example (never by its
+        text)."""
+        return where(self.source, self.line, unit=self.unit)
 
 
 Converter = Callable[[dict[str, Any]], tuple[dict[str, Any] | None, str, list[tuple[str | None, str]]]]
@@ -73,27 +86,58 @@ Converter = Callable[[dict[str, Any]], tuple[dict[str, Any] | None, str, list[tu
 ``{"input", "expected"}`` shape to these."""
 
 
-def read_file(path: str | Path, max_line_bytes: int = 16 * 2**20, max_depth: int = 32,
-              convert: Converter | None = None) -> list[Example]:
-    """Every non-blank line of ``path`` as an Example (canonical record + per-line problems). The one reader of
-    users' data files: data prepare, train, advise and eval all read through it.
+TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+"""File suffix → the ``datasets`` builder that reads it (a ``.json`` array is read by its ``json`` builder)."""
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+FORMAT_KEYS = frozenset({"messages", "tools", "parallel_tool_calls", "conversations", "system", "id", "instruction",
+                         "input", "output", "prompt", "completion"})
+"""Every top-level key some accepted format reads: a table column outside these must be mapped or ignored."""
 
-    File-level problems (missing, empty, a JSON array instead of JSONL) raise ``UserError`` at once: no line of
-    such a file can be used. ``convert``: how a parsed line becomes a record (default ``to_canonical``)."""
+
+@dataclass(frozen=True)
+class TableSource:
+    """How to read tables: the column mapping and, for hub ids and ``save_to_disk`` dataset dicts, which split and
+    revision."""
+
+    columns: dict[str, str] = field(default_factory=dict)
+    """Format name → the table's column holding it (``{"messages": "conversations"}``)."""
+    ignore_columns: tuple[str, ...] = ()
+    split: str = "train"
+    revision: str | None = None
+
+
+def read_file(path: str | Path, max_line_bytes: int = 16 * 2**20, max_depth: int = 32,
+              convert: Converter | None = None, table: TableSource = TableSource()) -> list[Example]:
+    """Every non-blank line (or table row) of ``path`` as an Example (canonical record + its problems). The one
+    reader of users' data: data prepare, train, advise and eval all read through it. ``path``: a JSONL file, a
+    table file or ``save_to_disk`` folder, or a hub dataset id (``table`` says which split, and the columns).
+
+    File-level problems (missing, empty, pretty-printed JSON, an unreadable table) raise ``UserError`` at once: no
+    line of such a file can be used. ``convert``: how a parsed line becomes a record (default ``to_canonical``)."""
     path = Path(path)
     source = str(path)
     if path.is_dir():
-        raise UserError(f"{source}: is a folder, not a data file", hint="give the JSONL file(s) in it")
+        if not _saved_dataset(path):
+            raise UserError(f"{source}: is a folder, not a data file",
+                            hint="give the JSONL file(s) in it, or a folder written by datasets' save_to_disk")
+        return _read_table(source, max_depth, convert, table)
+    if not path.exists():
+        if path.suffix in (".jsonl", ".json", *TABLE_SUFFIXES) or not HUB_ID.fullmatch(source):
+            raise UserError(f"{source}: data file not found", hint="check the path")
+        return _read_table(source, max_depth, convert, table)
     if not path.is_file():
         raise UserError(f"{source}: data file not found", hint="check the path")
+    if path.suffix in TABLE_SUFFIXES or (path.suffix == ".json" and _starts_with(path, b"[")):
+        return _read_table(source, max_depth, convert, table)
     examples: list[Example] = []
     for line_no, text in iter_lines(path, max_line_bytes):
         if isinstance(text, Problem):
             examples.append(Example(source, line_no, None, problems=[text]))
             continue
         if not examples and text.lstrip().startswith("["):
-            raise UserError(f"{where(source, line_no)}: this is a JSON array; tunesmith reads JSONL (one JSON "
-                            "object per line)", hint=f"convert it, e.g. jq -c '.[]' {path.name} > data.jsonl")
+            raise UserError(f"{where(source, line_no)}: this is a JSON array; a .jsonl file holds one JSON "
+                            "object per line", hint=f"rename it to {path.stem}.json (read as an array), or "
+                                                    f"convert it: jq -c '.[]' {path.name} > data.jsonl")
         if not examples and text.strip() == "{":
             raise UserError(f"{where(source, line_no)}: this is pretty-printed JSON spread over several lines; "
                             "tunesmith reads JSONL (one JSON object per line)",
@@ -103,6 +147,99 @@ def read_file(path: str | Path, max_line_bytes: int = 16 * 2**20, max_depth: int
         raise UserError(f"{source}: no examples (the file is empty or only blank lines)",
                         hint="one JSON object per line, e.g. {\"messages\": [...]}")
     return examples
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    """Whether the file's first non-blank bytes (after a BOM) are ``prefix``."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096).removeprefix(BOM).lstrip()
+    return head.startswith(prefix)
+
+
+def _saved_dataset(folder: Path) -> bool:
+    """A folder ``Dataset.save_to_disk`` (state.json) or ``DatasetDict.save_to_disk`` (dataset_dict.json) wrote."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def _read_table(source: str, max_depth: int, convert: Converter | None, table: TableSource) -> list[Example]:
+    """Each row of a table as an Example, numbered from 1; columns renamed by ``table.columns`` first."""
+    rows = _load_table(source, table)
+    renamed = {column: name for name, column in table.columns.items()}
+    missing = [c for c in renamed if c not in rows.column_names]
+    if missing:
+        raise UserError(f"{source}: data.columns names {', '.join(map(repr, missing))}, not a column of this "
+                        f"table (its columns: {', '.join(rows.column_names)})", hint="fix data.columns")
+    kept = [c for c in rows.column_names if c not in table.ignore_columns]
+    unread = [c for c in kept if renamed.get(c, c) not in FORMAT_KEYS]
+    if unread:
+        raise UserError(f"{source}: column(s) {', '.join(map(repr, unread))} are not read by any chat format "
+                        f"(messages, conversations, instruction/input/output, prompt/completion)",
+                        hint="map them to those names with data.columns (e.g. data.columns: {messages: "
+                             f"{unread[0]}}}), or list them in data.ignore_columns")
+    if not len(rows):
+        raise UserError(f"{source}: no examples (the table has no rows)", hint="check the file or the split")
+    examples = []
+    for row_no, row in enumerate(rows.select_columns(kept), start=1):
+        obj = {renamed.get(k, k): v for k, v in _without_nulls(row).items()}
+        if _depth_exceeds(obj, max_depth):
+            problem = Problem(source, row_no, f"JSON nested too deeply (over data.max_depth={max_depth})",
+                              unit="row")
+            examples.append(Example(source, row_no, None, problems=[problem], unit="row"))
+            continue
+        record, fmt, problems = (convert or to_canonical)(obj)
+        found = [Problem(source, row_no, reason, fld, "row") for fld, reason in problems]
+        examples.append(Example(source, row_no, record if not found else None, fmt, found, unit="row"))
+    return examples
+
+
+def _load_table(source: str, table: TableSource) -> Any:
+    """The table as a ``datasets.Dataset``; a file it cannot parse, or a hub id that cannot be fetched (offline,
+    private, misspelt), is one UserError."""
+    import datasets
+
+    datasets.disable_progress_bars()  # a library function does not print; the CLI shows its own progress
+    path = Path(source)
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(source)
+            if isinstance(loaded, datasets.DatasetDict):
+                if table.split not in loaded:
+                    raise UserError(f"{source}: no split {table.split!r} in this saved dataset (its splits: "
+                                    f"{', '.join(loaded)})", hint="set data.split (or data.eval_split)")
+                loaded = loaded[table.split]
+            return loaded
+        if path.exists():
+            builder = TABLE_SUFFIXES.get(path.suffix, "json")
+            return datasets.load_dataset(builder, data_files=source, split="train")
+        return datasets.load_dataset(source, split=table.split, revision=table.revision)
+    except UserError:
+        raise
+    except ConnectionError as exc:
+        offline = "offline" in str(exc).lower() or os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise UserError(f"{source}: the hub dataset {source!r} could not be fetched"
+                        + (" (offline mode: HF_HUB_OFFLINE=1) and is not in the local datasets cache" if offline
+                           else f" ({exc})"),
+                        hint="run once with network access to cache it, or save it to a local file (parquet, "
+                             "JSONL) and give that path") from None
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as exc:
+        raise UserError(f"{source}: not a local file, and no hub dataset of that name ({exc})",
+                        hint="check the path or the dataset id (org/name)") from None
+    except ValueError as exc:  # a split or revision that the dataset does not have
+        raise UserError(f"{source}: {str(exc).splitlines()[0]}", hint="check data.split / data.revision") from None
+    except (datasets.exceptions.DatasetGenerationError, OSError) as exc:
+        cause = exc.__cause__ or exc
+        raise UserError(f"{source}: cannot be read as a table ({str(cause).splitlines()[0]})",
+                        hint="check the file is complete and of the type its suffix says") from None
+
+
+def _without_nulls(value: Any) -> Any:
+    """The value with null object fields removed: Arrow gives every row every field of its column's schema
+    (a message without ``weight`` comes back with ``weight: None``), which the row never held."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def iter_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, str | Problem]]:

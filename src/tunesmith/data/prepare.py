@@ -14,7 +14,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from ..files import atomic_files
 from ..paths import output_folder
 from ..records import PreparedData, PreparedInput, versions
 from . import clean
-from .formats import Example, is_preference, read_file
+from .formats import Example, TableSource, is_preference, read_file
 from .report import EXAMPLES_PER_RULE, length_stats, plot_lengths, role_counts, snippet, turn_counts, write_reports
 from .split import holdout_indices
 from .validate import check_preference, check_record, raise_problems, read_examples
@@ -101,8 +101,10 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
     log, watch = _Log(), _Stopwatch()
 
     # 1. read: every non-blank line, parsed and converted to the canonical record (problems kept per line)
-    pool = [ex for f in train_files for ex in read_file(f, data.max_line_bytes, data.max_depth)]
-    given_eval = read_file(eval_path, data.max_line_bytes, data.max_depth) if eval_path else None
+    tables = TableSource(dict(data.columns), tuple(data.ignore_columns), data.split, data.revision)
+    pool = [ex for f in train_files for ex in read_file(f, data.max_line_bytes, data.max_depth, table=tables)]
+    given_eval = read_file(eval_path, data.max_line_bytes, data.max_depth,
+                           table=replace(tables, split=data.eval_split)) if eval_path else None
     watch.lap("read")
 
     # 2. hold out the eval split FIRST: by position and seed only, so no cleaning decision can shape it
@@ -127,10 +129,11 @@ def prepare(config: Any = None, files: Sequence[str | Path] = (), out_dir: str |
 
     # 6. write the splits and the rejects; 7. the report, the histogram and the manifest — into a staging folder
     # first, so a failed write (a full disk) leaves the folder as it was: no half-written train.jsonl, no mix of runs
-    inputs = [{"path": f, "split": "train" if given_eval is not None else "train+eval", "sha256": _sha256(f),
+    inputs = [{"path": f, "split": "train" if given_eval is not None else "train+eval",
+               "sha256": _sha256(f, [ex for ex in pool if ex.source == f]),
                "examples": sum(1 for ex in pool if ex.source == f)} for f in train_files]
     if eval_path:
-        inputs.append({"path": eval_path, "split": "eval", "sha256": _sha256(eval_path),
+        inputs.append({"path": eval_path, "split": "eval", "sha256": _sha256(eval_path, given_eval or []),
                        "examples": len(given_eval or [])})
     with atomic_files(out, last=PreparedData.FILE) as staging:
         files = {"train": _write_jsonl(staging / "train.jsonl", (ex.record for ex in train)),
@@ -253,7 +256,7 @@ def _validate(train: list[Example], evals: list[Example], on_bad_lines: str, max
     listed, or reject the bad lines (``skip``)."""
     for ex in (*train, *evals):
         if ex.record is not None:
-            ex.problems += check(ex.record, ex.source, ex.line)
+            ex.problems += check(ex.record, ex.source, ex.line, unit=ex.unit)
     if on_bad_lines == "error":
         raise_problems(sorted((p for ex in (*train, *evals) for p in ex.problems),
                               key=lambda p: (p.source, p.line or 0)), max_errors)
@@ -500,7 +503,13 @@ def _write_jsonl(path: Path, rows: Any) -> str:
     return str(path)
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: str, examples: list[Example]) -> str:
+    """The file's sha256; for a ``save_to_disk`` folder or a hub dataset, of the records read from it (in order)."""
+    if not Path(path).is_file():
+        digest = hashlib.sha256()
+        for ex in examples:
+            digest.update(json.dumps(ex.record, sort_keys=True).encode() + b"\n")
+        return digest.hexdigest()
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 

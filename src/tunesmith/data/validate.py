@@ -25,18 +25,20 @@ ROLE_ALIASES = {"bot": "assistant", "gpt": "assistant", "model": "assistant", "a
 guessing a role silently would train on the wrong turns)."""
 
 
-def check_record(record: dict[str, Any], source: str, line: int, for_training: bool = True) -> list[Problem]:
+def check_record(record: dict[str, Any], source: str, line: int, for_training: bool = True,
+                 unit: str = "line") -> list[Problem]:
     """Every structural problem of one canonical record (an empty list when it is fine to train on).
-    ``for_training=False`` (an eval set): no rule about what there is to learn from, the structure only."""
+    ``for_training=False`` (an eval set): no rule about what there is to learn from, the structure only.
+    ``unit``: ``line`` (JSONL) or ``row`` (a table), as the example's messages count it."""
     out: list[Problem] = []
 
     def add(reason: str, fld: str | None = None) -> None:
-        out.append(Problem(source, line, reason, fld))
+        out.append(Problem(source, line, reason, fld, unit))
 
     if is_preference(record):
         return [Problem(source, line, "is a preference pair (preferred and non-preferred answers), where chat "
                                       "examples are expected; set train.objective: dpo to train on preference "
-                                      "pairs, or give a chat file")]
+                                      "pairs, or give a chat file", None, unit)]
     for key in record:
         if key not in RECORD_KEYS:
             add(f"unknown key (expected {', '.join(sorted(RECORD_KEYS))})", key)
@@ -122,18 +124,18 @@ def check_record(record: dict[str, Any], source: str, line: int, for_training: b
 OUTPUT_KEYS = {"role", "content"}
 
 
-def check_preference(record: dict[str, Any], source: str, line: int) -> list[Problem]:
+def check_preference(record: dict[str, Any], source: str, line: int, unit: str = "line") -> list[Problem]:
     """Every structural problem of one canonical preference record: the prompt (``input``) is checked like a chat
     record's messages and must end where an answer follows; each output is exactly one assistant message with
     text; the two outputs differ (an identical pair teaches nothing and only adds noise to the loss)."""
     if not is_preference(record):
         return [Problem(source, line, "is a chat example, where preference pairs are expected (train.objective: "
                                       "dpo): give `input`/`preferred_output`/`non_preferred_output` or `prompt`/"
-                                      "`chosen`/`rejected`, or set train.objective: sft")]
+                                      "`chosen`/`rejected`, or set train.objective: sft", None, unit)]
     out: list[Problem] = []
 
     def add(reason: str, fld: str | None = None) -> None:
-        out.append(Problem(source, line, reason, fld))
+        out.append(Problem(source, line, reason, fld, unit))
 
     for key in record:
         if key not in PREFERENCE_KEYS:
@@ -143,8 +145,8 @@ def check_preference(record: dict[str, Any], source: str, line: int) -> list[Pro
         add("missing" if "input" not in record else f"must be an object with messages, got {_kind(prompt)}",
             "input")
     else:
-        out += [Problem(p.source, p.line, p.reason, f"input.{p.field}" if p.field else "input")
-                for p in check_record(prompt, source, line, for_training=False)]
+        out += [Problem(p.source, p.line, p.reason, f"input.{p.field}" if p.field else "input", unit)
+                for p in check_record(prompt, source, line, for_training=False, unit=unit)]
         messages = prompt.get("messages")
         if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
                 and messages[-1].get("role") == "assistant":
@@ -200,7 +202,9 @@ def raise_problems(problems: Sequence[Problem], max_errors: int, hint: str = SKI
     lines = {(p.source, p.line) for p in problems}
     shown = [str(p) for p in problems[:max_errors]]
     more = len(problems) - len(shown)
-    text = f"{len(problems)} problem(s) in {len(lines)} line(s):\n  " + "\n  ".join(shown)
+    units = "line(s)" if all(p.unit == "line" for p in problems) else "row(s)" if all(
+        p.unit == "row" for p in problems) else "line(s) or row(s)"
+    text = f"{len(problems)} problem(s) in {len(lines)} {units}:\n  " + "\n  ".join(shown)
     if more:
         text += f"\n  … and {more} more"
     raise UserError(text, hint=hint)
@@ -220,7 +224,7 @@ def read_numbered(path: str | Path, max_errors: int = 20, hint: str = SKIP_HINT,
     check = check_preference if preference else check_record
     for ex in examples:
         if ex.record is not None:
-            ex.problems += check(ex.record, ex.source, ex.line)
+            ex.problems += check(ex.record, ex.source, ex.line, unit=ex.unit)
     raise_problems([p for ex in examples for p in ex.problems], max_errors, hint)
     return [(ex.line, ex.record) for ex in examples if ex.record is not None]
 

@@ -73,7 +73,8 @@ def load_eval_set(path: Path, prompt_template: str = "{input}", system: str | No
     examples = read_file(path, convert=_eval_record)
     for ex in examples:
         if ex.record is not None and ex.format != "eval":
-            ex.problems += check_record(ex.record, ex.source, ex.line, for_training=False) or _answer_problems(ex)
+            ex.problems += (check_record(ex.record, ex.source, ex.line, for_training=False, unit=ex.unit)
+                            or _answer_problems(ex))
     raise_problems([p for ex in examples for p in ex.problems], MAX_ERRORS,
                    hint="fix these lines of the eval set: each is a chat record (its last message the expected "
                         "answer) or {\"input\": ..., \"expected\": ...}")
@@ -98,7 +99,7 @@ def _answer_problems(ex: Example) -> list[Problem]:
     if len(messages) >= 2 and last.get("role") == "assistant" and isinstance(last.get("content"), str):
         return []
     return [Problem(ex.source, ex.line, "the last message must be the assistant's expected answer (text), after at "
-                                        "least one prompt message", f"messages[{len(messages) - 1}]")]
+                                        "least one prompt message", f"messages[{len(messages) - 1}]", ex.unit)]
 
 
 def _example(ex: Example, template: str, system: str | None) -> EvalExample:

@@ -116,8 +116,9 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save(root: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any],
-         keep: int | None, procs: Processes | None = None) -> Path:
-    """Write checkpoint ``step`` atomically; prune to the newest ``keep``. Disk-full is a RunError.
+         keep: int | None, procs: Processes | None = None, best: int | None = None) -> Path:
+    """Write checkpoint ``step`` atomically; prune to the newest ``keep``, never the ``best`` step's (the run's
+    best evaluation, kept on top of them). Disk-full is a RunError.
 
     One process: trainable weights as safetensors + optimizer/scheduler/RNG states. Several (FSDP2): every process
     writes its shards with torch.distributed.checkpoint, then the main process seals and renames the folder."""
@@ -150,7 +151,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: Any, schedule
     except OSError as exc:  # not a refusal of the storage: still one message, and the partial folder is gone
         raise RunError(f"could not write checkpoint {step} in {root}: {exc}; {kept}") from exc
     if procs.main:
-        _prune(root, keep)
+        _prune(root, keep, best)
     return final
 
 
@@ -308,10 +309,11 @@ def _verify(d: Path) -> str | None:
     return None
 
 
-def _prune(root: Path, keep: int | None) -> None:
+def _prune(root: Path, keep: int | None, best: int | None = None) -> None:
     if not keep:
         return
-    steps = sorted((int(d.name[5:]), d) for d in root.iterdir() if d.name.startswith("step-") and d.name[5:].isdigit())
+    steps = sorted((int(d.name[5:]), d) for d in root.iterdir() if d.name.startswith("step-") and d.name[5:].isdigit()
+                   and int(d.name[5:]) != best)
     for _, d in steps[:-keep]:
         shutil.rmtree(d, ignore_errors=True)
 

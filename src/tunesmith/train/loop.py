@@ -25,6 +25,7 @@ import torch
 from .. import signals
 from ..chat import TokenizedChat
 from ..config import Config, TrainConfig, dump_config
+from ..config.eval import metric_name
 from ..config.train import DpoSection
 from ..errors import Interrupted, RunError, UserError
 from ..files import atomic_folder, storage_errors, write_text_atomic
@@ -32,7 +33,7 @@ from ..gguf_import import imported_source
 from ..hardware.machine import measure_matmul_flops
 from ..models import base_model, load_model_config, load_tokenizer, resolve_model_path
 from ..records import TrainFiles, TrainRun, versions
-from . import checkpoint, preference
+from . import best, checkpoint, preference, tracking
 from .batching import epoch_order, micro_batches, step_groups
 from .dataset import PreferencePair, TokenizedSplit, read_records, split_paths, tokenize_preferences, tokenize_split
 from .distributed import Processes, barrier, full_state_dict, init_processes, max_all, set_gradient_sync, sum_all
@@ -65,6 +66,15 @@ class TrainResult:
     objective: str = "sft"
     eval_win_rate: float | None = None
     """DPO: the share of held-out pairs whose preferred answer has the higher implicit reward."""
+    best_step: int | None = None
+    """The step of the best evaluation by ``train.metric_for_best_model`` (None: no evaluation)."""
+    best_metric: dict[str, float] | None = None
+    """``{metric_for_best_model: its value}`` at ``best_step``."""
+    kept_step: int | None = None
+    """The step whose weights are the run's adapter/model: ``best_step`` with ``load_best_model_at_end``, else the
+    last step."""
+    stopped_early: bool = False
+    """Early stopping ended the run before its planned steps."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +96,10 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
     ``resume``: True continues from the newest complete checkpoint, a path from that checkpoint of this run."""
     tcfg = config.train
     out = Path(out_dir) if out_dir else Path(config.out_dir) / "train"
+    # before anything slow: a tracker that cannot start or a best-model metric no evaluation computes is a typo
+    tracking.check_trackers(tcfg.report_to)
+    best.greater_is_better(tcfg.metric_for_best_model, tcfg.greater_is_better,
+                           [metric_name(m) for m in config.eval.metrics] if tcfg.task_eval_samples else [])
     _seed_everything(tcfg.seed, tcfg.deterministic)
     procs = init_processes()
     device = procs.device
@@ -126,9 +140,14 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
     if dpo and not preference.uses_adapters_as_reference(model):
         train_examples, eval_examples = _reference_logps(model, setup, tcfg, train_examples, eval_examples, out,
                                                          resume, emit)
-    history = fit(model=model, setup=setup, tcfg=tcfg, train_examples=train_examples,
-                  eval_examples=eval_examples, out=out, resume=resume,
-                  fingerprint=fingerprint, emit=emit, task_eval=task_eval, eta=eta)
+    trackers = tracking.open_trackers(tcfg.report_to, out=out, config=config.model_dump(mode="json"),
+                                      run_name=out.resolve().name) if procs.main else tracking.Trackers([])
+    try:
+        history = fit(model=model, setup=setup, tcfg=tcfg, train_examples=train_examples,
+                      eval_examples=eval_examples, out=out, resume=resume,
+                      fingerprint=fingerprint, emit=emit, task_eval=task_eval, eta=eta, trackers=trackers)
+    finally:
+        trackers.close()
 
     artefact = _save_final(model, tokenizer, tcfg.method, out, precision, procs)
     if not procs.main:
@@ -141,7 +160,8 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
     result = TrainResult(str(out), tcfg.method, history["steps"], history["epochs"], history["train_loss"],
                          history["eval_loss"], history["eval_token_accuracy"], history["tokens_per_s"],
                          trainable, total, str(artefact), data, tuple(history["warnings"]), tcfg.objective,
-                         history["eval_win_rate"])
+                         history["eval_win_rate"], best_step=history["best_step"], best_metric=history["best_metric"],
+                         kept_step=history["kept_step"], stopped_early=history["stopped_early"])
     full = tcfg.method == "full"
     TrainRun(model=config.model, base_model_path=model_path, base_model_source=imported_source(Path(model_path)),
              method=tcfg.method, quantization=tcfg.quant if tcfg.method == "qlora" else None,
@@ -242,9 +262,11 @@ def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig,
         train_examples: list[TokenizedChat] | list[PreferencePair],
         eval_examples: list[TokenizedChat] | list[PreferencePair], out: Path, resume: bool | str | Path = False,
         fingerprint: checkpoint.Fingerprint | None = None, emit: Event = lambda _e: None,
-        task_eval: Callable[[Any], dict[str, float]] | None = None, eta: Eta | None = None) -> dict[str, Any]:
+        task_eval: Callable[[Any], dict[str, float]] | None = None, eta: Eta | None = None,
+        trackers: tracking.Trackers | None = None) -> dict[str, Any]:
     """The optimisation loop on pre-tokenised examples. Usable directly by benchmarks with a model built by hand.
-    ``eta``: the whole run's estimate, announced for the steps left once a resume has found its step."""
+    ``eta``: the whole run's estimate, announced for the steps left once a resume has found its step.
+    ``trackers``: receive each logged train record and each evaluation."""
     procs, device, precision = setup.procs, setup.device, setup.precision
     per_step = tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_examples) / (per_step * procs.world))
@@ -267,6 +289,10 @@ def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig,
     if procs.main:
         _truncate_metrics(out / METRICS, step)
     log = (lambda rec: _append(out / METRICS, rec)) if procs.main else (lambda _rec: None)
+    trackers = trackers or tracking.Trackers([])
+    # evaluations so far (those before a resume's step come from metrics.jsonl), for the best step and early stop
+    evaluations = _past_evaluations(out / METRICS, step) if step else {}
+    selection: best.Selection | None = None
 
     warnings = _announce(eta.remaining(1 - step / total_steps), emit) if eta is not None else []
     micro_size = tcfg.per_device_train_batch_size
@@ -315,12 +341,16 @@ def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig,
             record = {"type": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss,
                       "learning_rate": float(scheduler.get_last_lr()[0]), "grad_norm": grad_norm,
                       "tokens": tokens, "supervised_tokens": n_targets, **step_metrics}
-            if step % tcfg.logging_steps == 0 or step == total_steps:
+            logged = step % tcfg.logging_steps == 0 or step == total_steps
+            if logged:
                 _sync(device)
                 now = time.perf_counter()
                 record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+                record["peak_memory_gib"] = _peak_memory_gib(device)
                 window_tokens, window_start = 0, now
             log(record)
+            if logged:
+                trackers.log(record, step)
             emit({"event": "step", **record, "total_steps": total_steps})
 
             end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
@@ -332,23 +362,53 @@ def fit(*, model: Any, setup: StepSetup, tcfg: TrainConfig,
                     # loop leaves in bf16), the tokens looked up on the GPU
                     with embeddings_on(model, device), _autocast(device, precision):
                         eval_metrics |= task_eval(model)
-                log({"type": "eval", "step": step, "epoch": record["epoch"], **eval_metrics})
+                eval_record = {"type": "eval", "step": step, "epoch": record["epoch"], **eval_metrics}
+                log(eval_record)
+                trackers.log(eval_record, step)
                 emit({"event": "eval", "step": step, **eval_metrics})
-            if stop.raised or (step < total_steps and _due(tcfg.save_strategy, tcfg.save_steps, step, end_of_epoch)):
+                evaluations[step] = eval_metrics
+                selection = _select(evaluations, tcfg)
+            early_stop = selection is not None and selection.stop
+            # a new best is kept on disk until the end (unless this is the last step: its weights stay in memory)
+            keep_best = (tcfg.load_best_model_at_end and selection is not None and selection.latest_is_best
+                         and selection.best_step == step and step < total_steps)
+            if stop.raised or keep_best or (step < total_steps and not early_stop
+                                            and _due(tcfg.save_strategy, tcfg.save_steps, step, end_of_epoch)):
                 path = checkpoint.save(ckpt_root, step, model, optimizer, scheduler,
                                        {"step": step, **(fingerprint.to_state() if fingerprint else {}),
                                         "optimizer": setup.optimizer},
-                                       tcfg.save_total_limit, procs)
+                                       tcfg.save_total_limit, procs, best=selection.best_step if selection else None)
                 emit({"event": "checkpoint", "step": step, "path": str(path)})
             if stop.raised:
                 raise Interrupted(f"stopped by {stop.raised} after step {step}; checkpoint written",
                                   hint="continue with the same command plus --resume")
+            if early_stop:
+                warnings.append(f"early stopping after step {step}: {tcfg.metric_for_best_model} did not improve "
+                                f"for {tcfg.early_stopping_patience} evaluations (best at step "
+                                f"{selection.best_step})")
+                emit({"event": "early_stop", "step": step, "best_step": selection.best_step,
+                      "message": warnings[-1]})
+                break
     _sync(device)
     elapsed = time.perf_counter() - run_start
+    kept = step
+    if tcfg.load_best_model_at_end and selection is not None and selection.best_step != step:
+        kept = selection.best_step
+        checkpoint.restore(checkpoint.chosen(ckpt_root, ckpt_root / f"step-{kept}"), model, optimizer, scheduler,
+                           procs)
+        eval_metrics = evaluations[kept]
+        emit({"event": "best", "step": kept, "message": f"kept the weights of step {kept} (the best "
+                                                        f"{tcfg.metric_for_best_model})"})
+    if procs.main and (warning := best.overfitting(*_loss_curves(out / METRICS))):
+        warnings.append(warning)
+        emit({"event": "warning", "message": warning})
     return {"steps": step, "epochs": round(step / steps_per_epoch, 4), "train_loss": last_loss,
             "eval_loss": eval_metrics.get("eval_loss"), "eval_token_accuracy": eval_metrics.get("eval_token_accuracy"),
             "tokens_per_s": total_tokens / max(elapsed, 1e-9), "warnings": warnings,
-            "eval_win_rate": eval_metrics.get("eval_win_rate")}
+            "eval_win_rate": eval_metrics.get("eval_win_rate"),
+            "best_step": selection.best_step if selection else None,
+            "best_metric": {tcfg.metric_for_best_model: selection.best_value} if selection else None,
+            "kept_step": kept, "stopped_early": selection is not None and selection.stop}
 
 
 def _objective_step(model: Any, *, setup: StepSetup, tcfg: TrainConfig,
@@ -363,6 +423,46 @@ def _objective_step(model: Any, *, setup: StepSetup, tcfg: TrainConfig,
                                                       micro_size=micro_size, max_length=tcfg.max_length,
                                                       row_tokens=_row_tokens(tcfg, micro_size))
     return batches, real, n_targets, step_loss, {}
+
+
+
+def _select(evaluations: dict[int, dict[str, float]], tcfg: TrainConfig) -> best.Selection:
+    """The best step so far and whether to stop, by ``train.metric_for_best_model``."""
+    metric = tcfg.metric_for_best_model
+    latest = evaluations[max(evaluations)]
+    tasks = [k.removeprefix("task_") for k in latest if k.startswith("task_")]
+    greater = best.greater_is_better(metric, tcfg.greater_is_better, tasks)
+    if metric not in latest:
+        raise UserError(f"train.metric_for_best_model: {metric!r} is not among this evaluation's metrics "
+                        f"({', '.join(latest)})", hint="choose one of those")
+    return best.select([(s, m[metric]) for s, m in sorted(evaluations.items()) if metric in m], greater=greater,
+                       patience=tcfg.early_stopping_patience, threshold=tcfg.early_stopping_threshold)
+
+
+def _past_evaluations(path: Path, step: int) -> dict[int, dict[str, float]]:
+    """Evaluations in metrics.jsonl up to ``step`` (a resume's), by step: every process reads them, so every
+    process makes the same early-stopping decision."""
+    if not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return {r["step"]: {k: v for k, v in r.items() if k not in ("type", "step", "epoch")}
+            for r in records if r.get("type") == "eval" and r["step"] <= step}
+
+
+def _loss_curves(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, train loss) and (step, eval loss) of the whole run, resumed parts included."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return ([(r["step"], r["loss"]) for r in records if r.get("type") == "train"],
+            [(r["step"], r["eval_loss"]) for r in records if r.get("type") == "eval" and "eval_loss" in r])
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on the CPU this process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _row_tokens(tcfg: TrainConfig, micro_size: int) -> int | None:
@@ -628,8 +728,12 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
 
 def _fingerprint(cfg: TrainConfig, model_name: str, files: list[Path | None]) -> checkpoint.Fingerprint:
     # what changes the optimisation; logging/saving cadence may change on resume
+    # and which step is kept or when to stop may too (and leave older runs' fingerprints unchanged)
     relevant = cfg.model_dump(mode="json", exclude={"logging_steps", "save_strategy", "save_steps",
-                                                     "save_total_limit", "on_config_change", "report_to"})
+                                                     "save_total_limit", "on_config_change", "report_to",
+                                                     "metric_for_best_model", "greater_is_better",
+                                                     "load_best_model_at_end", "early_stopping_patience",
+                                                     "early_stopping_threshold"})
     return checkpoint.fingerprint(relevant, model_name, files)
 
 
