@@ -12,6 +12,12 @@ from pydantic import Field, field_validator, model_validator
 
 from .base import Section
 
+FORMAT_KEYS = frozenset({"messages", "tools", "parallel_tool_calls", "conversations", "system", "id", "instruction",
+                         "input", "output", "prompt", "completion", "chosen", "rejected", "preferred_output",
+                         "non_preferred_output"})
+"""Every top-level key some accepted format reads (chat and preference pairs): a table column outside these must be
+mapped (``data.columns``) or ignored (``data.ignore_columns``)."""
+
 
 class ExactDedupSection(Section):
     enabled: bool = True
@@ -172,8 +178,6 @@ class DataConfig(Section):
     @field_validator("columns")
     @classmethod
     def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
-        from ..data.formats import FORMAT_KEYS
-
         unknown = sorted(set(value) - FORMAT_KEYS)
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)}: map columns to {', '.join(sorted(FORMAT_KEYS))}")

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config.data import FORMAT_KEYS
 from ..errors import UserError, where
 
 BOM = b"\xef\xbb\xbf"
@@ -89,9 +90,6 @@ Converter = Callable[[dict[str, Any]], tuple[dict[str, Any] | None, str, list[tu
 TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 """File suffix → the ``datasets`` builder that reads it (a ``.json`` array is read by its ``json`` builder)."""
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-FORMAT_KEYS = frozenset({"messages", "tools", "parallel_tool_calls", "conversations", "system", "id", "instruction",
-                         "input", "output", "prompt", "completion"})
-"""Every top-level key some accepted format reads: a table column outside these must be mapped or ignored."""
 
 
 @dataclass(frozen=True)
