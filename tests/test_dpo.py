@@ -266,3 +266,11 @@ def test_a_lora_dpo_job_on_smollm2_runs_through_tunesmith_train(tmp_path):
     assert 0.0 <= run["result"]["eval_win_rate"] <= 1.0
     weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_task_eval_samples_with_dpo_is_a_config_error_not_silently_ignored():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="task_eval_samples generates answers"):
+        TrainConfig(objective="dpo", task_eval_samples=8)
+    assert TrainConfig(objective="dpo").task_eval_samples == 0

@@ -26,7 +26,7 @@ from typing import Any
 from . import hooks
 from .config import Config
 from .config.pipeline import STAGE_NAMES, StageName
-from .errors import Interrupted, RunError, TunesmithError, UserError
+from .errors import Interrupted, RunError, Stopped, TunesmithError, UserError
 from .paths import output_folder
 from .records import (
     DataOutputs,
@@ -112,7 +112,10 @@ class _Stage:
 def run(config: Config, out_dir: str | Path | None = None, on_event: Event | None = None) -> PipelineResult:
     """Run every stage that is out of date, in order, and write the report. Raises on the first failing stage,
     naming it; finished stages stay finished, so the same command continues where it stopped."""
+    from .train.tracking import check_trackers
+
     emit = on_event or (lambda _e: None)
+    check_trackers(config.train.report_to)  # a missing tracker is found before the data stage, not after it
     out = output_folder(out_dir or config.out_dir, "--out" if out_dir else "out_dir", create=True)
     write_json_atomic(out / "config.json", config.model_dump(mode="json"))
     ctx = _Context(config=config, out=out, emit=emit)
@@ -171,6 +174,8 @@ def _run_stage(name: StageName, stage: _Stage, ctx: _Context) -> StageOutcome:
         outputs, summary = stage.run(ctx, folder, resume)
     except Interrupted as exc:
         raise Interrupted(f"stage `{name}` interrupted: {exc.message}", hint=_resume_hint(ctx, name)) from exc
+    except Stopped:
+        raise  # already says what happened and exits 128 + the signal (its own constructor)
     except TunesmithError as exc:
         kind = type(exc)
         raise kind(f"stage `{name}` failed: {exc.message}",

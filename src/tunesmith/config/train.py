@@ -276,6 +276,10 @@ class TrainConfig(Section):
         if (self.load_best_model_at_end or self.early_stopping_patience) and self.eval_strategy == "no":
             raise ValueError("load_best_model_at_end and early_stopping_patience need evaluations: set "
                              "eval_strategy to epoch or steps")
+        if self.objective == "dpo" and self.task_eval_samples:
+            raise ValueError("task_eval_samples generates answers for the task metrics of chat examples; a DPO run "
+                             "evaluates its held-out pairs (eval loss and win-rate): set task_eval_samples to 0, "
+                             "and score generations with `tunesmith eval` on a chat eval set")
         if self.optim == "adamw_8bit_bf16" and self.method != "full":
             raise ValueError(f"optim adamw_8bit_bf16 trains bf16 weights (full fine-tuning); {self.method}'s "
                              "adapters are fp32: use optim auto or adamw_torch")
