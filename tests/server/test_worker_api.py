@@ -219,3 +219,60 @@ def _workers_of(data_dir: Path) -> list[int]:
             found.append(int(cmdline.parent.name))
     return found
 
+
+
+def test_chat_with_the_fine_tuned_model_answers_as_its_merged_weights_do(server, finished):
+    """`model=job.fine_tuned_model` on the same server: the adapter on its base, greedy, equals the job's own merged
+    model generating the same prompt (tunesmith's generation, the chat template training used)."""
+    from tunesmith.chat import prompt_ids
+    from tunesmith.config import ModelConfig
+    from tunesmith.evaluate.generate import generate_transformers
+    from tunesmith.models import load_model, load_tokenizer
+
+    client = server.client(_strict_response_validation=True)
+    name = client.fine_tuning.jobs.retrieve(finished.id).fine_tuned_model
+    assert name in [m.id for m in client.models.list().data]
+    question = [{"role": "user", "content": "What is 3 plus 4?"}]
+    reply = client.chat.completions.create(model=name, messages=question, max_tokens=10, temperature=0)
+    assert reply.model == name
+    cfg = ModelConfig(name_or_path=str(server.data_dir / "jobs" / finished.id / "merge" / "model"))
+    tokenizer = load_tokenizer(cfg)
+    expected = generate_transformers(load_model(cfg), tokenizer, [prompt_ids(tokenizer, question)], 10, 1)[0]
+    assert reply.choices[0].message.content.strip() == expected.strip()
+    assert reply.usage.completion_tokens > 0
+
+
+def preference_lines(n: int) -> list[str]:
+    return [json.dumps({"input": {"messages": [{"role": "user", "content": f"What is {i} plus {i + 1}?"}]},
+                        "preferred_output": [{"role": "assistant", "content": f"{2 * i + 1}"}],
+                        "non_preferred_output": [{"role": "assistant", "content": "I do not know."}]})
+            for i in range(n)]
+
+
+@pytest.mark.slow
+def test_a_dpo_job_trains_on_preference_pairs_and_reports_its_rewards(server, tmp_path):
+    client = server.client()
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(line + "\n" for line in preference_lines(12)))
+    uploaded = client.files.create(file=path.open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="local:demo", training_file=uploaded.id, seed=3, method={
+        "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2, "batch_size": 4, "beta": 0.2}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    done = wait_status(client, job.id, ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:local:demo::{job.id}"
+    steps = [e for e in all_events(client, job.id) if e.type == "metrics" and e.message.startswith("Step ")]
+    assert len(steps) == 6  # 12 pairs / 4 per step × 2 epochs
+    assert all("rewards/margins" in e.data for e in steps)
+
+
+def test_a_chat_file_given_to_a_dpo_job_fails_naming_the_example(server, tmp_path):
+    client = server.client()
+    path = write_chat_jsonl(tmp_path / "chat.jsonl", 12)
+    uploaded = client.files.create(file=path.open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="local:demo", training_file=uploaded.id,
+                                         method={"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1}}})
+    failed = wait_status(client, job.id, ("failed", "succeeded"), 120)
+    assert failed.status == "failed"
+    assert (failed.error.code, failed.error.param) == ("invalid_training_file", "training_file")
+    assert "Example 1: is a chat example, where preference pairs are expected" in failed.error.message

@@ -62,26 +62,25 @@ class FileProblem:
 
 def validate_job_files(store: db.Store, settings: ServerSettings, job: db.Job) -> FileProblem | None:
     """The first problem of the job's training or validation file, or None when both can be trained on."""
-    if job.method.get("type") == "dpo" and not _dpo_available():
-        return FileProblem("invalid_method", "The job failed: DPO is not available in this tunesmith version "
-                           "(train.objective: dpo); use method supervised", "method")
     for param, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file)):
         if file_id is None:
             continue
         record = store.get_file(file_id)
         if record is None:
             return FileProblem(f"invalid_{param}", f"The job failed: {param} {file_id} was deleted", param)
-        problem = check_file(settings.files_dir / record.storage_name, file_id=file_id, param=param)
+        problem = check_file(settings.files_dir / record.storage_name, file_id=file_id, param=param,
+                             preference=job.method.get("type") == "dpo")
         if problem is not None:
             return problem
     return None
 
 
-def check_file(path: Path, *, file_id: str, param: str) -> FileProblem | None:
-    """The file read and checked line by line as ``tunesmith data prepare`` reads it; the problems worded by
-    example (the 1-based line of the JSONL file) and message (1-based, within ``messages``)."""
+def check_file(path: Path, *, file_id: str, param: str, preference: bool = False) -> FileProblem | None:
+    """The file read and checked line by line as ``tunesmith data prepare`` reads it — chat examples, or preference
+    pairs for a DPO job — the problems worded by example (the 1-based line of the JSONL file) and message (1-based,
+    within ``messages``)."""
     from ..data.formats import read_file
-    from ..data.validate import check_record
+    from ..data.validate import check_preference, check_record
 
     which = "training" if param == "training_file" else "validation"
     lead = f"The job failed due to an invalid {which} file."
@@ -91,7 +90,8 @@ def check_file(path: Path, *, file_id: str, param: str) -> FileProblem | None:
         return FileProblem(f"invalid_{param}", f"{lead} {exc.message.replace(str(path), file_id)}", param)
     for ex in examples:
         if ex.record is not None:
-            ex.problems += check_record(ex.record, ex.source, ex.line, for_training=param == "training_file")
+            ex.problems += check_preference(ex.record, ex.source, ex.line) if preference else \
+                check_record(ex.record, ex.source, ex.line, for_training=param == "training_file")
     bad = [ex for ex in examples if ex.problems]
     if bad:
         shown = [_worded(ex.line, p.field, p.reason) for ex in bad[:PROBLEMS_SHOWN] for p in ex.problems[:1]]
@@ -104,16 +104,9 @@ def check_file(path: Path, *, file_id: str, param: str) -> FileProblem | None:
 
 
 def _worded(line: int, field: str | None, reason: str) -> str:
-    message = re.match(r"messages\[(\d+)\]", field or "")
+    message = re.search(r"messages\[(\d+)\]", field or "")  # a pair's prompt: input.messages[i]
     where = f"Example {line}" + (f", message {int(message.group(1)) + 1}" if message else "")
     return f"{where}: {field}: {reason}" if field else f"{where}: {reason}"
-
-
-def _dpo_available() -> bool:
-    from ..config.train import TrainConfig
-
-    # DPO lands as train.objective (another branch); until then a DPO job is refused with a clear message
-    return "objective" in TrainConfig.model_fields
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -194,12 +187,13 @@ class Reporter:
 
     def _step(self, event: dict[str, Any]) -> None:
         step, loss = int(event["step"]), float(event["loss"])
+        rewards = {k: event[k] for k in event if k.startswith("rewards/")}  # a DPO job's chosen/rejected rewards
         values = {k: event[k] for k in ("loss", "learning_rate", "grad_norm", "tokens", "supervised_tokens",
-                                         "tokens_per_s", "epoch") if k in event}
+                                         "tokens_per_s", "epoch") if k in event} | rewards
         self.store.upsert_metric(self.job_id, kind="train", step=step, values=values)
         self.last_train = {"step": step, "train_loss": loss}
         data = {"step": step, "train_loss": loss, "total_steps": self.total_steps,
-                "learning_rate": event["learning_rate"], "grad_norm": event["grad_norm"]}
+                "learning_rate": event["learning_rate"], "grad_norm": event["grad_norm"], **rewards}
         self.store.add_event(self.job_id, level="info", type="metrics", data=data,
                              message=f"Step {step}/{self.total_steps}: training loss={loss:.2f}")
         now = time.time()

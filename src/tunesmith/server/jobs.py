@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import PRESETS, Config
-from ..config.train import TrainConfig
-from ..errors import UserError
 from . import schemas
 from .settings import ServerSettings
 
@@ -140,11 +138,6 @@ def job_config(*, job_id: str, model: str, hyperparameters: dict[str, Any], meth
         "learning_rate": BASE_LEARNING_RATE * float(hyperparameters["learning_rate_multiplier"]), "seed": seed,
     }
     if method["type"] == "dpo":
-        # DPO is tunesmith's train.objective, landing from another branch; until this build has it, the job fails
-        # with this message instead of training the wrong objective.
-        if "objective" not in TrainConfig.model_fields:
-            raise UserError(f"job {job_id}: DPO is not available in this tunesmith version",
-                            hint="use method.type 'supervised', or upgrade tunesmith")
         train |= {"objective": "dpo", "dpo": {"beta": method["dpo"]["hyperparameters"]["beta"]}}
     # OpenAI trains on the file as given, and holds nothing out unless a validation file is named: the data stage
     # validates every line (a bad one fails the job with its example and message numbers) but its cleaning
