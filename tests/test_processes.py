@@ -11,13 +11,11 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 import tunesmith
-from gguf_fixtures import needs_gguf
 from tunesmith import processes
 from tunesmith.errors import RunError
 
@@ -189,42 +187,3 @@ def test_train_on_several_processes_names_the_torchrun_log_when_a_worker_fails(t
     assert f"torchrun exited with code 1; its output is in {log} (shown above)" in proc.stderr
     assert "missing.jsonl" in log.read_text() and "missing.jsonl" in proc.stderr  # kept, and shown as it ran
     assert "Traceback" not in proc.stderr.split("error: torchrun")[-1]
-
-
-@pytest.mark.gguf
-@needs_gguf
-def test_sigterm_to_tunesmith_serve_stops_the_llama_cpp_server_and_frees_the_port(tiny_model_dir, tmp_path):
-    from tunesmith.export.gguf import to_gguf
-
-    to_gguf(tiny_model_dir, tmp_path / "gguf", "f16", verify=False)
-    port = free_port()
-    cli = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", str(tmp_path / "gguf"), "--port", str(port)],
-                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    servers: list[int] = []
-    try:
-        wait_for(lambda: _answers(port) or cli.poll() is not None, 120, "the server to answer")
-        assert cli.poll() is None, cli.communicate()[1]
-        servers = children_of(cli.pid)
-        assert len(servers) == 1
-        group = os.getpgid(servers[0])
-
-        cli.send_signal(signal.SIGTERM)
-        code = cli.wait(timeout=30)
-        assert not alive(servers[0]) and port_is_free(port)
-        assert code == 143  # 128 + SIGTERM, after the server stopped
-        assert group == servers[0] != os.getpgid(0)  # it ran in its own group
-        log = tmp_path / "gguf" / "serve.log"
-        assert f"output in {log}" in cli.stderr.read() and f"{port}" in log.read_text()
-    finally:
-        for pid in servers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        cli.kill()
-
-
-def _answers(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False

@@ -191,18 +191,25 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 def _copy(source: IO[bytes], log_path: Path, echo: IO[bytes]) -> None:
     """One pipe to the log and to ``echo``; the log is kept even when ``echo`` goes away (a closed terminal). Both
-    copiers append to the log (O_APPEND: each write lands whole at the end)."""
+    copiers append to the log (O_APPEND: each write lands whole at the end), whole lines only, so the two pipes'
+    lines never interleave mid-line (an unbuffered stderr sends a line's text and its newline in two writes)."""
     echoing = True
+    pending = b""
     with source, open(log_path, "ab") as log:
         for chunk in iter(lambda: source.read1(65536), b""):
-            log.write(chunk)
-            log.flush()
+            lines, sep, pending = (pending + chunk).rpartition(b"\n")
+            if sep:
+                log.write(lines + b"\n")
+                log.flush()
             if echoing:
                 try:
                     echo.write(chunk)
                     echo.flush()
                 except OSError:
                     echoing = False
+        if pending:  # a last line without its newline
+            log.write(pending)
+            log.flush()
 
 
 def _register(child: Child) -> None:
