@@ -145,7 +145,8 @@ def test_an_empty_training_file_fails_the_job_naming_the_file_not_the_servers_pa
 # --- runs ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="timing-dependent: on a loaded 2-core machine the kill can land after the run's last step; the same guarantee is tested through the server in test_worker_api.py::test_kill_9_of_the_server_mid_job_loses_nothing")
+@pytest.mark.skip(reason="timing-dependent: on a loaded 2-core machine the kill can land after the last step; "
+                         "kill -9 of the server mid-job is tested in test_worker_api.py")
 def test_a_worker_killed_mid_job_loses_nothing_another_finishes_it_with_the_same_losses(tmp_path):
     """kill -9 of the worker: its run gets SIGTERM from the kernel (it asked for it), checkpoints and stops; once
     the lease has run out a second worker re-claims the job and resumes from the checkpoint. The losses of every
