@@ -75,8 +75,8 @@ def worker_process(settings: ServerSettings, *extra: str) -> subprocess.Popen:
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")})
 
 
-def runs_of(job_id: str) -> list[int]:
-    """Pids of live processes running this job (the worker's child and anything it started)."""
+def live_processes(wanted) -> list[int]:
+    """Pids of live (not zombie) processes whose argument list ``wanted(args)`` accepts."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
@@ -84,9 +84,14 @@ def runs_of(job_id: str) -> list[int]:
             state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if b"tunesmith.server.jobrun" in args and job_id.encode() in args and state != "Z":
+        if state != "Z" and wanted(args):
             found.append(int(cmdline.parent.name))
     return found
+
+
+def runs_of(job_id: str) -> list[int]:
+    """Pids of live processes running this job (the worker's child and anything it started)."""
+    return live_processes(lambda args: b"tunesmith.server.jobrun" in args and job_id.encode() in args)
 
 
 # --- validation: fast, no training -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from .conftest import RunningServer, start_server, write_chat_jsonl
-from .test_worker import runs_of, wait_for
+from .test_worker import live_processes, runs_of, wait_for
 
 HYPER = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
 KILLED = {"n_epochs": 8, "batch_size": 4, "learning_rate_multiplier": 1.0}
@@ -211,16 +211,7 @@ def test_kill_9_of_the_server_mid_job_loses_nothing(tmp_path):
 
 
 def _workers_of(data_dir: Path) -> list[int]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-            state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b"worker" in args and any(str(data_dir).encode() in a for a in args) and state != "Z":
-            found.append(int(cmdline.parent.name))
-    return found
+    return live_processes(lambda args: b"worker" in args and any(str(data_dir).encode() in a for a in args))
 
 
 

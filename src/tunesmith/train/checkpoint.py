@@ -20,6 +20,7 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ def changes(state: dict[str, Any], now: Fingerprint) -> list[str]:
     recorded = state.get("fingerprint_inputs")
     if not isinstance(recorded, dict):
         return []
-    old, new = _flat(recorded.get("config", {}), "train."), _flat(now.config, "train.")
+    old, new = flatten(recorded.get("config", {}), "train."), flatten(now.config, "train.")
     out = [f"{key} ({_shown(old.get(key))} → {_shown(new.get(key))})" for key in sorted(old.keys() | new.keys())
            if old.get(key, _ABSENT) != new.get(key, _ABSENT)]
     if recorded.get("model") != now.model:
@@ -97,11 +98,12 @@ def changes(state: dict[str, Any], now: Fingerprint) -> list[str]:
 _ABSENT = object()
 
 
-def _flat(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys (``{"lora": {"r": 16}}`` → ``{"lora.r": 16}``)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import RunError, UserError
+from .checkpoint import flatten
 
 LIBRARIES: dict[str, tuple[str, str]] = {
     "tensorboard": ("tensorboard", "tensorboard"),
@@ -148,7 +149,7 @@ class _MLflow:
         artefacts = None if "MLFLOW_TRACKING_URI" in os.environ else (out / "mlruns").resolve().as_uri()
         experiment = found.experiment_id if found else self.client.create_experiment(name, artifact_location=artefacts)
         self.run_id = self.client.create_run(experiment, run_name=run_name).info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in _flat(config).items()]
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
         self.client.log_dict(self.run_id, config, "config.json")
@@ -177,13 +178,3 @@ class _Wandb:
 
     def close(self) -> None:
         self.run.finish()
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
