@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.errors import UserError
 from tunesmith.server import jobs, schemas
 from tunesmith.server.settings import ServerSettings
 
@@ -65,12 +64,10 @@ def test_the_job_config_trains_lora_on_the_file_as_given():
     assert config.pipeline.gguf == ["f16"] and config.train.seed == 5
 
 
-def test_a_dpo_job_without_tunesmiths_dpo_objective_fails_saying_so():
-    if "objective" in jobs.TrainConfig.model_fields:
-        pytest.skip("this tunesmith has train.objective: DPO jobs run")
-    resolved = jobs.resolve_hyperparameters(schemas.CreateJobRequest(model="m", training_file="f",
-                                                                     method={"type": "dpo"}), 10)
-    with pytest.raises(UserError, match="DPO is not available"):
-        jobs.job_config(job_id="ftjob-1", model="local:demo", hyperparameters=resolved.hyperparameters(),
-                        method=resolved.method_json(), seed=1, train_file=Path("t.jsonl"), validation_file=None,
-                        out_dir=Path("o"), settings=ServerSettings())
+def test_a_dpo_job_runs_tunesmiths_dpo_objective_with_the_resolved_beta():
+    resolved = jobs.resolve_hyperparameters(schemas.CreateJobRequest(
+        model="m", training_file="f", method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3}}}), 10)
+    config = jobs.job_config(job_id="ftjob-1", model="local:demo", hyperparameters=resolved.hyperparameters(),
+                             method=resolved.method_json(), seed=1, train_file=Path("t.jsonl"), validation_file=None,
+                             out_dir=Path("o"), settings=ServerSettings())
+    assert config.train.objective == "dpo" and config.train.dpo.beta == 0.3

@@ -173,6 +173,8 @@ def test_sigterm_stops_serve_and_frees_the_port(gguf_file, tmp_path):
         stop_serve(process)
     assert code == 128 + signal.SIGTERM, (tmp_path / "serve.log").read_text()
     with socket.socket() as s:
+        # as a server binds (SO_REUSEADDR): the client's closed connections in TIME_WAIT do not count, a listener does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))  # raises if anything still listens there
 
 
