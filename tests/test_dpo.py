@@ -274,3 +274,55 @@ def test_task_eval_samples_with_dpo_is_a_config_error_not_silently_ignored():
     with pytest.raises(ValidationError, match="task_eval_samples generates answers"):
         TrainConfig(objective="dpo", task_eval_samples=8)
     assert TrainConfig(objective="dpo").task_eval_samples == 0
+
+
+def test_packed_pairs_stay_whole_within_the_row_budget_and_give_the_padded_loss(tiny_model_dir, tiny_tokenizer):
+    """Packed rows hold whole pairs (both sequences in one row) and never more tokens than the memory plan's row
+    budget; the loss, rewards and gradients are the padded layout's."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.train.batching import row_budget
+
+    pairs = pairs_of(tiny_tokenizer, preference_rows(7, seed=3))
+    longest = max(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
+    budget = row_budget(row_tokens=longest + 5, batch_size=4, max_length=64, packed=True, pairs=True)
+    assert budget == max(longest + 5, 128)
+    batches = list(preference.pair_batches(pairs, list(range(7)), 4, 64, 0, True, row_tokens=longest + 5))
+    assert sorted(i for _, group in batches for i in group) == list(range(7))
+    assert len(batches) > 2  # the budget splits the step into several rows, not micro_size pairs to a row
+    for batch, group in batches:
+        assert batch.num_tokens <= budget
+        assert batch.cu_seq_lens.numel() - 1 == 2 * len(group)  # each pair's chosen and rejected sequence
+    assert row_budget(row_tokens=None, batch_size=1, max_length=64, packed=True, pairs=True) == 128
+    assert row_budget(row_tokens=None, batch_size=4, max_length=64, packed=False, pairs=True) == 512
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    dpo = TrainConfig(objective="dpo", dpo={"beta": 0.5}).dpo
+    with torch.no_grad():  # move the policy away from the reference (the initial weights' log-probs)
+        for p in model.parameters():
+            p.add_(0.01 * torch.sin(torch.arange(p.numel(), dtype=p.dtype)).view_as(p))
+
+    def step(packed: bool) -> tuple[float, dict, dict]:
+        setup = StepSetup(procs=Processes.single(CPU), precision=Precision(torch.float32, None),
+                          optimizer="adamw_torch", pad_id=0, packed=packed, fused_loss=True)
+        reference = [replace_reference(p, 1.5 * k) for k, p in enumerate(pairs)]
+        model.zero_grad(set_to_none=True)
+        _, _, n, loss_sum, metrics = preference.accumulate(model, setup=setup, dpo=dpo, pairs=reference,
+                                                           indices=list(range(7)), micro_size=4, max_length=64,
+                                                           row_tokens=longest + 5)
+        return loss_sum / n, metrics, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    packed_loss, packed_metrics, packed_grads = step(True)
+    padded_loss, padded_metrics, padded_grads = step(False)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert packed_metrics["rewards/margins"] == pytest.approx(padded_metrics["rewards/margins"], rel=1e-5)
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, padded_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def replace_reference(pair: PreferencePair, shift: float) -> PreferencePair:
+    """The pair with made-up reference log-probs (a different margin per pair), as precomputed for full tuning."""
+    from dataclasses import replace
+
+    return replace(pair, reference=(-10.0 - shift, -12.0 + shift))

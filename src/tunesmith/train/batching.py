@@ -47,6 +47,22 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=gen).tolist()
 
 
+def packs(packing: str | bool, device_type: str) -> bool:
+    """``train.packing``: ``auto`` packs on a CUDA GPU (variable-length attention) and pads elsewhere."""
+    return device_type == "cuda" if packing == "auto" else bool(packing)
+
+
+def row_budget(*, row_tokens: int | None, batch_size: int, max_length: int, packed: bool, pairs: bool) -> int:
+    """Tokens of the largest micro-batch. Packed: a row's budget, ``row_tokens`` where set, else batch_size ×
+    max_length. Padded: batch_size sequences of up to max_length. Preference pairs keep a pair's two sequences in
+    one micro-batch, so a padded one holds 2 × batch_size sequences and a packed row at least one whole pair of
+    the longest sequences (2 × max_length); with batch_size ≥ 2 a row's budget holds that already."""
+    if not packed:
+        return (2 if pairs else 1) * batch_size * max_length
+    budget = row_tokens or batch_size * max_length
+    return max(budget, 2 * max_length) if pairs else budget
+
+
 def step_groups(order: Sequence[int], sequences_per_step: int) -> list[list[int]]:
     """The epoch's optimizer steps, each ``sequences_per_step`` sequences (all processes' together)."""
     return [list(order[start:start + sequences_per_step]) for start in range(0, len(order), sequences_per_step)]

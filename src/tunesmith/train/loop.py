@@ -34,7 +34,7 @@ from ..hardware.machine import measure_matmul_flops
 from ..models import base_model, load_model_config, load_tokenizer, resolve_model_path
 from ..records import TrainFiles, TrainRun, versions
 from . import best, checkpoint, preference, tracking
-from .batching import epoch_order, micro_batches, step_groups
+from .batching import epoch_order, micro_batches, packs, step_groups
 from .dataset import PreferencePair, TokenizedSplit, read_records, split_paths, tokenize_preferences, tokenize_split
 from .distributed import Processes, barrier, full_state_dict, init_processes, max_all, set_gradient_sync, sum_all
 from .eta import Eta, cpu_warning, estimate, planned_tokens
@@ -116,7 +116,7 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
                         f"max_length and {train_split.dropped_unsupervised} with no supervised tokens)",
                         hint="check the data with `tunesmith data prepare`, or raise train.max_length")
 
-    packed = device.type == "cuda" if tcfg.packing == "auto" else bool(tcfg.packing)
+    packed = packs(tcfg.packing, device.type)
     fingerprint = _fingerprint(tcfg, config.model.name_or_path, [train_file, eval_file])
     hardware = measure_hardware(device, host_link=needs_host_link(tcfg, procs.world))
     plan = plan_training(load_model_config(config.model, model_path), tcfg, hardware=hardware, world=procs.world)
@@ -418,7 +418,8 @@ def _objective_step(model: Any, *, setup: StepSetup, tcfg: TrainConfig,
     own, the loss's divisor — supervised tokens for SFT, pairs for DPO —, the summed loss, metrics to log)."""
     if setup.preference is not None:
         return preference.accumulate(model, setup=setup, dpo=setup.preference, pairs=examples, indices=indices,
-                                     micro_size=micro_size, max_length=tcfg.max_length)
+                                     micro_size=micro_size, max_length=tcfg.max_length,
+                                     row_tokens=_row_tokens(tcfg, micro_size))
     batches, real, n_targets, step_loss = _accumulate(model, setup=setup, examples=examples, indices=indices,
                                                       micro_size=micro_size, max_length=tcfg.max_length,
                                                       row_tokens=_row_tokens(tcfg, micro_size))

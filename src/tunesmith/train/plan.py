@@ -48,6 +48,7 @@ from ..hardware.memory import (
     lora_trainable_params,
 )
 from .adapter_dropout import fusable
+from .batching import packs, row_budget
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -136,8 +137,9 @@ def plan_training(model_config: Any, tcfg: TrainConfig, *, hardware: Hardware, w
                          offload_checkpoints=offload, offloaded_layers=offloaded, fused_dropout=fused_dropout,
                          compile_layers=compiled)
 
-    # a packed row's budget, or a padded micro-batch
-    tokens = tcfg.packed_row_tokens or tcfg.per_device_train_batch_size * tcfg.max_length
+    tokens = row_budget(row_tokens=tcfg.packed_row_tokens, batch_size=tcfg.per_device_train_batch_size,
+                        max_length=tcfg.max_length, packed=packs(tcfg.packing, hardware.device),
+                        pairs=tcfg.objective == "dpo")
     step = _Step(arch, model_config, tcfg, tokens, world, 1, budget, layers, _head(hardware),
                  _dropout_mask_bytes(tcfg, fused_dropout), compiled)
     sharding, shard_why = _choose_sharding(step)

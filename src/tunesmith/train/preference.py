@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..chat import IGNORE_INDEX
 from ..config.train import DpoSection
 from ..models import base_model
-from .batching import MicroBatch, micro_batches
+from .batching import MicroBatch, balanced_rows, micro_batches, row_budget
 from .dataset import PreferencePair
 from .distributed import max_all, set_gradient_sync, sum_all
 from .loss import CHUNK_TOKENS, _attention_kwargs, _final_hidden_states, _inputs
@@ -98,15 +98,23 @@ def uses_adapters_as_reference(model: Any) -> bool:
 
 
 def pair_batches(pairs: list[PreferencePair], indices: list[int], micro_size: int, max_length: int, pad_id: int,
-                 packed: bool) -> Iterator[tuple[MicroBatch, list[int]]]:
-    """Micro-batches of ``micro_size`` pairs each (their chosen sequences, then their rejected ones, as TRL lays
-    them out), padded or packed into one row, with the pairs' indices."""
-    for start in range(0, len(indices), micro_size):
-        group = indices[start:start + micro_size]
+                 packed: bool, row_tokens: int | None = None) -> Iterator[tuple[MicroBatch, list[int]]]:
+    """Micro-batches of whole pairs (their chosen sequences, then their rejected ones, as TRL lays them out), with
+    the pairs' indices. Padded: ``micro_size`` pairs each. Packed: the pairs laid into rows of at most the row
+    budget (``batching.row_budget``: what the memory plan assumed) with similar token counts, a pair never split
+    — fewer, fuller rows than ``micro_size`` pairs to a row, and never a row longer than the plan allowed."""
+    if not packed:
+        groups = [indices[s:s + micro_size] for s in range(0, len(indices), micro_size)]
+    else:
+        budget = row_budget(row_tokens=row_tokens, batch_size=micro_size, max_length=max_length, packed=True,
+                            pairs=True)
+        lengths = [len(pairs[i].chosen.input_ids) + len(pairs[i].rejected.input_ids) for i in indices]
+        groups = [[indices[k] for k in row] for row in balanced_rows(lengths, budget) if row]
+    for group in groups:
         seqs = [pairs[i].chosen for i in group] + [pairs[i].rejected for i in group]
-        # one packed row holds the whole micro-batch (every sequence fits max_length): a pair never spans rows
+        # one packed row holds the whole group (balanced_rows kept it within the budget)
         batch, = micro_batches(seqs, range(len(seqs)), len(seqs), max_length, pad_id, packed,
-                               row_tokens=len(seqs) * max_length)
+                               row_tokens=sum(len(s.input_ids) for s in seqs))
         yield batch, group
 
 
@@ -122,8 +130,9 @@ def _reference(model: Any, batch: MicroBatch, group: list[int], pairs: list[Pref
 
 
 def accumulate(model: Any, *, setup: Any, dpo: DpoSection, pairs: list[PreferencePair], indices: list[int],
-               micro_size: int, max_length: int) -> tuple[list[MicroBatch], int, int, float, dict[str, float]]:
-    """Forward and backward over one step's pairs (``micro_size`` pairs per micro-batch); gradients are left
+               micro_size: int, max_length: int, row_tokens: int | None = None
+               ) -> tuple[list[MicroBatch], int, int, float, dict[str, float]]:
+    """Forward and backward over one step's pairs (``pair_batches`` lays them out); gradients are left
     summed in ``.grad``, each pair weighted 1 / (the step's pairs) so the step's loss is the mean over its pairs
     whatever the accumulation. Returns the micro-batches, how many are this process's own, the step's pairs and
     summed loss over every process, and the step's reward metrics (TRL's names)."""
@@ -131,7 +140,7 @@ def accumulate(model: Any, *, setup: Any, dpo: DpoSection, pairs: list[Preferenc
 
     procs = setup.procs
     mine = indices[procs.rank::procs.world]
-    batches = list(pair_batches(pairs, mine, micro_size, max_length, setup.pad_id, setup.packed))
+    batches = list(pair_batches(pairs, mine, micro_size, max_length, setup.pad_id, setup.packed, row_tokens))
     real = len(batches)
     n_micro = max_all(real, procs)
     if real < n_micro:  # every process runs as many forwards (FSDP2); the filler pair weighs nothing
