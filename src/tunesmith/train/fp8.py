@@ -58,12 +58,13 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_product(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor, scale_b: torch.Tensor,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                out_dtype: torch.dtype, *, fast_accum: bool = False) -> torch.Tensor:
     """``(a * scale_a) @ (b_t * scale_b)`` for fp8 ``a`` (M, K) row-major with ``scale_a`` (M, 1) and fp8 ``b_t``
     (K, N) column-major with ``scale_b`` (1, N): ``torch._scaled_mm`` on CUDA, the same arithmetic emulated in fp32
-    elsewhere."""
+    elsewhere. ``fast_accum``: Hopper's faster FP8 accumulation (partial sums promoted to fp32 less often); the
+    emulation accumulates in fp32 either way."""
     if a.is_cuda:
-        return torch._scaled_mm(a, b_t, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+        return torch._scaled_mm(a, b_t, scale_a, scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum)
     return ((a.float() @ b_t.float()) * scale_a * scale_b).to(out_dtype)
 
 
@@ -80,7 +81,9 @@ class _Fp8Matmul(torch.autograd.Function):
         out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
         q, scale = quantize_rows(rows)
         # weight (N, K) row-major: its transpose is the (K, N) column-major operand, with no copy
-        y = fp8_product(q, scale, weight.t(), weight_scale, out_dtype)[:m]
+        # fast accumulation in forward only, as torchao's float8 training does: the output's error does not
+        # compound, while the input gradient's flows through every layer below
+        y = fp8_product(q, scale, weight.t(), weight_scale, out_dtype, fast_accum=True)[:m]
         ctx.save_for_backward(weight, weight_scale)
         ctx.x_dtype = x.dtype
         return y.reshape(*x.shape[:-1], weight.shape[0])
