@@ -1,6 +1,6 @@
 """FP8 frozen base for LoRA (src/tunesmith/train/fp8.py) through its CPU twin: the same autograd Function with the
 FP8 product emulated in fp32, so quantisation, scales, padding, gradients, the PEFT wiring, saving and merging are
-checked without a GPU (tests/gpu/test_fp8_base.py runs torch._scaled_mm itself)."""
+checked without a GPU (tests/gpu/test_fp8_base_cuda.py runs torch._scaled_mm itself)."""
 
 from __future__ import annotations
 
