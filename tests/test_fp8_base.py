@@ -98,6 +98,20 @@ def test_token_counts_that_are_not_a_multiple_of_16_are_padded_without_changing_
         torch.testing.assert_close(part.grad, ref[:m], rtol=0, atol=0)
 
 
+def test_a_transposed_input_or_gradient_gives_row_major_fp8_operands_and_the_same_result():
+    _, fp8 = _layer()
+    x = torch.randn(64, 32).t()  # (32, 64), column-major
+    q, _ = quantize_rows(x)
+    assert q.is_contiguous(), "_scaled_mm takes its first operand row-major only"
+    torch.testing.assert_close(fp8(x), fp8(x.contiguous()), rtol=0, atol=0)
+    leaf = x.detach().clone().requires_grad_()
+    grad = torch.randn(48, 32).t()
+    fp8(leaf).backward(grad)
+    plain = x.contiguous().requires_grad_()
+    fp8(plain).backward(grad.contiguous())
+    torch.testing.assert_close(leaf.grad, plain.grad, rtol=0, atol=0)
+
+
 def test_backward_gives_the_input_gradient_through_fp8_and_no_weight_gradient():
     linear, fp8 = _layer()
     x = torch.randn(24, 64, requires_grad=True)

@@ -54,7 +54,9 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     e4m3fn has no infinity)."""
     wide = t.float()
     scale = wide.abs().amax(dim=1, keepdim=True).clamp(min=TINY) / FP8_MAX
-    return (wide / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    # elementwise ops keep their input's strides: a gradient that arrives transposed would give a column-major
+    # operand, and _scaled_mm takes its first one row-major only (a no-op for the usual contiguous rows)
+    return (wide / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), scale.contiguous()
 
 
 def fp8_product(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor, scale_b: torch.Tensor,
