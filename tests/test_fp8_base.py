@@ -143,19 +143,6 @@ def _without_bias(fp8: Fp8FrozenLinear) -> Fp8FrozenLinear:
     return Fp8FrozenLinear(plain)
 
 
-def test_the_function_compiles_as_one_graph_with_dynamic_token_counts():
-    _, fp8 = _layer()
-    compiled = torch.compile(fp8, dynamic=True, fullgraph=True)  # fullgraph: a graph break is an error
-    for m in (16, 13):
-        x = torch.randn(m, 64, requires_grad=True)
-        eager = fp8(x)
-        (eager_grad,) = torch.autograd.grad(eager.sum(), x)
-        got = compiled(x)
-        (got_grad,) = torch.autograd.grad(got.sum(), x)
-        torch.testing.assert_close(got, eager)
-        torch.testing.assert_close(got_grad, eager_grad)
-
-
 # --- the model: PEFT wiring, gradients, saving ---------------------------------------------------------------------
 
 
@@ -227,6 +214,26 @@ def test_adapter_gradients_on_the_fp8_base_point_where_the_full_precision_bases_
     assert _cosine(flat, flat_want) >= 0.99
     # every adapter got a gradient through the FP8 input-gradient product of the layers above it
     assert all(float(g.abs().sum()) > 0 for g in grads.values())
+
+
+def test_compiled_decoder_layers_on_the_fp8_base_compute_what_eager_ones_do():
+    """torch.compile of each decoder layer, with dynamic token counts, as the plan compiles LoRA layers on a GPU:
+    q, k and v call the FP8 Function on one input, which the compiler must trace (an earlier version failed)."""
+    from tunesmith.train.model import compile_decoder_layers
+
+    fp8, _ = _tiny()
+    eager, _ = _tiny()
+    compile_decoder_layers(fp8)
+    ids = torch.randint(3, 300, (1, 21))  # 21 tokens: padded inside
+    got = fp8(input_ids=ids, labels=ids, use_cache=False)
+    want = eager(input_ids=ids, labels=ids, use_cache=False)
+    got.loss.backward()
+    want.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5)
+    grads = {n: p.grad for n, p in fp8.named_parameters() if p.requires_grad}
+    for name, p in eager.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-3, atol=1e-6)
 
 
 def test_saved_adapter_holds_only_the_adapters(tmp_path):

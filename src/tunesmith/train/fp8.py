@@ -39,8 +39,6 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-TINY = 1e-12
-"""Smallest amax a row is scaled by: an all-zero row (padding) quantises to zeros instead of dividing by zero."""
 
 ALIGN = 16
 """``_scaled_mm`` on CUDA needs the contracted dimension and both of the second operand's dimensions to be
@@ -52,11 +50,16 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``t`` (R, C) as float8_e4m3fn with one fp32 scale per row: ``t ≈ q * scale`` with ``scale`` (R, 1), each
     row's largest |value| mapped to e4m3's largest (448), values clamped into range (a cast out of range gives NaN,
     e4m3fn has no infinity)."""
+    # the constants are written out here, not read from module globals: torch.compile with dynamic shapes turns a
+    # global float into a graph input, which it then fails to pass into an autograd Function's graph (torch 2.13:
+    # "lift_tracked_freevar_to_input should not be called on root SubgraphTracer")
+    top = torch.finfo(FP8).max
     wide = t.float()
-    scale = wide.abs().amax(dim=1, keepdim=True).clamp(min=TINY) / FP8_MAX
+    # 1e-12: the smallest amax a row is scaled by — an all-zero row (padding) quantises to zeros
+    scale = wide.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / top
     # elementwise ops keep their input's strides: a gradient that arrives transposed would give a column-major
     # operand, and _scaled_mm takes its first one row-major only (a no-op for the usual contiguous rows)
-    return (wide / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), scale.contiguous()
+    return (wide / scale).clamp(-top, top).to(FP8).contiguous(), scale.contiguous()
 
 
 def fp8_product(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor, scale_b: torch.Tensor,
@@ -71,42 +74,32 @@ def fp8_product(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor, scale
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """``x Wᵀ`` with W frozen in fp8 (see the module docstring): backward gives x's gradient only."""
+    """``rows Wᵀ`` for 2-D ``rows`` (a multiple of 16 of them) with W frozen in fp8 (see the module docstring):
+    backward gives the rows' gradient only. Shapes are prepared outside (``Fp8FrozenLinear.forward``), so that no
+    size arithmetic of torch.compile's dynamic shapes happens inside the Function's own graph."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        m = rows.shape[0]
-        pad = -m % ALIGN
-        if pad:
-            rows = torch.nn.functional.pad(rows, (0, 0, 0, pad))
-        out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+    def forward(ctx: Any, rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
         q, scale = quantize_rows(rows)
-        # weight (N, K) row-major: its transpose is the (K, N) column-major operand, with no copy
-        # fast accumulation in forward only, as torchao's float8 training does: the output's error does not
-        # compound, while the input gradient's flows through every layer below
-        y = fp8_product(q, scale, weight.t(), weight_scale, out_dtype, fast_accum=True)[:m]
+        # weight (N, K) row-major: its transpose is the (K, N) column-major operand, with no copy. Fast
+        # accumulation in forward only, as torchao's float8 training does: the output's error does not compound,
+        # while the input gradient's flows through every layer below
+        out_dtype = torch.bfloat16 if rows.is_cuda else rows.dtype
         ctx.save_for_backward(weight, weight_scale)
-        ctx.x_dtype = x.dtype
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        ctx.rows_dtype = rows.dtype
+        return fp8_product(q, scale, weight.t(), weight_scale, out_dtype, fast_accum=True)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         weight, weight_scale = ctx.saved_tensors
-        rows = grad.reshape(-1, grad.shape[-1])
-        m = rows.shape[0]
-        pad = -m % ALIGN
-        if pad:
-            rows = torch.nn.functional.pad(rows, (0, 0, 0, pad))
         # grad_x = grad_y · diag(s_w) · W_q: the weight's row scales belong to the contracted dimension, so they
         # scale grad_y's columns before grad_y gets its own row scales
-        q, scale = quantize_rows(rows.float() * weight_scale)
+        q, scale = quantize_rows(grad.float() * weight_scale)
         # W_q (N, K) column-major = its transpose's memory laid out row-major: one transient copy
         column_major = weight.t().contiguous().t()
         ones = torch.ones(1, weight.shape[1], dtype=torch.float32, device=weight.device)
-        out_dtype = torch.bfloat16 if grad.is_cuda else ctx.x_dtype
-        grad_x = fp8_product(q, scale, column_major, ones, out_dtype)[:m]
-        return grad_x.reshape(*grad.shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None
+        out_dtype = torch.bfloat16 if grad.is_cuda else ctx.rows_dtype
+        return fp8_product(q, scale, column_major, ones, out_dtype).to(ctx.rows_dtype), None, None
 
 
 class Fp8FrozenLinear(nn.Module):
@@ -124,7 +117,15 @@ class Fp8FrozenLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _Fp8Matmul.apply(x, self.weight_fp8, self.weight_scale)
+        rows = x.reshape(-1, self.in_features)
+        m = rows.shape[0]
+        pad = -m % ALIGN
+        if pad:  # zero rows quantise to zeros; their outputs are cut off again (and their gradients are zero)
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, pad))
+        y = _Fp8Matmul.apply(rows, self.weight_fp8, self.weight_scale)
+        if pad:
+            y = y[:m]
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
