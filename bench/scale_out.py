@@ -197,7 +197,7 @@ def _random_weights(model: object, device: object, rank: int) -> None:
 
 # --- seed recipe vs the bf16 base vs the FP8 base, one call ---------------------------------------------------------
 
-FP8_RUN = ["--shape", "8b", "--method", "lora", "--bs", "4", "--rows", "12288", "--memory-limit", "22.99", "--compile"]
+FP8_RUN = ["--shape", "8b", "--method", "lora", "--bs", "4", "--rows", "12288", "--memory-limit", "22.99"]
 """The issue's LoRA row: 8B, rows of 12,288 tokens, planned within the seed recipe's 21.15 GiB (22.99 GB limit)."""
 
 
@@ -212,7 +212,8 @@ def fp8(a: argparse.Namespace) -> None:
     print("ROW " + json.dumps(seed), flush=True)
     errors = {}
     for precision in ("auto", "fp8"):
-        cmd = [sys.executable, __file__, "run", *FP8_RUN, "--warmup", str(a.warmup), "--steps", str(a.steps),
+        cmd = [sys.executable, __file__, "run", *FP8_RUN, *(["--compile"] if a.compile else []),
+               "--warmup", str(a.warmup), "--steps", str(a.steps),
                "--base-precision", precision, "--label", f"lora-8b-{precision}-base", "--jsonl", str(jsonl)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.run_timeout)
@@ -230,8 +231,9 @@ def fp8(a: argparse.Namespace) -> None:
             else None
 
     summary = dict(command=(f"python3 bench/scale_out.py fp8 --seed-script SEED --out OUT --warmup {a.warmup} "
-                            f"--steps {a.steps}"),
-                   runs=" ".join(FP8_RUN), gpu=_gpu(), wall_s=round(time.perf_counter() - started, 1),
+                            f"--steps {a.steps}" + ("" if a.compile else " --no-compile")),
+                   runs=" ".join(FP8_RUN) + (" --compile" if a.compile else ""), gpu=_gpu(),
+                   wall_s=round(time.perf_counter() - started, 1),
                    seed=seed, bf16_base=bf16, fp8_base=fp8_row,
                    bf16_vs_seed=ratio(bf16, seed), fp8_vs_seed=ratio(fp8_row, seed), fp8_vs_bf16=ratio(fp8_row, bf16))
     (out / "fp8_base.json").write_text(json.dumps(summary, indent=1))
@@ -353,6 +355,8 @@ def main() -> None:
     f.add_argument("--out", required=True)
     f.add_argument("--warmup", type=int, default=6, help="untimed steps of each tunesmith run (compilation)")
     f.add_argument("--steps", type=int, default=5, help="timed steps of each tunesmith run")
+    f.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compiled decoder layers, as the plan runs LoRA on a GPU (--no-compile: eager, both runs)")
     f.add_argument("--seed-timeout", type=int, default=150)
     f.add_argument("--run-timeout", type=int, default=150)
     a = p.parse_args()
