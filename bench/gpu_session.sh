@@ -322,7 +322,7 @@ elif [ "$phase" = AF ]; then  # one GPU: the planned run, warm
   so 0 1 200 --shape 8b --method lora --bs 4 --rows 12288 --memory-limit 22.99 --compile --warmup 8 --steps 6 \
     --label lora-seed-budget-planned-warm8 > "$w/planned.log" 2>&1
 elif [ "$phase" = AG ]; then  # one GPU: the FP8 base's tests, then seed vs bf16 base vs FP8 base in one call
-  CUDA_VISIBLE_DEVICES=0 timeout 170 python3 -m pytest -v --durations=0 -p no:cacheprovider \
+  CUDA_VISIBLE_DEVICES=0 timeout 180 python3 -m pytest -v --durations=0 -p no:cacheprovider \
     tests/gpu/test_fp8_base_cuda.py > "$w/tests.log" 2>&1
   CUDA_VISIBLE_DEVICES=0 timeout 400 python3 bench/scale_out.py fp8 --seed-script .gpu/seed_recipe.py \
     --out "$w/fp8" --warmup 6 --steps 5 > "$w/gpu0.log" 2>&1
