@@ -48,9 +48,11 @@
 #                                 #   LoRA, then offloaded layers again with the key/value heads unexpanded where the
 #                                 #   kernel takes them; 8B LoRA as `tunesmith train` plans it within the seed's memory
 #   bash bench/gpu_session.sh AF  # 1 GPU: AE's planned run again with 8 untimed steps (CPU memory pinned by then)
+#   bash bench/gpu_session.sh AG  # 1 GPU: the FP8 base's CUDA tests, then the seed's LoRA vs the planned 8B LoRA
+#                                 #   with the bf16 base and with the FP8 base (issue 26; $OUT/fp8_base.json, .md)
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE|AF}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE|AF|AG}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -319,6 +321,12 @@ elif [ "$phase" = AE ]; then  # one GPU: tests, offloaded layers with unexpanded
 elif [ "$phase" = AF ]; then  # one GPU: the planned run, warm
   so 0 1 200 --shape 8b --method lora --bs 4 --rows 12288 --memory-limit 22.99 --compile --warmup 8 --steps 6 \
     --label lora-seed-budget-planned-warm8 > "$w/planned.log" 2>&1
+elif [ "$phase" = AG ]; then  # one GPU: the FP8 base's tests, then seed vs bf16 base vs FP8 base in one call
+  CUDA_VISIBLE_DEVICES=0 timeout 180 python3 -m pytest -v --durations=0 -p no:cacheprovider \
+    tests/gpu/test_fp8_base_cuda.py > "$w/tests.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout 400 python3 bench/scale_out.py fp8 --seed-script .gpu/seed_recipe.py \
+    --out "$w/fp8" --warmup 6 --steps 5 > "$w/gpu0.log" 2>&1
+  cp "$w/fp8/fp8_base.json" "$w/fp8/fp8_base.md" "$out/" 2>/dev/null
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))

@@ -5,6 +5,12 @@ One configuration per launch; the launcher is the only difference between GPU co
     python bench/scale_out.py run --shape 8b --method full                       # one GPU
     torchrun --standalone --nproc-per-node 4 bench/scale_out.py run --shape 8b --method full
     python bench/scale_out.py report --out OUTDIR OUTDIR/*.jsonl                 # table + scaling factors
+    python bench/scale_out.py fp8 --seed-script PATH/seed_recipe.py --out OUTDIR  # seed vs bf16 vs FP8 base
+
+``fp8`` (issue 26): in one call on one GPU, the seed recipe's LoRA (unchanged, a subprocess), then tunesmith's 8B
+LoRA as ``tunesmith train`` plans it within the seed's memory with the bf16 base, then the same with
+``train.base_precision: fp8`` — each in a fresh process — and writes ``OUTDIR/fp8_base.json`` and
+``OUTDIR/fp8_base.md`` with the ratios.
 
 Workload (issues 8/9/11): a Llama shape with random weights (8B = Llama-3.1-8B, 70B = Llama-3.1-70B), the seed's
 ``--varlen`` chat lengths (log-normal, median ~410, [32, 2048]), 16 sequences per optimizer step PER GPU (weak
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +41,7 @@ from fast_engine import (  # the same shapes and sequences as the fast-engine be
     SHAPES,
     _profile_summary,
     _profiler,
+    run_seed,
     workload,
 )
 
@@ -65,6 +73,7 @@ def run(a: argparse.Namespace) -> None:
     from tunesmith.config import TrainConfig
     from tunesmith.train import StepSetup, fit
     from tunesmith.train.distributed import allocate, init_processes, max_all, shard
+    from tunesmith.train.fp8 import quantize_frozen_base
     from tunesmith.train.kernels import attention_implementation
     from tunesmith.train.loss import fused_head_supported
     from tunesmith.train.measure import measure_hardware
@@ -80,7 +89,7 @@ def run(a: argparse.Namespace) -> None:
                        eval_strategy="no", learning_rate=1e-5 if a.method == "full" else 2e-4, seed=0,
                        compile=bool(a.compile), memory_limit_gb=a.memory_limit, sharding=a.sharding,
                        packed_row_tokens=a.rows, offload_checkpoints="auto" if a.offload == "auto" else False,
-                       optim=a.optim,
+                       optim=a.optim, base_precision=a.base_precision,
                        **overrides)
     hardware = measure_hardware(device, host_link=needs_host_link(tcfg, procs.world))
     plan = plan_training(cfg, tcfg, hardware=hardware, world=procs.world)
@@ -94,11 +103,14 @@ def run(a: argparse.Namespace) -> None:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(cfg, dtype=precision.weights, attn_implementation=attn)
     # the product's build order, but sharded and given random weights here (not read from a checkpoint)
-    model = prepare_model(model, tcfg, replace(plan, checkpointed_layers=layers, compile_layers=False))
+    # the FP8 base is quantised from real values: after the random weights below, before compile
+    model = prepare_model(model, tcfg, replace(plan, checkpointed_layers=layers, compile_layers=False, fp8_base=False))
     if procs.distributed:
         shard(model, procs, a.method, precision.autocast, plan.sharding == "replicate", plan.reshard_after_forward)
     allocate(model, device)
     _random_weights(model, device, procs.rank)
+    if plan.fp8_base:
+        quantize_frozen_base(model)
     if plan.embeddings_on_cpu:
         embeddings_to(model, "cpu")
     if a.compile:
@@ -127,7 +139,8 @@ def run(a: argparse.Namespace) -> None:
                offloaded_layers=plan.offloaded_layers,
                sharding=plan.sharding, reshard_after_forward=plan.reshard_after_forward,
                of_layers=plan.layers, compile=a.compile, planned_peak_gib=plan.estimate_gib,
-               build_s=round(build_s, 1), sequences_per_step=per_gpu * procs.world, label=a.label, loss=a.loss)
+               build_s=round(build_s, 1), sequences_per_step=per_gpu * procs.world, label=a.label, loss=a.loss,
+               fp8_base=plan.fp8_base)
     if prof is not None:
         prof.start()
     try:
@@ -180,6 +193,75 @@ def _random_weights(model: object, device: object, rank: int) -> None:
                 local.fill_(1.0)
             else:
                 local.normal_(0.0, 0.02, generator=per_rank if sharded else shared)
+
+
+# --- seed recipe vs the bf16 base vs the FP8 base, one call ---------------------------------------------------------
+
+FP8_RUN = ["--shape", "8b", "--method", "lora", "--bs", "4", "--rows", "12288", "--memory-limit", "22.99"]
+"""The issue's LoRA row: 8B, rows of 12,288 tokens, planned within the seed recipe's 21.15 GiB (22.99 GB limit)."""
+
+
+def fp8(a: argparse.Namespace) -> None:
+    """The seed's LoRA, then the planned run with the bf16 base and with the FP8 base, each in its own process."""
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / "fp8_base.jsonl"
+    jsonl.unlink(missing_ok=True)
+    started = time.perf_counter()
+    seed = run_seed(a.seed_script, ["--method", "lora", "--varlen"], a.seed_timeout)
+    print("ROW " + json.dumps(seed), flush=True)
+    errors = {}
+    for precision in ("auto", "fp8"):
+        cmd = [sys.executable, __file__, "run", *FP8_RUN, *(["--compile"] if a.compile else []),
+               "--warmup", str(a.warmup), "--steps", str(a.steps),
+               "--base-precision", precision, "--label", f"lora-8b-{precision}-base", "--jsonl", str(jsonl)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.run_timeout)
+            sys.stdout.write(proc.stdout[-2000:] + proc.stderr[-3000:])
+            errors[precision] = (proc.stderr or proc.stdout)[-400:]
+        except subprocess.TimeoutExpired:
+            errors[precision] = f"timeout after {a.run_timeout}s"
+            print(f"{precision}: {errors[precision]}", flush=True)
+    rows = {r["label"]: r for r in _rows(str(jsonl))} if jsonl.exists() else {}
+    bf16 = rows.get("lora-8b-auto-base", {"error": errors.get("auto")})
+    fp8_row = rows.get("lora-8b-fp8-base", {"error": errors.get("fp8")})
+
+    def ratio(r: dict, base: dict) -> float | None:
+        return round(r["tokens_per_s"] / base["tokens_per_s"], 2) if "tokens_per_s" in r and "tokens_per_s" in base \
+            else None
+
+    summary = dict(command=(f"python3 bench/scale_out.py fp8 --seed-script SEED --out OUT --warmup {a.warmup} "
+                            f"--steps {a.steps}" + ("" if a.compile else " --no-compile")),
+                   runs=" ".join(FP8_RUN) + (" --compile" if a.compile else ""), gpu=_gpu(),
+                   wall_s=round(time.perf_counter() - started, 1),
+                   seed=seed, bf16_base=bf16, fp8_base=fp8_row,
+                   bf16_vs_seed=ratio(bf16, seed), fp8_vs_seed=ratio(fp8_row, seed), fp8_vs_bf16=ratio(fp8_row, bf16))
+    (out / "fp8_base.json").write_text(json.dumps(summary, indent=1))
+    lines = ["| run | tokens/s | × seed | peak GiB (planned) | checkpointed + offloaded of layers | loss first → last "
+             "|",
+             "|---|---|---|---|---|---|",
+             f"| seed recipe (`--method lora --varlen`) | {seed.get('tokens_per_s', seed.get('error', '—'))} | 1.00 | "
+             f"{seed.get('peak_alloc_gb', '—')} | | |"]
+    for name, r, x in (("tunesmith, bf16 base", bf16, summary["bf16_vs_seed"]),
+                       ("tunesmith, FP8 base", fp8_row, summary["fp8_vs_seed"])):
+        if "tokens_per_s" not in r:
+            lines.append(f"| {name} | {str(r.get('error', 'no result'))[:80]} | | | | |")
+            continue
+        lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {x} | {r['peak_alloc_gib']} ({r['planned_peak_gib']}) | "
+                     f"{r['checkpointed_layers']} + {r['offloaded_layers']} of {r['of_layers']} | "
+                     f"{r['loss_first']} → {r['loss_last']} |")
+    lines += ["", f"FP8 base vs bf16 base: {summary['fp8_vs_bf16']}×; GPU: {summary['gpu']}; "
+                  f"whole call {summary['wall_s']} s"]
+    (out / "fp8_base.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _gpu() -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
 
 
 # --- the report ----------------------------------------------------------------------------------------------------
@@ -260,6 +342,7 @@ def main() -> None:
     r.add_argument("--offload", default="auto", choices=["auto", "off"], help="train.offload_checkpoints")
     r.add_argument("--optim", default="auto", choices=["auto", "adamw_torch", "adamw_8bit", "adamw_8bit_bf16"],
                    help="train.optim")
+    r.add_argument("--base-precision", default="auto", choices=["auto", "fp8"], help="train.base_precision (LoRA)")
     r.add_argument("--label", default="")
     r.add_argument("--jsonl", default=None, help="append the result row to this file")
     r.add_argument("--workdir", default="/tmp/scale_out")
@@ -267,8 +350,17 @@ def main() -> None:
     rep.add_argument("--out", required=True)
     rep.add_argument("--baseline", default=None, help="results file whose one-GPU rows serve calls without any")
     rep.add_argument("files", nargs="+")
+    f = sub.add_parser("fp8", help="seed recipe vs the bf16 base vs the FP8 base, 8B LoRA, one GPU, one call")
+    f.add_argument("--seed-script", required=True)
+    f.add_argument("--out", required=True)
+    f.add_argument("--warmup", type=int, default=6, help="untimed steps of each tunesmith run (compilation)")
+    f.add_argument("--steps", type=int, default=5, help="timed steps of each tunesmith run")
+    f.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compiled decoder layers, as the plan runs LoRA on a GPU (--no-compile: eager, both runs)")
+    f.add_argument("--seed-timeout", type=int, default=150)
+    f.add_argument("--run-timeout", type=int, default=150)
     a = p.parse_args()
-    run(a) if a.cmd == "run" else report(a)
+    {"run": run, "report": report, "fp8": fp8}[a.cmd](a)
 
 
 if __name__ == "__main__":

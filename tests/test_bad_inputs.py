@@ -127,6 +127,11 @@ CASES = [
     ("export-lora-run-folder", "export {w}/lora", 2, ["merge it first", "tunesmith merge {w}/lora"]),
     ("train-onto-a-finished-run", "train {w}/cfg.yaml --out {w}/lora", 2,
      ["--out {w}/lora: holds a finished train run (run.json)"]),
+    # an FP8 base where it cannot run: the plan's refusal on the CPU, the config's for full fine-tuning
+    ("fp8-base-on-the-cpu", "train {w}/cfg.yaml --out {w}/t --set train.base_precision=fp8", 2,
+     ["train.base_precision: fp8 needs FP8 tensor cores", "the CPU has none", "base_precision: auto"]),
+    ("fp8-base-full", "validate {w}/cfg.yaml --set train.method=full --set train.base_precision=fp8", 2,
+     ["base_precision fp8 is for method lora", "FP8 full fine-tuning"]),
     # flags out of range or unknown
     ("gpus-zero", "train {w}/cfg.yaml --gpus 0 --out {w}/t", 2, ["--gpus"]),
     ("gpus-negative", "train {w}/cfg.yaml --gpus -1 --out {w}/t", 2, ["--gpus"]),

@@ -189,6 +189,9 @@ class TrainRun(Record):
     method: Literal["full", "lora", "qlora"]
     quantization: QuantSection | None
     """The 4-bit base of a QLoRA run (None for full and lora)."""
+    fp8_base: bool = False
+    """A LoRA run whose frozen base computed in FP8 (``train.base_precision: fp8``): the adapter was trained against
+    the FP8-rounded base weights, and a merge into the bf16 base is measured against them."""
     train_file: str
     eval_file: str | None
     """The held-out conversations of the run (absolute paths), if it had some."""

@@ -184,6 +184,15 @@ class TrainConfig(Section):
     """Padding-free packing: concatenate examples into one row with per-example position ids, so no token
     attends across examples and no compute is spent on padding. ``auto``: on for CUDA, off on the CPU."""
 
+    base_precision: Literal["auto", "fp8"] = "auto"
+    """LoRA: the precision of the frozen base's matrix products. ``auto``: the run's precision (bf16 on GPUs that
+    have it). ``fp8``: every linear layer of the decoder blocks is stored in FP8 (e4m3, one scale per output
+    channel: 1 byte per weight instead of 2) and its forward and input-gradient products run on FP8 tensor cores,
+    each operand scaled per row; the adapters, their gradients and the optimizer stay as they are. Needs one CUDA
+    GPU with FP8 tensor cores (compute capability 8.9+: L4, L40S, RTX 4090, H100, H200) and bf16 precision. The
+    adapter is trained against the FP8-rounded base; a merge puts it into the original bf16 base and says how far
+    that moves the logits."""
+
     compile: Literal["auto"] | bool = "auto"
     """Compile each decoder layer with torch.compile (fuses norms, RoPE, SwiGLU and the adapters' small ops; the
     first steps wait ~1 minute for compilation). ``auto``: on for CUDA GPUs, where it is faster for every method,
@@ -280,6 +289,12 @@ class TrainConfig(Section):
             raise ValueError("task_eval_samples generates answers for the task metrics of chat examples; a DPO run "
                              "evaluates its held-out pairs (eval loss and win-rate): set task_eval_samples to 0, "
                              "and score generations with `tunesmith eval` on a chat eval set")
+        if self.base_precision == "fp8" and self.method != "lora":
+            raise ValueError(f"base_precision fp8 is for method lora (a frozen bf16 base); {self.method} "
+                             + ("trains every weight, which FP8 full fine-tuning would do as an option of its own: "
+                                "use base_precision auto" if self.method == "full" else
+                                "already stores its base in 4 bits: use base_precision auto, or method lora for "
+                                "an FP8 base"))
         if self.optim == "adamw_8bit_bf16" and self.method != "full":
             raise ValueError(f"optim adamw_8bit_bf16 trains bf16 weights (full fine-tuning); {self.method}'s "
                              "adapters are fp32: use optim auto or adamw_torch")

@@ -3,8 +3,10 @@
 The base loads in the dtype its weights are stored in (``dtype`` of its config.json: bf16 for most hub
 checkpoints, fp32 for SmolLM2 as tunesmith imports it) on the CPU, unless ``dtype`` asks for another; a QLoRA
 adapter goes into that full-precision base too, never into 4-bit weights (rounding the merged weights to NF4 would
-change the model that was evaluated). A merge into another 16-bit dtype (bf16 of an fp32 base) rounds what was trained:
-it is measured against base + adapter in the base's own dtype and reported as a warning with its numbers.
+change the model that was evaluated); so does an adapter trained on an FP8 base (``train.base_precision: fp8``),
+with a warning that measures how far the merged model is from the FP8 base it was trained against. A merge into
+another 16-bit dtype (bf16 of an fp32 base) rounds what was trained: it is measured against base + adapter in the
+base's own dtype and reported as a warning with its numbers.
 
 Parity: the logits of the merged folder, reloaded by plain transformers, against the logits of base + adapter
 (unmerged, PEFT) on sample conversations. Both sides run in the saved dtype, so the measured difference is what a
@@ -86,6 +88,9 @@ class MergeResult:
     """QLoRA only: merged model vs the 4-bit base + adapter that training (and any eval on it) used —
     ``max_abs_diff`` and ``top1_agreement``. Information, not a check: the full-precision merge removes the NF4
     rounding of the base weights, so this is the quantization error the adapter was trained around."""
+    fp8_base_drift: dict[str, float] | None = None
+    """FP8-base LoRA only: merged model vs the adapter on the FP8 base it was trained on (the same FP8 rounding of
+    the base's block weights, computed on the CPU) — ``max_abs_diff`` and ``top1_agreement``; also a warning."""
     warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,10 +167,17 @@ def merge(run_dir: str | Path | None, out_dir: str | Path, *, base: str | None =
     drift = None
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is not None:
         drift = _quantized_base_drift(base_name, settings, adapter_dir, batches, got, torch_dtype, run.quantization)
+    fp8_drift = None
+    if run is not None and run.fp8_base:
+        fp8_drift = _fp8_base_drift(base_name, settings, adapter_dir, batches, got, torch_dtype)
+        warnings.append(f"trained on an FP8 base: the merged model is the adapter on the {dtype} base, not on the "
+                        f"FP8-rounded base it was trained (and evaluated during training) against — max |Δlogit| "
+                        f"{fp8_drift['max_abs_diff']:.3g}, top-1 agreement {fp8_drift['top1_agreement']:.1%} over "
+                        f"{parity.num_tokens} tokens; evaluate the merged model before you ship it")
     result = MergeResult(out_dir=str(out), base=base_name, adapter=str(adapter_dir.resolve()), method=method,
                          dtype=dtype,
                          parity=parity, base_dtype=base_dtype, precision_loss=loss, quantized_base_drift=drift,
-                         warnings=tuple(warnings))
+                         fp8_base_drift=fp8_drift, warnings=tuple(warnings))
     with writing(staging, what="the merged model", target=out):
         ExportRecord(stage="merge", kind="merged", source=result.adapter,
                      train_run=str(run_path.resolve()) if run is not None else None,
@@ -323,6 +335,21 @@ def _quantized_base_drift(base_name: str, settings: dict[str, Any], adapter_dir:
                                 bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=torch_dtype)
     model = load_model(ModelConfig(**{**settings, "name_or_path": base_name}), quantization=config, device_map="cpu")
     return _merged_against(model, adapter_dir, base_name, batches, merged)
+
+
+def _fp8_base_drift(base_name: str, settings: dict[str, Any], adapter_dir: Path, batches: list[list[int]],
+                    merged: list[Any], torch_dtype: Any) -> dict[str, float]:
+    """Logits of the adapter on the FP8 base (as trained: the training run's own quantisation, its products
+    emulated on the CPU) vs the merged model's."""
+    import torch
+
+    from ..train import quantize_frozen_base
+
+    peft_model = _attach(_load_base(base_name, torch_dtype, settings), adapter_dir, base_name)
+    quantize_frozen_base(peft_model)
+    with torch.no_grad():
+        reference = [_logits(peft_model, ids) for ids in batches]
+    return _difference(merged, reference)
 
 
 def _attach(model: Any, adapter_dir: Path, base_name: str) -> Any:

@@ -109,6 +109,8 @@ class Gpu:
     """On-demand $/GPU-hour: an editable assumption, not a quote."""
     bf16: bool = True
     """bf16 arithmetic in hardware (full fine-tuning's bf16-weight optimizer needs it)."""
+    fp8: bool = False
+    """FP8 tensor cores (compute capability 8.9 or later: Ada and Hopper): a LoRA base's products in FP8."""
     cpu: bool = False
     """This machine's CPU (``this_cpu``): ``bf16_tflops`` then holds its measured fp32 matmul rate."""
 
@@ -116,14 +118,14 @@ class Gpu:
 GPUS: dict[str, Gpu] = {g.name: g for g in (
     Gpu("t4", 16, 15.0, 65, 0.35, bf16=False),  # no bf16 tensor cores; 65 = fp16 peak, bf16 runs emulated
     Gpu("a10g", 24, 22.5, 70, 1.00),         # AWS g5; the A10G runs below the A10's 125 (≈70 quoted; verify)
-    Gpu("l4", 24, 22.5, 121, 0.80),
+    Gpu("l4", 24, 22.5, 121, 0.80, fp8=True),
     Gpu("rtx-3090", 24, 24.0, 35.6, 0.30),   # GeForce: 71 with fp16 accumulate; bf16 training accumulates in fp32
-    Gpu("rtx-4090", 24, 24.0, 82.6, 0.45),   # GeForce: 165 with fp16 accumulate, 82.6 with fp32 (what training uses)
-    Gpu("l40s", 48, 45.0, 362, 1.10),
+    Gpu("rtx-4090", 24, 24.0, 82.6, 0.45, fp8=True),  # GeForce: 165 with fp16 accumulate, 82.6 with fp32 (training)
+    Gpu("l40s", 48, 45.0, 362, 1.10, fp8=True),
     Gpu("a100-40gb", 40, 40.0, 312, 1.30),
     Gpu("a100-80gb", 80, 80.0, 312, 1.80),
-    Gpu("h100-80gb", 80, 79.6, 989, 2.50),
-    Gpu("h200", 141, 140.4, 989, 3.50),
+    Gpu("h100-80gb", 80, 79.6, 989, 2.50, fp8=True),
+    Gpu("h200", 141, 140.4, 989, 3.50, fp8=True),
 )}
 """Built-in GPUs. Prices are EDITABLE ASSUMPTIONS (late-2026 on-demand cloud ballpark); pass your own."""
 

@@ -35,6 +35,8 @@ class Hardware:
     """The adapters' fused dropout kernels run here (src/tunesmith/train/adapter_dropout.py)."""
     torchao: bool = False
     """torchao is installed (full fine-tuning's 8-bit AdamW on bf16 weights)."""
+    fp8: bool = False
+    """FP8 tensor cores: compute capability 8.9 or later (``train.base_precision: fp8``)."""
 
     @classmethod
     def cpu(cls) -> Hardware:
@@ -49,7 +51,8 @@ class Hardware:
         if gpu.cpu:
             return cls.cpu()
         return cls(device="cuda", name=gpu.name, memory_gib=gpu.memory_gib, free_gib=gpu.memory_gib, bf16=gpu.bf16,
-                   bf16_tflops=gpu.bf16_tflops, fused_loss_kernel=True, fused_dropout_kernel=gpu.bf16, torchao=True)
+                   bf16_tflops=gpu.bf16_tflops, fused_loss_kernel=True, fused_dropout_kernel=gpu.bf16, torchao=True,
+                   fp8=gpu.fp8)
 
 
 def measure_matmul_flops(device: Any, dtype: Any, size: int | None = None, repeats: int = 4) -> float:

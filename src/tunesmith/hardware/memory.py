@@ -9,8 +9,9 @@ the CUDA context and allocator slack come on top as a fixed overhead when decidi
     peak = persistent + checkpoints + max(one layer's backward, the LM head's backward)     (checkpointing on)
     peak = persistent + every layer's saved activations + max(…)                           (checkpointing off)
 
-- persistent: base weights (bf16, or NF4 + double-quantized constants + the bf16 parts bitsandbytes does not
-  quantize), trainable parameters, their gradients and the AdamW states.
+- persistent: base weights (bf16; NF4 + double-quantized constants + the bf16 parts bitsandbytes does not
+  quantize; or, for an FP8 base, 1 byte per decoder-block weight + the bf16 rest), trainable parameters, their
+  gradients and the AdamW states.
 - saved activations per token per layer: the byte counts below were MEASURED on the CPU with
   ``torch.autograd.graph.saved_tensors_hooks`` on Llama-architecture models under bf16 autocast, varying one width
   at a time (tests/test_advise_memory.py re-measures them). CUDA's fused dropout keeps a 1-byte mask where the CPU
@@ -244,7 +245,8 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
                     lora_dropout: float = 0.05, checkpointing: Checkpointing = "full",
                     logits: LogitsPolicy = "chunked", optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
                     full_precision: Literal["bf16", "mixed"] = "bf16", dropout_mask_bytes: int = 1,
-                    double_quant: bool = True, shards: int = 1, compiled: bool = False) -> MemoryEstimate:
+                    double_quant: bool = True, shards: int = 1, compiled: bool = False,
+                    fp8_base: bool = False) -> MemoryEstimate:
     """Peak memory of one training step with ``micro_batch_size`` rows of ``seq_len`` tokens (padded or packed).
 
     ``full_precision``: ``bf16`` keeps weights, gradients and AdamW states in bf16 (what the guide's code does: it
@@ -252,7 +254,8 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
     ``shards``: full or LoRA fine-tuning over that many GPUs with FSDP2, as tunesmith trains (weights, gradients
     and states split evenly, one block gathered at a time; the estimate is per GPU). QLoRA is not shardable
     (bitsandbytes 4-bit weights): it trains on one GPU. ``compiled``: the decoder layers run under torch.compile
-    (``COMPILED_LAYER_SHARE`` of the eager activations for LoRA/QLoRA).
+    (``COMPILED_LAYER_SHARE`` of the eager activations for LoRA/QLoRA). ``fp8_base``: LoRA whose frozen
+    decoder-block linear layers are stored in FP8 (src/tunesmith/train/fp8.py).
     """
     n, tokens = arch.total_params, micro_batch_size * seq_len
     d, i, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
@@ -273,6 +276,12 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
             q = arch.quantizable_params
             constants = q / NF4_BLOCK * (1 + 4 / 256) if double_quant else q / NF4_BLOCK * 4
             weights = q * NF4_BYTES_PER_PARAM + constants + (n - q) * 2
+        elif fp8_base:
+            # one e4m3 byte per block weight, stored once (backward transposes one matrix at a time, below) — not
+            # 2 × 1 byte for a second stored layout, which would save nothing against bf16's 2 bytes; the fp32 scale
+            # per output channel (43,008 per 8B layer: 5.5 MB in all) is below this estimate's resolution
+            q = arch.quantizable_params
+            weights = q * 1 + (n - q) * 2
         else:
             weights = n * 2
         trainable_copy = trainable * (4 + 2)  # PEFT upcasts adapters to fp32; autocast caches a bf16 copy
@@ -317,6 +326,10 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
         head = tokens * v * (2 + 4 + 2 + 4)  # bf16 logits, fp32 log-softmax kept, its fp32 gradient, bf16 cast
     if method == "qlora":  # one dequantized bf16 weight (the largest block matrix) at a time
         layer_backward += max(d * i, d * arch.q_dim) * 2
+    if fp8_base and method == "lora":
+        # backward's transposed fp8 copy of the largest block matrix, and the widest gradient quantised to fp8;
+        # eager also materialises its fp32 scaled copy and |·| (8 bytes per element), compiled code fuses them
+        layer_backward += max(d * i, d * arch.q_dim) + tokens * i * (1 if compiled else 9)
 
     peak = weights + trainable_copy + gradients + optimizer_states + activations + max(layer_backward, head)
     peak_gib = peak / GIB

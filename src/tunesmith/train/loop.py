@@ -165,6 +165,7 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
     full = tcfg.method == "full"
     TrainRun(model=config.model, base_model_path=model_path, base_model_source=imported_source(Path(model_path)),
              method=tcfg.method, quantization=tcfg.quant if tcfg.method == "qlora" else None,
+             fp8_base=plan.fp8_base,
              train_file=str(Path(train_file).resolve()),
              eval_file=str(Path(eval_file).resolve()) if eval_file else None,
              outputs=TrainFiles(adapter=None if full else str(artefact), model=str(artefact) if full else None,

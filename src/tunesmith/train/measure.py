@@ -30,4 +30,5 @@ def measure_hardware(device: torch.device, *, host_link: bool = False) -> Hardwa
                     host_link_bytes_per_s=host_link_rate(device) if host_link and peak is not None else None,
                     fused_loss_kernel=fused_loss_kernel_available(),
                     fused_dropout_kernel=fused_dropout_available(device),
-                    torchao=importlib.util.find_spec("torchao") is not None)
+                    torchao=importlib.util.find_spec("torchao") is not None,
+                    fp8=torch.cuda.get_device_capability(device) >= (8, 9))

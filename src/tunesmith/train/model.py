@@ -14,6 +14,7 @@ from ..errors import UserError
 from ..models import base_model, load_model, model_skeleton
 from .adapter_dropout import fuse_adapter_dropout
 from .distributed import Processes, materialize, shard
+from .fp8 import FP8, quantize_frozen_base
 from .offload import ActivationOffloader, offloaded_checkpoint, offloaded_layer, synchronous_offloaded_checkpoint
 from .plan import Precision, TrainPlan
 
@@ -48,7 +49,7 @@ def prepare_model(model: Any, train_cfg: TrainConfig, plan: TrainPlan, *, procs:
                   full_state: dict[str, torch.Tensor] | None = None) -> Any:
     """The one build order, on a loaded base (benchmarks build random-weight bases themselves) or, with several
     ``procs``, on a skeleton whose weights (``full_state``, the main process's) arrive once it is sharded:
-    adapters → dropout → checkpointing and offload → shard → compile, each as ``plan`` decided."""
+    adapters → dropout → FP8 base → checkpointing and offload → shard → compile, each as ``plan`` decided."""
     model.config.use_cache = False
     if train_cfg.method != "full":
         # first: the adapters are modules inside the decoder layers that checkpointing, FSDP2 and compile wrap
@@ -56,6 +57,9 @@ def prepare_model(model: Any, train_cfg: TrainConfig, plan: TrainPlan, *, procs:
         if plan.fused_dropout:
             # each adapter draws its dropout in its first product: no mask kept for backward (adapter_dropout.py)
             fuse_adapter_dropout(model)
+        if plan.fp8_base:
+            # after PEFT wrapped the layers (their base_layer is what becomes FP8), before compile traces them
+            quantize_frozen_base(model)
     # None: every layer, where the plan could not count them (a config without num_hidden_layers)
     layers = decoder_layer_count(model) if plan.checkpointed_layers is None else plan.checkpointed_layers
     if layers + plan.offloaded_layers > 0:
@@ -163,6 +167,8 @@ def count_parameters(model: Any) -> tuple[int, int]:
         total += n
         if p.requires_grad:
             trainable += n
+    # an FP8 base's weights are buffers (never trained, never saved with the adapter): still the model's weights
+    total += sum(b.numel() for b in model.buffers() if b.dtype == FP8)
     return trainable, total
 
 

@@ -26,6 +26,9 @@ The ``auto`` choices made here:
 - ``train.offload_layers: auto`` — of those layers, LoRA with compiled layers offloads some whole instead of
   recomputing them: as many as the GPU→CPU link can copy while forward runs (``_choose_offloaded_layers``).
 - ``train.compile: auto`` — on a GPU; LoRA on one GPU draws the adapters' dropout in the fused kernel.
+- ``train.base_precision: auto`` — the frozen base computes in the run's precision. ``fp8`` (LoRA on one GPU with
+  FP8 tensor cores, bf16 precision): the decoder blocks' linear layers stored and multiplied in FP8
+  (src/tunesmith/train/fp8.py), 1 byte per weight in the memory model, so fewer layers need checkpointing.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ class TrainPlan:
     offloaded_layers: int = 0  # layers neither recomputed nor kept: their saved activations in CPU memory
     fused_dropout: bool = False  # LoRA adapters draw their input dropout in the fused kernel (adapter_dropout.py)
     compile_layers: bool = False  # each decoder layer compiled with torch.compile
+    fp8_base: bool = False  # the frozen base's decoder-block linear layers stored and multiplied in FP8 (fp8.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "precision": self.precision.name}
@@ -115,6 +119,7 @@ def plan_training(model_config: Any, tcfg: TrainConfig, *, hardware: Hardware, w
     """Resolve ``precision``, ``optim``, ``gradient_checkpointing``, the offloading, the sharding and ``compile``
     for this model, config, machine and process count — from these arguments alone."""
     precision = _precision(tcfg.precision, tcfg.method, hardware)
+    fp8_base = _fp8_base(tcfg, hardware, world, precision)
     layers = int(getattr(model_config, "num_hidden_layers", 0) or 0)
     _check_configured_optimizer(tcfg, hardware, world)
     compiled = _compiles(tcfg, hardware)
@@ -135,13 +140,13 @@ def plan_training(model_config: Any, tcfg: TrainConfig, *, hardware: Hardware, w
                          ckpt, layers, sharding, sharding != "replicate", budget, None,
                          "no GPU memory to plan for" if budget is None else "architecture not in the memory model",
                          offload_checkpoints=offload, offloaded_layers=offloaded, fused_dropout=fused_dropout,
-                         compile_layers=compiled)
+                         compile_layers=compiled, fp8_base=fp8_base)
 
     tokens = row_budget(row_tokens=tcfg.packed_row_tokens, batch_size=tcfg.per_device_train_batch_size,
                         max_length=tcfg.max_length, packed=packs(tcfg.packing, hardware.device),
                         pairs=tcfg.objective == "dpo")
     step = _Step(arch, model_config, tcfg, tokens, world, 1, budget, layers, _head(hardware),
-                 _dropout_mask_bytes(tcfg, fused_dropout), compiled)
+                 _dropout_mask_bytes(tcfg, fused_dropout), compiled, fp8_base)
     sharding, shard_why = _choose_sharding(step)
     step = replace(step, shards=world if sharding == "shard" else 1)
     optimizer, why = _choose_optimizer(step, hardware)
@@ -190,7 +195,7 @@ def plan_training(model_config: Any, tcfg: TrainConfig, *, hardware: Hardware, w
                                          ", gathered weights kept from forward to backward") + shard_why
     return TrainPlan(optimizer, _master_weights(tcfg, precision, optimizer), _weights_for(optimizer, precision),
                      ckpt, layers, sharding, reshard, round(budget, 1), round(estimate, 1),
-                     f"{why}; {ckpt_why}{reshard_why}", on_cpu, offload, offloaded, fused_dropout, compiled)
+                     f"{why}; {ckpt_why}{reshard_why}", on_cpu, offload, offloaded, fused_dropout, compiled, fp8_base)
 
 
 def needs_host_link(tcfg: TrainConfig, world: int) -> bool:
@@ -240,6 +245,7 @@ class _Step:
     head: str               # the memory model's logits policy: "fused" (Liger's kernel) or "chunked"
     mask_bytes: int         # see ``_dropout_mask_bytes``
     compiled: bool
+    fp8_base: bool = False  # the frozen base in FP8 (1 byte per decoder-block weight)
 
 
 def _precision(choice: str, method: str, hardware: Hardware) -> Precision:
@@ -268,6 +274,26 @@ def _weights_for(optimizer: str, precision: Precision) -> Precision:
     if optimizer == "adamw_8bit_bf16":
         return Precision(torch.bfloat16, torch.bfloat16)
     return precision
+
+
+def _fp8_base(tcfg: TrainConfig, hardware: Hardware, world: int, precision: Precision) -> bool:
+    """``train.base_precision: fp8`` where it can run: one CUDA GPU with FP8 tensor cores (compute capability 8.9+)
+    and bf16 products around it (``_scaled_mm``'s row-wise kernels write bf16). Anything else is one error before
+    a weight loads. (Full fine-tuning and QLoRA are refused by the config itself.)"""
+    if tcfg.base_precision != "fp8":
+        return False
+    if hardware.device != "cuda" or not hardware.fp8:
+        where = "the CPU" if hardware.device != "cuda" else f"this GPU ({hardware.name})"
+        raise UserError(f"train.base_precision: fp8 needs FP8 tensor cores (a CUDA GPU of compute capability 8.9 or "
+                        f"later: L4, L40S, RTX 4090, H100, H200); {where} has none",
+                        hint="set train.base_precision: auto (the base computes in bf16 or fp32)")
+    if world > 1:
+        raise UserError("train.base_precision: fp8 runs on one GPU (FSDP2 would shard the FP8 weights: not built)",
+                        hint="set train.base_precision: auto with several GPUs, or train on one")
+    if precision.autocast != torch.bfloat16:
+        raise UserError(f"train.base_precision: fp8 needs bf16 products around the FP8 ones; train.precision is "
+                        f"{tcfg.precision} ({precision.name})", hint="set train.precision: auto or bf16")
+    return True
 
 
 def _compiles(tcfg: TrainConfig, hardware: Hardware) -> bool:
@@ -315,7 +341,8 @@ def _master_weights(tcfg: TrainConfig, precision: Precision, optimizer: str) -> 
         return STOCHASTIC_BF16
     dtype = _DTYPE_NAMES.get(precision.weights, str(precision.weights))
     if tcfg.method != "full":
-        return f"fp32 adapters on a frozen {'NF4' if tcfg.method == 'qlora' else dtype} base"
+        frozen = "NF4" if tcfg.method == "qlora" else "FP8" if tcfg.base_precision == "fp8" else dtype
+        return f"fp32 adapters on a frozen {frozen} base"
     return dtype
 
 
@@ -500,7 +527,7 @@ def _memory(step: _Step, checkpointing: str, optimizer: str) -> MemoryEstimate:
                            adapted_in_features=adapted, lora_dropout=tcfg.lora.dropout, checkpointing=checkpointing,
                            logits=step.head, optimizer=OPTIMIZER_MEMORY[optimizer][0],
                            full_precision=OPTIMIZER_MEMORY[optimizer][1], shards=step.shards,
-                           compiled=step.compiled, dropout_mask_bytes=step.mask_bytes)
+                           compiled=step.compiled, dropout_mask_bytes=step.mask_bytes, fp8_base=step.fp8_base)
 
 
 def _dropout_mask_bytes(tcfg: TrainConfig, fused_dropout: bool) -> int:
