@@ -35,7 +35,7 @@ SYSTEMS = ["You are a helpful assistant.", "You are a concise support agent.", "
 
 def vocabulary() -> list[str]:
     """~21,000 real English words (the embedding model's own word-piece vocabulary, whole words only)."""
-    from tunesmith.data.clean import default_embedding_model
+    from tunesmith.data.embedding import default_model as default_embedding_model
 
     lines = (Path(default_embedding_model()) / "vocab.txt").read_text(encoding="utf-8").splitlines()
     return [w for w in lines if w.isalpha() and w.islower() and 3 <= len(w) <= 12]

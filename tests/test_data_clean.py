@@ -43,21 +43,13 @@ def test_minhash_matches_find_train_examples_that_copy_a_reference():
     assert list(clean.minhash_matches(sigs, ref, 0.8, 128)) == [1]
 
 
-def test_embedding_similarity_catches_paraphrases_that_minhash_misses():
+def test_a_paraphrase_shares_too_few_word_shingles_for_minhash():
     texts = ["user: How do I reset my password?\nassistant: Open Settings, choose Account, then click Reset password "
              "and follow the emailed link.",
-             "user: What is the capital of France?\nassistant: The capital of France is Paris, its largest city.",
              "user: How can I reset my password?\nassistant: Go to Settings, pick Account, then click Reset password "
-             "and follow the link in the email.",
-             "user: Write SQL counting orders per customer.\nassistant: SELECT customer_id, COUNT(*) FROM orders "
-             "GROUP BY customer_id;"]
-    emb = clean.embed(texts, clean.default_embedding_model(), batch_size=4)
-    dups = clean.embedding_duplicates(emb, threshold=0.95)
-    assert list(dups) == [2] and dups[2].of == 0 and dups[2].score > 0.95
+             "and follow the link in the email."]
     sigs = clean.minhash_signatures([clean.normalize(t) for t in texts], 128, 3)
-    assert clean.minhash_duplicates(sigs, 0.8, 128) == {}  # the paraphrase shares too few word 3-grams
-    leaks = clean.embedding_matches(emb[[1, 2, 3]], emb[[0]], threshold=0.95)
-    assert list(leaks) == [1]
+    assert clean.minhash_duplicates(sigs, 0.8, 128) == {}  # the embedding rule's job (tests/test_data_embedding.py)
 
 
 def test_short_outputs_are_counted_with_the_model_tokenizer(tiny_tokenizer):
