@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tunesmith.data import embedding
+from tunesmith.data import clean, embedding
 from tunesmith.errors import UserError
 
 PARAPHRASES = [
@@ -47,7 +47,7 @@ def _static(texts: list[str], **kw) -> np.ndarray:
 
 
 def _groups(texts: list[str]) -> np.ndarray:
-    return np.array([embedding.literal_key(t) for t in texts], dtype=np.int64)
+    return np.array([clean.literal_key(clean.normalize(t)) for t in texts], dtype=np.int64)
 
 
 def test_the_static_encoder_finds_paraphrases_and_edited_copies_and_keeps_template_siblings():
@@ -129,7 +129,7 @@ def test_search_is_exact_for_small_sets_and_approximate_for_large_ones():
 
 
 def test_literal_keys_compare_numbers_and_quoted_strings_not_apostrophes():
-    key = embedding.literal_key
+    key = clean.literal_key
     assert key("id > 61593 and city = 'Paris'") == key("city = 'Paris' and id > 61593")
     assert key("id > 61593") != key("id > 61596") and key("city = 'Paris'") != key("city = 'Rome'")
     assert key("don't do it, it's late") == key("do not do it, it is late")  # no literals in either

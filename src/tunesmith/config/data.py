@@ -39,6 +39,11 @@ class MinHashSection(Section):
     shingle_size: int = Field(3, ge=1, le=16)
     """Words per shingle. 3 words: changing one word in a 50-word answer leaves a Jaccard similarity of ~0.88."""
 
+    match_literals: bool = True
+    """Compare only examples that hold the same numbers and quoted strings: two short SQL queries that differ in
+    one number (``id > 61593`` / ``id > 61596``) share most of their word shingles, yet are different answers.
+    False: compare every pair."""
+
 
 class EmbeddingSection(Section):
     enabled: bool = True
@@ -64,9 +69,9 @@ class EmbeddingSection(Section):
     it, more edited copies are missed (0.965: ~2%), below it, template siblings start to go."""
 
     match_literals: bool = True
-    """Compare only examples that hold the same numbers and quoted strings. An embedding sees ``id > 61593`` and
-    ``id > 61596``, or ``'Paris'`` and ``'Rome'``, as nearly the same text (cosine 0.98–0.99), yet they are different
-    answers; copies and paraphrases keep their numbers and names. False: compare every pair."""
+    """Compare only examples that hold the same numbers and quoted strings (case-folded). An embedding sees
+    ``id > 61593`` and ``id > 61596``, or ``'Paris'`` and ``'Rome'``, as nearly the same text (cosine 0.97–0.99), yet
+    they are different answers; copies and paraphrases keep their numbers and names. False: compare every pair."""
 
     search: Literal["auto", "exact", "approximate"] = "auto"
     """How each example finds its most similar earlier kept example. ``exact`` compares it with all of them

@@ -58,6 +58,18 @@ def normalize(text: str) -> str:
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
+LITERAL = re.compile(r"\d+(?:\.\d+)?|(?<!\w)'[^'\n]{0,200}'(?!\w)|\"[^\"\n]{0,200}\"")
+"""Numbers and quoted strings (an apostrophe inside a word, "don't", opens none)."""
+
+
+def literal_key(normalized: str) -> int:
+    """One 63-bit value per multiset of literals (numbers, quoted strings) in an already ``normalize``d text:
+    equal keys = the same literals. Near-duplicate rules compare only examples with equal keys: a query for id
+    61593 is not a copy of the one for 61596, however alike their words (``match_literals``)."""
+    found = "\0".join(sorted(LITERAL.findall(normalized)))
+    return int.from_bytes(hashlib.blake2b(found.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
 def exact_key(normalized: str) -> str:
     """A digest of an already ``normalize``d text: equal keys = the same example."""
     return hashlib.blake2b(normalized.encode("utf-8"), digest_size=16).hexdigest()
@@ -102,15 +114,19 @@ def minhash_signatures(normalized: Iterable[str], num_perm: int, shingle_size: i
     return list(MinHash.generator((shingles(t) for t in normalized), num_perm=num_perm, hashfunc=zlib.crc32))
 
 
-def minhash_duplicates(signatures: Sequence[Any], threshold: float, num_perm: int) -> dict[int, Match]:
+def minhash_duplicates(signatures: Sequence[Any], threshold: float, num_perm: int,
+                       groups: Sequence[int] | None = None) -> dict[int, Match]:
     """Positions whose estimated Jaccard similarity to an earlier KEPT position is ≥ threshold (LSH candidates,
-    verified on the signatures)."""
+    verified on the signatures); with ``groups`` (``literal_key``s), only a position of the same group counts."""
     from datasketch import MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     out: dict[int, Match] = {}
     for i, sig in enumerate(signatures):
-        best = _best_candidate(sig, lsh.query(sig), signatures, threshold)
+        candidates = lsh.query(sig)
+        if groups is not None:
+            candidates = [j for j in candidates if groups[j] == groups[i]]
+        best = _best_candidate(sig, candidates, signatures, threshold)
         if best is not None:
             out[i] = best
         else:
@@ -118,9 +134,11 @@ def minhash_duplicates(signatures: Sequence[Any], threshold: float, num_perm: in
     return out
 
 
-def minhash_matches(signatures: Sequence[Any], reference: Sequence[Any], threshold: float,
-                    num_perm: int) -> dict[int, Match]:
-    """Positions whose estimated Jaccard similarity to any ``reference`` signature is ≥ threshold."""
+def minhash_matches(signatures: Sequence[Any], reference: Sequence[Any], threshold: float, num_perm: int,
+                    groups: Sequence[int] | None = None,
+                    reference_groups: Sequence[int] | None = None) -> dict[int, Match]:
+    """Positions whose estimated Jaccard similarity to any ``reference`` signature (of the same group, when
+    groups are given) is ≥ threshold."""
     from datasketch import MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
@@ -129,7 +147,10 @@ def minhash_matches(signatures: Sequence[Any], reference: Sequence[Any], thresho
             session.insert(j, sig)
     out = {}
     for i, sig in enumerate(signatures):
-        best = _best_candidate(sig, lsh.query(sig), reference, threshold)
+        candidates = lsh.query(sig)
+        if groups is not None and reference_groups is not None:
+            candidates = [j for j in candidates if reference_groups[j] == groups[i]]
+        best = _best_candidate(sig, candidates, reference, threshold)
         if best is not None:
             out[i] = best
     return out

@@ -17,7 +17,7 @@ The index is exact (a matrix product with all kept rows) for small sets and a us
 
 An embedding sees 61593 and 61596, or 'Paris' and 'Rome', as the same kind of token, so two SQL queries that differ
 only there look alike to it; with ``match_literals`` rows are compared only with rows holding the same numbers and
-quoted strings (``literal_key``): the greedy pass runs in each such group on its own.
+quoted strings (``clean.literal_key``): the greedy pass runs in each such group on its own.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import logging
-import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -47,9 +46,6 @@ Search = Literal["exact", "approximate"]
 
 THRESHOLDS: dict[str, float] = {"static": 0.96, "transformer": 0.95}
 """Default cosine threshold of each encoder (``data.embedding.threshold: null``); the config field says why."""
-
-LITERAL = re.compile(r"\d+(?:\.\d+)?|(?<!\w)'[^'\n]{0,200}'(?!\w)|\"[^\"\n]{0,200}\"")
-"""Numbers and quoted strings (an apostrophe inside a word, "don't", opens none)."""
 
 SIF = 1e-3
 """model2vec's word-frequency weighting (a / (a + p(piece)), p from the piece's rank): 1e-3 rather than its 1e-4
@@ -122,16 +118,10 @@ def encode(texts: Iterable[str], count: int, *, encoder: Encoder, model_path: st
     return out if out is not None else np.zeros((0, PCA_DIMS), dtype=np.float16)
 
 
-def literal_key(text: str) -> int:
-    """One 63-bit value per multiset of literals (numbers, quoted strings): equal keys = the same literals."""
-    found = "\0".join(sorted(LITERAL.findall(text)))
-    return int.from_bytes(hashlib.blake2b(found.encode("utf-8"), digest_size=8).digest(), "little") >> 1
-
-
 def duplicates(emb: np.ndarray, threshold: float, search: Literal["auto", "exact", "approximate"],
                groups: np.ndarray | None = None) -> dict[int, Match]:
     """Positions whose cosine similarity to an earlier KEPT position is ≥ threshold, with the most similar one.
-    ``groups`` (one ``literal_key`` per row): only rows of one group can be near-duplicates, so the greedy pass
+    ``groups`` (one ``clean.literal_key`` per row): only rows of one group can be near-duplicates, so the greedy pass
     runs in each group on its own, exactly as it would over all rows with the other groups masked."""
     out: dict[int, Match] = {}
     for rows in _group_rows(len(emb), groups):

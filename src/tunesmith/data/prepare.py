@@ -283,11 +283,12 @@ class _Features:
     emb: Any = None
     """float16 unit rows of the embedding rule (numpy)."""
     groups: Any = None
-    """The embedding rule's literal key of each row (numpy; None with ``match_literals: false``)."""
+    """The literal key of each example's near-duplicate text (numpy int64; see ``clean.literal_key``)."""
 
     @classmethod
     def of(cls, exs: Sequence[Example]) -> _Features:
-        return cls([clean.exact_key(clean.normalize(clean.conversation_text(ex.record))) for ex in exs])
+        return cls([clean.exact_key(clean.normalize(clean.conversation_text(ex.record))) for ex in exs],
+                   groups=np.fromiter((clean.literal_key(t) for t in _norms(exs)), dtype=np.int64, count=len(exs)))
 
     def select(self, keep: list[bool]) -> _Features:
         return _Features(_select(self.keys, keep), *(None if v is None else _select(v, keep)
@@ -303,13 +304,9 @@ def _norms(exs: Sequence[Example]) -> Iterator[str]:
     return (clean.normalize(t) for t in _near_texts(exs))
 
 
-def _embed(exs: Sequence[Example], em: Any) -> tuple[Any, Any]:
-    """The embedding rows of ``exs`` and their literal keys (None when literals are not matched)."""
-    rows = embedding.encode(_near_texts(exs), len(exs), encoder=em.encoder,
+def _embed(exs: Sequence[Example], em: Any) -> Any:
+    return embedding.encode(_near_texts(exs), len(exs), encoder=em.encoder,
                             model_path=embedding.model_folder(em.model), batch_size=em.batch_size)
-    groups = np.fromiter((embedding.literal_key(t) for t in _near_texts(exs)), dtype=np.int64,
-                         count=len(exs)) if em.match_literals else None
-    return rows, groups
 
 
 def _deduplicate(train: list[Example], data: Any, log: _Log,
@@ -326,8 +323,9 @@ def _deduplicate(train: list[Example], data: Any, log: _Log,
     log.rule("minhash", mh.enabled)
     if mh.enabled:
         feats.sigs = clean.minhash_signatures(_norms(train), mh.num_perm, mh.shingle_size)
-        keep = _drop_matches(train, clean.minhash_duplicates(feats.sigs, mh.threshold, mh.num_perm), train,
-                             "minhash", "near-duplicate of {of} ({how})", log)
+        found = clean.minhash_duplicates(feats.sigs, mh.threshold, mh.num_perm,
+                                         feats.groups if mh.match_literals else None)
+        keep = _drop_matches(train, found, train, "minhash", "near-duplicate of {of} ({how})", log)
         train, feats = _select(train, keep), feats.select(keep)
     watch.lap("minhash")
     em = data.embedding
@@ -339,9 +337,9 @@ def _deduplicate(train: list[Example], data: Any, log: _Log,
                                             f"{em.encoder} encoder, cosine ≥ {cosine}{literals}, search {em.search}")
              if em.enabled else "")
     if em.enabled and not too_many and train:
-        feats.emb, feats.groups = _embed(train, em)
+        feats.emb = _embed(train, em)
         watch.lap("embedding_encode")
-        found = embedding.duplicates(feats.emb, cosine, em.search, feats.groups)
+        found = embedding.duplicates(feats.emb, cosine, em.search, feats.groups if em.match_literals else None)
         keep = _drop_matches(train, found, train, "embedding", "near-duplicate of {of} ({how})", log)
         train, feats = _select(train, keep), feats.select(keep)
     watch.lap("embedding")
@@ -359,13 +357,15 @@ def _remove_leakage(train: list[Example], feats: _Features, evals: list[Example]
     leaks: dict[int, clean.Match] = {}
     if feats.emb is not None:
         em = data.embedding
-        rows, groups = _embed(evals, em)
-        leaks.update(embedding.matches(feats.emb, rows, embedding.threshold(em.encoder, em.threshold), em.search,
-                                       feats.groups, groups))
+        guard = em.match_literals
+        leaks.update(embedding.matches(feats.emb, _embed(evals, em), embedding.threshold(em.encoder, em.threshold),
+                                       em.search, feats.groups if guard else None, ev.groups if guard else None))
     if feats.sigs is not None:
         mh = data.minhash
         ev.sigs = clean.minhash_signatures(_norms(evals), mh.num_perm, mh.shingle_size)
-        leaks.update(clean.minhash_matches(feats.sigs, ev.sigs, mh.threshold, mh.num_perm))
+        guard = mh.match_literals
+        leaks.update(clean.minhash_matches(feats.sigs, ev.sigs, mh.threshold, mh.num_perm,
+                                           feats.groups if guard else None, ev.groups if guard else None))
     leaks.update(clean.exact_matches(feats.keys, ev.keys))  # the strongest evidence names the match
     keep = _drop_matches(train, leaks, evals, "leakage", "duplicates eval example {of} ({how})", log,
                          remove=lk.action == "remove")
