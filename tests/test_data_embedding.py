@@ -193,3 +193,20 @@ def test_an_unknown_encoder_is_a_config_error_naming_the_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "ts.yaml:3" in err and "data.embedding.encoder" in err and "'static' or 'transformer'" in err
     assert "Traceback" not in err
+
+
+def test_prepare_drops_the_edited_copy_keeps_the_siblings_and_says_how_it_compared(tmp_path, tiny_model_dir):
+    from data_cases import config, read_jsonl, write_jsonl
+    from tunesmith.data import prepare
+
+    edited = ANSWER.replace("bring", "take").replace("small yearly", "modest annual")
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in [("How do I renew my card?", ANSWER), *HARD_NEGATIVES, ("How do I renew my card?", edited)]]
+    src = write_jsonl(tmp_path / "a.jsonl", rows)
+    result = prepare(config(tiny_model_dir, eval_fraction=0, embedding={"enabled": True, "search": "approximate"},
+                            minhash={"enabled": False}, short_outputs={"min_tokens": 1}), [src], tmp_path / "o")
+    assert result.removed_by_rule["embedding"] == 1 and result.train_examples == len(rows) - 1
+    [reject] = read_jsonl(tmp_path / "o" / "rejects.jsonl")
+    assert (reject["line"], reject["duplicate_of"]) == (len(rows), f"{src}:1")
+    note = json.loads((tmp_path / "o" / "report.json").read_text())["rules"]["embedding"]["note"]
+    assert note == "static encoder, cosine ≥ 0.96, same numbers and quoted strings, search approximate"
