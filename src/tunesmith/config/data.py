@@ -52,10 +52,10 @@ class EmbeddingSection(Section):
 
     encoder: Literal["static", "transformer"] = "static"
     """How texts become vectors. ``static``: one vector per word piece, distilled once on this machine from
-    ``model`` (model2vec) and cached under $TUNESMITH_HOME; a text is the weighted mean of its pieces' vectors —
-    tens of thousands of examples per second on a CPU, so the check runs at any size. ``transformer``: the
-    sentence-transformers ``model`` itself — better on paraphrases that share few words, but tens of examples
-    per second on a CPU (hours for 1,000,000), so meant for a GPU machine or small sets."""
+    ``model`` (model2vec) and cached under $TUNESMITH_HOME; a text is the mean of its pieces' vectors, so word
+    order is lost, but thousands of examples per second are embedded on one CPU core and the check runs at any
+    size. ``transformer``: the sentence-transformers ``model`` itself, which reads words in context — tens of
+    examples per second on a CPU (hours for 1,000,000), so meant for a GPU machine or small sets."""
 
     model: str | None = None
     """A sentence-transformers model folder (the static encoder is distilled from it). None: the
@@ -76,7 +76,7 @@ class EmbeddingSection(Section):
     search: Literal["auto", "exact", "approximate"] = "auto"
     """How each example finds its most similar earlier kept example. ``exact`` compares it with all of them
     (time grows with the square of the examples); ``approximate`` asks a graph index (HNSW, usearch) that holds
-    only kept examples, so it finds the nearest kept one, not a dropped copy; ``auto``: exact up to 20,000
+    only kept examples, so it finds the nearest kept one, not a dropped copy; ``auto``: exact up to 30,000
     examples, approximate above."""
 
     max_examples: int | None = Field(None, ge=1)
