@@ -367,6 +367,21 @@ def _markdown(r: dict) -> str:
         f"Machine: {m['cpus']}-core CPU ({m['cpu']}), Python {m['python']}; load average at start "
         f"{m['load_average_at_start']}, at end {m['load_average_at_end']}. {m['note']}.", "",
         "| measure | result |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows], "",
+        "Notes:", "",
+        "- Wall times depend on the other jobs sharing the two cores; CPU seconds (this process) are the stable "
+        "measure. The embedding search and the encoder use both cores (usearch threads, the tokenizer), so their "
+        "CPU seconds can exceed wall seconds on an idle machine.",
+        "- The static encoder is distilled once per machine (about 20 s) and cached; the benchmark builds it before "
+        "the timed run, as a second `prepare` on the same machine would find it.",
+        "- Recall counts planted pairs of which one member was dropped as a duplicate of the other by any rule "
+        "(leakage included: a copy whose original went to eval); pairs with both members in eval are not "
+        "checkable. Precision counts every duplicate drop whose named original is not its planted partner as "
+        "false — hard-negative rows dropped as copies of another hard-negative row are such drops.",
+        "- Hard negatives dropped by the embedding rule are rows of different pairs that share their literals and "
+        "differ in one repeated identifier (e.g. the same column in two tables: `SELECT signup_date FROM "
+        "customers … ORDER BY signup_date` / `… FROM employees …`, cosine up to ~0.975); within a pair (one "
+        "column, number, city or operand apart) none is dropped.",
+        "",
     ])
 
 
