@@ -71,7 +71,8 @@ class EmbeddingSection(Section):
     match_literals: bool = True
     """Compare only examples that hold the same numbers and quoted strings (case-folded). An embedding sees
     ``id > 61593`` and ``id > 61596``, or ``'Paris'`` and ``'Rome'``, as nearly the same text (cosine 0.97–0.99), yet
-    they are different answers; copies and paraphrases keep their numbers and names. False: compare every pair."""
+    they are different answers; copies and paraphrases keep their numbers and names. The price: copies that differ
+    only in a number that is a label (a ticket id, a date stamp) are kept too. False: compare every pair."""
 
     search: Literal["auto", "exact", "approximate"] = "auto"
     """How each example finds its most similar earlier kept example. ``exact`` compares it with all of them
