@@ -43,21 +43,30 @@ def test_minhash_matches_find_train_examples_that_copy_a_reference():
     assert list(clean.minhash_matches(sigs, ref, 0.8, 128)) == [1]
 
 
-def test_embedding_similarity_catches_paraphrases_that_minhash_misses():
+def test_minhash_leaves_queries_that_differ_in_a_number_or_a_quoted_name_alone():
+    texts = [clean.normalize(t) for t in (
+        "user: How many products have an id greater than 61593?\nassistant: SELECT COUNT(*) FROM products WHERE id > "
+        "61593 AND status = 'active' ORDER BY id;",
+        "user: How many products have an id greater than 61596?\nassistant: SELECT COUNT(*) FROM products WHERE id > "
+        "61596 AND status = 'active' ORDER BY id;",
+        "user: How many products have an id greater than 61593?\nassistant: SELECT COUNT(*) FROM products WHERE id > "
+        "61593 AND status = 'retired' ORDER BY id;",
+        "user: how many products have an ID greater than 61593?\nassistant: SELECT COUNT(*) FROM products WHERE id > "
+        "61593 AND status = 'active' ORDER BY id ;")]
+    sigs = clean.minhash_signatures(texts, 128, 3)
+    groups = [clean.literal_key(t) for t in texts]
+    assert len(clean.minhash_duplicates(sigs, 0.6, 128)) >= 2  # without the guard, siblings look like copies
+    assert {i: m.of for i, m in clean.minhash_duplicates(sigs, 0.6, 128, groups).items()} == {3: 0}
+    assert list(clean.minhash_matches(sigs[1:], sigs[:1], 0.6, 128, groups[1:], groups[:1])) == [2]
+
+
+def test_a_paraphrase_shares_too_few_word_shingles_for_minhash():
     texts = ["user: How do I reset my password?\nassistant: Open Settings, choose Account, then click Reset password "
              "and follow the emailed link.",
-             "user: What is the capital of France?\nassistant: The capital of France is Paris, its largest city.",
              "user: How can I reset my password?\nassistant: Go to Settings, pick Account, then click Reset password "
-             "and follow the link in the email.",
-             "user: Write SQL counting orders per customer.\nassistant: SELECT customer_id, COUNT(*) FROM orders "
-             "GROUP BY customer_id;"]
-    emb = clean.embed(texts, clean.default_embedding_model(), batch_size=4)
-    dups = clean.embedding_duplicates(emb, threshold=0.95)
-    assert list(dups) == [2] and dups[2].of == 0 and dups[2].score > 0.95
+             "and follow the link in the email."]
     sigs = clean.minhash_signatures([clean.normalize(t) for t in texts], 128, 3)
-    assert clean.minhash_duplicates(sigs, 0.8, 128) == {}  # the paraphrase shares too few word 3-grams
-    leaks = clean.embedding_matches(emb[[1, 2, 3]], emb[[0]], threshold=0.95)
-    assert list(leaks) == [1]
+    assert clean.minhash_duplicates(sigs, 0.8, 128) == {}  # the embedding rule's job (tests/test_data_embedding.py)
 
 
 def test_short_outputs_are_counted_with_the_model_tokenizer(tiny_tokenizer):

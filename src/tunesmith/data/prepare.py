@@ -13,16 +13,18 @@ import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import UserError, where
 from ..files import atomic_files
 from ..paths import output_folder
 from ..records import PreparedData, PreparedInput, versions
-from . import clean
+from . import clean, embedding
 from .formats import Example, TableSource, is_preference, read_file
 from .report import EXAMPLES_PER_RULE, length_stats, plot_lengths, role_counts, snippet, turn_counts, write_reports
 from .split import holdout_indices
@@ -271,26 +273,40 @@ def _validate(train: list[Example], evals: list[Example], on_bad_lines: str, max
 
 @dataclass
 class _Features:
-    """What the duplicate rules compare, one entry per train example (kept aligned as examples are dropped)."""
+    """What the duplicate rules keep per train example (aligned as examples are dropped). The near-duplicate text
+    is not kept: it is rebuilt from the record while a rule reads it (``_near_texts``), so no second copy of the
+    data lives in memory."""
 
     keys: list[str]
     """Exact keys: the whole normalised conversation, system messages included."""
-    texts: list[str]
-    """Near-duplicate text: the conversation without system messages (see ``clean.conversation_text``)."""
-    norms: list[str]
     sigs: list[Any] | None = None
     emb: Any = None
+    """float16 unit rows of the embedding rule (numpy)."""
+    groups: Any = None
+    """The literal key of each example's near-duplicate text (numpy int64; see ``clean.literal_key``)."""
 
     @classmethod
     def of(cls, exs: Sequence[Example]) -> _Features:
-        keys = [clean.exact_key(clean.normalize(clean.conversation_text(ex.record))) for ex in exs]
-        texts = [clean.conversation_text(ex.record, system=False) for ex in exs]
-        return cls(keys, texts, [clean.normalize(t) for t in texts])
+        return cls([clean.exact_key(clean.normalize(clean.conversation_text(ex.record))) for ex in exs],
+                   groups=np.fromiter((clean.literal_key(t) for t in _norms(exs)), dtype=np.int64, count=len(exs)))
 
     def select(self, keep: list[bool]) -> _Features:
-        return _Features(_select(self.keys, keep), _select(self.texts, keep), _select(self.norms, keep),
-                         None if self.sigs is None else _select(self.sigs, keep),
-                         None if self.emb is None else _select(self.emb, keep))
+        return _Features(_select(self.keys, keep), *(None if v is None else _select(v, keep)
+                                                      for v in (self.sigs, self.emb, self.groups)))
+
+
+def _near_texts(exs: Sequence[Example]) -> Iterator[str]:
+    """The text near-duplicate rules compare: the conversation without system messages, one example at a time."""
+    return (clean.conversation_text(ex.record, system=False) for ex in exs)
+
+
+def _norms(exs: Sequence[Example]) -> Iterator[str]:
+    return (clean.normalize(t) for t in _near_texts(exs))
+
+
+def _embed(exs: Sequence[Example], em: Any) -> Any:
+    return embedding.encode(_near_texts(exs), len(exs), encoder=em.encoder,
+                            model_path=embedding.model_folder(em.model), batch_size=em.batch_size)
 
 
 def _deduplicate(train: list[Example], data: Any, log: _Log,
@@ -306,19 +322,25 @@ def _deduplicate(train: list[Example], data: Any, log: _Log,
     mh = data.minhash
     log.rule("minhash", mh.enabled)
     if mh.enabled:
-        feats.sigs = clean.minhash_signatures(feats.norms, mh.num_perm, mh.shingle_size)
-        keep = _drop_matches(train, clean.minhash_duplicates(feats.sigs, mh.threshold, mh.num_perm), train,
-                             "minhash", "near-duplicate of {of} ({how})", log)
+        feats.sigs = clean.minhash_signatures(_norms(train), mh.num_perm, mh.shingle_size)
+        found = clean.minhash_duplicates(feats.sigs, mh.threshold, mh.num_perm,
+                                         feats.groups if mh.match_literals else None)
+        keep = _drop_matches(train, found, train, "minhash", "near-duplicate of {of} ({how})", log)
         train, feats = _select(train, keep), feats.select(keep)
     watch.lap("minhash")
     em = data.embedding
     too_many = em.max_examples is not None and len(train) > em.max_examples
+    cosine = embedding.threshold(em.encoder, em.threshold)
+    literals = ", same numbers and quoted strings" if em.match_literals else ""
     log.rule("embedding", em.enabled, note=(f"skipped: {len(train):,} examples > embedding.max_examples "
-                                            f"{em.max_examples:,}" if em.enabled and too_many else ""))
+                                            f"{em.max_examples:,}" if too_many else
+                                            f"{em.encoder} encoder, cosine ≥ {cosine}{literals}, search {em.search}")
+             if em.enabled else "")
     if em.enabled and not too_many and train:
-        feats.emb = clean.embed(feats.texts, em.model or clean.default_embedding_model(), em.batch_size)
-        keep = _drop_matches(train, clean.embedding_duplicates(feats.emb, em.threshold), train, "embedding",
-                             "near-duplicate of {of} ({how})", log)
+        feats.emb = _embed(train, em)
+        watch.lap("embedding_encode")
+        found = embedding.duplicates(feats.emb, cosine, em.search, feats.groups if em.match_literals else None)
+        keep = _drop_matches(train, found, train, "embedding", "near-duplicate of {of} ({how})", log)
         train, feats = _select(train, keep), feats.select(keep)
     watch.lap("embedding")
     return train, feats
@@ -335,12 +357,15 @@ def _remove_leakage(train: list[Example], feats: _Features, evals: list[Example]
     leaks: dict[int, clean.Match] = {}
     if feats.emb is not None:
         em = data.embedding
-        ev.emb = clean.embed(ev.texts, em.model or clean.default_embedding_model(), em.batch_size)
-        leaks.update(clean.embedding_matches(feats.emb, ev.emb, em.threshold))
+        guard = em.match_literals
+        leaks.update(embedding.matches(feats.emb, _embed(evals, em), embedding.threshold(em.encoder, em.threshold),
+                                       em.search, feats.groups if guard else None, ev.groups if guard else None))
     if feats.sigs is not None:
         mh = data.minhash
-        ev.sigs = clean.minhash_signatures(ev.norms, mh.num_perm, mh.shingle_size)
-        leaks.update(clean.minhash_matches(feats.sigs, ev.sigs, mh.threshold, mh.num_perm))
+        ev.sigs = clean.minhash_signatures(_norms(evals), mh.num_perm, mh.shingle_size)
+        guard = mh.match_literals
+        leaks.update(clean.minhash_matches(feats.sigs, ev.sigs, mh.threshold, mh.num_perm,
+                                           feats.groups if guard else None, ev.groups if guard else None))
     leaks.update(clean.exact_matches(feats.keys, ev.keys))  # the strongest evidence names the match
     keep = _drop_matches(train, leaks, evals, "leakage", "duplicates eval example {of} ({how})", log,
                          remove=lk.action == "remove")
@@ -451,10 +476,8 @@ def _drop_matches(exs: list[Example], matches: dict[int, clean.Match], reference
 
 
 def _select(items: Any, keep: list[bool]) -> Any:
-    if hasattr(items, "shape"):  # a tensor of embeddings
-        import torch
-
-        return items[torch.tensor(keep, dtype=torch.bool)]
+    if isinstance(items, np.ndarray):  # the embedding rows
+        return items[np.asarray(keep, dtype=bool)]
     return [x for x, k in zip(items, keep, strict=True) if k]
 
 
