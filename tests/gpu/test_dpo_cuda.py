@@ -15,25 +15,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from test_dpo import dpo_config, preference_rows, write_jsonl  # noqa: E402  (the CPU suite's DPO fixtures)
+from test_fast_path import _tiny_lora_model  # noqa: E402  (random, non-zero adapters: policy ≠ reference)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
-
-
-def _lora_model(attn: str):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048)
-    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
-    model.config._attn_implementation = attn
-    # random (not zero) adapters: the policy differs from the reference (adapters off) from the start
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"], init_lora_weights=False)
-    return get_peft_model(model, lora)
 
 
 def test_packed_fused_dpo_gives_the_padded_loss_rewards_and_adapter_gradients():
@@ -56,7 +42,7 @@ def test_packed_fused_dpo_gives_the_padded_loss_rewards_and_adapter_gradients():
     dpo = TrainConfig(objective="dpo", dpo={"beta": 0.2}).dpo
 
     def step(packed: bool) -> tuple[float, dict, dict]:
-        model = _lora_model(attention_implementation("cuda", packing=True) if packed else "sdpa")
+        model = _tiny_lora_model(attention_implementation("cuda", packing=True) if packed else "sdpa")
         setup = StepSetup(procs=Processes.single(torch.device("cuda")),
                           precision=Precision(torch.bfloat16, torch.bfloat16), optimizer="adamw_torch", pad_id=0,
                           packed=packed, fused_loss=packed)
