@@ -14,8 +14,9 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from test_dpo import dpo_config, preference_rows, write_jsonl  # noqa: E402  (the CPU suite's DPO fixtures)
 from test_fast_path import _tiny_lora_model  # noqa: E402  (random, non-zero adapters: policy ≠ reference)
+
+from test_dpo import dpo_config, preference_rows, write_jsonl  # noqa: E402  (the CPU suite's DPO fixtures)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
