@@ -36,6 +36,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     or_,
@@ -606,6 +607,13 @@ class Store:
                 session.add(MetricRow(job_id=job_id, kind=kind, step=step, values=dict(values), created_at=now()))
             else:
                 row.values, row.created_at = dict(values), now()
+
+    def drop_metrics_after(self, job_id: str, *, step: int) -> int:
+        """Remove the job's metrics rows past ``step`` (a resume's checkpoint: those steps are trained again);
+        how many were removed."""
+        with self._writing() as session:
+            result = session.execute(delete(MetricRow).where(MetricRow.job_id == job_id, MetricRow.step > step))
+            return result.rowcount
 
     def metrics(self, job_id: str, *, kind: str | None = None) -> list[Metric]:
         """Oldest step first (train and eval interleaved by step)."""
