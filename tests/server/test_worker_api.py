@@ -6,6 +6,7 @@ completes with the loss trajectory of an uninterrupted run. Tiny random ``local:
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -276,3 +277,35 @@ def test_a_chat_file_given_to_a_dpo_job_fails_naming_the_example(server, tmp_pat
     assert failed.status == "failed"
     assert (failed.error.code, failed.error.param) == ("invalid_training_file", "training_file")
     assert "Example 1: is a chat example, where preference pairs are expected" in failed.error.message
+
+
+@pytest.mark.slow
+def test_sigterm_with_two_busy_workers_stops_both_at_once_and_frees_the_port(tmp_path):
+    """Two workers, each training a job: SIGTERM to the server stops both workers together (each run checkpoints
+    and its job goes back to the queue), the port is free and no worker or run is left, within a bound that two
+    stops one after another would need on a loaded machine."""
+    data = tmp_path / "data"
+    with start_server(data, workers=2) as server:
+        client = server.client()
+        jobs = []
+        for n in range(2):
+            (tmp_path / f"job-{n}").mkdir()
+            jobs.append(create_job(client, tmp_path / f"job-{n}", LONG))
+        for job in jobs:
+            wait_for(lambda job=job: first_step_seen(client, job.id), TIMEOUT_S, f"{job.id}'s first step")
+        signalled = time.monotonic()
+        assert server.stop() == 0, server.log()
+        elapsed = time.monotonic() - signalled
+    assert elapsed < 30, f"the server took {elapsed:.1f} s to stop"
+    assert not _workers_of(data) and not any(runs_of(job.id) for job in jobs)
+    with socket.socket() as again:  # as a server binds (SO_REUSEADDR): the client's TIME_WAIT does not count
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", server.port))
+    from tunesmith.server.db import connect
+    from tunesmith.server.settings import ServerSettings
+
+    store = connect(ServerSettings(data_dir=data).database_url)
+    for job in jobs:
+        record = store.get_job(job.id)
+        assert record.status == "queued" and record.worker_id is None  # back in the queue, for the next worker
+        assert store.list_checkpoints(job.id).items  # each run checkpointed on its way out
