@@ -9,7 +9,9 @@ and a results CSV (a ``fine-tune-results`` file); on a failure, the job's ``erro
 
 Stopped by SIGTERM (a pause, a cancel, its worker stopping or dying), the training loop writes a checkpoint at the
 step boundary and the run exits with ``EXIT_STOPPED``; the next run of the job continues from that checkpoint,
-because the pipeline resumes a train stage cut off with unchanged inputs on its own.
+because the pipeline resumes a train stage cut off with unchanged inputs on its own. Outside the loop the run stops
+at once, but for one window (``stop_at_once``): after the loop's last step and before the train stage is recorded,
+where stopping would make the next run redo steps; there the stop waits for the stage's record.
 
 This module also holds the validation of a job's files (``validate_job_files``), which the worker runs before a
 job is queued: tunesmith's own reader and validator (those of ``tunesmith data prepare``), the failure worded as
