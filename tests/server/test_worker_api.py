@@ -13,8 +13,11 @@ from pathlib import Path
 import openai
 import pytest
 
+from tunesmith.server.settings import ServerSettings
+from tunesmith.server.worker import WATCH_S
+
 from .conftest import RunningServer, start_server, write_chat_jsonl
-from .test_worker import live_processes, runs_of, wait_for
+from .test_worker import frozen_after_checkpoint, live_processes, runs_of, wait_for
 
 HYPER = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
 """12 examples → 3 steps an epoch, 9 steps, checkpoints after the first two epochs (steps 3 and 6)."""
@@ -189,14 +192,20 @@ def test_pause_checkpoints_and_stops_resume_continues_to_the_end(server, tmp_pat
 def test_kill_9_of_the_server_mid_job_loses_nothing(tmp_path):
     """The server dies by SIGKILL while its worker trains: the worker stops the run (it checkpoints) and puts the
     job back in the queue, then exits; a restarted server's worker continues from the checkpoint, and every step's
-    loss equals the uninterrupted reference run's (same file, seed and hyperparameters)."""
+    loss equals the uninterrupted reference run's (same file, seed and hyperparameters).
+
+    The kill lands mid-run: the test holds the store's write lock from the moment checkpoint 3 (of 24 steps) is
+    listed, so the run cannot log another step, and keeps it until the worker, which checks for its parent every
+    0.5 s, has had 3 s to notice the death and signal the run (24 steps take ~3 s here: without the freeze the run
+    could finish its training first)."""
     data = tmp_path / "data"
     with start_server(data, workers=1) as first:
         client = first.client()
         job = create_job(client, tmp_path, KILLED)
-        wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, TIMEOUT_S, "the first checkpoint")
-        first.process.kill()
-        first.process.wait()
+        with frozen_after_checkpoint(ServerSettings(data_dir=data), job.id, 3):
+            first.process.kill()
+            first.process.wait()
+            time.sleep(6 * WATCH_S)  # the worker notices within one WATCH_S; six of them, held frozen
     wait_for(lambda: not runs_of(job.id) and not _workers_of(data), 150, "the orphaned worker and run to stop")
 
     with start_server(data, workers=1) as second:
