@@ -48,56 +48,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def through_server(gguf: Path, *, threads: int, n_ctx: int, max_tokens: int, rounds: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(gguf: Path, *, threads: int, n_ctx: int) -> tuple[subprocess.Popen, object]:
     from openai import OpenAI
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", str(gguf), "--port", str(port),
                              "--threads", str(threads), "--n-ctx", str(n_ctx), "--name", "bench"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                client.models.list()
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"tunesmith serve did not start: {proc.stderr.read().decode()[-2000:]}") from None
-                time.sleep(0.5)
-        ask = lambda p: client.chat.completions.create(  # noqa: E731
-            model="bench", messages=[{"role": "user", "content": p}], max_tokens=max_tokens, temperature=0)
-        ask(PROMPTS[0])  # warm-up: first-call allocations on both sides
-        tokens, texts, start = 0, [], time.perf_counter()
-        for _ in range(rounds):
-            for p in PROMPTS:
-                r = ask(p)
-                tokens += r.usage.completion_tokens
-                texts.append(r.choices[0].message.content)
-        seconds = time.perf_counter() - start
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    return {"completion_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "texts": texts}
-
-
-def direct(gguf: Path, *, threads: int, n_ctx: int, max_tokens: int, rounds: int) -> dict:
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, seed=0, verbose=False)
-    ask = lambda p: llm.create_chat_completion(  # noqa: E731
-        messages=[{"role": "user", "content": p}], max_tokens=max_tokens, temperature=0, top_k=0, min_p=0.0,
-        repeat_penalty=1.0)
-    ask(PROMPTS[0])
-    tokens, texts, start = 0, [], time.perf_counter()
-    for _ in range(rounds):
-        for p in PROMPTS:
-            r = ask(p)
-            tokens += r["usage"]["completion_tokens"]
-            texts.append(r["choices"][0]["message"]["content"])
-    seconds = time.perf_counter() - start
-    return {"completion_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "texts": texts}
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            client.models.list()
+            return proc, client
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"tunesmith serve did not start: {proc.stderr.read().decode()[-2000:]}") from None
+            time.sleep(0.5)
 
 
 def main() -> None:
@@ -106,22 +79,68 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
     gguf = args.gguf or packaged_gguf()
-    opts = dict(threads=args.threads, n_ctx=args.n_ctx, max_tokens=args.max_tokens, rounds=args.rounds)
-    served = through_server(gguf, **opts)
-    alone = direct(gguf, **opts)
-    same = sum(a == b for a, b in zip(served["texts"], alone["texts"], strict=True))
+    from llama_cpp import Llama
+
+    proc, client = start_server(gguf, threads=args.threads, n_ctx=args.n_ctx)
+    try:
+        llm = Llama(model_path=str(gguf), n_ctx=args.n_ctx, n_threads=args.threads, seed=0, verbose=False)
+
+        def served(prompt: str) -> tuple[int, str]:
+            r = client.chat.completions.create(model="bench", messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=args.max_tokens, temperature=0)
+            return r.usage.completion_tokens, r.choices[0].message.content
+
+        def direct(prompt: str) -> tuple[int, str]:
+            r = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=args.max_tokens, temperature=0, top_k=0, min_p=0.0,
+                                           repeat_penalty=1.0)
+            return r["usage"]["completion_tokens"], r["choices"][0]["message"]["content"]
+
+        served(PROMPTS[0])  # warm-up: first-call allocations on both sides
+        direct(PROMPTS[0])
+        rounds = []
+        same = total = 0
+        for _ in range(args.rounds):
+            # one request on each side in turn: on a shared machine both sides meet the same background load, and
+            # only one of them generates at any moment (the other model waits, loaded, in its own process)
+            side = {"server": [0, 0.0, 0.0], "direct": [0, 0.0, 0.0]}  # tokens, wall s, CPU s
+            for prompt in PROMPTS:
+                for name, ask, pid in (("server", served, proc.pid), ("direct", direct, os.getpid())):
+                    cpu, start = cpu_seconds(pid), time.perf_counter()
+                    tokens, text = ask(prompt)
+                    side[name][0] += tokens
+                    side[name][1] += time.perf_counter() - start
+                    side[name][2] += cpu_seconds(pid) - cpu
+                    side[name].append(text)
+            for a, b in zip(side["server"][3:], side["direct"][3:], strict=True):
+                same, total = same + (a == b), total + 1
+            rounds.append({name: {"completion_tokens": v[0], "seconds": round(v[1], 2), "cpu_seconds": round(v[2], 2),
+                                  "tokens_per_s": round(v[0] / v[1], 2)} for name, v in side.items()}
+                          | {"ratio": round((side["server"][0] / side["server"][1])
+                                            / (side["direct"][0] / side["direct"][1]), 3)})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    ratios = sorted(r["ratio"] for r in rounds)
+    tokens = {n: sum(r[n]["completion_tokens"] for r in rounds) for n in ("server", "direct")}
+    seconds = {n: sum(r[n]["seconds"] for r in rounds) for n in ("server", "direct")}
     result = {
         "command": "python bench/server_chat.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
-        "gguf": gguf.name, **opts, "prompts": len(PROMPTS),
-        "server": {k: v for k, v in served.items() if k != "texts"},
-        "direct": {k: v for k, v in alone.items() if k != "texts"},
-        "ratio_server_over_direct": served["tokens_per_s"] / alone["tokens_per_s"],
-        "identical_answers": f"{same}/{len(alone['texts'])}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), "
+                   f"Python {platform.python_version()}",
+        "load_average_at_end": os.getloadavg()[0],
+        "gguf": gguf.name, "threads": args.threads, "n_ctx": args.n_ctx, "max_tokens": args.max_tokens,
+        "prompts": len(PROMPTS), "rounds": rounds,
+        "server_tokens_per_s": round(tokens["server"] / seconds["server"], 2),
+        "direct_tokens_per_s": round(tokens["direct"] / seconds["direct"], 2),
+        "ratio_server_over_direct": round((tokens["server"] / seconds["server"])
+                                          / (tokens["direct"] / seconds["direct"]), 3),
+        "ratio_per_round_min_median_max": [ratios[0], ratios[len(ratios) // 2], ratios[-1]],
+        "identical_answers": f"{same}/{total}",
     }
     print(json.dumps(result, indent=2))
     if args.json_out:

@@ -126,6 +126,38 @@ def test_a_signal_to_tunesmith_stops_the_childs_whole_group_and_frees_its_port(t
         parent.kill()
 
 
+SLOW_TO_STOP = """\
+import signal, sys, time
+# a worker checkpointing its job: SIGTERM starts a stop that takes STOP_S, then it exits
+signal.signal(signal.SIGTERM, lambda *_: (time.sleep(float(sys.argv[1])), sys.exit(0)))
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_stop_all_stops_several_children_in_the_time_of_the_slowest(tmp_path):
+    """Three children that each take 1.5 s to stop after SIGTERM: one after another that is 4.5 s; all signalled
+    first, then one wait, it is the slowest one's 1.5 s (well under 3 s on a loaded machine)."""
+    (tmp_path / "slow.py").write_text(SLOW_TO_STOP)
+    children = [processes.start([sys.executable, str(tmp_path / "slow.py"), "1.5"], what=f"slow {n}",
+                                log_path=tmp_path / f"slow-{n}.log", stop_timeout_s=20)
+                for n in range(3)]
+    try:
+        for n in range(3):
+            wait_for(lambda n=n: "ready" in (tmp_path / f"slow-{n}.log").read_text(), 30, f"child {n} to start")
+        started = time.monotonic()
+        processes.stop_all(children)
+        elapsed = time.monotonic() - started
+        assert all(c.returncode == 0 for c in children)  # each stopped on its own (SIGTERM), none was killed
+        assert 1.5 <= elapsed < 3.0, elapsed
+        assert not any(alive(c.pid) for c in children)
+    finally:
+        for child in children:
+            if alive(child.pid):
+                os.killpg(child.pid, signal.SIGKILL)
+
+
 def test_a_failing_child_is_a_run_error_naming_its_log_and_quoting_its_last_lines(tmp_path):
     log = tmp_path / "logs" / "convert.log"
     script = "import sys\nprint('loading 2 tensors')\nprint('tensor blk.0: bad shape', file=sys.stderr)\nsys.exit(3)"

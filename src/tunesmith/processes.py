@@ -8,7 +8,7 @@ with its output in a named log file, and stopped — with everything it started 
   blocks that stop children run; an ``atexit`` hook stops any child still registered when the interpreter exits.
   A handler the program installed itself (the training loop's checkpoint-then-exit) is left alone.
 - ``stop``: SIGTERM to the group, up to ``stop_timeout_s`` for all of it to exit, then SIGKILL; a second signal
-  during that wait kills at once.
+  during that wait kills at once. ``stop_all`` does the same for several children at once (one wait for all).
 - A non-zero exit is a RunError naming the log file, with its last lines.
 """
 
@@ -96,20 +96,32 @@ def wait(child: Child) -> int:
 
 def stop(child: Child) -> None:
     """Stop the child's whole process group: SIGTERM, up to ``stop_timeout_s``, then SIGKILL. Safe to repeat."""
-    pid = child.pid
+    stop_all([child])
+
+
+def stop_all(children: Sequence[Child]) -> None:
+    """Stop several children's groups at once: SIGTERM to every group first, then one wait for all of them (the
+    longest ``stop_timeout_s``), then SIGKILL to what is left. N workers that each need seconds to checkpoint stop
+    in the time of the slowest, not of their sum. Safe to repeat."""
     try:
-        if _group_alive(pid, child.process):
-            _signal_group(pid, signal.SIGTERM)
-            deadline = time.monotonic() + child.stop_timeout_s
-            while _group_alive(pid, child.process) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        alive = [c for c in children if _group_alive(c.pid, c.process)]
+        for child in alive:
+            _signal_group(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + max((c.stop_timeout_s for c in alive), default=0.0)
+        while time.monotonic() < deadline:
+            alive = [c for c in alive if _group_alive(c.pid, c.process)]
+            if not alive:
+                break
+            time.sleep(0.05)
     finally:  # also when a second signal cuts the wait short: what is left is killed now
-        if _group_alive(pid, child.process):
-            _signal_group(pid, signal.SIGKILL)
-        child.process.wait()
-        for copier in child.copiers:
-            copier.join(timeout=5)
-        _unregister(child)
+        for child in children:
+            if _group_alive(child.pid, child.process):
+                _signal_group(child.pid, signal.SIGKILL)
+        for child in children:
+            child.process.wait()
+            for copier in child.copiers:
+                copier.join(timeout=5)
+            _unregister(child)
 
 
 @contextmanager

@@ -31,11 +31,13 @@ from sqlalchemy import (
     JSON,
     Boolean,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     or_,
@@ -143,7 +145,7 @@ class EventRow(Base):
 
 class MetricRow(Base):
     __tablename__ = "metrics"
-    __table_args__ = (UniqueConstraint("job_id", "kind", "step"),)
+    __table_args__ = (UniqueConstraint("job_id", "kind", "step"), Index("ix_metrics_job_id_step", "job_id", "step"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     kind: Mapped[str] = mapped_column(String(8))
@@ -607,13 +609,23 @@ class Store:
             else:
                 row.values, row.created_at = dict(values), now()
 
+    def drop_metrics_after(self, job_id: str, *, step: int) -> int:
+        """Remove the job's metrics rows past ``step`` (a resume's checkpoint: those steps are trained again);
+        how many were removed."""
+        with self._writing() as session:
+            result = session.execute(delete(MetricRow).where(MetricRow.job_id == job_id, MetricRow.step > step))
+            return result.rowcount
+
     def metrics(self, job_id: str, *, kind: str | None = None) -> list[Metric]:
         """Oldest step first (train and eval interleaved by step)."""
-        query = select(MetricRow).where(MetricRow.job_id == job_id)
+        # plain rows, not ORM objects: a job page reads 10,000+ points, and building (and tracking) an ORM object per
+        # row cost most of the read
+        query = select(MetricRow.job_id, MetricRow.kind, MetricRow.step, MetricRow.values, MetricRow.created_at
+                       ).where(MetricRow.job_id == job_id)
         if kind is not None:
             query = query.where(MetricRow.kind == kind)
         with self._reading() as session:
-            return [_record(r) for r in session.scalars(query.order_by(MetricRow.step, MetricRow.kind))]
+            return [Metric(*row) for row in session.execute(query.order_by(MetricRow.step, MetricRow.kind))]
 
     # ----- checkpoints
 

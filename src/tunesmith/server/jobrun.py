@@ -9,7 +9,9 @@ and a results CSV (a ``fine-tune-results`` file); on a failure, the job's ``erro
 
 Stopped by SIGTERM (a pause, a cancel, its worker stopping or dying), the training loop writes a checkpoint at the
 step boundary and the run exits with ``EXIT_STOPPED``; the next run of the job continues from that checkpoint,
-because the pipeline resumes a train stage cut off with unchanged inputs on its own.
+because the pipeline resumes a train stage cut off with unchanged inputs on its own. Outside the loop the run stops
+at once, but for one window (``stop_at_once``): after the loop's last step and before the train stage is recorded,
+where stopping would make the next run redo steps; there the stop waits for the stage's record.
 
 This module also holds the validation of a job's files (``validate_job_files``), which the worker runs before a
 job is queued: tunesmith's own reader and validator (those of ``tunesmith data prepare``), the failure worded as
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Interrupted, TunesmithError, UserError
+from ..signals import handling
 from . import db
 from .settings import ServerSettings
 
@@ -123,7 +126,9 @@ def run(store: db.Store, settings: ServerSettings, job: db.Job) -> None:
                         else None, out_dir=out_dir, settings=settings)
     name = fine_tuned_name(job.model, job.suffix, job.id)
     reporter = Reporter(store=store, job_id=job.id, data_dir=settings.data_dir, model_name=name)
-    result = run_pipeline(config, out_dir=out_dir, on_event=reporter)
+    # outside the training loop (which checkpoints first), a stop signal is the reporter's to time
+    with handling(lambda signum, _frame: reporter.stop(signum), signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        result = run_pipeline(config, out_dir=out_dir, on_event=reporter)
 
     train = next(s for s in result.stages if s.name == "train")
     merge = next(s for s in result.stages if s.name == "merge")
@@ -163,18 +168,39 @@ class Reporter:
         """The first step this run trained, and when: the estimated finish is measured from it."""
         self.last_train: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
+        self.loop_done = False
+        """The training loop logged its last step (or stopped early): its own checkpoint-on-signal is over."""
+        self.train_recorded = False
+        """The train stage is recorded as finished (its ``stage.json``): a resume no longer redoes any step."""
+        self.deferred_stop: str | None = None
+        """A signal that arrived between those two moments, acted on once the train stage is recorded."""
+
+    def stop(self, signum: int) -> None:
+        """A stop signal outside the training loop: at once, or — between the loop's last step and the train stage
+        being recorded — once the stage is recorded (``stop_at_once``)."""
+        name = signal.Signals(signum).name
+        if stop_at_once(loop_done=self.loop_done, train_recorded=self.train_recorded):
+            raise Interrupted(f"stopped by {name}", hint="the job's next run continues from here")
+        self.deferred_stop = name
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "start":
             self.total_steps = int(event["total_steps"])
+            self.loop_done = self.total_steps == int(event["start_step"])  # resumed at its last step
         elif kind == "step":
             self._step(event)
+            self.loop_done = int(event["step"]) >= self.total_steps
+        elif kind == "early_stop":
+            self.loop_done = True
         elif kind == "eval":
             self._eval(event)
         elif kind == "checkpoint":
             self._checkpoint(event)
         elif kind == "resumed":
+            # the steps after the checkpoint are trained again: rows an earlier attempt wrote for them (a run killed
+            # before it checkpointed) are dropped, so the job never shows a step the resumed run has not redone
+            self.store.drop_metrics_after(self.job_id, step=int(event["step"]))
             self._say("info", f"Resumed from the checkpoint at step {event['step']}")
         elif kind == "warning":
             self._say("warn", self._plain(event["message"]))
@@ -184,6 +210,11 @@ class Reporter:
             # the data, train and eval summaries speak of the job; merge's names the server's model cache
             said = self._plain(event["summary"]) if event["name"] in ("data", "train", "eval") else "done"
             self._say("info", f"Stage {event['name']}: {said}")
+        if kind == "stage_done" and event["name"] == "train":
+            self.train_recorded = True
+            if self.deferred_stop is not None:
+                raise Interrupted(f"stopped by {self.deferred_stop} after the train stage finished",
+                                  hint="the job's next run continues with the stages after training")
 
     def _step(self, event: dict[str, Any]) -> None:
         step, loss = int(event["step"]), float(event["loss"])
@@ -238,6 +269,18 @@ def _plain(text: str, data_dir: Path) -> str:
     return text.replace(f"{data_dir.resolve()}/", "").replace(f"{data_dir}/", "")
 
 
+def stop_at_once(*, loop_done: bool, train_recorded: bool) -> bool:
+    """Whether a stop signal that reaches the run outside the training loop stops it where it is.
+
+    Inside the loop the loop handles it (a checkpoint of the step just logged, then the exit). After the loop's
+    last step, the loop writes no checkpoint (its adapter is the stage's output), so a stop there — while the
+    adapter is saved, before ``stage.json`` — would leave a stage that a resume redoes from the last epoch's
+    checkpoint, training (and reporting) the steps after it a second time. There the stop waits for the stage to be
+    recorded, a matter of seconds. Everywhere else (the data stage, model loading, eval, merge, export) it is at
+    once: nothing there is logged by step."""
+    return not loop_done or train_recorded
+
+
 RESULT_COLUMNS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
 """OpenAI's results CSV columns: one row per step."""
 
@@ -269,6 +312,10 @@ def _relative(path: str, data_dir: Path) -> str:
 
 # --- the process --------------------------------------------------------------------------------------------------
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}", hint="the job's next run continues from here")
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """Ask the kernel for SIGTERM when the worker dies (even by kill -9), so no orphan trains the job while another
     worker runs it again: SIGTERM makes the training loop checkpoint and stop."""
@@ -279,11 +326,6 @@ def _die_with_parent(parent_pid: int) -> None:
         sys.exit(EXIT_STOPPED)
 
 
-def _interrupt(signum: int, _frame: Any) -> None:
-    # outside the training loop (which checkpoints first): stop where the run is; finished stages stay finished
-    raise Interrupted(f"stopped by {signal.Signals(signum).name}", hint="the job's next run continues from here")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tunesmith.server.jobrun")
     parser.add_argument("job_id")
@@ -291,13 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
-    from ..signals import handling
-
     settings = ServerSettings.model_validate_json(args.settings)
     store = db.connect(settings.database_url)
     job = store.get_job(args.job_id)
     if job is None:
         return EXIT_FAILED
+    # before the pipeline starts (and after it ends), a stop signal stops the run where it is
     with handling(_interrupt, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         try:
             run(store, settings, job)

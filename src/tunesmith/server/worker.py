@@ -81,7 +81,7 @@ def worker_command(settings: ServerSettings, *, parent_pid: int | None = None) -
 
 def start_workers(settings: ServerSettings, count: int) -> list[processes.Child]:
     """Start ``count`` worker processes for the server (each in its own process group, its log in
-    ``<data_dir>/logs/worker-N.log``). They exit when this process dies; ``processes.stop`` each to end them."""
+    ``<data_dir>/logs/worker-N.log``). They exit when this process dies; ``processes.stop_all`` ends them together."""
     logs = Path(settings.data_dir) / "logs"
     return [processes.start(worker_command(settings, parent_pid=os.getpid()), what=f"worker {n}",
                             log_path=logs / f"worker-{n}.log", stop_timeout_s=STOP_TIMEOUT_S + 10)
