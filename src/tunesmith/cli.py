@@ -109,6 +109,7 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
               "(e.g. runs/x/checkpoints/step-40) instead of the newest; implies --resume.")] = None,
           gpus: Annotated[int, typer.Option("--gpus", min=1,
                                             help="Processes/GPUs: >1 shards with FSDP2 via torchrun.")] = 1,
+          events: Annotated[Path | None, typer.Option("--events", hidden=True)] = None,
           as_json: JsonOpt = False) -> None:
     """Train (full / LoRA / QLoRA, as the config says) and write a run folder."""
     from .config import load_config
@@ -127,11 +128,14 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_relaunch_under_torchrun(gpus, run_dir / "torchrun.log"))
     from .train import train as run_train
+    from .train.launch import append_event
 
     with _TrainSignals(run_dir) as signals, \
             _Progress(enabled=not as_json, activity="train: loading and planning") as progress:
+        # --events: a parent that launched this run under torchrun (a server job) follows rank 0's events there
         result = run_train(cfg, out_dir=out, resume=from_checkpoint or resume,
-                           on_event=lambda e: (signals.on_event(e), progress.on_event(e)))
+                           on_event=lambda e: (signals.on_event(e), progress.on_event(e),
+                                               events is not None and append_event(events, e)))
     emit(result, as_json, lambda r: console.print(f"[green]done[/green]: {r.summary()}"))
 
 
