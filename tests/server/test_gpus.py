@@ -113,3 +113,39 @@ def test_a_jobs_batch_size_is_the_whole_steps_split_among_its_processes(tmp_path
                         train_file=tmp_path / "t.jsonl", validation_file=None, out_dir=tmp_path / "run",
                         settings=ServerSettings(), processes=processes)
     assert config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps == share
+
+
+@pytest.mark.slow
+def test_a_paused_two_gpu_job_checkpoints_through_torchrun_and_resumes_with_the_same_losses(tmp_path):
+    """Pause: SIGTERM goes from the job's run to torchrun's group, the ranks checkpoint at the step boundary, the
+    job is ``paused`` with that checkpoint listed; resumed, it trains the rest — the losses of an unpaused run."""
+    from .test_worker import wait_for
+
+    store, settings = store_for(tmp_path)
+    hyper = {"n_epochs": 6, "batch_size": 6, "learning_rate_multiplier": 1.0}  # 12 steps, a checkpoint every 2
+    reference, paused = submit(store, settings, EXAMPLES, hyperparameters=hyper), \
+        submit(store, settings, EXAMPLES, hyperparameters=hyper)
+    gpus = WorkerOptions(worker_id="w1", once=True, gpus=("0", "1"))
+    run_worker(settings, gpus)
+    assert store.get_job(reference.id).status == "succeeded"
+
+    worker = subprocess.Popen([sys.executable, "-m", "tunesmith", "worker", "--data-dir", str(settings.data_dir),
+                               "--gpus", "0,1", "--gpus-per-job", "2", "--once"], start_new_session=True,
+                              env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        wait_for(lambda: store.list_checkpoints(paused.id).items, 120, "the first checkpoint")
+        store.request(paused.id, "pause")
+        assert worker.wait(timeout=180) == 0
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, 9)
+    job = store.get_job(paused.id)
+    assert job.status == "paused", job.error
+    stopped_at = max(train_losses(store, paused.id))
+    assert stopped_at < 12
+    assert store.list_checkpoints(paused.id, limit=1).items[0].step_number == stopped_at
+    store.request(paused.id, "resume")
+    run_worker(settings, gpus)
+    assert store.get_job(paused.id).status == "succeeded"
+    assert f"Resumed from the checkpoint at step {stopped_at}" in [e.message for e in events(store, paused.id)]
+    assert train_losses(store, paused.id) == pytest.approx(train_losses(store, reference.id), rel=1e-5)
