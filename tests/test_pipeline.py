@@ -155,3 +155,26 @@ def test_every_stage_name_has_one_entry_in_the_stage_table():
     assert tuple(STAGES) == STAGE_NAMES
     with pytest.raises(UserError, match=r"pipeline\.skip"):
         load_config(None, ["pipeline.skip=[evaluate]"])
+
+
+@pytest.mark.slow
+def test_a_two_process_train_stage_runs_under_torchrun_and_emits_the_in_process_events(tmp_path, tiny_model_dir):
+    """``train_processes=2``: the train stage is two torchrun processes (FSDP2 over gloo on the CPU), the rest of
+    the pipeline stays here, and the events — steps, checkpoints — arrive as the in-process stage emits them."""
+    cfg = _config(tmp_path, tiny_model_dir, "train.method=lora", "pipeline.skip=[baseline,eval]")
+    seen: list[dict] = []
+    result = run(cfg, on_event=seen.append, train_processes=2)
+    assert _statuses(result)["train"] == "ran" and _statuses(result)["merge"] == "ran"
+    train_dir = tmp_path / "run" / "train"
+    assert json.loads((train_dir / "run.json").read_text())["processes"] == 2
+    kinds = [e["event"] for e in seen]
+    start = next(e for e in seen if e["event"] == "start")
+    assert start["total_steps"] == 4 and kinds.index("start") < kinds.index("step")
+    assert [e["step"] for e in seen if e["event"] == "step"] == [1, 2, 3, 4]
+    logged = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["loss"] for e in seen if e["event"] == "step"] == [m["loss"] for m in logged if m["type"] == "train"]
+    checkpoints = [e for e in seen if e["event"] == "checkpoint"]
+    assert [e["step"] for e in checkpoints] == [2] and Path(checkpoints[0]["path"]).is_dir()
+    # the stage's record is that of the run the ranks wrote: the next stage merged its artefact
+    train = next(s for s in result.stages if s.name == "train")
+    assert Path(train.outputs["artefact_dir"]).is_dir() and "4 steps" in train.summary

@@ -109,6 +109,7 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
               "(e.g. runs/x/checkpoints/step-40) instead of the newest; implies --resume.")] = None,
           gpus: Annotated[int, typer.Option("--gpus", min=1,
                                             help="Processes/GPUs: >1 shards with FSDP2 via torchrun.")] = 1,
+          events: Annotated[Path | None, typer.Option("--events", hidden=True)] = None,
           as_json: JsonOpt = False) -> None:
     """Train (full / LoRA / QLoRA, as the config says) and write a run folder."""
     from .config import load_config
@@ -127,11 +128,14 @@ def train(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None,
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_relaunch_under_torchrun(gpus, run_dir / "torchrun.log"))
     from .train import train as run_train
+    from .train.launch import append_event
 
     with _TrainSignals(run_dir) as signals, \
             _Progress(enabled=not as_json, activity="train: loading and planning") as progress:
+        # --events: a parent that launched this run under torchrun (a server job) follows rank 0's events there
         result = run_train(cfg, out_dir=out, resume=from_checkpoint or resume,
-                           on_event=lambda e: (signals.on_event(e), progress.on_event(e)))
+                           on_event=lambda e: (signals.on_event(e), progress.on_event(e),
+                                               events is not None and append_event(events, e)))
     emit(result, as_json, lambda r: console.print(f"[green]done[/green]: {r.summary()}"))
 
 
@@ -411,6 +415,16 @@ server_app.add_typer(keys_app, name="keys")
 DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="The service's folder: database, files, job runs.")]
 DatabaseOpt = Annotated[str | None, typer.Option("--database", help="Job store URL (default: sqlite:///DATA_DIR/"
                                                                    "tunesmith.db; or postgresql://USER@HOST/DB).")]
+GpusOpt = Annotated[str | None, typer.Option("--gpus", metavar="0,1,…", help="GPUs the workers share out, by index "
+                                             "(default: every visible CUDA device; none: train on the CPU).")]
+GpusPerJobOpt = Annotated[int, typer.Option("--gpus-per-job", min=1, help="GPUs each job trains on; >1: its train "
+                                            "stage runs as that many torchrun processes (FSDP2).")]
+
+
+def _gpus(option: str | None) -> tuple[str, ...]:
+    from .server.settings import parse_gpus, visible_gpus
+
+    return visible_gpus() if option is None else parse_gpus(option)
 
 
 @server_app.callback(invoke_without_command=True)
@@ -429,7 +443,8 @@ def server(ctx: typer.Context,
            max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", min=1, help="Largest upload, in "
                                                                                      "MiB.")] = 512,
            export_gguf: Annotated[bool, typer.Option("--export-gguf", help="Jobs also export a GGUF (f16) for "
-                                                                           "llama.cpp serving.")] = False) -> None:
+                                                                           "llama.cpp serving.")] = False,
+           gpus: GpusOpt = None, gpus_per_job: GpusPerJobOpt = 1) -> None:
     """Run the service: files, fine-tuning jobs, models and chat completions under /v1, the dashboard at /."""
     if ctx.invoked_subcommand is not None:
         return
@@ -439,7 +454,7 @@ def server(ctx: typer.Context,
     settings = ServerSettings(host=host, port=port, data_dir=data_dir, database=database, workers=workers,
                               base_models=tuple(dict.fromkeys([*DEFAULT_BASE_MODELS, *(model or [])])),
                               require_keys=require_keys, max_upload_bytes=max_upload_mb * 2**20,
-                              export_gguf=export_gguf)
+                              export_gguf=export_gguf, gpus=_gpus(gpus), gpus_per_job=gpus_per_job)
     run_server(settings, on_ready=lambda url: console.print(
         f"tunesmith server on {url}/v1 (dashboard {url}/), {workers} worker(s), data in {data_dir}; "
         "Ctrl-C stops it", highlight=False))
@@ -675,17 +690,21 @@ def worker(data_dir: Annotated[Path, typer.Option("--data-dir", help="The server
            lease_s: Annotated[int, typer.Option("--lease-s", min=5, help="Seconds a job stays this worker's without "
                                                 "a heartbeat; after that another worker re-claims it.")] = 30,
            once: Annotated[bool, typer.Option("--once", help="Run at most one job, then exit.")] = False,
+           gpus: GpusOpt = None, gpus_per_job: GpusPerJobOpt = 1,
            settings_json: Annotated[str | None, typer.Option("--settings", hidden=True)] = None,
            parent_pid: Annotated[int | None, typer.Option("--parent-pid", hidden=True)] = None) -> None:
     """Run fine-tuning jobs from a server's job store, one at a time, until stopped (SIGTERM or Ctrl-C checkpoint
     the running job and put it back in the queue)."""
-    from .server.settings import ServerSettings
+    from .server.settings import ServerSettings, gpu_sets
     from .server.worker import WorkerOptions, new_worker_id, run_worker
 
+    # one worker: its jobs train on the first --gpus-per-job of --gpus (a server gives each of its own its set)
+    own = gpu_sets(_gpus(gpus), workers=1, per_job=gpus_per_job)[0]
     # a server's own workers get its settings whole; a worker started by hand, the store and the folder
     settings = ServerSettings.model_validate_json(settings_json) if settings_json else \
         ServerSettings(data_dir=data_dir, database=database)
-    run_worker(settings, WorkerOptions(worker_id=new_worker_id(), parent_pid=parent_pid, lease_s=lease_s, once=once))
+    run_worker(settings, WorkerOptions(worker_id=new_worker_id(), parent_pid=parent_pid, lease_s=lease_s, once=once,
+                                       gpus=own))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,8 @@ class _Context:
     records: dict[StageName, StageRecord] = field(default_factory=dict)
     passed_over: dict[StageName, str] = field(default_factory=dict)
     """Stages with nothing to do for this config, and why (the report says so)."""
+    train_processes: int = 1
+    """Processes the train stage runs as: more than one, torchrun's (``train.launch``), else this one."""
 
 
 def _no_inputs(config: Config) -> list[str]:
@@ -109,16 +111,19 @@ class _Stage:
     """The config for later stages, given this stage's outputs (e.g. train.dataset set to the prepared data)."""
 
 
-def run(config: Config, out_dir: str | Path | None = None, on_event: Event | None = None) -> PipelineResult:
+def run(config: Config, out_dir: str | Path | None = None, on_event: Event | None = None, *,
+        train_processes: int = 1) -> PipelineResult:
     """Run every stage that is out of date, in order, and write the report. Raises on the first failing stage,
-    naming it; finished stages stay finished, so the same command continues where it stopped."""
+    naming it; finished stages stay finished, so the same command continues where it stopped.
+    ``train_processes``: more than one trains as that many torchrun processes (one per GPU, FSDP2), the events
+    handed to ``on_event`` as the in-process stage emits them."""
     from .train.tracking import check_trackers
 
     emit = on_event or (lambda _e: None)
     check_trackers(config.train.report_to)  # a missing tracker is found before the data stage, not after it
     out = output_folder(out_dir or config.out_dir, "--out" if out_dir else "out_dir", create=True)
     write_json_atomic(out / "config.json", config.model_dump(mode="json"))
-    ctx = _Context(config=config, out=out, emit=emit)
+    ctx = _Context(config=config, out=out, emit=emit, train_processes=train_processes)
     outcomes: list[StageOutcome] = []
     started = time.perf_counter()
     for name in STAGE_NAMES:
@@ -312,9 +317,16 @@ def _tuned_eval(ctx: _Context, folder: Path, resume: bool) -> tuple[EvalOutputs,
 
 def _train(ctx: _Context, folder: Path, resume: bool) -> tuple[TrainOutputs, str]:
     from .train import train
+    from .train.launch import CONFIG, run_torchrun, torchrun_command
 
     has_checkpoint = resume and any((folder / "checkpoints").glob("*"))
-    result = train(ctx.config, out_dir=folder, resume=has_checkpoint, on_event=ctx.emit)
+    command = torchrun_command(processes=ctx.train_processes, config_file=folder / CONFIG, run_dir=folder,
+                               resume=has_checkpoint)
+    if command is None:
+        result = train(ctx.config, out_dir=folder, resume=has_checkpoint, on_event=ctx.emit)
+    else:  # the ranks read the config as the earlier stages left it (train.dataset: the prepared data)
+        write_json_atomic(folder / CONFIG, ctx.config.model_dump(mode="json"))
+        result = run_torchrun(command, run_dir=folder, emit=ctx.emit)
     return (TrainOutputs(run_dir=str(folder), artefact_dir=result.artefact, metrics_file=str(folder / "metrics.jsonl"),
                          result=result.to_dict()), result.summary())
 

@@ -47,9 +47,11 @@ PROBLEMS_SHOWN = 5
 """Problems quoted in a failed validation's message (then how many more there are)."""
 
 
-def jobrun_command(settings: ServerSettings, job_id: str, *, parent_pid: int) -> list[str]:
+def jobrun_command(settings: ServerSettings, job_id: str, *, parent_pid: int, gpus: int = 0) -> list[str]:
+    """``gpus``: how many GPUs the worker gave the run (CUDA_VISIBLE_DEVICES names them); more than one trains as
+    that many torchrun processes."""
     return [sys.executable, "-m", "tunesmith.server.jobrun", job_id, "--settings", settings.model_dump_json(),
-            "--parent-pid", str(parent_pid)]
+            "--parent-pid", str(parent_pid), "--gpus", str(gpus)]
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
@@ -114,21 +116,32 @@ def _worded(line: int, field: str | None, reason: str) -> str:
 
 # --- the run ------------------------------------------------------------------------------------------------------
 
-def run(store: db.Store, settings: ServerSettings, job: db.Job) -> None:
-    """Run the job's stages, reporting as they go; record success. Raises what the pipeline raises."""
+def run(store: db.Store, settings: ServerSettings, job: db.Job, *, gpus: int = 0) -> None:
+    """Run the job's stages, reporting as they go; record success. Raises what the pipeline raises. ``gpus``: the
+    GPUs CUDA_VISIBLE_DEVICES gives this run; more than one: the train stage runs as that many processes."""
     from ..pipeline import run as run_pipeline
-    from .jobs import fine_tuned_name, job_config
+    from .jobs import fine_tuned_name, job_config, process_share
 
     out_dir = settings.data_dir / job.out_dir
+    processes = max(1, gpus)
     config = job_config(job_id=job.id, model=job.model, hyperparameters=job.hyperparameters, method=job.method,
                         seed=job.seed, train_file=_stored(store, settings, job.training_file),
                         validation_file=_stored(store, settings, job.validation_file) if job.validation_file
-                        else None, out_dir=out_dir, settings=settings)
+                        else None, out_dir=out_dir, settings=settings, processes=processes)
     name = fine_tuned_name(job.model, job.suffix, job.id)
     reporter = Reporter(store=store, job_id=job.id, data_dir=settings.data_dir, model_name=name)
+    if gpus:  # read in this process: the GPUs the job trains on, as its worker set them
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        store.add_event(job.id, level="info", message=f"Training on GPU(s) {visible}"
+                        + (f" ({processes} torchrun processes)" if processes > 1 else ""),
+                        data={"cuda_visible_devices": visible, "train_processes": processes})
+        batch = int(job.hyperparameters["batch_size"])
+        if batch % processes:
+            store.add_event(job.id, level="warn", message=f"batch_size {batch} does not divide among {processes} "
+                            f"GPUs: each step trains on {processes * process_share(batch, processes)} sequences")
     # outside the training loop (which checkpoints first), a stop signal is the reporter's to time
     with handling(lambda signum, _frame: reporter.stop(signum), signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        result = run_pipeline(config, out_dir=out_dir, on_event=reporter)
+        result = run_pipeline(config, out_dir=out_dir, on_event=reporter, train_processes=processes)
 
     train = next(s for s in result.stages if s.name == "train")
     merge = next(s for s in result.stages if s.name == "merge")
@@ -331,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job_id")
     parser.add_argument("--settings", required=True, help="the server's settings, as JSON")
     parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs in CUDA_VISIBLE_DEVICES (0: the CPU)")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
     settings = ServerSettings.model_validate_json(args.settings)
@@ -341,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     # before the pipeline starts (and after it ends), a stop signal stops the run where it is
     with handling(_interrupt, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         try:
-            run(store, settings, job)
+            run(store, settings, job, gpus=args.gpus)
         except Interrupted:
             return EXIT_STOPPED
         except TunesmithError as exc:

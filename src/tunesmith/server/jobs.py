@@ -126,12 +126,20 @@ def micro_batches(batch_size: int) -> tuple[int, int]:
     return per_device, batch_size // per_device
 
 
+def process_share(batch_size: int, processes: int) -> int:
+    """Each training process's sequences per step: OpenAI's ``batch_size`` is the whole step's, so the processes
+    split it; one that does not divide evenly is rounded up (a step then holds ``processes × share`` sequences)."""
+    return -(-batch_size // processes)
+
+
 def job_config(*, job_id: str, model: str, hyperparameters: dict[str, Any], method: dict[str, Any], seed: int,
-               train_file: Path, validation_file: Path | None, out_dir: Path, settings: ServerSettings) -> Config:
+               train_file: Path, validation_file: Path | None, out_dir: Path, settings: ServerSettings,
+               processes: int = 1) -> Config:
     """The tunesmith config a job runs (what ``tunesmith run`` would read): LoRA with the guide's recommended
     preset on the base model, trained on the prepared training file, evaluated against the base, merged, and
-    exported to GGUF when the server exports GGUF."""
-    per_device, accumulate = micro_batches(int(hyperparameters["batch_size"]))
+    exported to GGUF when the server exports GGUF. ``processes``: the train stage's (one per GPU), which share
+    each step's ``batch_size`` sequences (``process_share``)."""
+    per_device, accumulate = micro_batches(process_share(int(hyperparameters["batch_size"]), processes))
     train: dict[str, Any] = {
         "method": "lora", "preset": PRESET, "num_train_epochs": hyperparameters["n_epochs"],
         "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulate,

@@ -64,6 +64,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(settings: ServerSettings, *, on_ready: Callable[[str], None]) -> None:
     """Run the service until SIGTERM, SIGINT or SIGHUP; ``on_ready`` gets the base URL once requests are served."""
+    gpu_sets = settings.worker_gpu_sets  # too few GPUs for the workers: said before anything opens or binds
     store = open_store(settings)
     try:
         if settings.api_keys_required and not store.has_api_keys():
@@ -73,14 +74,15 @@ def serve(settings: ServerSettings, *, on_ready: Callable[[str], None]) -> None:
                             hint=f"create one first: tunesmith server keys create NAME --data-dir {settings.data_dir}")
         sock = bind(settings.host, settings.port)
         try:
-            _run(settings, store, sock, on_ready)
+            _run(settings, store, sock, on_ready, gpu_sets)
         finally:
             sock.close()
     finally:
         store.close()
 
 
-def _run(settings: ServerSettings, store: db.Store, sock: socket.socket, on_ready: Callable[[str], None]) -> None:
+def _run(settings: ServerSettings, store: db.Store, sock: socket.socket, on_ready: Callable[[str], None],
+         gpu_sets: tuple[tuple[str, ...], ...]) -> None:
     from .worker import start_workers
 
     app = create_app(settings, store)
@@ -100,7 +102,7 @@ def _run(settings: ServerSettings, store: db.Store, sock: socket.socket, on_read
         try:
             thread.start()
             _wait_started(server, thread)
-            workers = start_workers(settings, settings.workers)
+            workers = start_workers(settings, gpu_sets)
             host, port = sock.getsockname()[:2]
             on_ready(f"http://{f'[{host}]' if ':' in host else host}:{port}")
             while not stop.wait(0.5) and thread.is_alive():

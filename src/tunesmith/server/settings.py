@@ -3,13 +3,59 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import UserError
+
 DEFAULT_BASE_MODELS: tuple[str, ...] = ("local:demo", "local:smollm2-135m-instruct")
 MAX_UPLOAD_BYTES = 512 * 2**20
 """OpenAI's per-file limit for fine-tuning uploads (512 MB)."""
+
+
+def parse_gpus(text: str) -> tuple[str, ...]:
+    """``--gpus 0,1,2,3`` as the device names CUDA_VISIBLE_DEVICES takes (indices or GPU UUIDs); "" or ``none``: no
+    GPU (jobs train on the CPU)."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    names = tuple(name.strip() for name in text.split(","))
+    if any(not name for name in names):
+        raise UserError(f"--gpus {text}: an empty entry", hint="list the GPUs by index, comma-separated: --gpus 0,1")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f"--gpus {text}: GPU {', '.join(repeated)} is listed twice",
+                        hint="list each GPU once: two jobs on one GPU would share its memory")
+    return names
+
+
+def visible_gpus() -> tuple[str, ...]:
+    """The default of ``--gpus``: every CUDA device this process may use — CUDA_VISIBLE_DEVICES' own names where it
+    is set (a job's narrower set is then taken from them, not from indices the driver would read differently),
+    else each device's index; none on a machine without CUDA."""
+    import torch
+
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return tuple(name.strip() for name in listed.split(",") if name.strip())[:count]
+    return tuple(str(i) for i in range(count))
+
+
+def gpu_sets(gpus: tuple[str, ...], *, workers: int, per_job: int) -> tuple[tuple[str, ...], ...]:
+    """Each worker's own GPUs: worker k (from 0) gets ``gpus[k·per_job : (k+1)·per_job]``, so no two jobs share a
+    GPU. No GPUs at all with one per job: every worker trains on the CPU (empty sets). Too few GPUs is a UserError
+    (it is found at start-up, before any job runs)."""
+    if not gpus and per_job == 1:
+        return ((),) * workers
+    needed = workers * per_job
+    if len(gpus) < needed:
+        have = f"{len(gpus)} GPU(s) ({','.join(gpus)})" if gpus else "no GPU"
+        raise UserError(f"--gpus-per-job {per_job}: {workers} worker(s) × {per_job} GPU(s) need {needed} GPUs, and "
+                        f"the server has {have}",
+                        hint="lower --workers or --gpus-per-job, or list more GPUs with --gpus")
+    return tuple(gpus[k * per_job:(k + 1) * per_job] for k in range(workers))
 
 
 def is_loopback(host: str) -> bool:
@@ -54,6 +100,17 @@ class ServerSettings(BaseModel):
 
     export_gguf: bool = False
     """Jobs also export a GGUF (f16) for llama.cpp serving."""
+
+    gpus: tuple[str, ...] = ()
+    """The GPUs the server's workers share out (CUDA_VISIBLE_DEVICES names); empty: jobs train on the CPU."""
+
+    gpus_per_job: int = Field(1, ge=1)
+    """GPUs each worker's jobs train on; more than one: the train stage runs as that many torchrun processes."""
+
+    @property
+    def worker_gpu_sets(self) -> tuple[tuple[str, ...], ...]:
+        """Each of the server's workers' own GPUs (``gpu_sets``); a UserError when there are too few."""
+        return gpu_sets(self.gpus, workers=self.workers, per_job=self.gpus_per_job)
 
     @property
     def database_url(self) -> str:

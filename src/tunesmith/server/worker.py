@@ -16,6 +16,9 @@ Nothing is lost to a kill -9. A worker whose parent (the server) died stops its 
 puts it back in the queue and exits; the restarted server's worker continues it. A worker that is itself killed
 takes its job's child with it (the child asked the kernel for SIGTERM when its parent dies), and its lease runs
 out: any worker then re-claims the job, which resumes from its last checkpoint; redone steps' metrics are upserted.
+
+Each worker has its own GPU set (``settings.gpu_sets``): its jobs' runs start with CUDA_VISIBLE_DEVICES set to it
+(nothing set on a CPU machine), and a set of more than one GPU trains as that many torchrun processes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +67,8 @@ class WorkerOptions:
     lease_s: int = LEASE_S
     once: bool = False
     """Run at most one job, then return (a worker started by hand to drain one job; tests)."""
+    gpus: tuple[str, ...] = ()
+    """This worker's own GPUs (CUDA_VISIBLE_DEVICES names), which its jobs train on; empty: on the CPU."""
 
 
 def new_worker_id() -> str:
@@ -70,29 +76,39 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def worker_command(settings: ServerSettings, *, parent_pid: int | None = None) -> list[str]:
+def worker_command(settings: ServerSettings, *, gpus: tuple[str, ...], parent_pid: int | None = None) -> list[str]:
     """The ``tunesmith worker`` command line for a worker of this server: its settings whole (what a job trains
-    and exports depends on them)."""
-    command = [sys.executable, "-m", "tunesmith", "worker", "--settings", settings.model_dump_json()]
+    and exports depends on them) and its own GPU set, given as the whole of its ``--gpus`` (one job's worth)."""
+    command = [sys.executable, "-m", "tunesmith", "worker", "--settings", settings.model_dump_json(),
+               "--gpus", ",".join(gpus) or "none", "--gpus-per-job", str(max(1, len(gpus)))]
     if parent_pid is not None:
         command += ["--parent-pid", str(parent_pid)]
     return command
 
 
-def start_workers(settings: ServerSettings, count: int) -> list[processes.Child]:
-    """Start ``count`` worker processes for the server (each in its own process group, its log in
+def start_workers(settings: ServerSettings, gpu_sets: tuple[tuple[str, ...], ...]) -> list[processes.Child]:
+    """Start one worker process per GPU set (each in its own process group, its log in
     ``<data_dir>/logs/worker-N.log``). They exit when this process dies; ``processes.stop_all`` ends them together."""
     logs = Path(settings.data_dir) / "logs"
-    return [processes.start(worker_command(settings, parent_pid=os.getpid()), what=f"worker {n}",
+    return [processes.start(worker_command(settings, gpus=gpus, parent_pid=os.getpid()), what=f"worker {n}",
                             log_path=logs / f"worker-{n}.log", stop_timeout_s=STOP_TIMEOUT_S + 10)
-            for n in range(1, count + 1)]
+            for n, gpus in enumerate(gpu_sets, start=1)]
+
+
+def jobrun_env(gpus: tuple[str, ...], environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment of a job's run on ``gpus``: this worker's, with CUDA_VISIBLE_DEVICES naming only them (the
+    run and its torchrun processes see those GPUs, from index 0); None — inherited unchanged — on the CPU."""
+    if not gpus:
+        return None
+    return {**environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
 
 
 def run_worker(settings: ServerSettings, options: WorkerOptions) -> None:
     """Claim and run jobs until stopped (SIGTERM/SIGINT, or the parent's death)."""
     store = db.connect(settings.database_url)
     store.upgrade()  # a worker may start first, on a new database (it waits for a server doing the same)
-    log.info("worker %s: waiting for jobs (%s)", options.worker_id, settings.database_url.split("@")[-1])
+    log.info("worker %s: waiting for jobs (%s) on %s", options.worker_id, settings.database_url.split("@")[-1],
+             f"GPUs {','.join(options.gpus)}" if options.gpus else "the CPU")
     with handling(_stop, signal.SIGTERM, signal.SIGHUP):
         while _parent_alive(options):
             job = store.claim_job(worker_id=options.worker_id, lease_s=options.lease_s)
@@ -126,8 +142,9 @@ def run_job(store: db.Store, settings: ServerSettings, job: db.Job, options: Wor
 def _supervise(store: db.Store, settings: ServerSettings, job: db.Job, options: WorkerOptions) -> None:
     """Run the job's child and watch it: lease, requests, the parent; set the status the child did not set."""
     out_dir = settings.data_dir / job.out_dir
-    child = processes.start(jobrun_command(settings, job.id, parent_pid=os.getpid()), what=f"the run of {job.id}",
-                            log_path=out_dir / "jobrun.log", stop_timeout_s=STOP_TIMEOUT_S)
+    child = processes.start(jobrun_command(settings, job.id, parent_pid=os.getpid(), gpus=len(options.gpus)),
+                            what=f"the run of {job.id}", log_path=out_dir / "jobrun.log",
+                            env=jobrun_env(options.gpus, os.environ), stop_timeout_s=STOP_TIMEOUT_S)
     try:
         outcome = _watch(store, job.id, child, options)
     except BaseException:
