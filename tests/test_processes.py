@@ -93,6 +93,12 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def _sigint_as_a_terminal_sends_it() -> None:
+    """SIGINT back to its default in the child: a suite started in the background (``cmd &``) inherits it ignored,
+    and Python then never raises KeyboardInterrupt, whatever the code under test does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("child_mode", ["default", "ignore-sigterm"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_tunesmith_stops_the_childs_whole_group_and_frees_its_port(tmp_path, sig, child_mode):
@@ -101,7 +107,7 @@ def test_a_signal_to_tunesmith_stops_the_childs_whole_group_and_frees_its_port(t
     port, log = free_port(), tmp_path / "server.log"
     parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py"), str(tmp_path / "server.py"), str(port),
                                child_mode, str(log)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+                              text=True, preexec_fn=_sigint_as_a_terminal_sends_it)
     child = int(parent.stdout.readline())
     helper = None
     try:
