@@ -296,6 +296,7 @@ def _relaunch_under_torchrun(n: int, log: Path) -> int:
     """Re-run this same command as ``n`` torchrun processes (one per GPU); the config is identical. Their output
     is shown and kept in ``log`` (in the run folder)."""
     from . import processes
+    from .train.launch import torchrun
 
     argv: list[str] = []
     skip = False
@@ -307,8 +308,7 @@ def _relaunch_under_torchrun(n: int, log: Path) -> int:
             skip = True
             continue
         argv.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", "tunesmith", *argv]
+    cmd = torchrun(n, *argv)
     # its own process group, stopped on SIGTERM/Ctrl-C here (torchrun passes SIGTERM on: the workers checkpoint)
     with processes.running(cmd, what="torchrun", log_path=log, stop_timeout_s=120.0,
                            echo=(sys.stdout.buffer, sys.stderr.buffer)) as child:

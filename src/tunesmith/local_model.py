@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .paths import home
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -143,8 +145,7 @@ NAMED_MODELS: dict[str, NamedModel] = {
 
 def models_home() -> Path:
     """Where built local models are cached: $TUNESMITH_HOME/models (default ~/.cache/tunesmith/models)."""
-    home = os.environ.get("TUNESMITH_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "tunesmith")
-    return Path(home) / "models"
+    return home() / "models"
 
 
 def ensure_named_model(name: str) -> Path:

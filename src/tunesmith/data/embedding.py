@@ -37,6 +37,7 @@ import numpy as np
 from ..errors import UserError
 from ..files import atomic_folder
 from ..paths import home
+from ..records import sha256_file
 from .clean import Match
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ def static_model(model_path: str) -> Path:
         with atomic_folder(out, what="the static embedding encoder") as tmp:
             _distill(source).save_pretrained(str(tmp))
             record = {"source": source.name, "source_sha256": digest, "pca_dims": PCA_DIMS, "sif": SIF,
-                      "files": {f.name: _file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}}
+                      "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}}
             (tmp / STATIC_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return out
 
@@ -326,7 +327,7 @@ def _intact(folder: Path, source_sha256: str) -> bool:
     try:
         record = json.loads((folder / STATIC_RECORD).read_text(encoding="utf-8"))
         same_recipe = (record["source_sha256"], record["pca_dims"], record["sif"]) == (source_sha256, PCA_DIMS, SIF)
-        return same_recipe and all(_file_sha256(folder / name) == sha for name, sha in record["files"].items())
+        return same_recipe and all(sha256_file(folder / name) == sha for name, sha in record["files"].items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -335,10 +336,5 @@ def _folder_sha256(folder: Path) -> str:
     """One digest of every file under ``folder`` (relative names and contents): the model's identity."""
     digest = hashlib.sha256()
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(f.relative_to(folder)).encode() + b"\0" + _file_sha256(f).encode())
+        digest.update(str(f.relative_to(folder)).encode() + b"\0" + sha256_file(f).encode())
     return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import processes
 from ..errors import RunError, UserError
-from ..paths import input_file
+from ..paths import home, input_file
 
 SCRIPT = "convert_hf_to_gguf.py"
 _PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
@@ -41,8 +41,7 @@ def llama_cpp_version() -> str:
 
 
 def converter_home() -> Path:
-    home = os.environ.get("TUNESMITH_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "tunesmith")
-    return Path(home) / f"llama.cpp-{llama_cpp_version()}"
+    return home() / f"llama.cpp-{llama_cpp_version()}"
 
 
 def find_converter() -> Path:

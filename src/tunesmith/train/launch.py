@@ -37,14 +37,19 @@ POLL_S = 0.2
 """How often the parent reads the events file while the ranks train."""
 
 
+def torchrun(processes: int, *tunesmith_args: str) -> list[str]:
+    """``tunesmith ARGS`` as ``processes`` torchrun processes on this machine (one per GPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+            "-m", "tunesmith", *tunesmith_args]
+
+
 def torchrun_command(*, processes: int, config_file: Path, run_dir: Path, resume: bool) -> list[str] | None:
     """The command that trains as ``processes`` torchrun processes, or None: one process trains in-process (one GPU,
     or the CPU)."""
     if processes <= 1:
         return None
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-            "-m", "tunesmith", "train", str(config_file), "--out", str(run_dir), "--json",
-            "--events", str(run_dir / EVENTS), *(["--resume"] if resume else [])]
+    return torchrun(processes, "train", str(config_file), "--out", str(run_dir), "--json",
+                    "--events", str(run_dir / EVENTS), *(["--resume"] if resume else []))
 
 
 def append_event(path: Path, event: dict[str, Any]) -> None:
