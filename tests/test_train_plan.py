@@ -147,14 +147,15 @@ def test_the_plan_counts_the_fused_loss_kernels_tiles_not_pytorch_chunks(liger_h
     assert 20.0 < fused.estimate_gib < 23.0 < chunked.estimate_gib
 
 
-def test_a_dpo_plan_counts_the_pytorch_chunks_its_log_probabilities_use_even_with_liger(liger_head):
+def test_a_dpo_plan_counts_the_head_its_log_probabilities_use(liger_head):
+    # rows of 4,096 tokens (one pair of 2,048-token sequences, or two SFT sequences); with Liger installed DPO's
+    # per-token log-probabilities run through its tiles as the SFT loss does, without it through PyTorch chunks
     sft = liger_head("llama-3.1-8b", method="lora", per_device_train_batch_size=2, gradient_checkpointing=True)
     dpo = liger_head("llama-3.1-8b", method="lora", per_device_train_batch_size=2, gradient_checkpointing=True,
                      objective="dpo")
     chunked = _plan("llama-3.1-8b", method="lora", per_device_train_batch_size=2, gradient_checkpointing=True,
                     objective="dpo")
-    # 2 pairs of 2,048-token sequences: the same 8K-token row as 4 SFT sequences, with the chunked head's logits
-    assert dpo.estimate_gib == pytest.approx(chunked.estimate_gib) and dpo.estimate_gib > sft.estimate_gib + 3
+    assert dpo.estimate_gib == pytest.approx(sft.estimate_gib, abs=0.5) and chunked.estimate_gib > dpo.estimate_gib + 2
 
 
 def test_frozen_input_embeddings_move_to_the_cpu_only_when_the_step_does_not_fit(liger_head):

@@ -91,3 +91,31 @@ def test_qlora_dpo_trains_through_the_cli_and_the_margin_rises(tiny_model_dir, t
     weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert weights and all("lora_" in k for k in weights)
     assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_kernels_token_log_probs_and_their_weighted_gradients_equal_pytorch_chunks(dtype):
+    pytest.importorskip("liger_kernel")
+    from tunesmith.train.preference import linear_logps
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens, hidden_size, vocab = 5000, 256, 32000  # more tokens than one PyTorch chunk (4,096)
+    hidden = torch.randn(tokens, hidden_size, device="cuda", generator=gen).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, device="cuda", generator=gen) * 0.05).to(dtype)
+    targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
+    # DPO's upstream gradient differs per token (each sequence's own sigmoid weight): folded in per token
+    upstream = torch.rand(tokens, device="cuda", generator=gen) * 2 - 1
+
+    def run(kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logps = linear_logps(h, w, targets, kernel=kernel)
+        (logps * upstream).sum().backward()
+        return logps.detach(), h.grad, w.grad
+
+    fused, chunks = run(kernel=True), run(kernel=False)
+    assert fused[0].dtype == torch.float32 and fused[0].shape == (tokens,)
+    assert (fused[0] < 0).all()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert _rel(fused[0], chunks[0]) < tol
+    assert _rel(fused[1], chunks[1]) < tol * 5
+    assert _rel(fused[2], chunks[2]) < tol * 5

@@ -44,19 +44,30 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     """Sum over rows of cross-entropy(``hidden @ weight.T``, ``targets``) from Liger's fused kernel (fp32
     accumulation), or None where it does not apply (not CUDA, Liger not installed) so the chunked PyTorch path runs.
     ``targets`` hold only real labels (the caller already dropped unsupervised positions)."""
-    if not hidden.is_cuda or hidden.shape[0] == 0:
-        return None
-    fused = _liger_flce()
+    fused = _liger_flce() if hidden.is_cuda and hidden.shape[0] else None
     if fused is None:
         return None
-    # Liger's kernel runs in the weight's dtype. Full fine-tuning keeps an fp32 master head under autocast: use its
-    # compute-dtype copy (the cast is differentiable, so the fp32 head still receives the gradient).
+    return fused(*_liger_operands(hidden, weight), targets, reduction="sum")
+
+
+def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """fp32 log-probability of each row's target under softmax(``hidden @ weight.T``) from Liger's fused kernel, or
+    None where it does not apply (as ``linear_cross_entropy_sum``). Per-token (``reduction="none"``): Liger then
+    defers the head's gradients to backward, recomputing its tiles with each token's own upstream gradient folded
+    in, so DPO's per-sequence weights reach the hidden states (and a trained head) exactly."""
+    fused = _liger_flce() if hidden.is_cuda and hidden.shape[0] else None
+    if fused is None:
+        return None
+    return -fused(*_liger_operands(hidden, weight), targets, reduction="none")
+
+
+def _liger_operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Liger's kernel runs in the weight's dtype. Full fine-tuning keeps an fp32 master head under autocast: its
+    compute-dtype copy (the cast is differentiable, so the fp32 head still receives the gradient)."""
     kind = hidden.device.type
     if torch.is_autocast_enabled(kind) and weight.dtype == torch.float32:
         weight = weight.to(torch.get_autocast_dtype(kind))
-    if hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
-    return fused(hidden, weight, targets, reduction="sum")
+    return (hidden.to(weight.dtype) if hidden.dtype != weight.dtype else hidden), weight
 
 
 def fused_loss_kernel_available() -> bool:

@@ -145,7 +145,7 @@ def plan_training(model_config: Any, tcfg: TrainConfig, *, hardware: Hardware, w
     tokens = row_budget(row_tokens=tcfg.packed_row_tokens, batch_size=tcfg.per_device_train_batch_size,
                         max_length=tcfg.max_length, packed=packs(tcfg.packing, hardware.device),
                         pairs=tcfg.objective == "dpo")
-    step = _Step(arch, model_config, tcfg, tokens, world, 1, budget, layers, _head(hardware, tcfg.objective),
+    step = _Step(arch, model_config, tcfg, tokens, world, 1, budget, layers, _head(hardware),
                  _dropout_mask_bytes(tcfg, fused_dropout), compiled, fp8_base)
     sharding, shard_why = _choose_sharding(step)
     step = replace(step, shards=world if sharding == "shard" else 1)
@@ -538,12 +538,12 @@ def _dropout_mask_bytes(tcfg: TrainConfig, fused_dropout: bool) -> int:
     return 0 if fused_dropout and fusable(tcfg.lora.r, tcfg.lora.dropout) else 1
 
 
-def _head(hardware: Hardware, objective: str) -> str:
+def _head(hardware: Hardware) -> str:
     """How the loss meets the vocabulary: Liger's fused kernel where installed (tiles of logits; measured 20.0 GiB
     for an 8B LoRA step of 8K tokens against 20.4 estimated), else our PyTorch chunks — on one GPU and under FSDP2
-    alike (src/tunesmith/train/loss.py). DPO's log-probabilities always go through the PyTorch chunks
-    (train/preference.py): planning them as Liger's tiles under-estimated an 8B DPO step by 3.5 GiB on an H200."""
-    return "fused" if hardware.fused_loss_kernel and objective == "sft" else "chunked"
+    alike (src/tunesmith/train/loss.py). DPO's per-token log-probabilities take the same two paths
+    (train/preference.py ``linear_logps``)."""
+    return "fused" if hardware.fused_loss_kernel else "chunked"
 
 
 def _architecture(model_config: Any) -> Architecture | None:

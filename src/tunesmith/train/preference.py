@@ -31,20 +31,18 @@ from .distributed import max_all, set_gradient_sync, sum_all
 from .loss import CHUNK_TOKENS, _attention_kwargs, _final_hidden_states, _inputs
 
 
-def sequence_logps(model: Any, batch: MicroBatch, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: Any, batch: MicroBatch, fused: bool, kernel: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of the supervised tokens, their count) of each sequence of ``batch``, in the
-    order they were batched. Fused: the head runs on the supervised positions only, in chunks recomputed in
-    backward (the [tokens × vocabulary] logits never exist); else the model's own logits."""
+    order they were batched. Fused: the head runs on the supervised positions only (``linear_logps``: the
+    [tokens × vocabulary] logits never exist); else the model's own logits."""
     base = base_model(model)
     kwargs = _attention_kwargs(batch) | _inputs(base, batch)
     keep = batch.targets != IGNORE_INDEX
     targets = batch.targets[keep]
     if fused:
         hidden = _final_hidden_states(model, base, batch, kwargs)[keep]
-        weight = base.get_output_embeddings().weight
-        token_logps = torch.cat([checkpoint(_chunk_logps, hidden[s:s + CHUNK_TOKENS], weight,
-                                            targets[s:s + CHUNK_TOKENS], use_reentrant=False)
-                                 for s in range(0, hidden.shape[0], CHUNK_TOKENS)])
+        token_logps = linear_logps(hidden, base.get_output_embeddings().weight, targets, kernel)
     else:
         logits = model(position_ids=batch.position_ids, attention_mask=batch.attention_mask, use_cache=False,
                        **kwargs).logits
@@ -55,6 +53,20 @@ def sequence_logps(model: Any, batch: MicroBatch, fused: bool) -> tuple[torch.Te
     counts = torch.zeros(n, device=token_logps.device, dtype=torch.float32).index_add(
         0, seq, torch.ones_like(token_logps))
     return sums, counts
+
+
+def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, kernel: bool = True
+                 ) -> torch.Tensor:
+    """Log-probability of each target under softmax(``hidden @ weight.T``): Liger's fused kernel where it applies
+    (``kernel``; tiles of the logits, as the supervised loss), else PyTorch chunks of ``CHUNK_TOKENS`` recomputed
+    in backward — the [tokens × vocabulary] logits never exist whole either way."""
+    from .kernels import linear_token_logps
+
+    fast = linear_token_logps(hidden, weight, targets) if kernel else None
+    if fast is not None:
+        return fast
+    return torch.cat([checkpoint(_chunk_logps, hidden[s:s + CHUNK_TOKENS], weight, targets[s:s + CHUNK_TOKENS],
+                                 use_reentrant=False) for s in range(0, hidden.shape[0], CHUNK_TOKENS)])
 
 
 def _chunk_logps(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -118,14 +130,14 @@ def pair_batches(pairs: list[PreferencePair], indices: list[int], micro_size: in
         yield batch, group
 
 
-def _reference(model: Any, batch: MicroBatch, group: list[int], pairs: list[PreferencePair], fused: bool
+def _reference(model: Any, batch: MicroBatch, group: list[int], pairs: list[PreferencePair], setup: Any
                ) -> torch.Tensor:
     """[2, n] reference log-probs of the micro-batch's pairs: precomputed, or the model with its adapters off."""
     if pairs[group[0]].reference is not None:
         refs = [pairs[i].reference for i in group]
         return torch.tensor([[r[0] for r in refs], [r[1] for r in refs]], device=batch.input_ids.device)
     with torch.no_grad(), model.disable_adapter():
-        logps, _ = sequence_logps(model, batch, fused)
+        logps, _ = sequence_logps(model, batch, setup.fused_loss, setup.loss_kernel)
     return logps.view(2, -1)
 
 
@@ -152,8 +164,8 @@ def accumulate(model: Any, *, setup: Any, dpo: DpoSection, pairs: list[Preferenc
         set_gradient_sync(model, i == n_micro - 1)
         batch = batch.to(setup.device)
         with _autocast(setup.device, setup.precision):
-            reference = _reference(model, batch, group, pairs, setup.fused_loss)
-            logps, counts = sequence_logps(model, batch, setup.fused_loss)
+            reference = _reference(model, batch, group, pairs, setup)
+            logps, counts = sequence_logps(model, batch, setup.fused_loss, setup.loss_kernel)
         loss, chosen, rejected = dpo_loss(logps.view(2, -1), reference, counts.view(2, -1), dpo)
         weight = procs.world / n_pairs if i < real else 0.0  # FSDP2 averages gradients over processes
         (loss.sum() * weight).backward()
@@ -189,8 +201,8 @@ def evaluate(model: Any, pairs: list[PreferencePair], *, setup: Any, tcfg: Any) 
     for i, (batch, group) in enumerate(batches):
         batch = batch.to(setup.device)
         with _autocast(setup.device, setup.precision):
-            reference = _reference(model, batch, group, pairs, fused=False)
-            logps, counts = sequence_logps(model, batch, fused=False)
+            reference = _reference(model, batch, group, pairs, setup)
+            logps, counts = sequence_logps(model, batch, setup.fused_loss, setup.loss_kernel)
         loss, chosen, rejected = dpo_loss(logps.view(2, -1), reference, counts.view(2, -1), tcfg.dpo)
         if i < real:
             totals += torch.stack([loss.sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
@@ -217,7 +229,7 @@ def precompute(model: Any, pairs: list[PreferencePair], *, setup: Any, micro_siz
     for batch, group in pair_batches(pairs, list(range(len(pairs))), micro_size, max_length, setup.pad_id,
                                      setup.packed):
         with _autocast(setup.device, setup.precision):
-            logps, _ = sequence_logps(model, batch.to(setup.device), fused=False)
+            logps, _ = sequence_logps(model, batch.to(setup.device), setup.fused_loss, setup.loss_kernel)
         logps = logps.view(2, -1).tolist()
         for k, i in enumerate(group):
             out[i] = replace(pairs[i], reference=(logps[0][k], logps[1][k]))
