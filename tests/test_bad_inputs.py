@@ -131,7 +131,7 @@ CASES = [
     ("fp8-base-on-the-cpu", "train {w}/cfg.yaml --out {w}/t --set train.base_precision=fp8", 2,
      ["train.base_precision: fp8 needs FP8 tensor cores", "the CPU has none", "base_precision: auto"]),
     ("fp8-base-full", "validate {w}/cfg.yaml --set train.method=full --set train.base_precision=fp8", 2,
-     ["base_precision fp8 is for method lora", "FP8 full fine-tuning"]),
+     ["base_precision fp8 is for method lora", "matmul_precision fp8"]),
     # flags out of range or unknown
     ("gpus-zero", "train {w}/cfg.yaml --gpus 0 --out {w}/t", 2, ["--gpus"]),
     ("gpus-negative", "train {w}/cfg.yaml --gpus -1 --out {w}/t", 2, ["--gpus"]),

@@ -294,7 +294,7 @@ def test_merge_of_a_bf16_base_run_reports_no_fp8_drift(tiny_model_dir, tmp_path)
 # --- config, plan and memory model -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "says"), [("full", "FP8 full fine-tuning"), ("qlora", "4 bits")])
+@pytest.mark.parametrize(("method", "says"), [("full", "matmul_precision fp8"), ("qlora", "4 bits")])
 def test_config_refuses_an_fp8_base_outside_lora(method, says):
     from pydantic import ValidationError
 

@@ -193,6 +193,15 @@ class TrainConfig(Section):
     adapter is trained against the FP8-rounded base; a merge puts it into the original bf16 base and says how far
     that moves the logits."""
 
+    matmul_precision: Literal["auto", "fp8"] = "auto"
+    """Full fine-tuning: the precision of the decoder blocks' matrix products. ``auto``: the run's precision.
+    ``fp8``: each linear layer of the decoder blocks casts its input, weight and output gradient to FP8 (e4m3, one
+    scale per row) for its three products — forward, input gradient, weight gradient — on FP8 tensor cores, with
+    fp32 accumulation and bf16 results; the weights, their gradients and the optimizer stay as ``optim`` has them
+    (FP8 copies live for one product only), and the output head stays in bf16. Needs one CUDA GPU with FP8 tensor
+    cores (compute capability 8.9+: L4, L40S, RTX 4090, H100, H200), bf16 precision and torchao. (LoRA's frozen base
+    in FP8 is ``base_precision``.)"""
+
     compile: Literal["auto"] | bool = "auto"
     """Compile each decoder layer with torch.compile (fuses norms, RoPE, SwiGLU and the adapters' small ops; the
     first steps wait ~1 minute for compilation). ``auto``: on for CUDA GPUs, where it is faster for every method,
@@ -291,10 +300,14 @@ class TrainConfig(Section):
                              "and score generations with `tunesmith eval` on a chat eval set")
         if self.base_precision == "fp8" and self.method != "lora":
             raise ValueError(f"base_precision fp8 is for method lora (a frozen bf16 base); {self.method} "
-                             + ("trains every weight, which FP8 full fine-tuning would do as an option of its own: "
-                                "use base_precision auto" if self.method == "full" else
+                             + ("trains every weight: use base_precision auto, and matmul_precision fp8 for FP8 "
+                                "products" if self.method == "full" else
                                 "already stores its base in 4 bits: use base_precision auto, or method lora for "
                                 "an FP8 base"))
+        if self.matmul_precision == "fp8" and self.method != "full":
+            raise ValueError(f"matmul_precision fp8 is for method full (every weight trained, its products in FP8); "
+                             f"{self.method} keeps a frozen base: use matmul_precision auto"
+                             + (", and base_precision fp8 for an FP8 base" if self.method == "lora" else ""))
         if self.optim == "adamw_8bit_bf16" and self.method != "full":
             raise ValueError(f"optim adamw_8bit_bf16 trains bf16 weights (full fine-tuning); {self.method}'s "
                              "adapters are fp32: use optim auto or adamw_torch")

@@ -34,7 +34,7 @@ class Hardware:
     fused_dropout_kernel: bool = False
     """The adapters' fused dropout kernels run here (src/tunesmith/train/adapter_dropout.py)."""
     torchao: bool = False
-    """torchao is installed (full fine-tuning's 8-bit AdamW on bf16 weights)."""
+    """torchao is installed (full fine-tuning's 8-bit AdamW on bf16 weights, and its FP8 products)."""
     fp8: bool = False
     """FP8 tensor cores: compute capability 8.9 or later (``train.base_precision: fp8``)."""
 

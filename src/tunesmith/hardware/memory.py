@@ -48,7 +48,22 @@ an H200 (bench/results/fast_engine.md): un-checkpointed and compiled at 8K-token
 81.1 eager (0.84 of the layers' eager activations); with checkpointing the compiled layers keep less still (a kept
 layer at 12,288 tokens cost 1.94-2.20 GiB against 2.84 eager), so 0.85 overestimates those peaks by at most 0.5 GiB
 (every-layer-checkpointed LoRA/QLoRA steps of 8K-12K tokens) rather than underestimate the un-checkpointed ones.
-Full fine-tuning's compiled layers were not measured this way: they keep the eager estimate."""
+Full fine-tuning's compiled layers: ``COMPILED_FULL_SHARE``."""
+
+COMPILED_FULL_SHARE = 0.38
+COMPILED_FULL_LAYER_WEIGHT_BYTES = 1.1
+"""Full fine-tuning on one GPU with compiled decoder layers: each layer kept for backward saves 0.38 of the eager
+bytes per token below, plus 1.1 bytes per weight of the layer whatever the tokens (0.226 GiB for an 8B layer; not
+traced to a named tensor — the compiled graph keeps buffers of the weights' size for its backward). Fitted on the
+8B runs of bench/results/scale_out/call13_1xH200_T.jsonl, call14_1xH200_V.jsonl and call7_2xH200_H.jsonl at each
+run's largest packed row (the benchmark's chat lengths fill rows of 4,096 / 8,192 / 12,288 tokens to at most 3,604
+/ 6,896 / 10,687), max_memory_allocated measured → modelled: bf16 weights + torchao 8-bit AdamW 62.73 → 63.6
+(3,604 tokens), 70.70 → 71.3 (6,896), 79.06 → 79.1 (10,687, one layer checkpointed); fp32 master weights +
+8-bit AdamW 108.36 → 107.5 (3,604), 99.86 → 98.4 (6,896, 15 layers checkpointed). With fp32 master weights the
+compiled layer keeps its own bf16 copy of its weights for backward (2 bytes per weight, counted with the layer: a
+checkpointed layer recomputes it), not autocast's cached copy of every weight. The eager estimate over-counted
+these runs by 14-31 GiB. FSDP2's compiled full fine-tuning keeps the eager terms: its gathered and reduced
+buffers, not modelled, fill what they over-count (8B on two H200s: 103.5 planned, 97.0-98.9 measured)."""
 
 COMPILED_NO_MASK_SHARE = 0.63
 """The same for compiled LoRA/QLoRA layers whose adapters keep no dropout mask (dropout drawn inside lora_A on CUDA,
@@ -246,7 +261,7 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
                     logits: LogitsPolicy = "chunked", optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
                     full_precision: Literal["bf16", "mixed"] = "bf16", dropout_mask_bytes: int = 1,
                     double_quant: bool = True, shards: int = 1, compiled: bool = False,
-                    fp8_base: bool = False) -> MemoryEstimate:
+                    fp8_base: bool = False, fp8_matmuls: bool = False) -> MemoryEstimate:
     """Peak memory of one training step with ``micro_batch_size`` rows of ``seq_len`` tokens (padded or packed).
 
     ``full_precision``: ``bf16`` keeps weights, gradients and AdamW states in bf16 (what the guide's code does: it
@@ -255,18 +270,30 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
     and states split evenly, one block gathered at a time; the estimate is per GPU). QLoRA is not shardable
     (bitsandbytes 4-bit weights): it trains on one GPU. ``compiled``: the decoder layers run under torch.compile
     (``COMPILED_LAYER_SHARE`` of the eager activations for LoRA/QLoRA). ``fp8_base``: LoRA whose frozen
-    decoder-block linear layers are stored in FP8 (src/tunesmith/train/fp8.py).
+    decoder-block linear layers are stored in FP8 (src/tunesmith/train/fp8.py). ``fp8_matmuls``: full fine-tuning
+    whose decoder-block linear layers compute in FP8 (src/tunesmith/train/fp8_training.py): torchao 0.18 saves the
+    same bf16 input and the weight itself for backward (``matmul_with_hp_or_float8_args.forward``), so the saved
+    activations are bf16's; its FP8 casts live for one product (counted in a layer's backward below), and fp32
+    master weights are cast straight to FP8, so no bf16 copy of a block weight exists.
     """
     n, tokens = arch.total_params, micro_batch_size * seq_len
     d, i, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    # a decoder block's weights (norms included): all but the embeddings and the head
+    block = (n - arch.embedding_params * (1 if arch.tie_word_embeddings else 2)) / arch.num_layers
+    compiled_full = compiled and method == "full" and shards == 1  # COMPILED_FULL_SHARE
 
     # -- persistent: weights, trainable copy, gradients, optimizer states --------------------------------------
     if method == "full":
         trainable = n
         param_bytes = 4 if full_precision == "mixed" else 2
         weights = n * param_bytes
-        # fp32 master weights: autocast keeps a bf16 copy of every weight for the forward
-        trainable_copy = n * 2.0 if full_precision == "mixed" else 0.0
+        # fp32 master weights: autocast keeps a bf16 copy of every weight for the forward — compiled layers keep
+        # their own with their activations (COMPILED_FULL_SHARE), so only the head's is cached
+        trainable_copy = 0.0
+        if full_precision == "mixed":
+            trainable_copy = v * d * 2.0 if compiled_full else n * 2.0
+            if fp8_matmuls and not compiled_full:  # the block weights go to FP8 without a bf16 copy
+                trainable_copy -= arch.quantizable_params * 2.0
         gradients = n * param_bytes
         state_bytes = 2 if optimizer == "adamw_8bit" else (8 if full_precision == "mixed" else 2 * param_bytes)
         optimizer_states = n * state_bytes
@@ -300,6 +327,10 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
     if compiled and method != "full":
         no_mask = dropout_mask_bytes == 0 or lora_dropout == 0
         per_layer *= COMPILED_NO_MASK_SHARE if no_mask else COMPILED_LAYER_SHARE
+    if compiled_full:
+        per_layer = per_layer * COMPILED_FULL_SHARE + block * COMPILED_FULL_LAYER_WEIGHT_BYTES
+        if full_precision == "mixed" and not fp8_matmuls:
+            per_layer += block * 2  # the layer's bf16 copy of its fp32 weights, saved for its backward
     outside_layers = 6 * d * tokens  # embedding output, final norm (fp32 input + bf16 output)
     if checkpointing == "full":
         activations = arch.num_layers * 2 * d * tokens + outside_layers  # each block's bf16 input
@@ -326,6 +357,11 @@ def estimate_memory(arch: Architecture, method: Method, micro_batch_size: int, s
         head = tokens * v * (2 + 4 + 2 + 4)  # bf16 logits, fp32 log-softmax kept, its fp32 gradient, bf16 cast
     if method == "qlora":  # one dequantized bf16 weight (the largest block matrix) at a time
         layer_backward += max(d * i, d * arch.q_dim) * 2
+    if fp8_matmuls and method == "full":
+        # one product's FP8 operands at a time, the widest (an MLP projection): the output gradient in its two
+        # layouts and the input for the weight gradient (T × i bytes each), their copies padded to 16 tokens
+        # (torchao's pad_inner_dim: 2 more), and the weight's two layouts; eager adds fp32 copies of |·| (8 more)
+        layer_backward += tokens * i * (5 if compiled else 13) + 2 * d * i
     if fp8_base and method == "lora":
         # backward's transposed fp8 copy of the largest block matrix, and the widest gradient quantised to fp8;
         # eager also materialises its fp32 scaled copy and |·| (8 bytes per element), compiled code fuses them

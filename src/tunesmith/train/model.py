@@ -15,6 +15,7 @@ from ..models import base_model, load_model, model_skeleton
 from .adapter_dropout import fuse_adapter_dropout
 from .distributed import Processes, materialize, shard
 from .fp8 import FP8, quantize_frozen_base
+from .fp8_training import to_fp8_training
 from .offload import ActivationOffloader, offloaded_checkpoint, offloaded_layer, synchronous_offloaded_checkpoint
 from .plan import Precision, TrainPlan
 
@@ -49,7 +50,8 @@ def prepare_model(model: Any, train_cfg: TrainConfig, plan: TrainPlan, *, procs:
                   full_state: dict[str, torch.Tensor] | None = None) -> Any:
     """The one build order, on a loaded base (benchmarks build random-weight bases themselves) or, with several
     ``procs``, on a skeleton whose weights (``full_state``, the main process's) arrive once it is sharded:
-    adapters → dropout → FP8 base → checkpointing and offload → shard → compile, each as ``plan`` decided."""
+    adapters → dropout → FP8 base (LoRA) or FP8 products (full) → checkpointing and offload → shard → compile, each
+    as ``plan`` decided."""
     model.config.use_cache = False
     if train_cfg.method != "full":
         # first: the adapters are modules inside the decoder layers that checkpointing, FSDP2 and compile wrap
@@ -60,6 +62,10 @@ def prepare_model(model: Any, train_cfg: TrainConfig, plan: TrainPlan, *, procs:
         if plan.fp8_base:
             # after PEFT wrapped the layers (their base_layer is what becomes FP8), before compile traces them
             quantize_frozen_base(model)
+    if plan.fp8_matmuls:
+        # full fine-tuning: the blocks' linear layers multiply in FP8 (the same parameters); before compile traces
+        # them, and inside the layers that checkpointing re-runs
+        to_fp8_training(model)
     # None: every layer, where the plan could not count them (a config without num_hidden_layers)
     layers = decoder_layer_count(model) if plan.checkpointed_layers is None else plan.checkpointed_layers
     if layers + plan.offloaded_layers > 0:

@@ -29,6 +29,9 @@ The ``auto`` choices made here:
 - ``train.base_precision: auto`` — the frozen base computes in the run's precision. ``fp8`` (LoRA on one GPU with
   FP8 tensor cores, bf16 precision): the decoder blocks' linear layers stored and multiplied in FP8
   (src/tunesmith/train/fp8.py), 1 byte per weight in the memory model, so fewer layers need checkpointing.
+- ``train.matmul_precision: auto`` — products in the run's precision. ``fp8`` (full fine-tuning on one GPU with
+  FP8 tensor cores, bf16 precision, torchao): the decoder blocks' linear layers multiply in FP8
+  (src/tunesmith/train/fp8_training.py); the weights and optimizer are as ``train.optim`` resolves.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ class TrainPlan:
     fused_dropout: bool = False  # LoRA adapters draw their input dropout in the fused kernel (adapter_dropout.py)
     compile_layers: bool = False  # each decoder layer compiled with torch.compile
     fp8_base: bool = False  # the frozen base's decoder-block linear layers stored and multiplied in FP8 (fp8.py)
+    fp8_matmuls: bool = False  # full fine-tuning: the decoder-block linear layers multiply in FP8 (fp8_training.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "precision": self.precision.name}
@@ -120,6 +124,7 @@ def plan_training(model_config: Any, tcfg: TrainConfig, *, hardware: Hardware, w
     for this model, config, machine and process count — from these arguments alone."""
     precision = _precision(tcfg.precision, tcfg.method, hardware)
     fp8_base = _fp8_base(tcfg, hardware, world, precision)
+    fp8_matmuls = _fp8_matmuls(tcfg, hardware, world, precision)
     layers = int(getattr(model_config, "num_hidden_layers", 0) or 0)
     _check_configured_optimizer(tcfg, hardware, world)
     compiled = _compiles(tcfg, hardware)
@@ -140,13 +145,13 @@ def plan_training(model_config: Any, tcfg: TrainConfig, *, hardware: Hardware, w
                          ckpt, layers, sharding, sharding != "replicate", budget, None,
                          "no GPU memory to plan for" if budget is None else "architecture not in the memory model",
                          offload_checkpoints=offload, offloaded_layers=offloaded, fused_dropout=fused_dropout,
-                         compile_layers=compiled, fp8_base=fp8_base)
+                         compile_layers=compiled, fp8_base=fp8_base, fp8_matmuls=fp8_matmuls)
 
     tokens = row_budget(row_tokens=tcfg.packed_row_tokens, batch_size=tcfg.per_device_train_batch_size,
                         max_length=tcfg.max_length, packed=packs(tcfg.packing, hardware.device),
                         pairs=tcfg.objective == "dpo")
     step = _Step(arch, model_config, tcfg, tokens, world, 1, budget, layers, _head(hardware),
-                 _dropout_mask_bytes(tcfg, fused_dropout), compiled, fp8_base)
+                 _dropout_mask_bytes(tcfg, fused_dropout), compiled, fp8_base, fp8_matmuls)
     sharding, shard_why = _choose_sharding(step)
     step = replace(step, shards=world if sharding == "shard" else 1)
     optimizer, why = _choose_optimizer(step, hardware)
@@ -195,7 +200,27 @@ def plan_training(model_config: Any, tcfg: TrainConfig, *, hardware: Hardware, w
                                          ", gathered weights kept from forward to backward") + shard_why
     return TrainPlan(optimizer, _master_weights(tcfg, precision, optimizer), _weights_for(optimizer, precision),
                      ckpt, layers, sharding, reshard, round(budget, 1), round(estimate, 1),
-                     f"{why}; {ckpt_why}{reshard_why}", on_cpu, offload, offloaded, fused_dropout, compiled, fp8_base)
+                     f"{why}; {ckpt_why}{reshard_why}", on_cpu, offload, offloaded, fused_dropout, compiled, fp8_base,
+                     fp8_matmuls)
+
+
+def planned_peak_gib(model_config: Any, tcfg: TrainConfig, *, hardware: Hardware, optimizer: str,
+                     checkpointed: int) -> float:
+    """The plan's estimated peak (GiB, overheads included) of a one-GPU run with ``optimizer`` and the first
+    ``checkpointed`` decoder layers recomputed — what a benchmark that fixes them runs, or a test compares with a
+    measured peak. No offloading; the rest as ``plan_training`` resolves it."""
+    precision = _precision(tcfg.precision, tcfg.method, hardware)
+    arch, budget = _architecture(model_config), _budget_gib(tcfg, hardware)
+    if arch is None or budget is None:
+        raise ValueError("no memory model here: the CPU, or an architecture the memory model does not know")
+    fused_dropout = _fused_dropout(tcfg, hardware, 1)
+    tokens = row_budget(row_tokens=tcfg.packed_row_tokens, batch_size=tcfg.per_device_train_batch_size,
+                        max_length=tcfg.max_length, packed=packs(tcfg.packing, hardware.device),
+                        pairs=tcfg.objective == "dpo")
+    step = _Step(arch, model_config, tcfg, tokens, 1, 1, budget, arch.num_layers, _head(hardware),
+                 _dropout_mask_bytes(tcfg, fused_dropout), _compiles(tcfg, hardware),
+                 _fp8_base(tcfg, hardware, 1, precision), _fp8_matmuls(tcfg, hardware, 1, precision))
+    return round(_choose_checkpointing(step, optimizer, fixed=checkpointed)[1], 1)
 
 
 def needs_host_link(tcfg: TrainConfig, world: int) -> bool:
@@ -223,7 +248,9 @@ def describe(plan: TrainPlan) -> str:
         ckpt += " (inputs in CPU memory)"
     if plan.offloaded_layers:
         ckpt += f", {plan.offloaded_layers} layers offloaded whole to CPU memory"
-    return f"optimizer {plan.optimizer}, master weights {plan.master_weights}, checkpointing {ckpt}{cpu}{est}"
+    fp8 = ", decoder-block products in FP8" if plan.fp8_matmuls else ""
+    return (f"optimizer {plan.optimizer}, master weights {plan.master_weights}{fp8}, checkpointing {ckpt}{cpu}"
+            f"{est}")
 
 
 # --- choices -------------------------------------------------------------------------------------------------------
@@ -246,6 +273,7 @@ class _Step:
     mask_bytes: int         # see ``_dropout_mask_bytes``
     compiled: bool
     fp8_base: bool = False  # the frozen base in FP8 (1 byte per decoder-block weight)
+    fp8_matmuls: bool = False  # full fine-tuning's decoder-block products in FP8 (torchao's float8 training)
 
 
 def _precision(choice: str, method: str, hardware: Hardware) -> Precision:
@@ -293,6 +321,29 @@ def _fp8_base(tcfg: TrainConfig, hardware: Hardware, world: int, precision: Prec
     if precision.autocast != torch.bfloat16:
         raise UserError(f"train.base_precision: fp8 needs bf16 products around the FP8 ones; train.precision is "
                         f"{tcfg.precision} ({precision.name})", hint="set train.precision: auto or bf16")
+    return True
+
+
+def _fp8_matmuls(tcfg: TrainConfig, hardware: Hardware, world: int, precision: Precision) -> bool:
+    """``train.matmul_precision: fp8`` where it can run: one CUDA GPU with FP8 tensor cores (compute capability
+    8.9+), bf16 autocast around the FP8 products (they write bf16) and torchao (its float8 training). Anything else
+    is one error before a weight loads. (LoRA and QLoRA are refused by the config itself.)"""
+    if tcfg.matmul_precision != "fp8":
+        return False
+    if hardware.device != "cuda" or not hardware.fp8:
+        where = "the CPU" if hardware.device != "cuda" else f"this GPU ({hardware.name})"
+        raise UserError(f"train.matmul_precision: fp8 needs FP8 tensor cores (a CUDA GPU of compute capability 8.9 "
+                        f"or later: L4, L40S, RTX 4090, H100, H200); {where} has none",
+                        hint="set train.matmul_precision: auto (products in bf16 or fp32)")
+    if world > 1:
+        raise UserError("train.matmul_precision: fp8 runs on one GPU (FP8 products under FSDP2 were not measured)",
+                        hint="set train.matmul_precision: auto with several GPUs, or train on one")
+    if precision.autocast != torch.bfloat16:
+        raise UserError(f"train.matmul_precision: fp8 needs bf16 products around the FP8 ones; train.precision is "
+                        f"{tcfg.precision} ({precision.name})", hint="set train.precision: auto or bf16")
+    if not hardware.torchao:
+        raise UserError("train.matmul_precision: fp8 needs torchao (its float8 training)",
+                        hint="pip install 'tunesmith[gpu]', or set train.matmul_precision: auto")
     return True
 
 
@@ -527,7 +578,8 @@ def _memory(step: _Step, checkpointing: str, optimizer: str) -> MemoryEstimate:
                            adapted_in_features=adapted, lora_dropout=tcfg.lora.dropout, checkpointing=checkpointing,
                            logits=step.head, optimizer=OPTIMIZER_MEMORY[optimizer][0],
                            full_precision=OPTIMIZER_MEMORY[optimizer][1], shards=step.shards,
-                           compiled=step.compiled, dropout_mask_bytes=step.mask_bytes, fp8_base=step.fp8_base)
+                           compiled=step.compiled, dropout_mask_bytes=step.mask_bytes, fp8_base=step.fp8_base,
+                           fp8_matmuls=step.fp8_matmuls)
 
 
 def _dropout_mask_bytes(tcfg: TrainConfig, fused_dropout: bool) -> int:
