@@ -50,9 +50,11 @@
 #   bash bench/gpu_session.sh AF  # 1 GPU: AE's planned run again with 8 untimed steps (CPU memory pinned by then)
 #   bash bench/gpu_session.sh AG  # 1 GPU: the FP8 base's CUDA tests, then the seed's LoRA vs the planned 8B LoRA
 #                                 #   with the bf16 base and with the FP8 base (issue 26; $OUT/fp8_base.json, .md)
+#   bash bench/gpu_session.sh AH  # 1 GPU: the FP8 full-fine-tuning CUDA tests, then 8B full fine-tuning as planned
+#                                 #   with bf16 products and with FP8 products ($OUT/fp8_full.json, .md)
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE|AF|AG}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE|AF|AG|AH}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -327,6 +329,12 @@ elif [ "$phase" = AG ]; then  # one GPU: the FP8 base's tests, then seed vs bf16
   CUDA_VISIBLE_DEVICES=0 timeout 400 python3 bench/scale_out.py fp8 --seed-script .gpu/seed_recipe.py \
     --out "$w/fp8" --warmup 6 --steps 5 > "$w/gpu0.log" 2>&1
   cp "$w/fp8/fp8_base.json" "$w/fp8/fp8_base.md" "$out/" 2>/dev/null
+elif [ "$phase" = AH ]; then  # one GPU: FP8 full fine-tuning's tests, then bf16 vs FP8 products in one call
+  CUDA_VISIBLE_DEVICES=0 timeout 90 python3 -m pytest -v --durations=0 -p no:cacheprovider \
+    tests/gpu/test_fp8_training_cuda.py > "$w/tests.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout $(( 235 - $(date +%s) + start )) python3 bench/scale_out.py fp8full \
+    --out "$w/fp8full" --warmup 4 --steps 4 --run-timeout 70 > "$w/gpu0.log" 2>&1
+  cp "$w/fp8full/fp8_full.json" "$w/fp8full/fp8_full.md" "$w/fp8full/fp8_full.jsonl" "$out/" 2>/dev/null
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))

@@ -6,11 +6,16 @@ One configuration per launch; the launcher is the only difference between GPU co
     torchrun --standalone --nproc-per-node 4 bench/scale_out.py run --shape 8b --method full
     python bench/scale_out.py report --out OUTDIR OUTDIR/*.jsonl                 # table + scaling factors
     python bench/scale_out.py fp8 --seed-script PATH/seed_recipe.py --out OUTDIR  # seed vs bf16 vs FP8 base
+    python bench/scale_out.py fp8full --out OUTDIR                               # full FT: bf16 vs FP8 products
 
 ``fp8`` (issue 26): in one call on one GPU, the seed recipe's LoRA (unchanged, a subprocess), then tunesmith's 8B
 LoRA as ``tunesmith train`` plans it within the seed's memory with the bf16 base, then the same with
 ``train.base_precision: fp8`` — each in a fresh process — and writes ``OUTDIR/fp8_base.json`` and
 ``OUTDIR/fp8_base.md`` with the ratios.
+
+``fp8full``: in one call on one GPU, tunesmith's 8B full fine-tuning as ``tunesmith train`` plans it (bf16 products),
+then the same with ``train.matmul_precision: fp8`` — each in a fresh process — and writes ``OUTDIR/fp8_full.json``
+and ``OUTDIR/fp8_full.md``: tokens/s, peak vs planned memory, the loss at every step and the ratio.
 
 Workload (issues 8/9/11): a Llama shape with random weights (8B = Llama-3.1-8B, 70B = Llama-3.1-70B), the seed's
 ``--varlen`` chat lengths (log-normal, median ~410, [32, 2048]), 16 sequences per optimizer step PER GPU (weak
@@ -74,11 +79,12 @@ def run(a: argparse.Namespace) -> None:
     from tunesmith.train import StepSetup, fit
     from tunesmith.train.distributed import allocate, init_processes, max_all, shard
     from tunesmith.train.fp8 import quantize_frozen_base
+    from tunesmith.train.fp8_training import RECIPE, to_fp8_training
     from tunesmith.train.kernels import attention_implementation
     from tunesmith.train.loss import fused_head_supported
     from tunesmith.train.measure import measure_hardware
     from tunesmith.train.model import compile_decoder_layers, embeddings_to, prepare_model
-    from tunesmith.train.plan import describe, needs_host_link, plan_training
+    from tunesmith.train.plan import describe, needs_host_link, plan_training, planned_peak_gib
 
     procs = init_processes()
     device = procs.device
@@ -89,12 +95,16 @@ def run(a: argparse.Namespace) -> None:
                        eval_strategy="no", learning_rate=1e-5 if a.method == "full" else 2e-4, seed=0,
                        compile=bool(a.compile), memory_limit_gb=a.memory_limit, sharding=a.sharding,
                        packed_row_tokens=a.rows, offload_checkpoints="auto" if a.offload == "auto" else False,
-                       optim=a.optim, base_precision=a.base_precision,
+                       optim=a.optim, base_precision=a.base_precision, matmul_precision=a.matmul_precision,
                        **overrides)
     hardware = measure_hardware(device, host_link=needs_host_link(tcfg, procs.world))
     plan = plan_training(cfg, tcfg, hardware=hardware, world=procs.world)
     precision = plan.precision
     layers = plan.checkpointed_layers if a.ckpt in (None, "0") else int(a.ckpt)
+    planned = plan.estimate_gib
+    if a.ckpt is not None and procs.world == 1 and planned is not None:  # the estimate for the layers it runs
+        planned = planned_peak_gib(cfg, tcfg, hardware=hardware, optimizer=plan.optimizer, checkpointed=layers)
+    recipe = a.fp8_recipe or RECIPE
     if procs.main:
         print(f"plan: {describe(plan)} ({plan.reason})", flush=True)
 
@@ -104,7 +114,11 @@ def run(a: argparse.Namespace) -> None:
         model = AutoModelForCausalLM.from_config(cfg, dtype=precision.weights, attn_implementation=attn)
     # the product's build order, but sharded and given random weights here (not read from a checkpoint)
     # the FP8 base is quantised from real values: after the random weights below, before compile
-    model = prepare_model(model, tcfg, replace(plan, checkpointed_layers=layers, compile_layers=False, fp8_base=False))
+    # FP8 products with the product's recipe through prepare_model; another recipe is converted here, in its place
+    model = prepare_model(model, tcfg, replace(plan, checkpointed_layers=layers, compile_layers=False, fp8_base=False,
+                                               fp8_matmuls=plan.fp8_matmuls and recipe == RECIPE))
+    if plan.fp8_matmuls and recipe != RECIPE:
+        to_fp8_training(model, recipe=recipe)
     if procs.distributed:
         shard(model, procs, a.method, precision.autocast, plan.sharding == "replicate", plan.reshard_after_forward)
     allocate(model, device)
@@ -122,11 +136,13 @@ def run(a: argparse.Namespace) -> None:
     examples = [TokenizedChat(s, list(s)) for s in seqs]
     fpt = flops_per_token(cfg, [len(s) for s in seqs], a.method)
     marks: list[tuple[float, int, float]] = []
+    losses: list[float] = []
     prof = _profiler() if a.profile and procs.main else None
 
     def on_event(e: dict) -> None:
         if e.get("event") == "step":
             marks.append((time.perf_counter(), e["tokens"], e["loss"]))
+            losses.append(round(e["loss"], 4))
             if prof is not None:
                 prof.step()
 
@@ -138,9 +154,10 @@ def run(a: argparse.Namespace) -> None:
                optimizer=plan.optimizer, master_weights=plan.master_weights, checkpointed_layers=layers,
                offloaded_layers=plan.offloaded_layers,
                sharding=plan.sharding, reshard_after_forward=plan.reshard_after_forward,
-               of_layers=plan.layers, compile=a.compile, planned_peak_gib=plan.estimate_gib,
+               of_layers=plan.layers, compile=a.compile, planned_peak_gib=planned,
                build_s=round(build_s, 1), sequences_per_step=per_gpu * procs.world, label=a.label, loss=a.loss,
-               fp8_base=plan.fp8_base)
+               fp8_base=plan.fp8_base, fp8_matmuls=plan.fp8_matmuls,
+               fp8_recipe=recipe if plan.fp8_matmuls else None, warmup=a.warmup, steps=a.steps)
     if prof is not None:
         prof.start()
     try:
@@ -161,7 +178,7 @@ def run(a: argparse.Namespace) -> None:
                        tokens_per_s_per_gpu=round(tps / procs.world, 1),
                        mfu=round(tps * fpt / (PEAK_SPEC * procs.world), 4), gflop_per_token=round(fpt / 1e9, 2),
                        peak_alloc_gib=round(peak, 2), loss_first=round(marks[0][2], 4),
-                       loss_last=round(marks[-1][2], 4))
+                       loss_last=round(marks[-1][2], 4), losses=losses)
     except torch.cuda.OutOfMemoryError as exc:
         out.update(error=f"OOM: {str(exc)[:200]}",
                    peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
@@ -256,6 +273,67 @@ def fp8(a: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+FP8_FULL_RUN = ["--shape", "8b", "--method", "full", "--bs", "2", "--compile"]
+"""The full-fine-tuning row of the one-GPU benchmark (bench/results/scale_out.md): 8B, rows of 4,096 tokens, compiled
+layers, the plan's optimizer (bf16 weights + torchao 8-bit AdamW on an H200) and checkpointing."""
+
+
+def fp8full(a: argparse.Namespace) -> None:
+    """8B full fine-tuning as planned, with bf16 products then FP8 products, each in its own process."""
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / "fp8_full.jsonl"
+    jsonl.unlink(missing_ok=True)
+    started = time.perf_counter()
+    arms = [("bf16", "auto", None)] + [(f"fp8-{r}", "fp8", r) for r in a.recipes]
+    errors = {}
+    for label, precision, recipe in arms:
+        cmd = [sys.executable, __file__, "run", *FP8_FULL_RUN, "--warmup", str(a.warmup), "--steps", str(a.steps),
+               "--matmul-precision", precision, *(["--fp8-recipe", recipe] if recipe else []),
+               "--label", f"full-8b-{label}", "--jsonl", str(jsonl)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.run_timeout)
+            sys.stdout.write(proc.stdout[-2000:] + proc.stderr[-3000:])
+            errors[label] = (proc.stderr or proc.stdout)[-400:]
+        except subprocess.TimeoutExpired:
+            errors[label] = f"timeout after {a.run_timeout}s"
+            print(f"{label}: {errors[label]}", flush=True)
+    rows = {r["label"]: r for r in _rows(str(jsonl))} if jsonl.exists() else {}
+    results = {label: rows.get(f"full-8b-{label}", {"error": errors.get(label)}) for label, _, _ in arms}
+    bf16 = results["bf16"]
+
+    def ratio(r: dict) -> float | None:
+        return round(r["tokens_per_s"] / bf16["tokens_per_s"], 3) if "tokens_per_s" in r and "tokens_per_s" in bf16 \
+            else None
+
+    def loss_gap(r: dict) -> float | None:  # the largest relative difference from bf16's loss at the same step
+        if "losses" not in r or "losses" not in bf16:
+            return None
+        return round(max(abs(x - y) / y for x, y in zip(r["losses"], bf16["losses"], strict=False)), 5)
+
+    summary = dict(command=f"python3 bench/scale_out.py fp8full --out OUT --warmup {a.warmup} --steps {a.steps} "
+                           f"--recipes {' '.join(a.recipes)}",
+                   runs=" ".join(FP8_FULL_RUN), gpu=_gpu(), wall_s=round(time.perf_counter() - started, 1),
+                   arms=results, fp8_vs_bf16={label: ratio(r) for label, r in results.items() if label != "bf16"},
+                   loss_gap_vs_bf16={label: loss_gap(r) for label, r in results.items() if label != "bf16"})
+    (out / "fp8_full.json").write_text(json.dumps(summary, indent=1))
+    lines = ["| run | tokens/s | × bf16 | MFU (989) | peak GiB (planned) | checkpointed of layers | optimizer | loss "
+             "first → last | largest loss gap vs bf16 |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, r in results.items():
+        if "tokens_per_s" not in r:
+            lines.append(f"| {label} | {str(r.get('error', 'no result'))[-120:]!r} | | | | | | | |")
+            continue
+        gap = summary["loss_gap_vs_bf16"].get(label)
+        lines.append(f"| {label} | {r['tokens_per_s']:,.0f} | {ratio(r)} | {r['mfu']:.1%} | {r['peak_alloc_gib']} "
+                     f"({r['planned_peak_gib']}) | {r['checkpointed_layers']} of {r['of_layers']} | "
+                     f"{r['optimizer']} | {r['loss_first']} → {r['loss_last']} | "
+                     f"{'' if gap is None else f'{gap:.2%}'} |")
+    lines += ["", f"GPU: {summary['gpu']}; {a.warmup} untimed + {a.steps} timed steps per run; whole call "
+                  f"{summary['wall_s']} s"]
+    (out / "fp8_full.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def _gpu() -> str | None:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
@@ -343,6 +421,10 @@ def main() -> None:
     r.add_argument("--optim", default="auto", choices=["auto", "adamw_torch", "adamw_8bit", "adamw_8bit_bf16"],
                    help="train.optim")
     r.add_argument("--base-precision", default="auto", choices=["auto", "fp8"], help="train.base_precision (LoRA)")
+    r.add_argument("--matmul-precision", default="auto", choices=["auto", "fp8"],
+                   help="train.matmul_precision (full fine-tuning)")
+    r.add_argument("--fp8-recipe", default=None, choices=["rowwise", "tensorwise"],
+                   help="torchao's float8 recipe for --matmul-precision fp8 (default: the product's)")
     r.add_argument("--label", default="")
     r.add_argument("--jsonl", default=None, help="append the result row to this file")
     r.add_argument("--workdir", default="/tmp/scale_out")
@@ -359,8 +441,15 @@ def main() -> None:
                    help="compiled decoder layers, as the plan runs LoRA on a GPU (--no-compile: eager, both runs)")
     f.add_argument("--seed-timeout", type=int, default=150)
     f.add_argument("--run-timeout", type=int, default=150)
+    ff = sub.add_parser("fp8full", help="8B full fine-tuning, bf16 vs FP8 products, one GPU, one call")
+    ff.add_argument("--out", required=True)
+    ff.add_argument("--warmup", type=int, default=4, help="untimed steps of each run (compilation)")
+    ff.add_argument("--steps", type=int, default=4, help="timed steps of each run")
+    ff.add_argument("--recipes", nargs="+", default=["rowwise"], choices=["rowwise", "tensorwise"],
+                    help="torchao recipes, one FP8 run each")
+    ff.add_argument("--run-timeout", type=int, default=150)
     a = p.parse_args()
-    {"run": run, "report": report, "fp8": fp8}[a.cmd](a)
+    {"run": run, "report": report, "fp8": fp8, "fp8full": fp8full}[a.cmd](a)
 
 
 if __name__ == "__main__":
