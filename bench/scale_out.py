@@ -291,12 +291,14 @@ def fp8full(a: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "run", *FP8_FULL_RUN, "--warmup", str(a.warmup), "--steps", str(a.steps),
                "--matmul-precision", precision, *(["--fp8-recipe", recipe] if recipe else []),
                "--label", f"full-8b-{label}", "--jsonl", str(jsonl)]
+        # each run gets run_timeout, within what is left of the call's deadline (the tables are written either way)
+        limit = int(min(a.run_timeout, a.deadline_s - (time.perf_counter() - started) - 5))
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.run_timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1, limit))
             sys.stdout.write(proc.stdout[-2000:] + proc.stderr[-3000:])
             errors[label] = (proc.stderr or proc.stdout)[-400:]
         except subprocess.TimeoutExpired:
-            errors[label] = f"timeout after {a.run_timeout}s"
+            errors[label] = f"timeout after {limit}s"
             print(f"{label}: {errors[label]}", flush=True)
     rows = {r["label"]: r for r in _rows(str(jsonl))} if jsonl.exists() else {}
     results = {label: rows.get(f"full-8b-{label}", {"error": errors.get(label)}) for label, _, _ in arms}
@@ -447,7 +449,8 @@ def main() -> None:
     ff.add_argument("--steps", type=int, default=4, help="timed steps of each run")
     ff.add_argument("--recipes", nargs="+", default=["rowwise"], choices=["rowwise", "tensorwise"],
                     help="torchao recipes, one FP8 run each")
-    ff.add_argument("--run-timeout", type=int, default=150)
+    ff.add_argument("--run-timeout", type=int, default=150, help="seconds per run at most")
+    ff.add_argument("--deadline-s", type=int, default=600, help="seconds for the whole call: the last runs get less")
     a = p.parse_args()
     {"run": run, "report": report, "fp8": fp8, "fp8full": fp8full}[a.cmd](a)
 
