@@ -52,9 +52,11 @@
 #                                 #   with the bf16 base and with the FP8 base (issue 26; $OUT/fp8_base.json, .md)
 #   bash bench/gpu_session.sh AH  # 1 GPU: the FP8 full-fine-tuning CUDA tests, then 8B full fine-tuning as planned
 #                                 #   with bf16 products and with FP8 products ($OUT/fp8_full.json, .md)
+#   bash bench/gpu_session.sh AI  # 1 GPU: AH's 8B runs with torchao's two FP8 recipes (rowwise, tensorwise) against
+#                                 #   bf16, no tests: which recipe src/tunesmith/train/fp8_training.py should use
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE|AF|AG|AH}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE|AF|AG|AH|AI}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -335,6 +337,10 @@ elif [ "$phase" = AH ]; then  # one GPU: FP8 full fine-tuning's tests, then bf16
   # the two 8B runs share what is left of 4 minutes (cold compilation: the first steps of each take the most)
   CUDA_VISIBLE_DEVICES=0 python3 bench/scale_out.py fp8full --out "$w/fp8full" --warmup 4 --steps 4 \
     --run-timeout 110 --deadline-s $(( 232 - $(date +%s) + start )) > "$w/gpu0.log" 2>&1
+  cp "$w/fp8full/fp8_full.json" "$w/fp8full/fp8_full.md" "$w/fp8full/fp8_full.jsonl" "$out/" 2>/dev/null
+elif [ "$phase" = AI ]; then  # one GPU: bf16 vs FP8 products with either torchao recipe, in one call
+  CUDA_VISIBLE_DEVICES=0 python3 bench/scale_out.py fp8full --out "$w/fp8full" --warmup 4 --steps 4 \
+    --recipes rowwise tensorwise --run-timeout 90 --deadline-s 235 > "$w/gpu0.log" 2>&1
   cp "$w/fp8full/fp8_full.json" "$w/fp8full/fp8_full.md" "$w/fp8full/fp8_full.jsonl" "$out/" 2>/dev/null
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
