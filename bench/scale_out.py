@@ -23,7 +23,10 @@ gradients. The model is built on the meta device, sharded, then given random val
 
 Reported per configuration: real tokens/s (all GPUs) and per GPU over the steps after the warm-up, model-FLOPs
 utilisation (full 6·N' + 12·L·d·s̄, LoRA 4·N' + 12·L·d·s̄ FLOP per token, N' = matmul parameters incl. the head;
-recomputation not counted) against 989 TFLOP/s per GPU, peak allocated memory of the busiest GPU.
+recomputation not counted) against 989 TFLOP/s per GPU, peak allocated memory of the busiest GPU; every step's
+duration (``step_times_s``, untimed ones included), step 3's against the median of the last three
+(``step3_vs_steady``) and the pinned blocks torch's host allocator created during the steps — with the plan's
+pinned CPU memory allocated before step 1 (``--pinned-pool on``, as ``tunesmith train`` runs) or as steps ask.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ How the copies overlap:
   on a second side stream, overlapping this layer's recomputation and backward; the compute stream waits only for
   the copy it needs.
 
+CPU memory: with a ``PinnedPool`` (src/tunesmith/train/pinned.py, sized by the plan and allocated before step 1),
+each group's tensors go to one pinned slot, reused step after step; without one, each tensor gets a block of torch's
+caching host allocator (page-locked the first time each power-of-two size is seen).
+
 Weights are never moved (an offloaded layer's parameters and buffers, looked up at each call: wherever they live
 now), nor tensors under 1 MiB, nor tensors whose elements are not one dense block (they stay where they are). The
 hooks run outside ``torch.utils.checkpoint.checkpoint``, so for a checkpointed layer they see only what checkpoint
