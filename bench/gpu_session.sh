@@ -50,9 +50,12 @@
 #   bash bench/gpu_session.sh AF  # 1 GPU: AE's planned run again with 8 untimed steps (CPU memory pinned by then)
 #   bash bench/gpu_session.sh AG  # 1 GPU: the FP8 base's CUDA tests, then the seed's LoRA vs the planned 8B LoRA
 #                                 #   with the bf16 base and with the FP8 base (issue 26; $OUT/fp8_base.json, .md)
+#   bash bench/gpu_session.sh AI  # 1 GPU: tests/gpu/test_pinned_cuda.py, then 8B LoRA as planned within the seed's
+#                                 #   memory with its pinned CPU memory allocated up front and without (fresh process
+#                                 #   each): step_times_s and step3_vs_steady in $OUT/scale_out_AI.jsonl
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE|AF|AG}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE|AF|AG|AI}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -327,6 +330,15 @@ elif [ "$phase" = AG ]; then  # one GPU: the FP8 base's tests, then seed vs bf16
   CUDA_VISIBLE_DEVICES=0 timeout 400 python3 bench/scale_out.py fp8 --seed-script .gpu/seed_recipe.py \
     --out "$w/fp8" --warmup 6 --steps 5 > "$w/gpu0.log" 2>&1
   cp "$w/fp8/fp8_base.json" "$w/fp8/fp8_base.md" "$out/" 2>/dev/null
+elif [ "$phase" = AI ]; then  # one GPU: the pinned pool's tests, then the planned 8B LoRA with the pool and without
+  CUDA_VISIBLE_DEVICES=0 timeout 50 python3 -m pytest -v --durations=0 -p no:cacheprovider \
+    tests/gpu/test_pinned_cuda.py > "$w/tests.log" 2>&1
+  # QLoRA is not here: scale_out builds random-weight LoRA/full models only (no NF4 base)
+  for pool in on off; do  # each in a fresh process: torch's host allocator starts empty
+    so 0 1 105 --shape 8b --method lora \
+      --bs 4 --rows 12288 --memory-limit 22.99 --compile --warmup 2 --steps 6 --pinned-pool "$pool" \
+      --label "lora-seed-budget-pool-$pool" > "$w/planned_$pool.log" 2>&1
+  done
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))
