@@ -52,11 +52,14 @@
 #                                 #   with the bf16 base and with the FP8 base (issue 26; $OUT/fp8_base.json, .md)
 #   bash bench/gpu_session.sh AH  # 1 GPU: the FP8 full-fine-tuning CUDA tests, then 8B full fine-tuning as planned
 #                                 #   with bf16 products and with FP8 products ($OUT/fp8_full.json, .md)
-#   bash bench/gpu_session.sh AI  # 1 GPU: AH's 8B runs with torchao's two FP8 recipes (rowwise, tensorwise) against
+#   bash bench/gpu_session.sh AI  # 1 GPU: tests/gpu/test_pinned_cuda.py, then 8B LoRA as planned within the seed's
+#                                 #   memory with its pinned CPU memory allocated up front and without (fresh process
+#                                 #   each): step_times_s and step3_vs_steady in $OUT/scale_out_AI.jsonl
+#   bash bench/gpu_session.sh AJ  # 1 GPU: AH's 8B runs with torchao's two FP8 recipes (rowwise, tensorwise) against
 #                                 #   bf16, no tests: which recipe src/tunesmith/train/fp8_training.py should use
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE|AF|AG|AH|AI}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE|AF|AG|AH|AI|AJ}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -331,6 +334,15 @@ elif [ "$phase" = AG ]; then  # one GPU: the FP8 base's tests, then seed vs bf16
   CUDA_VISIBLE_DEVICES=0 timeout 400 python3 bench/scale_out.py fp8 --seed-script .gpu/seed_recipe.py \
     --out "$w/fp8" --warmup 6 --steps 5 > "$w/gpu0.log" 2>&1
   cp "$w/fp8/fp8_base.json" "$w/fp8/fp8_base.md" "$out/" 2>/dev/null
+elif [ "$phase" = AI ]; then  # one GPU: the pinned pool's tests, then the planned 8B LoRA with the pool and without
+  CUDA_VISIBLE_DEVICES=0 timeout 50 python3 -m pytest -v --durations=0 -p no:cacheprovider \
+    tests/gpu/test_pinned_cuda.py > "$w/tests.log" 2>&1
+  # QLoRA is not here: scale_out builds random-weight LoRA/full models only (no NF4 base)
+  for pool in on off; do  # each in a fresh process: torch's host allocator starts empty
+    so 0 1 105 --shape 8b --method lora \
+      --bs 4 --rows 12288 --memory-limit 22.99 --compile --warmup 2 --steps 6 --pinned-pool "$pool" \
+      --label "lora-seed-budget-pool-$pool" > "$w/planned_$pool.log" 2>&1
+  done
 elif [ "$phase" = AH ]; then  # one GPU: FP8 full fine-tuning's tests, then bf16 vs FP8 products in one call
   CUDA_VISIBLE_DEVICES=0 timeout 80 python3 -m pytest -v --durations=0 -p no:cacheprovider \
     tests/gpu/test_fp8_training_cuda.py > "$w/tests.log" 2>&1
@@ -338,7 +350,7 @@ elif [ "$phase" = AH ]; then  # one GPU: FP8 full fine-tuning's tests, then bf16
   CUDA_VISIBLE_DEVICES=0 python3 bench/scale_out.py fp8full --out "$w/fp8full" --warmup 4 --steps 4 \
     --run-timeout 110 --deadline-s $(( 232 - $(date +%s) + start )) > "$w/gpu0.log" 2>&1
   cp "$w/fp8full/fp8_full.json" "$w/fp8full/fp8_full.md" "$w/fp8full/fp8_full.jsonl" "$out/" 2>/dev/null
-elif [ "$phase" = AI ]; then  # one GPU: bf16 vs FP8 products with either torchao recipe, in one call
+elif [ "$phase" = AJ ]; then  # one GPU: bf16 vs FP8 products with either torchao recipe, in one call
   CUDA_VISIBLE_DEVICES=0 python3 bench/scale_out.py fp8full --out "$w/fp8full" --warmup 4 --steps 4 \
     --recipes rowwise tensorwise --run-timeout 90 --deadline-s 235 > "$w/gpu0.log" 2>&1
   cp "$w/fp8full/fp8_full.json" "$w/fp8full/fp8_full.md" "$w/fp8full/fp8_full.jsonl" "$out/" 2>/dev/null

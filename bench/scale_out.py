@@ -28,7 +28,10 @@ gradients. The model is built on the meta device, sharded, then given random val
 
 Reported per configuration: real tokens/s (all GPUs) and per GPU over the steps after the warm-up, model-FLOPs
 utilisation (full 6·N' + 12·L·d·s̄, LoRA 4·N' + 12·L·d·s̄ FLOP per token, N' = matmul parameters incl. the head;
-recomputation not counted) against 989 TFLOP/s per GPU, peak allocated memory of the busiest GPU.
+recomputation not counted) against 989 TFLOP/s per GPU, peak allocated memory of the busiest GPU; every step's
+duration (``step_times_s``, untimed ones included), step 3's against the median of the last three
+(``step3_vs_steady``) and the pinned blocks torch's host allocator created during the steps — with the plan's
+pinned CPU memory allocated before step 1 (``--pinned-pool on``, as ``tunesmith train`` runs) or as steps ask.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def run(a: argparse.Namespace) -> None:
     from tunesmith.train.loss import fused_head_supported
     from tunesmith.train.measure import measure_hardware
     from tunesmith.train.model import compile_decoder_layers, embeddings_to, prepare_model
+    from tunesmith.train.pinned import PinnedPool
     from tunesmith.train.plan import describe, needs_host_link, plan_training, planned_peak_gib
 
     procs = init_processes()
@@ -109,6 +113,8 @@ def run(a: argparse.Namespace) -> None:
         print(f"plan: {describe(plan)} ({plan.reason})", flush=True)
 
     t0 = time.perf_counter()
+    # as train() does: the plan's pinned CPU memory before the model (--pinned-pool off: allocated as steps need it)
+    pinned = PinnedPool(plan.pinned) if plan.pinned is not None and a.pinned_pool == "on" else None
     attn = attention_implementation(device.type, packing=True)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(cfg, dtype=precision.weights, attn_implementation=attn)
@@ -116,7 +122,7 @@ def run(a: argparse.Namespace) -> None:
     # the FP8 base is quantised from real values: after the random weights below, before compile
     # FP8 products with the product's recipe through prepare_model; another recipe is converted here, in its place
     model = prepare_model(model, tcfg, replace(plan, checkpointed_layers=layers, compile_layers=False, fp8_base=False,
-                                               fp8_matmuls=plan.fp8_matmuls and recipe == RECIPE))
+                                               fp8_matmuls=plan.fp8_matmuls and recipe == RECIPE), pinned=pinned)
     if plan.fp8_matmuls and recipe != RECIPE:
         to_fp8_training(model, recipe=recipe)
     if procs.distributed:
@@ -157,12 +163,16 @@ def run(a: argparse.Namespace) -> None:
                of_layers=plan.layers, compile=a.compile, planned_peak_gib=planned,
                build_s=round(build_s, 1), sequences_per_step=per_gpu * procs.world, label=a.label, loss=a.loss,
                fp8_base=plan.fp8_base, fp8_matmuls=plan.fp8_matmuls,
-               fp8_recipe=recipe if plan.fp8_matmuls else None, warmup=a.warmup, steps=a.steps)
+               fp8_recipe=recipe if plan.fp8_matmuls else None, warmup=a.warmup, steps=a.steps,
+               pinned_pool=a.pinned_pool, planned_pinned_gib=plan.pinned and
+               round(plan.pinned.total_gib, 2), **(pinned.stats() if pinned is not None else {}))
     if prof is not None:
         prof.start()
+    host = _host_allocations() if cuda else {}
+    fit_start = time.perf_counter()
     try:
         setup = StepSetup(procs=procs, precision=precision, optimizer=plan.optimizer, pad_id=0, packed=True,
-                          fused_loss=a.loss != "model-head" and fused_head_supported(model))
+                          fused_loss=a.loss != "model-head" and fused_head_supported(model), pinned=pinned)
         fit(model=model, setup=setup, tcfg=tcfg, train_examples=examples, eval_examples=[],
             out=Path(a.workdir) / f"{a.label or a.method}-{procs.world}",
             emit=on_event if procs.main else (lambda _e: None))
@@ -174,6 +184,19 @@ def run(a: argparse.Namespace) -> None:
             timed = marks[a.warmup:]
             dt = timed[-1][0] - marks[a.warmup - 1][0]
             tps = sum(t for _, t, _ in timed) / dt
+            # every step's duration, untimed ones included (step 1's counts from fit(): the optimizer's creation
+            # and the first compilation), and step 3 against the steady time (the median of the last three)
+            times = [b - a_ for a_, b in zip([fit_start] + [m[0] for m in marks[:-1]], [m[0] for m in marks],
+                                             strict=True)]
+            steady = sorted(times[-3:])[len(times[-3:]) // 2]
+            during = _host_allocations() if cuda else {}
+            out.update(step_times_s=[round(t, 3) for t in times],
+                       step3_vs_steady=round(times[2] / steady, 3) if len(times) >= 4 else None,
+                       host_allocs_during_steps=during.get("num_host_alloc", 0) - host.get("num_host_alloc", 0),
+                       host_alloc_s_during_steps=round((during.get("host_alloc_time.total", 0)
+                                                        - host.get("host_alloc_time.total", 0)) / 1e6, 2),
+                       **({"pinned_misses": pinned.misses, "pinned_miss_gib": round(pinned.miss_bytes / 2**30, 3)}
+                          if pinned is not None else {}))
             out.update(step_s=round(dt / len(timed), 3), tokens_per_s=round(tps, 1),
                        tokens_per_s_per_gpu=round(tps / procs.world, 1),
                        mfu=round(tps * fpt / (PEAK_SPEC * procs.world), 4), gflop_per_token=round(fpt / 1e9, 2),
@@ -190,6 +213,14 @@ def run(a: argparse.Namespace) -> None:
                 fh.write(json.dumps(out) + "\n")
     sys.stdout.flush()
     os._exit(0)  # compiled code and NCCL threads can hold interpreter exit for minutes; the numbers are out
+
+
+def _host_allocations() -> dict:
+    """torch's caching host allocator so far: pinned blocks created (``num_host_alloc``) and the microseconds spent
+    creating them (``host_alloc_time.total``)."""
+    import torch
+
+    return torch.cuda.memory.host_memory_stats()
 
 
 def _random_weights(model: object, device: object, rank: int) -> None:
@@ -423,6 +454,9 @@ def main() -> None:
     r.add_argument("--optim", default="auto", choices=["auto", "adamw_torch", "adamw_8bit", "adamw_8bit_bf16"],
                    help="train.optim")
     r.add_argument("--base-precision", default="auto", choices=["auto", "fp8"], help="train.base_precision (LoRA)")
+    r.add_argument("--pinned-pool", default="on", choices=["on", "off"],
+                   help="on: the plan's pinned CPU memory allocated before step 1 (as tunesmith train does); off: "
+                        "torch's caching host allocator page-locks it as the steps ask")
     r.add_argument("--matmul-precision", default="auto", choices=["auto", "fp8"],
                    help="train.matmul_precision (full fine-tuning)")
     r.add_argument("--fp8-recipe", default=None, choices=["rowwise", "tensorwise"],

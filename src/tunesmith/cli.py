@@ -393,7 +393,7 @@ class _Progress:
             self._print(f"step {event['step']}: eval loss {event['eval_loss']:.4f}, {score}")
         elif kind in ("checkpoint", "resumed"):
             self._print(f"{kind} at step {event['step']}: {event['path']}")
-        elif kind in ("plan", "eta"):
+        elif kind in ("plan", "eta", "pinned"):
             self._print(f"plan: {event['message']}")
         elif kind == "model":
             self._finish("stage")

@@ -37,6 +37,9 @@ class Hardware:
     """torchao is installed (full fine-tuning's 8-bit AdamW on bf16 weights, and its FP8 products)."""
     fp8: bool = False
     """FP8 tensor cores: compute capability 8.9 or later (``train.base_precision: fp8``)."""
+    host_memory_gib: float | None = None
+    """CPU memory available when measured (what pinned CPU memory for offloaded activations may take); None where
+    not measured (the catalogue, the CPU)."""
 
     @classmethod
     def cpu(cls) -> Hardware:

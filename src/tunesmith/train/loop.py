@@ -42,6 +42,7 @@ from .kernels import attention_implementation
 from .loss import fused_head_supported, loss_sum
 from .measure import measure_hardware
 from .model import build_model, count_parameters, embeddings_on, embeddings_to
+from .pinned import PinnedPool
 from .plan import OPTIMIZER_MEMORY, Precision, TrainPlan, describe, needs_host_link, plan_training
 
 Event = Callable[[dict[str, Any]], None]
@@ -122,8 +123,13 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
     plan = plan_training(load_model_config(config.model, model_path), tcfg, hardware=hardware, world=procs.world)
     emit({"event": "plan", "message": describe(plan), **plan.to_dict()})
     precision = plan.precision
+    # what offloading keeps in CPU memory, page-locked once now rather than during the first steps
+    pinned = PinnedPool(plan.pinned) if plan.pinned is not None else None
+    if pinned is not None:
+        emit({"event": "pinned", "message": f"{plan.pinned.describe()}: allocated in {pinned.reserve_s:.1f} s",
+              **pinned.stats()})
     attn = attention_implementation(device.type, packed)
-    model = build_model(config.model, tcfg, plan, procs, attn_implementation=attn, path=model_path)
+    model = build_model(config.model, tcfg, plan, procs, attn_implementation=attn, path=model_path, pinned=pinned)
     if plan.embeddings_on_cpu:
         embeddings_to(model, "cpu")
     trainable, total = count_parameters(model)
@@ -135,7 +141,7 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
         else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     setup = StepSetup(procs=procs, precision=precision, optimizer=plan.optimizer, pad_id=pad_id, packed=packed,
-                      fused_loss=fused_head_supported(model), preference=tcfg.dpo if dpo else None)
+                      fused_loss=fused_head_supported(model), preference=tcfg.dpo if dpo else None, pinned=pinned)
     train_examples, eval_examples = train_split.examples, eval_split.examples if eval_split else []
     if dpo and not preference.uses_adapters_as_reference(model):
         train_examples, eval_examples = _reference_logps(model, setup, tcfg, train_examples, eval_examples, out,
@@ -253,6 +259,9 @@ class StepSetup:
     preference: DpoSection | None = None
     """None: the supervised token loss over chat examples; the ``train.dpo`` settings: the DPO loss over
     preference pairs (preference.py), each pair's two sequences in one micro-batch."""
+    pinned: PinnedPool | None = None
+    """The run's pinned CPU memory (the plan's ``pinned``, allocated before the first step): the offloader's slots
+    (given to the model's offloaded layers when built) and the buffers input-embedding rows are looked up into."""
 
     @property
     def device(self) -> torch.device:
@@ -497,7 +506,8 @@ def _accumulate(model: Any, *, setup: StepSetup, examples: list[TokenizedChat], 
     for i, batch in enumerate(batches):
         set_gradient_sync(model, i == n_micro - 1)
         with _autocast(setup.device, setup.precision):
-            loss, _ = loss_sum(model, batch.to(setup.device), setup.fused_loss, setup.loss_kernel)
+            loss, _ = loss_sum(model, batch.to(setup.device), setup.fused_loss, setup.loss_kernel,
+                               pinned=setup.pinned)
         weight = procs.world / n_targets if i < real else 0.0  # FSDP2 averages gradients over processes
         (loss * weight).backward()
         if i < real:

@@ -9,7 +9,7 @@ head is not a plain linear layer (LoRA on lm_head, logit soft-capping or scaling
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from ..chat import IGNORE_INDEX
 from ..models import base_model
 from .batching import MicroBatch
 from .distributed import is_sharded
+
+if TYPE_CHECKING:
+    from .pinned import PinnedPool
 
 CHUNK_TOKENS = 4096
 """Supervised tokens per chunk of the fused path: 4096 × 128,256 × 4 bytes = 2.1 GB of fp32 logits at most."""
@@ -36,11 +39,13 @@ def fused_head_supported(model: Any) -> bool:
     return hasattr(base, "get_decoder")
 
 
-def loss_sum(model: Any, batch: MicroBatch, fused: bool, kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sum(model: Any, batch: MicroBatch, fused: bool, kernel: bool = True, *, pinned: PinnedPool | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token cross-entropies, number of correct argmax predictions) over the batch's supervised tokens.
-    ``kernel=False`` keeps the fused path on plain PyTorch chunks even where a fused kernel is installed."""
+    ``kernel=False`` keeps the fused path on plain PyTorch chunks even where a fused kernel is installed.
+    ``pinned``: the run's pinned memory, whose buffers receive input-embedding rows looked up in CPU memory."""
     base = base_model(model)
-    kwargs = _attention_kwargs(batch) | _inputs(base, batch)
+    kwargs = _attention_kwargs(batch) | _inputs(base, batch, pinned)
     if fused:
         hidden = _final_hidden_states(model, base, batch, kwargs)
         keep = batch.targets != IGNORE_INDEX
@@ -102,13 +107,14 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple
     return F.cross_entropy(logits, t, reduction="sum"), (logits.argmax(-1) == t).sum()
 
 
-def _inputs(base: Any, batch: MicroBatch) -> dict[str, torch.Tensor]:
+def _inputs(base: Any, batch: MicroBatch, pinned: PinnedPool | None = None) -> dict[str, torch.Tensor]:
     """The token ids — or, where the plan keeps the frozen input embeddings in CPU memory, their rows looked up
     there and sent to the GPU (no gradient flows to frozen embeddings; checkpointing is non-reentrant).
 
     The lookup reads the batch's own CPU copy of the ids (asking the GPU for them would wait for all its queued
-    work), a plain ``nn.Embedding`` gathers straight into pinned memory, and the copy to the GPU is queued without
-    waiting: the GPU keeps working on what came before while the CPU looks tokens up."""
+    work), a plain ``nn.Embedding`` gathers straight into pinned memory — one of ``pinned``'s row buffers where the
+    run allocated them up front, else a block of torch's caching host allocator — and the copy to the GPU is queued
+    without waiting: the GPU keeps working on what came before while the CPU looks tokens up."""
     embeddings = base.get_input_embeddings()
     ids = batch.input_ids
     if embeddings is None or embeddings.weight.device == ids.device:
@@ -116,12 +122,17 @@ def _inputs(base: Any, batch: MicroBatch) -> dict[str, torch.Tensor]:
     host = batch.host_input_ids if batch.host_input_ids is not None else ids.to(embeddings.weight.device)
     with torch.no_grad():
         if type(embeddings) is torch.nn.Embedding and embeddings.max_norm is None and ids.device.type == "cuda":
-            rows = torch.empty((*host.shape, embeddings.embedding_dim), dtype=embeddings.weight.dtype,
-                               pin_memory=True)
+            shape = (*host.shape, embeddings.embedding_dim)
+            rows = pinned.rows(shape, embeddings.weight.dtype) if pinned is not None else None
+            if rows is None:
+                rows = torch.empty(shape, dtype=embeddings.weight.dtype, pin_memory=True)
             torch.index_select(embeddings.weight, 0, host.reshape(-1), out=rows.view(-1, rows.shape[-1]))
         else:  # a subclass may scale or otherwise transform its rows: its own forward
             rows = embeddings(host)
-    return {"inputs_embeds": rows.to(ids.device, non_blocking=rows.is_pinned())}
+    sent = rows.to(ids.device, non_blocking=rows.is_pinned())
+    if pinned is not None:
+        pinned.rows_sent()
+    return {"inputs_embeds": sent}
 
 
 def _attention_kwargs(batch: MicroBatch) -> dict[str, Any]:

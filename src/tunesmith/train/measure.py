@@ -12,6 +12,7 @@ from ..hardware.machine import Hardware
 from .adapter_dropout import fused_dropout_available
 from .kernels import fused_loss_kernel_available
 from .offload import host_link_rate
+from .pinned import host_memory_available_gib
 
 
 def measure_hardware(device: torch.device, *, host_link: bool = False) -> Hardware:
@@ -31,4 +32,5 @@ def measure_hardware(device: torch.device, *, host_link: bool = False) -> Hardwa
                     fused_loss_kernel=fused_loss_kernel_available(),
                     fused_dropout_kernel=fused_dropout_available(device),
                     torchao=importlib.util.find_spec("torchao") is not None,
-                    fp8=torch.cuda.get_device_capability(device) >= (8, 9))
+                    fp8=torch.cuda.get_device_capability(device) >= (8, 9),
+                    host_memory_gib=host_memory_available_gib())

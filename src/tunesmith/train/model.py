@@ -17,15 +17,17 @@ from .distributed import Processes, materialize, shard
 from .fp8 import FP8, quantize_frozen_base
 from .fp8_training import to_fp8_training
 from .offload import ActivationOffloader, offloaded_checkpoint, offloaded_layer, synchronous_offloaded_checkpoint
+from .pinned import PinnedPool
 from .plan import Precision, TrainPlan
 
 
 def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, plan: TrainPlan, procs: Processes, *,
-                attn_implementation: str | None, path: str) -> Any:
+                attn_implementation: str | None, path: str, pinned: PinnedPool | None = None) -> Any:
     """Load the base and build it as ``plan`` says (``prepare_model``). One process reads the weights onto its
     device (QLoRA: quantized as they load). FSDP2: every process builds the model without memory (parameters on the
     meta device) and shards it, then receives its shards from the main process — the only one that reads the
-    weights (one CPU copy in all, not one per GPU: a 70B model loads on a node whose GPUs could not each hold it)."""
+    weights (one CPU copy in all, not one per GPU: a 70B model loads on a node whose GPUs could not each hold it).
+    ``pinned``: the CPU memory one process's offloaded activations go to (``plan.pinned``, allocated by the caller)."""
     precision = plan.precision
     if not procs.distributed:
         quant = _bnb_config(train_cfg, precision) if train_cfg.method == "qlora" else None
@@ -35,7 +37,7 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, plan: TrainPlan,
                            path=path, attn_implementation=attn_implementation)
         if quant is None:
             model.to(procs.device)
-        return prepare_model(model, train_cfg, plan)
+        return prepare_model(model, train_cfg, plan, pinned=pinned)
     skeleton = model_skeleton(model_cfg, dtype=precision.weights, path=path, attn_implementation=attn_implementation)
     full_state = None
     if procs.main:
@@ -47,11 +49,12 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, plan: TrainPlan,
 
 
 def prepare_model(model: Any, train_cfg: TrainConfig, plan: TrainPlan, *, procs: Processes | None = None,
-                  full_state: dict[str, torch.Tensor] | None = None) -> Any:
+                  full_state: dict[str, torch.Tensor] | None = None, pinned: PinnedPool | None = None) -> Any:
     """The one build order, on a loaded base (benchmarks build random-weight bases themselves) or, with several
     ``procs``, on a skeleton whose weights (``full_state``, the main process's) arrive once it is sharded:
     adapters → dropout → FP8 base (LoRA) or FP8 products (full) → checkpointing and offload → shard → compile, each
-    as ``plan`` decided."""
+    as ``plan`` decided. ``pinned``: the pool offloaded activations are copied into (``plan.pinned``'s slots,
+    allocated by the caller)."""
     model.config.use_cache = False
     if train_cfg.method != "full":
         # first: the adapters are modules inside the decoder layers that checkpointing, FSDP2 and compile wrap
@@ -69,7 +72,7 @@ def prepare_model(model: Any, train_cfg: TrainConfig, plan: TrainPlan, *, procs:
     # None: every layer, where the plan could not count them (a config without num_hidden_layers)
     layers = decoder_layer_count(model) if plan.checkpointed_layers is None else plan.checkpointed_layers
     if layers + plan.offloaded_layers > 0:
-        set_checkpointing(model, layers, plan.offload_checkpoints, plan.offloaded_layers)
+        set_checkpointing(model, layers, plan.offload_checkpoints, plan.offloaded_layers, pool=pinned)
         if train_cfg.method == "qlora":
             # the guide's QLoRA gotcha: inputs of frozen 4-bit layers must carry grad for checkpointed blocks
             model.enable_input_require_grads()
@@ -118,7 +121,7 @@ def decoder_layer_count(model: Any) -> int:
 
 
 def set_checkpointing(model: Any, layers: int, offload: bool | Literal["synchronous"] = False,
-                      offloaded_layers: int = 0) -> ActivationOffloader | None:
+                      offloaded_layers: int = 0, pool: PinnedPool | None = None) -> ActivationOffloader | None:
     """Recompute the activations of ``layers`` decoder layers in backward, move ``offloaded_layers`` layers'
     activations to CPU memory and back, keep the others' in GPU memory.
 
@@ -130,6 +133,7 @@ def set_checkpointing(model: Any, layers: int, offload: bool | Literal["synchron
     function. ``offload``: the checkpointed layers' inputs wait for backward in CPU memory too
     (src/tunesmith/train/offload.py); the offloader is returned. ``synchronous``: torch's ``save_on_cpu`` for the
     checkpointed inputs instead (the benchmark's control arm; what transformers ≥ 5.2x does with offload=True).
+    ``pool``: the offloader's pinned memory, allocated up front (src/tunesmith/train/pinned.py).
     """
     blocks = _decoder_layers(model)
     if layers + offloaded_layers > len(blocks) or min(layers, offloaded_layers) < 0:
@@ -138,7 +142,7 @@ def set_checkpointing(model: Any, layers: int, offload: bool | Literal["synchron
         disable_checkpointing(model)
         return None
     enable_checkpointing(model)
-    offloader = ActivationOffloader() if offload is True or offloaded_layers else None
+    offloader = ActivationOffloader(pool) if offload is True or offloaded_layers else None
     recompute = offloaded_checkpoint(offloader) if offload is True else None
     if offload == "synchronous":
         recompute = synchronous_offloaded_checkpoint()

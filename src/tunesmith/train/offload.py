@@ -19,6 +19,10 @@ How the copies overlap:
   on a second side stream, overlapping this layer's recomputation and backward; the compute stream waits only for
   the copy it needs.
 
+CPU memory: with a ``PinnedPool`` (src/tunesmith/train/pinned.py, sized by the plan and allocated before step 1),
+each group's tensors go to one pinned slot, reused step after step; without one, each tensor gets a block of torch's
+caching host allocator (page-locked the first time each power-of-two size is seen).
+
 Weights are never moved (an offloaded layer's parameters and buffers, looked up at each call: wherever they live
 now), nor tensors under 1 MiB, nor tensors whose elements are not one dense block (they stay where they are). The
 hooks run outside ``torch.utils.checkpoint.checkpoint``, so for a checkpointed layer they see only what checkpoint
@@ -34,10 +38,13 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from .pinned import PinnedPool, Slot
 
 SMALLEST_OFFLOADED = 1 << 20
 """Tensors under 1 MiB stay where they are: copying them costs more than it frees."""
@@ -52,11 +59,12 @@ class _Group:
     the autograd graph holds it (through its ``_Saved`` handles): the links are weak, so a forward abandoned
     without backward leaves nothing behind."""
 
-    __slots__ = ("__weakref__", "cpu", "device", "gpu", "loaded", "previous", "stored", "whole_layer")
+    __slots__ = ("__weakref__", "cpu", "device", "gpu", "loaded", "previous", "slot", "stored", "whole_layer")
 
     def __init__(self, device: torch.device, previous: Callable[[], _Group | None], whole_layer: bool) -> None:
         self.device, self.previous, self.whole_layer = device, previous, whole_layer
         self.cpu: list[torch.Tensor] = []
+        self.slot: Slot | None = None  # the pinned memory its tensors are copied into, where a pool gave one
         self.gpu: list[torch.Tensor | None] | None = None  # set while fetched, cleared item by item as used
         self.stored: Any = None  # event: every copy to the CPU so far has finished
         self.loaded: Any = None  # event: the copies back have finished
@@ -77,9 +85,11 @@ class _Saved:
 
 class ActivationOffloader:
     """The pack / unpack pair for ``torch.autograd.graph.saved_tensors_hooks``, and the grouping of a layer's
-    tensors (``group()``)."""
+    tensors (``group()``). ``pool``: the pinned memory allocated up front (src/tunesmith/train/pinned.py), one slot
+    per group; without it, each tensor's CPU memory comes from torch's caching host allocator."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: PinnedPool | None = None) -> None:
+        self.pool = pool
         self._weights: set[int] = set()
         self._last: Callable[[], _Group | None] = _nothing
         self._open: _Group | None = None
@@ -121,13 +131,14 @@ class ActivationOffloader:
             to_cpu, _ = self._side_streams(tensor.device)
             to_cpu.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(to_cpu):
-                cpu = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=True)
+                cpu = self._host_memory(group, tensor)
                 cpu.copy_(tensor.detach(), non_blocking=True)
                 tensor.record_stream(to_cpu)  # its memory is not reused before the copy has read it
                 group.stored = torch.cuda.Event()
                 group.stored.record(to_cpu)
         else:  # CPU training: a plain copy (the same path, without streams)
-            cpu = tensor.detach().clone()
+            cpu = self._host_memory(group, tensor)
+            cpu.copy_(tensor.detach())
         item = len(group.cpu)
         group.cpu.append(cpu)
         if self._grouping:
@@ -163,10 +174,24 @@ class ActivationOffloader:
         if self._grouping and self._open is not None:
             return self._open
         group = _Group(device, self._last, self._whole_layer)
+        if self.pool is not None:
+            group.slot = self.pool.take(group, "layer" if self._whole_layer else "checkpoint")
         self._last = weakref.ref(group)
         if self._grouping:
             self._open = group
         return group
+
+    def _host_memory(self, group: _Group, tensor: torch.Tensor) -> torch.Tensor:
+        """Where ``tensor`` waits for backward: its group's slot of the pool, else memory of its own (pinned on a
+        GPU; counted as a miss where a pool was meant to hold it)."""
+        if group.slot is not None:
+            room = group.slot.carve(tensor.shape, tensor.stride(), tensor.dtype)
+            if room is not None:
+                return room
+        if self.pool is not None:
+            self.pool.missed(tensor.numel() * tensor.element_size())
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
+                                   pin_memory=tensor.device.type == "cuda")
 
     def _fetch(self, group: _Group) -> None:
         if group.device.type != "cuda":

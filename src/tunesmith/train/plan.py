@@ -26,6 +26,9 @@ The ``auto`` choices made here:
 - ``train.offload_layers: auto`` — of those layers, LoRA with compiled layers offloads some whole instead of
   recomputing them: as many as the GPU→CPU link can copy while forward runs (``_choose_offloaded_layers``).
 - ``train.compile: auto`` — on a GPU; LoRA on one GPU draws the adapters' dropout in the fused kernel.
+- pinned CPU memory — whatever the step keeps in CPU memory (offloaded inputs and layers, embedding rows) is sized
+  here (src/tunesmith/train/pinned.py ``pinned_sizes``) and allocated once before the first step; a plan whose
+  pinned memory exceeds PINNED_HOST_SHARE of the CPU memory available is refused.
 - ``train.base_precision: auto`` — the frozen base computes in the run's precision. ``fp8`` (LoRA on one GPU with
   FP8 tensor cores, bf16 precision): the decoder blocks' linear layers stored and multiplied in FP8
   (src/tunesmith/train/fp8.py), 1 byte per weight in the memory model, so fewer layers need checkpointing.
@@ -55,6 +58,7 @@ from ..hardware.memory import (
 )
 from .adapter_dropout import fusable
 from .batching import packs, row_budget
+from .pinned import PinnedSizes, pinned_sizes
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -77,6 +81,10 @@ OFFLOAD_LINK_SHARE = 0.9
 """Share of the forward's GPU→CPU copy time layers offloaded whole may fill. Fitted on one H200 (call 16 in
 bench/results/fast_engine.md: 8B LoRA at 12,288-token rows, link 54.6 GB/s, 1.57 GiB layers): 6, 8, 10 and 12
 offloaded layers ran 11,278, 11,525, 11,157 and 10,651 tokens/s; 0.9 gives 8 (the link's whole forward time: 9.4)."""
+
+PINNED_HOST_SHARE = 0.8
+"""Share of the CPU memory available when the run starts that its pinned memory may take: page-locked memory cannot
+be swapped, and the process needs the rest (the dataset, the frozen embeddings when they move there)."""
 
 HEADROOM = 0.92
 """Share of the budget the estimate may fill: the memory model's blind error on GPUs was within +25%/-5%, and
@@ -113,6 +121,7 @@ class TrainPlan:
     fused_dropout: bool = False  # LoRA adapters draw their input dropout in the fused kernel (adapter_dropout.py)
     compile_layers: bool = False  # each decoder layer compiled with torch.compile
     fp8_base: bool = False  # the frozen base's decoder-block linear layers stored and multiplied in FP8 (fp8.py)
+    pinned: PinnedSizes | None = None  # CPU memory for what the step keeps there, allocated before step 1 (pinned.py)
     fp8_matmuls: bool = False  # full fine-tuning: the decoder-block linear layers multiply in FP8 (fp8_training.py)
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,10 +207,16 @@ def plan_training(model_config: Any, tcfg: TrainConfig, *, hardware: Hardware, w
             estimate += gathered / 2**30
         reshard_why = f"; {sharding}" + ("" if sharding == "replicate" or reshard else
                                          ", gathered weights kept from forward to backward") + shard_why
-    return TrainPlan(optimizer, _master_weights(tcfg, precision, optimizer), _weights_for(optimizer, precision),
+    weights = _weights_for(optimizer, precision)
+    pinned = pinned_sizes(hidden_size=arch.hidden_size, head_dim=arch.head_dim, tokens=tokens,
+                          element_bytes=weights.weights.itemsize, checkpointed_inputs=ckpt if offload else 0,
+                          offloaded_layers=offloaded, embedding_rows=on_cpu,
+                          layer_bytes=_memory(step, "full", optimizer).layer_gib * 2**30 if offloaded else 0.0)
+    _check_host_memory(pinned, hardware)
+    return TrainPlan(optimizer, _master_weights(tcfg, precision, optimizer), weights,
                      ckpt, layers, sharding, reshard, round(budget, 1), round(estimate, 1),
                      f"{why}; {ckpt_why}{reshard_why}", on_cpu, offload, offloaded, fused_dropout, compiled, fp8_base,
-                     fp8_matmuls)
+                     pinned, fp8_matmuls=fp8_matmuls)
 
 
 def planned_peak_gib(model_config: Any, tcfg: TrainConfig, *, hardware: Hardware, optimizer: str,
@@ -248,9 +263,10 @@ def describe(plan: TrainPlan) -> str:
         ckpt += " (inputs in CPU memory)"
     if plan.offloaded_layers:
         ckpt += f", {plan.offloaded_layers} layers offloaded whole to CPU memory"
+    pinned = f", {plan.pinned.describe()}" if plan.pinned else ""
     fp8 = ", decoder-block products in FP8" if plan.fp8_matmuls else ""
     return (f"optimizer {plan.optimizer}, master weights {plan.master_weights}{fp8}, checkpointing {ckpt}{cpu}"
-            f"{est}")
+            f"{est}{pinned}")
 
 
 # --- choices -------------------------------------------------------------------------------------------------------
@@ -513,6 +529,18 @@ def _configured_offloaded_layers(tcfg: TrainConfig, world: int, checkpointed: in
                         "layers out of GPU memory (the others are kept)",
                         hint=f"set it to at most {checkpointed}, or auto")
     return tcfg.offload_layers, f"{tcfg.offload_layers} layers offloaded whole, as configured"
+
+
+def _check_host_memory(pinned: PinnedSizes | None, hardware: Hardware) -> None:
+    """The step's pinned CPU memory against what the machine has available (where measured): more than
+    PINNED_HOST_SHARE of it is one error before anything loads — the offloading would fail mid-run otherwise."""
+    have = hardware.host_memory_gib
+    if pinned is None or have is None or pinned.total_gib <= PINNED_HOST_SHARE * have:
+        return
+    raise UserError(f"the plan keeps {pinned.total_gib:.1f} GiB of activations in pinned CPU memory "
+                    f"({pinned.describe()}); this machine has {have:.1f} GiB of CPU memory available",
+                    hint="free CPU memory, raise train.memory_limit_gb (less to offload), or set "
+                         "train.offload_layers: 0 (layers offloaded whole take the most)")
 
 
 def _offload_checkpoints(tcfg: TrainConfig, world: int, checkpointed: int) -> bool:
