@@ -344,11 +344,11 @@ elif [ "$phase" = AI ]; then  # one GPU: the pinned pool's tests, then the plann
       --label "lora-seed-budget-pool-$pool" > "$w/planned_$pool.log" 2>&1
   done
 elif [ "$phase" = AH ]; then  # one GPU: FP8 full fine-tuning's tests, then bf16 vs FP8 products in one call
-  CUDA_VISIBLE_DEVICES=0 timeout 80 python3 -m pytest -v --durations=0 -p no:cacheprovider \
+  CUDA_VISIBLE_DEVICES=0 timeout 90 python3 -m pytest -v --durations=0 -p no:cacheprovider \
     tests/gpu/test_fp8_training_cuda.py > "$w/tests.log" 2>&1
   # the two 8B runs share what is left of 4 minutes (cold compilation: the first steps of each take the most)
   CUDA_VISIBLE_DEVICES=0 python3 bench/scale_out.py fp8full --out "$w/fp8full" --warmup 4 --steps 4 \
-    --run-timeout 110 --deadline-s $(( 232 - $(date +%s) + start )) > "$w/gpu0.log" 2>&1
+    --run-timeout 120 --deadline-s $(( 235 - $(date +%s) + start )) > "$w/gpu0.log" 2>&1
   cp "$w/fp8full/fp8_full.json" "$w/fp8full/fp8_full.md" "$w/fp8full/fp8_full.jsonl" "$out/" 2>/dev/null
 elif [ "$phase" = AJ ]; then  # one GPU: bf16 vs FP8 products with either torchao recipe, in one call
   CUDA_VISIBLE_DEVICES=0 python3 bench/scale_out.py fp8full --out "$w/fp8full" --warmup 4 --steps 4 \

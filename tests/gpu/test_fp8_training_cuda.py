@@ -79,8 +79,8 @@ def test_prepare_model_converts_every_block_linear_layer_and_keeps_the_head():
     assert all(p.dtype == torch.bfloat16 for p in fp8.parameters())
 
 
-@pytest.mark.parametrize(("compile_layers", "checkpointing"), [(False, False), (True, False), (True, True)],
-                         ids=["eager", "compiled", "compiled+checkpointed"])
+@pytest.mark.parametrize(("compile_layers", "checkpointing"), [(False, False), (True, True)],
+                         ids=["eager", "compiled+checkpointed"])
 def test_weight_gradients_with_fp8_products_match_bf16_on_a_fixed_batch(compile_layers, checkpointing):
     fp8, bf16 = _models(compile_layers=compile_layers, checkpointing=checkpointing)
     torch.manual_seed(2)
@@ -141,9 +141,9 @@ def test_a_short_learnable_run_through_the_loop_follows_the_bf16_runs_loss(tmp_p
     assert worst <= LOSS_TOLERANCE, (worst, curves)
 
 
-def test_the_memory_model_counts_an_fp8_step_on_this_gpu_within_its_bf16_twins_error():
-    """The FP8 model's measured peak against the bf16 twin's: bf16's activations and a few FP8 operands more,
-    as src/tunesmith/hardware/memory.py counts them (tiny model: the difference is the FP8 operands)."""
+def test_a_step_with_fp8_products_keeps_about_what_the_bf16_step_keeps():
+    """The FP8 model's measured step peak against the bf16 twin's: bf16's saved activations and one product's FP8
+    operands more, as src/tunesmith/hardware/memory.py counts them — not a second, FP8 copy of what is saved."""
     peaks = {}
     for name, model in zip(("fp8", "bf16"), _models(), strict=True):
         ids = torch.randint(3, 1000, (2, 512), device="cuda")
