@@ -318,12 +318,14 @@ def fp8full(a: argparse.Namespace) -> None:
     started = time.perf_counter()
     arms = [("bf16", "auto", None)] + [(f"fp8-{r}", "fp8", r) for r in a.recipes]
     errors = {}
-    for label, precision, recipe in arms:
+    for n, (label, precision, recipe) in enumerate(arms):
         cmd = [sys.executable, __file__, "run", *FP8_FULL_RUN, "--warmup", str(a.warmup), "--steps", str(a.steps),
                "--matmul-precision", precision, *(["--fp8-recipe", recipe] if recipe else []),
                "--label", f"full-8b-{label}", "--jsonl", str(jsonl)]
-        # each run gets run_timeout, within what is left of the call's deadline (the tables are written either way)
-        limit = int(min(a.run_timeout, a.deadline_s - (time.perf_counter() - started) - 5))
+        # each run gets run_timeout, within what is left of the call's deadline less a minute for each run after it
+        # (the tables are written either way)
+        left = a.deadline_s - (time.perf_counter() - started) - 5 - 60 * (len(arms) - 1 - n)
+        limit = int(min(a.run_timeout, left))
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1, limit))
             sys.stdout.write(proc.stdout[-2000:] + proc.stderr[-3000:])
@@ -484,7 +486,8 @@ def main() -> None:
     ff.add_argument("--recipes", nargs="+", default=["rowwise"], choices=["rowwise", "tensorwise"],
                     help="torchao recipes, one FP8 run each")
     ff.add_argument("--run-timeout", type=int, default=150, help="seconds per run at most")
-    ff.add_argument("--deadline-s", type=int, default=600, help="seconds for the whole call: the last runs get less")
+    ff.add_argument("--deadline-s", type=int, default=600,
+                    help="seconds for the whole call: each run keeps a minute for every run after it")
     a = p.parse_args()
     {"run": run, "report": report, "fp8": fp8, "fp8full": fp8full}[a.cmd](a)
 
