@@ -57,13 +57,14 @@ bytes per token below, plus 1.1 bytes per weight of the layer whatever the token
 traced to a named tensor — the compiled graph keeps buffers of the weights' size for its backward). Fitted on the
 8B runs of bench/results/scale_out/call13_1xH200_T.jsonl, call14_1xH200_V.jsonl and call7_2xH200_H.jsonl at each
 run's largest packed row (the benchmark's chat lengths fill rows of 4,096 / 8,192 / 12,288 tokens to at most 3,604
-/ 6,896 / 10,687), max_memory_allocated measured → modelled: bf16 weights + torchao 8-bit AdamW 62.73 → 63.6
-(3,604 tokens), 70.70 → 71.3 (6,896), 79.06 → 79.1 (10,687, one layer checkpointed); fp32 master weights +
-8-bit AdamW 108.36 → 107.5 (3,604), 99.86 → 98.4 (6,896, 15 layers checkpointed). With fp32 master weights the
+/ 6,896 / 10,687), max_memory_allocated measured → modelled: bf16 weights + torchao 8-bit AdamW 62.73 → 63.5
+(3,604 tokens), 70.70 → 71.2 (6,896), 79.06 → 79.1 (10,687, one layer checkpointed); fp32 master weights +
+8-bit AdamW 108.36 → 107.4 (3,604), 99.86 → 99.1 (6,896, 15 layers checkpointed). With fp32 master weights the
 compiled layer keeps its own bf16 copy of its weights for backward (2 bytes per weight, counted with the layer: a
-checkpointed layer recomputes it), not autocast's cached copy of every weight. The eager estimate over-counted
-these runs by 14-31 GiB. FSDP2's compiled full fine-tuning keeps the eager terms: its gathered and reduced
-buffers, not modelled, fill what they over-count (8B on two H200s: 103.5 planned, 97.0-98.9 measured)."""
+checkpointed layer recomputes it), not autocast's cached copy of every weight. With the eager terms the plan gave
+these runs 77.2 / 103.1 / 126.7 GiB and 124.3 / 127.1 GiB. FSDP2's compiled full fine-tuning keeps the eager
+terms: its gathered and reduced buffers, not modelled, fill what they over-count (8B on two H200s: 103.5 planned,
+97.0-98.9 measured)."""
 
 COMPILED_NO_MASK_SHARE = 0.63
 """The same for compiled LoRA/QLoRA layers whose adapters keep no dropout mask (dropout drawn inside lora_A on CUDA,
