@@ -146,6 +146,7 @@ def run_tunesmith(a: argparse.Namespace) -> dict:
     from tunesmith.train.loss import fused_head_supported
     from tunesmith.train.measure import measure_hardware
     from tunesmith.train.model import compile_decoder_layers, embeddings_to, prepare_model
+    from tunesmith.train.pinned import PinnedPool
     from tunesmith.train.plan import describe, needs_host_link, plan_training
 
     procs = init_processes()
@@ -164,7 +165,8 @@ def run_tunesmith(a: argparse.Namespace) -> dict:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(cfg, dtype=plan.precision.weights,
                                                  attn_implementation=attention_implementation(device.type, cuda))
-    model = prepare_model(model, tcfg, replace(plan, compile_layers=False))  # compiled below, once it has weights
+    pinned = PinnedPool(plan.pinned) if plan.pinned is not None else None  # as train() does, before the model
+    model = prepare_model(model, tcfg, replace(plan, compile_layers=False), pinned=pinned)  # compiled below
     allocate(model, device)
     _random_weights(model, device, 0)
     if plan.embeddings_on_cpu:
@@ -187,7 +189,7 @@ def run_tunesmith(a: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     setup = StepSetup(procs=procs, precision=plan.precision, optimizer=plan.optimizer, pad_id=PAD, packed=cuda,
-                      fused_loss=fused_head_supported(model), preference=tcfg.dpo)
+                      fused_loss=fused_head_supported(model), preference=tcfg.dpo, pinned=pinned)
     fit(model=model, setup=setup, tcfg=tcfg, train_examples=examples, eval_examples=[],
         out=Path(a.workdir) / "tunesmith", emit=on_event)
     return _result("tunesmith", a, marks, work, losses, cuda) | {"memory_limit_gib": a.memory_limit,
@@ -213,7 +215,8 @@ def run_all(a: argparse.Namespace) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for side, compile_ in (("trl", "auto"), ("tunesmith", "auto"), ("tunesmith", "off")):
+    sides = (("trl", "auto"), ("tunesmith", "auto")) + ((("tunesmith", "off"),) if a.uncompiled else ())
+    for side, compile_ in sides:
         cmd = [sys.executable, __file__, side, "--shape", a.shape, "--steps", str(a.steps), "--warmup",
                str(a.warmup), "--seq", str(a.seq), "--workdir", str(out / "work" / f"{side}-{compile_}"),
                "--compile", compile_]
@@ -227,7 +230,8 @@ def run_all(a: argparse.Namespace) -> None:
         else:
             results.append(json.loads(lines[-1][len("RESULT "):]))
         print(json.dumps(results[-1]), flush=True)
-    trl, ours, uncompiled = results
+    trl, ours, *rest = results
+    uncompiled = rest[0] if rest else {"error": "not run (--no-uncompiled)"}
     summary = {"bench": "dpo_vs_trl", "command": " ".join(["python", "bench/dpo_vs_trl.py", "all", "--shape",
                                                           a.shape, "--steps", str(a.steps), "--warmup",
                                                           str(a.warmup), "--seq", str(a.seq)]),
@@ -252,6 +256,8 @@ def main() -> None:
     parser.add_argument("--memory-limit", type=float, help="GiB the tunesmith plan must fit (all: TRL's peak)")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="tunesmith's train.compile")
     parser.add_argument("--out", default="bench-dpo", help="folder for the JSON (all)")
+    parser.add_argument("--uncompiled", action=argparse.BooleanOptionalAction, default=True,
+                        help="all: also tunesmith with its layers not compiled")
     parser.add_argument("--workdir", default="bench-dpo/work")
     a = parser.parse_args()
     if a.side == "all":

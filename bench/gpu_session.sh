@@ -55,11 +55,13 @@
 #   bash bench/gpu_session.sh AI  # 1 GPU: tests/gpu/test_pinned_cuda.py, then 8B LoRA as planned within the seed's
 #                                 #   memory with its pinned CPU memory allocated up front and without (fresh process
 #                                 #   each): step_times_s and step3_vs_steady in $OUT/scale_out_AI.jsonl
-#   bash bench/gpu_session.sh AJ  # 1 GPU: AH's 8B runs with torchao's two FP8 recipes (rowwise, tensorwise) against
+#   bash bench/gpu_session.sh AJ  # 1 GPU: the pinned pool's tests, DPO LoRA vs TRL's DPOTrainer (Liger's DPO head,
+#                                 #   the pool), the seed's LoRA, then AI's pool on/off pair (issues 25, 26)
+#   bash bench/gpu_session.sh AK  # 1 GPU: AH's 8B runs with torchao's two FP8 recipes (rowwise, tensorwise) against
 #                                 #   bf16, no tests: which recipe src/tunesmith/train/fp8_training.py should use
 # Results: $OUT/scale_out_<phase>.jsonl, $OUT/fast_engine_*.json(.md), $OUT/logs_<phase>.tgz.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE|AF|AG|AH|AI|AJ}
+phase=${1:?usage: gpu_session.sh A|B|C|D|E|F|H|I|J|K|L|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z|AA|AB|AC|AD|AE|AF|AG|AH|AI|AJ|AK}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -339,7 +341,22 @@ elif [ "$phase" = AI ]; then  # one GPU: the pinned pool's tests, then the plann
     tests/gpu/test_pinned_cuda.py > "$w/tests.log" 2>&1
   # QLoRA is not here: scale_out builds random-weight LoRA/full models only (no NF4 base)
   for pool in on off; do  # each in a fresh process: torch's host allocator starts empty
-    so 0 1 105 --shape 8b --method lora \
+    so 0 1 140 --shape 8b --method lora \
+      --bs 4 --rows 12288 --memory-limit 22.99 --compile --warmup 2 --steps 6 --pinned-pool "$pool" \
+      --label "lora-seed-budget-pool-$pool" > "$w/planned_$pool.log" 2>&1
+  done
+elif [ "$phase" = AJ ]; then  # one GPU: DPO vs TRL (pinned pool, Liger head), then the seed's LoRA and AI's pair
+  CUDA_VISIBLE_DEVICES=0 timeout 50 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_pinned_cuda.py \
+    > "$w/tests.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout 260 python3 bench/dpo_vs_trl.py all --shape 8b --steps 8 --warmup 3 --seq 2048 \
+    --no-uncompiled --out "$w/dpo" --workdir "$w/dpo/work" > "$w/dpo.log" 2>&1
+  cp "$w/dpo/dpo_vs_trl.json" "$out/dpo_vs_trl.json" 2>/dev/null
+  CUDA_VISIBLE_DEVICES=0 timeout 80 python3 -c "import json, sys; sys.path.insert(0, 'bench'); \
+from fast_engine import run_seed; print('SEED ' + json.dumps(run_seed('.gpu/seed_recipe.py', \
+['--method', 'lora', '--varlen'], 75)))" > "$w/seed.log" 2>&1
+  grep -h '^SEED ' "$w/seed.log" | cut -c6- > "$out/seed_lora.json"
+  for pool in on off; do
+    so 0 1 120 --shape 8b --method lora \
       --bs 4 --rows 12288 --memory-limit 22.99 --compile --warmup 2 --steps 6 --pinned-pool "$pool" \
       --label "lora-seed-budget-pool-$pool" > "$w/planned_$pool.log" 2>&1
   done
@@ -350,7 +367,7 @@ elif [ "$phase" = AH ]; then  # one GPU: FP8 full fine-tuning's tests, then bf16
   CUDA_VISIBLE_DEVICES=0 python3 bench/scale_out.py fp8full --out "$w/fp8full" --warmup 4 --steps 4 \
     --run-timeout 120 --deadline-s $(( 235 - $(date +%s) + start )) > "$w/gpu0.log" 2>&1
   cp "$w/fp8full/fp8_full.json" "$w/fp8full/fp8_full.md" "$w/fp8full/fp8_full.jsonl" "$out/" 2>/dev/null
-elif [ "$phase" = AJ ]; then  # one GPU: bf16 vs FP8 products with either torchao recipe, in one call
+elif [ "$phase" = AK ]; then  # one GPU: bf16 vs FP8 products with either torchao recipe, in one call
   CUDA_VISIBLE_DEVICES=0 python3 bench/scale_out.py fp8full --out "$w/fp8full" --warmup 4 --steps 4 \
     --recipes rowwise tensorwise --run-timeout 90 --deadline-s 235 > "$w/gpu0.log" 2>&1
   cp "$w/fp8full/fp8_full.json" "$w/fp8full/fp8_full.md" "$w/fp8full/fp8_full.jsonl" "$out/" 2>/dev/null
