@@ -52,6 +52,7 @@
 #                                 #   with the bf16 base and with the FP8 base (issue 26; $OUT/fp8_base.json, .md)
 #   bash bench/gpu_session.sh AH  # 1 GPU: the FP8 full-fine-tuning CUDA tests, then 8B full fine-tuning as planned
 #                                 #   with bf16 products and with FP8 products ($OUT/fp8_full.json, .md)
+#   bash bench/gpu_session.sh AL  # 1 GPU: AJ without the seed's LoRA and the pool-off arm
 #   bash bench/gpu_session.sh AI  # 1 GPU: tests/gpu/test_pinned_cuda.py, then 8B LoRA as planned within the seed's
 #                                 #   memory with its pinned CPU memory allocated up front and without (fresh process
 #                                 #   each): step_times_s and step3_vs_steady in $OUT/scale_out_AI.jsonl
@@ -371,6 +372,14 @@ elif [ "$phase" = AK ]; then  # one GPU: bf16 vs FP8 products with either torcha
   CUDA_VISIBLE_DEVICES=0 python3 bench/scale_out.py fp8full --out "$w/fp8full" --warmup 4 --steps 4 \
     --recipes rowwise tensorwise --run-timeout 90 --deadline-s 235 > "$w/gpu0.log" 2>&1
   cp "$w/fp8full/fp8_full.json" "$w/fp8full/fp8_full.md" "$w/fp8full/fp8_full.jsonl" "$out/" 2>/dev/null
+elif [ "$phase" = AL ]; then  # one GPU, short: AJ without the seed and the pool-off arm (what the time left allowed)
+  CUDA_VISIBLE_DEVICES=0 timeout 50 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_pinned_cuda.py \
+    > "$w/tests.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 bench/dpo_vs_trl.py all --shape 8b --steps 8 --warmup 3 --seq 2048 \
+    --no-uncompiled --out "$w/dpo" --workdir "$w/dpo/work" > "$w/dpo.log" 2>&1
+  cp "$w/dpo/dpo_vs_trl.json" "$w/dpo.log" "$out/" 2>/dev/null
+  so 0 1 120 --shape 8b --method lora --bs 4 --rows 12288 --memory-limit 22.99 --compile --warmup 2 --steps 6 \
+    --pinned-pool on --label "lora-seed-budget-pool-on" > "$w/planned_on.log" 2>&1
 else  # C: four or eight GPUs (issue 11), when that machine is lent
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
   all=$(seq -s, 0 $((n - 1)))
