@@ -321,46 +321,43 @@ def _weights_for(optimizer: str, precision: Precision) -> Precision:
 
 
 def _fp8_base(tcfg: TrainConfig, hardware: Hardware, world: int, precision: Precision) -> bool:
-    """``train.base_precision: fp8`` where it can run: one CUDA GPU with FP8 tensor cores (compute capability 8.9+)
-    and bf16 products around it (``_scaled_mm``'s row-wise kernels write bf16). Anything else is one error before
-    a weight loads. (Full fine-tuning and QLoRA are refused by the config itself.)"""
+    """``train.base_precision: fp8`` where it can run (``_fp8_runs``; ``_scaled_mm``'s row-wise kernels write bf16).
+    (Full fine-tuning and QLoRA are refused by the config itself.)"""
     if tcfg.base_precision != "fp8":
         return False
-    if hardware.device != "cuda" or not hardware.fp8:
-        where = "the CPU" if hardware.device != "cuda" else f"this GPU ({hardware.name})"
-        raise UserError(f"train.base_precision: fp8 needs FP8 tensor cores (a CUDA GPU of compute capability 8.9 or "
-                        f"later: L4, L40S, RTX 4090, H100, H200); {where} has none",
-                        hint="set train.base_precision: auto (the base computes in bf16 or fp32)")
-    if world > 1:
-        raise UserError("train.base_precision: fp8 runs on one GPU (FSDP2 would shard the FP8 weights: not built)",
-                        hint="set train.base_precision: auto with several GPUs, or train on one")
-    if precision.autocast != torch.bfloat16:
-        raise UserError(f"train.base_precision: fp8 needs bf16 products around the FP8 ones; train.precision is "
-                        f"{tcfg.precision} ({precision.name})", hint="set train.precision: auto or bf16")
+    _fp8_runs("base_precision", "the base computes in bf16 or fp32", "FSDP2 would shard the FP8 weights: not built",
+              tcfg, hardware, world, precision)
     return True
 
 
 def _fp8_matmuls(tcfg: TrainConfig, hardware: Hardware, world: int, precision: Precision) -> bool:
-    """``train.matmul_precision: fp8`` where it can run: one CUDA GPU with FP8 tensor cores (compute capability
-    8.9+), bf16 autocast around the FP8 products (they write bf16) and torchao (its float8 training). Anything else
-    is one error before a weight loads. (LoRA and QLoRA are refused by the config itself.)"""
+    """``train.matmul_precision: fp8`` where it can run (``_fp8_runs``) and torchao is installed (its float8
+    training). (LoRA and QLoRA are refused by the config itself.)"""
     if tcfg.matmul_precision != "fp8":
         return False
-    if hardware.device != "cuda" or not hardware.fp8:
-        where = "the CPU" if hardware.device != "cuda" else f"this GPU ({hardware.name})"
-        raise UserError(f"train.matmul_precision: fp8 needs FP8 tensor cores (a CUDA GPU of compute capability 8.9 "
-                        f"or later: L4, L40S, RTX 4090, H100, H200); {where} has none",
-                        hint="set train.matmul_precision: auto (products in bf16 or fp32)")
-    if world > 1:
-        raise UserError("train.matmul_precision: fp8 runs on one GPU (FP8 products under FSDP2 were not measured)",
-                        hint="set train.matmul_precision: auto with several GPUs, or train on one")
-    if precision.autocast != torch.bfloat16:
-        raise UserError(f"train.matmul_precision: fp8 needs bf16 products around the FP8 ones; train.precision is "
-                        f"{tcfg.precision} ({precision.name})", hint="set train.precision: auto or bf16")
+    _fp8_runs("matmul_precision", "products in bf16 or fp32", "FP8 products under FSDP2 were not measured",
+              tcfg, hardware, world, precision)
     if not hardware.torchao:
         raise UserError("train.matmul_precision: fp8 needs torchao (its float8 training)",
                         hint="pip install 'tunesmith[gpu]', or set train.matmul_precision: auto")
     return True
+
+
+def _fp8_runs(setting: str, auto_means: str, why_one_gpu: str, tcfg: TrainConfig, hardware: Hardware, world: int,
+              precision: Precision) -> None:
+    """What every FP8 option needs, else one error before a weight loads: one CUDA GPU with FP8 tensor cores
+    (compute capability 8.9+) and bf16 autocast around the FP8 products (they write bf16)."""
+    if hardware.device != "cuda" or not hardware.fp8:
+        where = "the CPU" if hardware.device != "cuda" else f"this GPU ({hardware.name})"
+        raise UserError(f"train.{setting}: fp8 needs FP8 tensor cores (a CUDA GPU of compute capability 8.9 or "
+                        f"later: L4, L40S, RTX 4090, H100, H200); {where} has none",
+                        hint=f"set train.{setting}: auto ({auto_means})")
+    if world > 1:
+        raise UserError(f"train.{setting}: fp8 runs on one GPU ({why_one_gpu})",
+                        hint=f"set train.{setting}: auto with several GPUs, or train on one")
+    if precision.autocast != torch.bfloat16:
+        raise UserError(f"train.{setting}: fp8 needs bf16 products around the FP8 ones; train.precision is "
+                        f"{tcfg.precision} ({precision.name})", hint="set train.precision: auto or bf16")
 
 
 def _compiles(tcfg: TrainConfig, hardware: Hardware) -> bool:
