@@ -29,9 +29,10 @@ gradients. The model is built on the meta device, sharded, then given random val
 Reported per configuration: real tokens/s (all GPUs) and per GPU over the steps after the warm-up, model-FLOPs
 utilisation (full 6·N' + 12·L·d·s̄, LoRA 4·N' + 12·L·d·s̄ FLOP per token, N' = matmul parameters incl. the head;
 recomputation not counted) against 989 TFLOP/s per GPU, peak allocated memory of the busiest GPU; every step's
-duration (``step_times_s``, untimed ones included), step 3's against the median of the last three
-(``step3_vs_steady``) and the pinned blocks torch's host allocator created during the steps — with the plan's
-pinned CPU memory allocated before step 1 (``--pinned-pool on``, as ``tunesmith train`` runs) or as steps ask.
+duration (``step_times_s``, untimed ones included) and tokens (``step_tokens``), step 3's seconds per token
+against the median of the last three steps' (``step3_vs_steady``) and the pinned blocks torch's host allocator
+created during the steps — with the plan's pinned CPU memory allocated before step 1 (``--pinned-pool on``, as
+``tunesmith train`` runs) or as steps ask.
 """
 
 from __future__ import annotations
@@ -188,10 +189,12 @@ def run(a: argparse.Namespace) -> None:
             # and the first compilation), and step 3 against the steady time (the median of the last three)
             times = [b - a_ for a_, b in zip([fit_start] + [m[0] for m in marks[:-1]], [m[0] for m in marks],
                                              strict=True)]
-            steady = sorted(times[-3:])[len(times[-3:]) // 2]
+            # steps hold different token counts (16 var-length sequences each): compared per token
+            per_token = [t / m[1] for t, m in zip(times, marks, strict=True)]
+            steady = sorted(per_token[-3:])[len(per_token[-3:]) // 2]
             during = _host_allocations() if cuda else {}
-            out.update(step_times_s=[round(t, 3) for t in times],
-                       step3_vs_steady=round(times[2] / steady, 3) if len(times) >= 4 else None,
+            out.update(step_times_s=[round(t, 3) for t in times], step_tokens=[m[1] for m in marks],
+                       step3_vs_steady=round(per_token[2] / steady, 3) if len(times) >= 4 else None,
                        host_allocs_during_steps=during.get("num_host_alloc", 0) - host.get("num_host_alloc", 0),
                        host_alloc_s_during_steps=round((during.get("host_alloc_time.total", 0)
                                                         - host.get("host_alloc_time.total", 0)) / 1e6, 2),

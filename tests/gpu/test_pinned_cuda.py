@@ -89,8 +89,16 @@ def test_offloaded_steps_of_different_lengths_allocate_no_pinned_memory_beyond_t
     set_checkpointing(model, 2, True, offloaded_layers=1)  # the control: torch's allocator, as the steps ask
     for (loss, grads), batch in zip(pooled, batches, strict=True):
         plain_loss, plain = step(batch, None)
+        _, again = step(batch, None)
         assert loss.item() == plain_loss.item()
-        assert max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in plain.items()) < 1e-3
+        # the attention kernel's backward adds in a varying order (bf16): the pooled step may differ from the
+        # control by what the control differs from itself, never more (a slot overwritten early would be far more)
+        noise = _largest_relative_difference(again, plain)
+        assert _largest_relative_difference(grads, plain) <= 2 * noise + 1e-3, noise
+
+
+def _largest_relative_difference(grads: dict, reference: dict) -> float:
+    return max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in reference.items())
 
 
 def test_the_loop_with_the_plans_pool_takes_no_pinned_memory_during_its_first_steps(tmp_path):
