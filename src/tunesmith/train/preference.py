@@ -31,18 +31,18 @@ from .distributed import max_all, set_gradient_sync, sum_all
 from .loss import CHUNK_TOKENS, _attention_kwargs, _final_hidden_states, _inputs
 
 
-def sequence_logps(model: Any, batch: MicroBatch, fused: bool, kernel: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: Any, batch: MicroBatch, setup: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of the supervised tokens, their count) of each sequence of ``batch``, in the
-    order they were batched. Fused: the head runs on the supervised positions only (``linear_logps``: the
-    [tokens × vocabulary] logits never exist); else the model's own logits."""
+    order they were batched, computed as the run's ``StepSetup`` says. Fused: the head runs on the supervised
+    positions only (``linear_logps``: the [tokens × vocabulary] logits never exist); else the model's own logits.
+    Embedding rows looked up in CPU memory go through the run's pinned buffers, as the supervised loss's do."""
     base = base_model(model)
-    kwargs = _attention_kwargs(batch) | _inputs(base, batch)
+    kwargs = _attention_kwargs(batch) | _inputs(base, batch, setup.pinned)
     keep = batch.targets != IGNORE_INDEX
     targets = batch.targets[keep]
-    if fused:
+    if setup.fused_loss:
         hidden = _final_hidden_states(model, base, batch, kwargs)[keep]
-        token_logps = linear_logps(hidden, base.get_output_embeddings().weight, targets, kernel)
+        token_logps = linear_logps(hidden, base.get_output_embeddings().weight, targets, setup.loss_kernel)
     else:
         logits = model(position_ids=batch.position_ids, attention_mask=batch.attention_mask, use_cache=False,
                        **kwargs).logits
@@ -137,7 +137,7 @@ def _reference(model: Any, batch: MicroBatch, group: list[int], pairs: list[Pref
         refs = [pairs[i].reference for i in group]
         return torch.tensor([[r[0] for r in refs], [r[1] for r in refs]], device=batch.input_ids.device)
     with torch.no_grad(), model.disable_adapter():
-        logps, _ = sequence_logps(model, batch, setup.fused_loss, setup.loss_kernel)
+        logps, _ = sequence_logps(model, batch, setup)
     return logps.view(2, -1)
 
 
@@ -165,7 +165,7 @@ def accumulate(model: Any, *, setup: Any, dpo: DpoSection, pairs: list[Preferenc
         batch = batch.to(setup.device)
         with _autocast(setup.device, setup.precision):
             reference = _reference(model, batch, group, pairs, setup)
-            logps, counts = sequence_logps(model, batch, setup.fused_loss, setup.loss_kernel)
+            logps, counts = sequence_logps(model, batch, setup)
         loss, chosen, rejected = dpo_loss(logps.view(2, -1), reference, counts.view(2, -1), dpo)
         weight = procs.world / n_pairs if i < real else 0.0  # FSDP2 averages gradients over processes
         (loss.sum() * weight).backward()
@@ -202,7 +202,7 @@ def evaluate(model: Any, pairs: list[PreferencePair], *, setup: Any, tcfg: Any) 
         batch = batch.to(setup.device)
         with _autocast(setup.device, setup.precision):
             reference = _reference(model, batch, group, pairs, setup)
-            logps, counts = sequence_logps(model, batch, setup.fused_loss, setup.loss_kernel)
+            logps, counts = sequence_logps(model, batch, setup)
         loss, chosen, rejected = dpo_loss(logps.view(2, -1), reference, counts.view(2, -1), tcfg.dpo)
         if i < real:
             totals += torch.stack([loss.sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
@@ -229,7 +229,7 @@ def precompute(model: Any, pairs: list[PreferencePair], *, setup: Any, micro_siz
     for batch, group in pair_batches(pairs, list(range(len(pairs))), micro_size, max_length, setup.pad_id,
                                      setup.packed):
         with _autocast(setup.device, setup.precision):
-            logps, _ = sequence_logps(model, batch.to(setup.device), setup.fused_loss, setup.loss_kernel)
+            logps, _ = sequence_logps(model, batch.to(setup.device), setup)
         logps = logps.view(2, -1).tolist()
         for k, i in enumerate(group):
             out[i] = replace(pairs[i], reference=(logps[0][k], logps[1][k]))
