@@ -113,12 +113,20 @@ def test_exact_and_approximate_search_both_follow_the_greedy_definition(monkeypa
     emb = _clustered(rng, 1500)
     want = _naive_greedy(emb, 0.9)
     assert 100 < len(want) < len(emb) - 100  # big clusters and many singles: the test can fail
-    for search in ("exact", "approximate"):
-        got = {i: m.of for i, m in embedding.duplicates(emb, 0.9, search).items()}
-        assert got == want, search
+    exact = {i: m.of for i, m in embedding.duplicates(emb, 0.9, "exact").items()}
+    assert exact == want
+    # the HNSW graph is built by several threads at once, so which candidates it proposes can vary from run to run
+    # (a suite under load once missed one of 1,500 rows' nearest kept row): the same decisions for all but 0.5%
+    approximate = {i: m.of for i, m in embedding.duplicates(emb, 0.9, "approximate").items()}
+    assert _differing(approximate, want) <= 0.005 * len(emb)
     groups = rng.integers(0, 3, len(emb))
-    assert {i: m.of for i, m in embedding.duplicates(emb, 0.9, "approximate", groups).items()} == \
-        _naive_greedy(emb, 0.9, groups)
+    grouped = {i: m.of for i, m in embedding.duplicates(emb, 0.9, "approximate", groups).items()}
+    assert _differing(grouped, _naive_greedy(emb, 0.9, groups)) <= 0.005 * len(emb)
+
+
+def _differing(got: dict[int, int], want: dict[int, int]) -> int:
+    """Rows whose decision differs: dropped by one side only, or dropped as a copy of another row."""
+    return sum(got.get(i) != want.get(i) for i in got.keys() | want.keys())
 
 
 def test_search_is_exact_for_small_sets_and_approximate_for_large_ones():
