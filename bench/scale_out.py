@@ -266,13 +266,7 @@ def fp8(a: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "run", *FP8_RUN, *(["--compile"] if a.compile else []),
                "--warmup", str(a.warmup), "--steps", str(a.steps),
                "--base-precision", precision, "--label", f"lora-8b-{precision}-base", "--jsonl", str(jsonl)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.run_timeout)
-            sys.stdout.write(proc.stdout[-2000:] + proc.stderr[-3000:])
-            errors[precision] = (proc.stderr or proc.stdout)[-400:]
-        except subprocess.TimeoutExpired:
-            errors[precision] = f"timeout after {a.run_timeout}s"
-            print(f"{precision}: {errors[precision]}", flush=True)
+        errors[precision] = _fresh_process(cmd, precision, a.run_timeout)
     rows = {r["label"]: r for r in _rows(str(jsonl))} if jsonl.exists() else {}
     bf16 = rows.get("lora-8b-auto-base", {"error": errors.get("auto")})
     fp8_row = rows.get("lora-8b-fp8-base", {"error": errors.get("fp8")})
@@ -328,14 +322,7 @@ def fp8full(a: argparse.Namespace) -> None:
         # each run gets run_timeout, within what is left of the call's deadline less a minute for each run after it
         # (the tables are written either way)
         left = a.deadline_s - (time.perf_counter() - started) - 5 - 60 * (len(arms) - 1 - n)
-        limit = int(min(a.run_timeout, left))
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1, limit))
-            sys.stdout.write(proc.stdout[-2000:] + proc.stderr[-3000:])
-            errors[label] = (proc.stderr or proc.stdout)[-400:]
-        except subprocess.TimeoutExpired:
-            errors[label] = f"timeout after {limit}s"
-            print(f"{label}: {errors[label]}", flush=True)
+        errors[label] = _fresh_process(cmd, label, max(1, int(min(a.run_timeout, left))))
     rows = {r["label"]: r for r in _rows(str(jsonl))} if jsonl.exists() else {}
     results = {label: rows.get(f"full-8b-{label}", {"error": errors.get(label)}) for label, _, _ in arms}
     bf16 = results["bf16"]
@@ -370,6 +357,18 @@ def fp8full(a: argparse.Namespace) -> None:
                   f"{summary['wall_s']} s"]
     (out / "fp8_full.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _fresh_process(cmd: list[str], label: str, timeout: int) -> str:
+    """Run one arm of a comparison in its own process (its output echoed); the tail of what it printed, or the
+    timeout, kept as the arm's error should it write no result row."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{label}: timeout after {timeout}s", flush=True)
+        return f"timeout after {timeout}s"
+    sys.stdout.write(proc.stdout[-2000:] + proc.stderr[-3000:])
+    return (proc.stderr or proc.stdout)[-400:]
 
 
 def _gpu() -> str | None:
